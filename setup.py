@@ -1,0 +1,40 @@
+"""Packaging of xclip-fast. All metadata lives here; pyproject.toml only names the build backend
+and configures the tools (ruff, pytest)."""
+
+from pathlib import Path
+
+from setuptools import setup
+
+README = Path(__file__).with_name("README.md")
+
+setup(
+    name="xclip-fast",
+    version="0.1.0",
+    description="Triton kernels and drop-in PyTorch modules for a fast, lean X-CLIP video encoder",
+    long_description=README.read_text(encoding="utf-8") if README.exists() else "",
+    long_description_content_type="text/markdown",
+    license="MIT",
+    python_requires=">=3.9",
+    # kernels/ sits at the top of the repository (kernels only, no PyTorch modules) but installs as
+    # xclip_fast.kernels: a top-level import name `kernels` would clash with an existing PyPI package.
+    packages=["xclip_fast", "xclip_fast.kernels"],
+    package_dir={"xclip_fast": "xclip_fast", "xclip_fast.kernels": "kernels"},
+    install_requires=[
+        "torch>=2.4",
+        "numpy",
+        "triton>=3.0; platform_system == 'Linux' and platform_machine == 'x86_64'",
+    ],
+    extras_require={
+        "test": ["pytest>=7", "transformers>=4.44", "safetensors", "av>=11"],
+        "bench": ["pytest-benchmark", "matplotlib", "tqdm"],
+        # xformers wheels pin exact torch versions: opt in explicitly
+        "xformers": ["xformers"],
+        "video": ["av>=11", "tqdm"],
+        "dev": ["ruff"],
+    },
+    entry_points={"console_scripts": ["xclip-fast=xclip_fast.cli:main"]},
+    classifiers=[
+        "Programming Language :: Python :: 3",
+        "Topic :: Scientific/Engineering :: Artificial Intelligence",
+    ],
+)

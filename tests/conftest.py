@@ -1,0 +1,51 @@
+"""Test setup: Triton's CPU interpreter when there is no GPU, NaN-poisoned allocations, fixed seeds."""
+
+import math
+import os
+
+import torch
+
+# Triton reads TRITON_INTERPRET when it is imported: decide before anything imports it.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+CUDA = torch.cuda.is_available()
+DEVICE = torch.device("cuda" if CUDA else "cpu")
+
+
+def _poisoned(fn):
+    def wrapper(*args, **kwargs):
+        t = fn(*args, **kwargs)
+        if t.is_floating_point() or t.is_complex():
+            with torch.no_grad():
+                t.fill_(math.nan)
+        return t
+
+    wrapper.__wrapped__ = fn
+    return wrapper
+
+
+@pytest.fixture(autouse=True, scope="session")
+def nan_poisoned_empty():
+    """Every ``torch.empty*`` allocation starts as NaN, so an output element a kernel forgets to
+    write shows up as NaN instead of as plausible leftover memory."""
+    names = ("empty", "empty_like", "empty_strided")
+    saved = {name: getattr(torch, name) for name in names}
+    for name in names:
+        setattr(torch, name, _poisoned(saved[name]))
+    yield
+    for name, fn in saved.items():
+        setattr(torch, name, fn)
+
+
+@pytest.fixture(autouse=True)
+def fixed_seed():
+    torch.manual_seed(0)
+    yield
+
+
+@pytest.fixture
+def device():
+    return DEVICE

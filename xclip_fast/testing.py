@@ -1,0 +1,35 @@
+"""Error measures and tolerances shared by the tests, ``xclip-fast check`` and the benchmarks."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+__all__ = ["rel_err", "TOLERANCES", "TF32_TOLERANCE"]
+
+# Relative error ||out - ref|| / ||ref|| allowed against a float64 reference, per input dtype.
+TOLERANCES = {
+    # fp64 kernels accumulate in fp64: only reduction-order rounding (~1e-16 per op) remains
+    torch.float64: 1e-10,
+    # exact fp32 dot products, fp32 accumulation: ~1e-7 per op, amplified by softmax and long sums
+    torch.float32: 1e-5,
+    # 10-bit mantissa inputs (eps 4.9e-4); fp32 accumulation keeps the error near the input rounding
+    torch.float16: 2e-3,
+    # 7-bit mantissa inputs (eps 3.9e-3)
+    torch.bfloat16: 1e-2,
+}
+# fp32 inputs when the user enabled TF32 (10-bit mantissa products)
+TF32_TOLERANCE = 1e-3
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """``||out - ref|| / ||ref||`` in float64; ``inf`` if ``out`` holds a NaN or an inf (fails loudly)."""
+    if out.shape != ref.shape:
+        raise ValueError(f"shapes differ: {tuple(out.shape)} vs {tuple(ref.shape)}")
+    out64, ref64 = out.detach().double(), ref.detach().double()
+    if not torch.isfinite(out64).all():
+        return math.inf
+    denom = ref64.norm().item()
+    diff = (out64 - ref64).norm().item()
+    return diff / denom if denom > 0 else diff

@@ -1,0 +1,171 @@
+"""The Triton attention kernels (forward and backward) against float64 math.
+
+Without a GPU they run in Triton's CPU interpreter on small shapes; with CUDA the same tests run
+natively and bf16, TF32 and large shapes are added.
+"""
+
+import pytest
+import torch
+from _helpers import assert_rel, attention_f64
+
+import xclip_fast
+from xclip_fast.ops import packed_attention, triton_status
+from xclip_fast.testing import TF32_TOLERANCE, TOLERANCES
+
+TRITON_OK, TRITON_WHY = triton_status()
+pytestmark = pytest.mark.skipif(not TRITON_OK, reason=f"triton backend unavailable: {TRITON_WHY}")
+CUDA = torch.cuda.is_available()
+needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU (bf16 tl.dot is wrong in the CPU interpreter, "
+                                                 "and large shapes are too slow there)")
+
+# (B, SQ, SK, H, D, extra token)
+SHAPES = [
+    (1, 1, 1, 1, 64, True),  # one frame token + its message token
+    (2, 7, 7, 3, 32, True),
+    (2, 50, 50, 2, 64, True),  # ViT-B/32 frame
+    (1, 197, 197, 1, 64, True),  # ViT-B/16 frame
+    (2, 7, 7, 2, 16, False),
+    (3, 50, 50, 1, 128, False),
+    (5, 1, 1, 2, 64, False),  # message attention, T = 1 (packed)
+    (5, 8, 8, 3, 64, False),  # T = 8: packed, last group partly filled
+    (2, 37, 37, 2, 32, False),  # T = 37
+    (2, 5, 9, 2, 64, True),  # Sq != Sk
+    (2, 33, 20, 1, 16, False),
+    (1, 3, 70, 2, 128, True),
+    (2, 7, 7, 2, 40, True),  # head dim that is not a power of two (padded tiles)
+]
+
+
+def _id(s):
+    B, SQ, SK, H, D, extra = s
+    return f"B{B}-SQ{SQ}-SK{SK}-H{H}-D{D}-{'extra' if extra else 'plain'}"
+
+
+def _make(shape, dtype, device, requires_grad=True):
+    B, SQ, SK, H, D, extra = shape
+    ts = [torch.randn(B, SQ, H, D), torch.randn(B, SK, H, D), torch.randn(B, SK, H, D)]
+    if extra:
+        ts += [torch.randn(B, H, D), torch.randn(B, H, D)]
+    return [t.to(device, dtype).requires_grad_(requires_grad) for t in ts]
+
+
+def _check_against_f64(shape, dtype, device, tol):
+    ins = _make(shape, dtype, device)
+    out = xclip_fast.attention(*ins, backend="triton")
+    assert out.dtype == dtype and out.shape == ins[0].shape
+    ref_ins = [t.detach().double().requires_grad_() for t in ins]
+    ref = attention_f64(*ref_ins)
+    assert_rel("output", out, ref, tol)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    ref.backward(grad.double())
+    for name, t, r in zip(["q", "k", "v", "extra_k", "extra_v"], ins, ref_ins):
+        assert_rel(f"grad {name}", t.grad, r.grad, tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("shape", SHAPES, ids=[_id(s) for s in SHAPES])
+def test_matches_float64_reference(shape, dtype, device):
+    _check_against_f64(shape, dtype, device, TOLERANCES[dtype])
+
+
+@pytest.mark.parametrize(
+    "shape", [(1, 3, 3, 2, 16, True), (2, 4, 3, 1, 16, False), (3, 2, 2, 2, 16, False)],
+    ids=["extra", "sq-ne-sk", "packed"],
+)
+def test_gradcheck_float64(shape, device):
+    # fast_mode checks random projections of the Jacobian: the interpreter is too slow for all of it
+    ins = _make(shape, torch.float64, device)
+    fn = lambda *a: xclip_fast.attention(*a, backend="triton")  # noqa: E731
+    assert torch.autograd.gradcheck(fn, ins, eps=1e-6, atol=1e-8, fast_mode=True)
+
+
+def test_gradcheck_float64_non_contiguous(device):
+    """q, k, v read in place from a packed seq-first buffer; extra k, v from one (B, 2, H, D) buffer."""
+    S, B, H, D = 4, 2, 2, 16
+    qkv = torch.randn(S, B, 3, H, D, dtype=torch.float64, device=device).requires_grad_()
+    ekv = torch.randn(B, 2, H, D, dtype=torch.float64, device=device).requires_grad_()
+
+    def fn(qkv, ekv):
+        q, k, v = qkv.transpose(0, 1).unbind(2)
+        assert not q.is_contiguous()
+        return xclip_fast.attention(q, k, v, ekv[:, 0], ekv[:, 1], backend="triton")
+
+    assert torch.autograd.gradcheck(fn, (qkv, ekv), eps=1e-6, atol=1e-8, fast_mode=True)
+
+
+@pytest.mark.parametrize("extra", [True, False], ids=["extra", "plain"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+def test_packed_qkv_entry_point(extra, dtype, device):
+    """The modules' entry point: seq-first packed qkv in, seq-first output, one dqkv buffer back."""
+    S, B, H, D = 9, 3, 2, 32
+    qkv = torch.randn(S, B, 3 * H * D, dtype=dtype, device=device).requires_grad_()
+    ekv = torch.randn(B, 2 * H * D, dtype=dtype, device=device).requires_grad_() if extra else None
+    out = packed_attention(qkv.view(S, B, 3, H, D).transpose(0, 1),
+                           ekv.view(B, 2, H, D) if extra else None, backend="triton")
+    assert out.shape == (B, S, H, D)
+    assert out.transpose(0, 1).is_contiguous(), "output must keep the seq-first layout of its input"
+    q64 = qkv.detach().double().requires_grad_()
+    e64 = ekv.detach().double().requires_grad_() if extra else None
+    q, k, v = q64.view(S, B, 3, H, D).transpose(0, 1).unbind(2)
+    ek, ev = e64.view(B, 2, H, D).unbind(1) if extra else (None, None)
+    ref = attention_f64(q, k, v, ek, ev)
+    tol = TOLERANCES[dtype]
+    assert_rel("output", out, ref, tol)
+    grad = torch.randn_like(ref)
+    out.backward(grad.to(dtype))
+    ref.backward(grad)
+    assert_rel("grad qkv", qkv.grad, q64.grad, tol)
+    if extra:
+        assert_rel("grad extra kv", ekv.grad, e64.grad, tol)
+
+
+@pytest.mark.parametrize("shape", [SHAPES[3], SHAPES[7]], ids=[_id(SHAPES[3]), _id(SHAPES[7])])
+def test_backward_is_bit_identical_across_runs(shape, device):
+    ins = _make(shape, torch.float32, device)
+    grad = torch.randn(ins[0].shape, device=device)
+    runs = []
+    for _ in range(2):
+        for t in ins:
+            t.grad = None
+        xclip_fast.attention(*ins, backend="triton").backward(grad)
+        runs.append([t.grad.clone() for t in ins])
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+def test_triton_rejects_head_dim_over_128(device):
+    ins = _make((1, 2, 2, 1, 160, False), torch.float32, device, requires_grad=False)
+    with pytest.raises(ValueError, match="head dim D=160 exceeds the triton backend's maximum 128"):
+        xclip_fast.attention(*ins, backend="triton")
+
+
+# ------------------------------------------------------------------------------------------------
+# native CUDA only
+# ------------------------------------------------------------------------------------------------
+@needs_cuda
+@pytest.mark.parametrize("shape", SHAPES, ids=[_id(s) for s in SHAPES])
+def test_bf16_matches_float64_reference(shape, device):
+    _check_against_f64(shape, torch.bfloat16, device, TOLERANCES[torch.bfloat16])
+
+
+@needs_cuda
+@pytest.mark.parametrize(
+    "shape",
+    [(64, 197, 197, 12, 64, True), (32, 257, 257, 16, 64, True), (2, 1024, 1024, 12, 64, False),
+     (16, 577, 577, 16, 64, True), (4, 50, 50, 8, 128, True)],
+    ids=["B16-frames", "L14-frames", "T1024-messages", "L14-336-frames", "D128"],
+)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_large_shapes_cuda(shape, dtype, device):
+    _check_against_f64(shape, dtype, device, TOLERANCES[dtype])
+
+
+@needs_cuda
+def test_tf32_when_enabled(device):
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")
+    try:
+        _check_against_f64((4, 197, 197, 4, 64, True), torch.float32, device, TF32_TOLERANCE)
+    finally:
+        torch.set_float32_matmul_precision(previous)

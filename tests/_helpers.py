@@ -35,3 +35,32 @@ def param_grad_errors(module, ref_module):
     """(name, fast grad, reference grad) for every parameter, by name."""
     ref_params = dict(ref_module.named_parameters())
     return [(name, p.grad, ref_params[name].grad) for name, p in module.named_parameters()]
+
+
+def tiny_xclip_config(num_frames: int = 3, attn_implementation: str = "eager", **vision):
+    """A tiny random Hugging Face X-CLIP configuration, built offline.
+
+    ``"eager"`` attention computes its softmax in float32 even in float64 models (an fp32-accurate
+    oracle); ``"sdpa"`` keeps float64 throughout (an exact oracle in float64)."""
+    from transformers import XCLIPConfig
+
+    vision_config = dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
+                         mit_hidden_size=32, mit_intermediate_size=128, mit_num_hidden_layers=1,
+                         mit_num_attention_heads=2, image_size=32, patch_size=8, num_frames=num_frames)
+    vision_config.update(vision)
+    config = XCLIPConfig(
+        text_config=dict(vocab_size=99, hidden_size=32, intermediate_size=37, num_hidden_layers=1,
+                         num_attention_heads=2, max_position_embeddings=16),
+        vision_config=vision_config, projection_dim=vision_config["mit_hidden_size"], prompt_layers=1,
+        prompt_num_attention_heads=2,
+    )
+    # must be set before the model is built: it does not reach the MIT's private config copy later
+    config._attn_implementation = attn_implementation
+    return config
+
+
+def tiny_xclip(dtype=torch.float32, num_frames: int = 3, attn_implementation: str = "eager", **vision):
+    from transformers import XCLIPModel
+
+    torch.manual_seed(0)
+    return XCLIPModel(tiny_xclip_config(num_frames, attn_implementation, **vision)).to(dtype).eval()

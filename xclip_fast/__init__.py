@@ -32,6 +32,8 @@ from xclip_fast.blocks import (  # noqa: E402
     CrossFramelAttentionBlock,
     ResidualAttentionBlock,
 )
+from xclip_fast.encoder import XCLIPVideoEncoder  # noqa: E402
+from xclip_fast.hf import patch_xclip, unpatch_xclip  # noqa: E402
 from xclip_fast.ops import attention, triton_status  # noqa: E402
 
 __version__ = "0.1.0"
@@ -42,4 +44,7 @@ __all__ = [
     "CrossFrameAttentionBlock",
     "CrossFramelAttentionBlock",
     "ResidualAttentionBlock",
+    "XCLIPVideoEncoder",
+    "patch_xclip",
+    "unpatch_xclip",
 ]

@@ -10,6 +10,8 @@ the original computation (``reference.py``).
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -62,6 +64,101 @@ def _sdpa_mask(attn_mask: torch.Tensor | None, dtype: torch.dtype, batch: int, h
         return attn_mask.view(batch, heads, attn_mask.shape[1], cols)[:, :, :rows].to(dtype)
     raise ValueError(f"attn_mask must be ({cols}, {cols}) or ({batch * heads}, {cols}, {cols}) here, "
                      f"got {tuple(attn_mask.shape)}")
+
+
+class Parts(NamedTuple):
+    """The sub-modules one cross-frame layer is made of, whatever the module that owns them.
+
+    Official blocks name them ``message_fc, message_ln, message_attn, ln_1, attn, ln_2, mlp``; the
+    Hugging Face layer ``message_fc, message_ln, message_attn, layer_norm1, self_attn, layer_norm2,
+    mlp``. Attention modules either hold a packed ``in_proj_weight`` (``nn.MultiheadAttention``) or
+    separate ``q_proj/k_proj/v_proj`` (Hugging Face); both have ``num_heads`` and ``out_proj``.
+    """
+
+    message_fc: nn.Module
+    message_ln: nn.Module
+    message_attn: nn.Module
+    ln_1: nn.Module
+    attn: nn.Module
+    ln_2: nn.Module
+    mlp: nn.Module
+
+
+def in_projection(attn: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """The packed ``(3d, d)`` in-projection weight and ``(3d,)`` bias of an attention module.
+
+    Separate q/k/v projections are concatenated on the fly (autograd reaches the originals)."""
+    if getattr(attn, "in_proj_weight", None) is not None:
+        return attn.in_proj_weight, attn.in_proj_bias
+    w = torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight])
+    b = torch.cat([attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias])
+    return w, b
+
+
+def _no_drop(branch: str, y: torch.Tensor) -> torch.Tensor:
+    return y
+
+
+def message_path(cls: torch.Tensor, T: int, parts: Parts, backend: str, drop=_no_drop) -> torch.Tensor:
+    """Cross-frame fusion attention: ``cls: (b*T, d)`` class tokens -> ``(b*T, d)`` message tokens.
+
+    Runs batch-first over videos ``(b, T, d)``; ``drop("message", y)`` applies the drop path of the
+    message branch. This is the only part of a layer that needs every frame of a video at once.
+    """
+    N, d = cls.shape
+    b = N // T
+    msg = parts.message_fc(cls).view(b, T, d)
+    attn = parts.message_attn
+    w, bias = in_projection(attn)
+    H = attn.num_heads
+    qkv = F.linear(parts.message_ln(msg), w, bias)
+    a = packed_attention(qkv.view(b, T, 3, H, d // H), backend=backend)
+    a = attn.out_proj(a.reshape(b, T, d))
+    return (msg + drop("message", a)).view(N, d)
+
+
+def frame_path(x: torch.Tensor, msg: torch.Tensor, parts: Parts, backend: str, *, batch_first: bool = False,
+               attn_mask: torch.Tensor | None = None, drop=_no_drop) -> torch.Tensor:
+    """Intra-frame attention over [frame tokens; message token], then the MLP, for each frame.
+
+    ``x: (l, N, d)`` (or ``(N, l, d)`` with ``batch_first``), ``msg: (N, d)``. The message token is
+    never concatenated: it is layer-normed on its own, only its key/value is projected, and it
+    enters the attention as one extra key/value per frame. Frames are independent here, so any
+    subset of frames (with their message tokens) can be updated on its own.
+    ``drop(branch, y)`` with branch ``"attention"`` (``y`` has l token rows of the l+1 the official
+    code drew for) or ``"mlp"``.
+    """
+    if batch_first:
+        N, l, d = x.shape
+    else:
+        l, N, d = x.shape
+    attn = parts.attn
+    H = attn.num_heads
+    w, bias = in_projection(attn)
+    qkv = F.linear(parts.ln_1(x), w, bias)  # q, k, v read in place by the kernel
+    kv_msg = F.linear(parts.ln_1(msg), w[d:], bias[d:])  # (N, 2d): the message token's k, v
+    qkv = qkv.view(N, l, 3, H, d // H) if batch_first else qkv.view(l, N, 3, H, d // H).transpose(0, 1)
+    o = packed_attention(qkv, kv_msg.view(N, 2, H, d // H), backend=backend, attn_mask=attn_mask)
+    o = o.reshape(N, l, d) if batch_first else o.transpose(0, 1).reshape(l, N, d)
+    x = x + drop("attention", attn.out_proj(o))
+    return x + drop("mlp", parts.mlp(parts.ln_2(x)))
+
+
+def residual_path(x: torch.Tensor, attn: nn.Module, ln_1: nn.Module, mlp: nn.Module, ln_2: nn.Module,
+                  backend: str, *, batch_first: bool = False, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Pre-LN self-attention + MLP (the MIT's block) on ``(S, B, d)`` or batch-first ``(B, S, d)``."""
+    if batch_first:
+        B, S, d = x.shape
+    else:
+        S, B, d = x.shape
+    H = attn.num_heads
+    w, bias = in_projection(attn)
+    qkv = F.linear(ln_1(x), w, bias)
+    qkv = qkv.view(B, S, 3, H, d // H) if batch_first else qkv.view(S, B, 3, H, d // H).transpose(0, 1)
+    o = packed_attention(qkv, backend=backend, attn_mask=attn_mask)
+    o = o.reshape(B, S, d) if batch_first else o.transpose(0, 1).reshape(S, B, d)
+    x = x + attn.out_proj(o)
+    return x + mlp(ln_2(x))
 
 
 class _BackendMixin:
@@ -147,31 +244,34 @@ class CrossFrameAttentionBlock(_BackendMixin, nn.Module):
             return cross_frame_block_forward(self, x, T)
         return self._fast_forward(x, T, backend)
 
-    def _fast_forward(self, x: torch.Tensor, T: int, backend: str) -> torch.Tensor:
-        l, N, d = x.shape
-        b = N // T
-        H = self.attn.num_heads
-        D = d // H
-        # cross-frame fusion attention over each video's T message tokens, batch-first (b, T, d)
-        msg = self.message_fc(x[0]).view(b, T, d)
-        mattn = self.message_attn
-        mqkv = F.linear(self.message_ln(msg), mattn.in_proj_weight, mattn.in_proj_bias)
-        ma = packed_attention(mqkv.view(b, T, 3, H, D), backend=backend)
-        ma = mattn.out_proj(ma.reshape(b, T, d))
-        msg = msg + _drop_rows(self.drop_path, self.training, ma, T, dim=1)
-        msg = msg.view(N, d)
+    @property
+    def parts(self) -> Parts:
+        return Parts(self.message_fc, self.message_ln, self.message_attn, self.ln_1, self.attn, self.ln_2, self.mlp)
 
-        # intra-frame attention over [l frame tokens; message token], without concatenating
-        w, bias = self.attn.in_proj_weight, self.attn.in_proj_bias
-        qkv = F.linear(self.ln_1(x), w, bias)  # (l, N, 3d): q, k, v read in place
-        kv_msg = F.linear(self.ln_1(msg), w[d:], bias[d:])  # (N, 2d): the message token's k, v
-        mask = _sdpa_mask(self.attn_mask, x.dtype, N, H, l, l + 1)
-        o = packed_attention(qkv.view(l, N, 3, H, D).transpose(0, 1), kv_msg.view(N, 2, H, D),
-                             backend=backend, attn_mask=mask)  # (N, l, H, D)
-        o = self.attn.out_proj(o.transpose(0, 1).reshape(l, N, d))
-        x = x + _drop_rows(self.drop_path, self.training, o, l + 1, dim=0)
-        x = x + _drop_rows(self.drop_path, self.training, self.mlp(self.ln_2(x)), l, dim=0)
-        return x
+    def _drop(self, l: int, T: int):
+        """The official drop path of each branch, in the official row counts (see ``_drop_rows``)."""
+        if not isinstance(self.drop_path, DropPath) or not self.training:
+            return _no_drop
+        rows = {"message": (T, 1), "attention": (l + 1, 0), "mlp": (l, 0)}
+
+        def drop(branch, y):
+            n, dim = rows[branch]
+            return _drop_rows(self.drop_path, True, y, n, dim)
+
+        return drop
+
+    def message_tokens(self, x: torch.Tensor, T: int, backend: str) -> torch.Tensor:
+        """The message tokens ``(b*T, d)`` of ``x: (l, b*T, d)`` (needs the class tokens only)."""
+        return message_path(x[0], T, self.parts, backend, self._drop(x.shape[0], T))
+
+    def update_frames(self, x: torch.Tensor, msg: torch.Tensor, backend: str, T: int = 1) -> torch.Tensor:
+        """Intra-frame attention and MLP of frames ``x: (l, n, d)`` given their message tokens ``(n, d)``."""
+        mask = _sdpa_mask(self.attn_mask, x.dtype, x.shape[1], self.attn.num_heads, x.shape[0], x.shape[0] + 1)
+        return frame_path(x, msg, self.parts, backend, attn_mask=mask, drop=self._drop(x.shape[0], T))
+
+    def _fast_forward(self, x: torch.Tensor, T: int, backend: str) -> torch.Tensor:
+        msg = self.message_tokens(x, T, backend)
+        return self.update_frames(x, msg, backend, T)
 
 
 CrossFramelAttentionBlock = CrossFrameAttentionBlock  # the official spelling
@@ -203,10 +303,5 @@ class ResidualAttentionBlock(_BackendMixin, nn.Module):
         if backend == "reference":
             return reference.ResidualAttentionBlock.forward(self, x)
         S, B, _ = x.shape
-        H = self.attn.num_heads
-        qkv = F.linear(self.ln_1(x), self.attn.in_proj_weight, self.attn.in_proj_bias)
-        mask = _sdpa_mask(self.attn_mask, x.dtype, B, H, S, S)
-        o = packed_attention(qkv.view(S, B, 3, H, d // H).transpose(0, 1), backend=backend, attn_mask=mask)
-        x = x + self.attn.out_proj(o.transpose(0, 1).reshape(S, B, d))
-        x = x + self.mlp(self.ln_2(x))
-        return x
+        mask = _sdpa_mask(self.attn_mask, x.dtype, B, self.attn.num_heads, S, S)
+        return residual_path(x, self.attn, self.ln_1, self.mlp, self.ln_2, backend, attn_mask=mask)

@@ -1,0 +1,115 @@
+"""patch_xclip / unpatch_xclip on a transformers X-CLIP model."""
+
+import copy
+
+import pytest
+import torch
+from _helpers import assert_rel, tiny_xclip
+
+import xclip_fast
+from xclip_fast.encoder import XCLIPVideoEncoder
+from xclip_fast.ops import triton_status
+
+TRITON_OK, TRITON_WHY = triton_status()
+needs_triton = pytest.mark.skipif(not TRITON_OK, reason=f"triton backend unavailable: {TRITON_WHY}")
+# transformers' eager softmax runs in float32 even in float64 models: the oracle is fp32-accurate
+HF_TOL = 1e-5
+# float64 on both sides with sdpa attention: rounding only
+F64_TOL = 1e-10
+
+
+def _patched_pair(dtype, backend, device, attn_implementation="eager"):
+    original = tiny_xclip(dtype, attn_implementation=attn_implementation).to(device)
+    patched = xclip_fast.patch_xclip(copy.deepcopy(original), backend=backend)
+    return original, patched
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])
+def test_patched_model_matches_unpatched_outputs_and_gradients(backend, device):
+    # sdpa attention keeps the unpatched model exact in float64, so gradients compare at 1e-10
+    original, patched = _patched_pair(torch.float64, backend, device, attn_implementation="sdpa")
+    for m in (original, patched):
+        m.train()
+    video = torch.randn(2, 3, 3, 32, 32, dtype=torch.float64, device=device)
+    ids = torch.randint(0, 99, (4, 6), device=device)
+    out_o = original(input_ids=ids, pixel_values=video)
+    out_p = patched(input_ids=ids, pixel_values=video)
+    assert_rel("logits_per_video", out_p.logits_per_video, out_o.logits_per_video, F64_TOL)
+    assert_rel("video_embeds", out_p.video_embeds, out_o.video_embeds, F64_TOL)
+    weights = torch.randn_like(out_o.logits_per_video)
+    (out_o.logits_per_video * weights).sum().backward()
+    (out_p.logits_per_video * weights).sum().backward()
+    grads_o = {name: p.grad for name, p in original.named_parameters()}
+    grads_p = {name: p.grad for name, p in patched.named_parameters()}
+    assert grads_p.keys() == grads_o.keys()
+    # Some gradients are exactly zero in exact arithmetic (key biases shift a whole softmax row; in
+    # layer 0 every frame's class token is the same, so the message attention is uniform): what is
+    # computed for them is rounding noise. Each error is therefore measured against the larger of
+    # the parameter's gradient and a floor of 1e-6 of the largest gradient in the model.
+    floor = 1e-6 * max(g.norm().item() for g in grads_o.values() if g is not None)
+    for name, g_ref in grads_o.items():
+        g = grads_p[name]
+        assert (g is None) == (g_ref is None), name
+        if g is None:
+            continue
+        err = (g - g_ref).norm().item() / max(g_ref.norm().item(), floor)
+        assert err <= F64_TOL, f"grad {name}: error {err:.2e} > {F64_TOL:.0e}"
+
+
+def test_parameters_are_shared_not_copied(device):
+    model = tiny_xclip(torch.float32).to(device)
+    before = {name: p for name, p in model.named_parameters()}
+    keys = list(model.state_dict())
+    xclip_fast.patch_xclip(model, backend="torch")
+    after = dict(model.named_parameters())
+    assert after.keys() == before.keys()
+    assert all(after[n] is before[n] for n in before)
+    assert list(model.state_dict()) == keys
+    assert type(model.vision_model.encoder.layers[0]).__name__ == "FastXCLIPVisionEncoderLayer"
+    xclip_fast.unpatch_xclip(model)
+    assert type(model.vision_model.encoder.layers[0]).__name__ == "XCLIPVisionEncoderLayer"
+    assert type(model.mit).__name__ == "XCLIPMultiframeIntegrationTransformer"
+    assert all(p is before[n] for n, p in model.named_parameters())
+    with pytest.raises(ValueError, match="not patched"):
+        xclip_fast.unpatch_xclip(model)
+
+
+@pytest.mark.parametrize("T", [1, 3, 5])
+def test_patched_model_takes_any_frame_count(T, device):
+    original, patched = _patched_pair(torch.float32, "torch", device)
+    enc = XCLIPVideoEncoder.from_hf(original, backend="torch").to(device)
+    video = torch.randn(2, T, 3, 32, 32, device=device)
+    with torch.no_grad():
+        out = patched.get_video_features(pixel_values=video).pooler_output
+        assert out.shape == (2, 32)
+        assert_rel("patched video features vs encoder", out, enc(video), HF_TOL)
+        if T == 3:  # the trained length: identical to the unpatched model
+            assert_rel("vs unpatched", out, original.get_video_features(pixel_values=video).pooler_output, HF_TOL)
+
+
+def test_patch_rejects_bad_models_and_double_patching():
+    with pytest.raises(ValueError, match="expected a transformers XCLIPModel or XCLIPVisionModel"):
+        xclip_fast.patch_xclip(torch.nn.Linear(2, 2))
+    model = tiny_xclip()
+    xclip_fast.patch_xclip(model, backend="torch")
+    with pytest.raises(ValueError, match="already patched"):
+        xclip_fast.patch_xclip(model)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        xclip_fast.patch_xclip(tiny_xclip(), backend="fast")
+    dropout = tiny_xclip(attention_dropout=0.1)
+    with pytest.raises(ValueError, match="attention_dropout=0.1 is not supported"):
+        xclip_fast.patch_xclip(dropout)
+
+
+def test_patched_vision_model(device):
+    from transformers import XCLIPVisionModel
+
+    hf = tiny_xclip(torch.float64).to(device)
+    vision = XCLIPVisionModel(hf.config.vision_config).to(device, torch.float64).eval()
+    vision.load_state_dict(hf.vision_model.state_dict())
+    frames = torch.randn(6, 3, 32, 32, dtype=torch.float64, device=device)
+    with torch.no_grad():
+        expected = vision(pixel_values=frames).last_hidden_state
+        xclip_fast.patch_xclip(vision, backend="torch")
+        got = vision(pixel_values=frames).last_hidden_state
+    assert_rel("patched XCLIPVisionModel", got, expected, HF_TOL)

@@ -1,0 +1,368 @@
+"""The X-CLIP video encoder on the fast blocks: the CCT vision backbone, the MIT and both joined.
+
+Module structure and state_dict keys are the official ones (``visual.*``, ``mit.*`` of an official
+X-CLIP checkpoint), so official weights load unchanged; ``checkpoints.py`` converts Hugging Face
+weights. Unlike the official code, the number of frames T comes from the input at run time.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from xclip_fast.blocks import CrossFrameAttentionBlock, ResidualAttentionBlock, _check_backend
+from xclip_fast.reference import LayerNorm
+
+__all__ = [
+    "CrossFrameCommunicationTransformer",
+    "MultiframeIntegrationTransformer",
+    "XCLIPVideoEncoder",
+    "VideoFeatures",
+    "PRESETS",
+]
+
+# Released X-CLIP vision configs: width, layers, heads, patch, resolution, embed dim, MIT layers and
+# heads (official code: embed_dim // 64), frames of the released checkpoints.
+PRESETS = {
+    "b32": dict(width=768, layers=12, heads=12, patch_size=32, input_resolution=224, embed_dim=512,
+                mit_layers=1, mit_heads=8, num_frames=8),
+    "b16": dict(width=768, layers=12, heads=12, patch_size=16, input_resolution=224, embed_dim=512,
+                mit_layers=1, mit_heads=8, num_frames=8),
+    "l14": dict(width=1024, layers=24, heads=16, patch_size=14, input_resolution=224, embed_dim=768,
+                mit_layers=1, mit_heads=12, num_frames=8),
+    "l14-336": dict(width=1024, layers=24, heads=16, patch_size=14, input_resolution=336, embed_dim=768,
+                    mit_layers=1, mit_heads=12, num_frames=16),
+}
+
+
+class _Blocks(nn.Module):
+    """Holds ``resblocks`` so that keys read ``transformer.resblocks.{i}`` as in the official code."""
+
+    def __init__(self, blocks):
+        super().__init__()
+        self.resblocks = nn.Sequential(*blocks)
+
+
+def _set_backend(module: nn.Module, backend: str) -> None:
+    _check_backend(backend)
+    for m in module.modules():
+        if isinstance(m, (CrossFrameAttentionBlock, ResidualAttentionBlock)):
+            m.backend = backend
+
+
+class CrossFrameCommunicationTransformer(nn.Module):
+    """The CCT vision backbone (official ``models/cct.py``) on fast blocks.
+
+    ``forward(x: (b*T, 3, H, W), T)`` returns the projected class token of every frame ``(b*T, E)``
+    and the patch tokens ``(b*T, l-1, d)``, as the official one does. Frames are stacked video-major.
+    """
+
+    def __init__(self, input_resolution: int, patch_size: int, width: int, layers: int, heads: int,
+                 output_dim: int, droppath=None, T: int = 8, use_checkpoint: bool = False, *,
+                 backend: str = "auto"):
+        super().__init__()
+        self.input_resolution = input_resolution
+        self.output_dim = output_dim
+        self.use_checkpoint = use_checkpoint
+        self.T = T
+        self.conv1 = nn.Conv2d(3, width, kernel_size=patch_size, stride=patch_size, bias=False)
+        scale = width**-0.5
+        self.class_embedding = nn.Parameter(scale * torch.randn(width))
+        self.positional_embedding = nn.Parameter(scale * torch.randn((input_resolution // patch_size) ** 2 + 1, width))
+        self.ln_pre = LayerNorm(width)
+        droppath = droppath if droppath is not None else [0.0] * layers
+        self.transformer = _Blocks(
+            CrossFrameAttentionBlock(width, heads, None, droppath[i], T, backend=backend) for i in range(layers)
+        )
+        self.ln_post = LayerNorm(width)
+        self.proj = nn.Parameter(scale * torch.randn(width, output_dim))
+
+    @property
+    def blocks(self) -> nn.Sequential:
+        return self.transformer.resblocks
+
+    def check_frames(self, x: torch.Tensor, what: str = "frames") -> None:
+        if not isinstance(x, torch.Tensor) or x.dim() != 4:
+            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"{what} must be 4-D (frames, 3, H, W), got {shape}")
+        problems = []
+        if x.shape[1] != 3:
+            problems.append(f"expected 3 channels (RGB), got {x.shape[1]}")
+        r = self.input_resolution
+        if x.shape[2] != r or x.shape[3] != r:
+            problems.append(f"expected {r}x{r} images, got {x.shape[2]}x{x.shape[3]}")
+        if problems:
+            raise ValueError(f"{what} of shape {tuple(x.shape)}: " + "; ".join(problems))
+
+    def embed(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Patch, class and position embeddings and ``ln_pre``: ``(n, 3, H, W) -> (l, n, d)`` seq-first.
+
+        With ``out`` (a ``(l, n, d)`` view, e.g. frames of a preallocated activation) the result is
+        copied there (inference with chunked frames)."""
+        x = self.conv1(x.to(self.conv1.weight.dtype))
+        x = x.reshape(x.shape[0], x.shape[1], -1).permute(2, 0, 1)  # (grid**2, n, d)
+        cls = self.class_embedding.to(x.dtype).expand(1, x.shape[1], -1)
+        x = torch.cat([cls, x], dim=0) + self.positional_embedding.to(x.dtype)[:, None, :]
+        x = self.ln_pre(x)
+        if out is None:
+            return x
+        out.copy_(x)
+        return out
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        """``ln_post`` on the class tokens of ``x: (l, N, d)`` and the projection: ``(N, E)``."""
+        return self.ln_post(x[0]) @ self.proj
+
+    def run_blocks(self, x: torch.Tensor, T: int, chunk_frames: int | None = None, progress=None) -> torch.Tensor:
+        """All blocks over ``x: (l, b*T, d)``.
+
+        ``chunk_frames=k`` (inference only): layer by layer, the message path sees the whole clip
+        (one token per frame) and the intra-frame attention and MLP run over chunks of k frames,
+        updating ``x`` in place, so peak memory stays near one activation tensor plus the
+        intermediates of one chunk. Results equal the unchunked forward to rounding.
+        ``progress`` (optional) is called once per block.
+        """
+        if chunk_frames is None:
+            for block in self.blocks:
+                if self.use_checkpoint and self.training and torch.is_grad_enabled():
+                    x = checkpoint(block, x, T, use_reentrant=False)
+                else:
+                    x = block(x, T)
+                if progress is not None:
+                    progress()
+            return x
+        if not isinstance(chunk_frames, int) or chunk_frames < 1:
+            raise ValueError(f"chunk_frames must be an int >= 1, got {chunk_frames!r}")
+        if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters())):
+            raise ValueError("chunk_frames is for inference: run under torch.no_grad() or torch.inference_mode() "
+                             "(for training on long clips use use_checkpoint=True)")
+        N = x.shape[1]
+        for block in self.blocks:
+            block._check_input(x, T)
+            backend = block._resolve(x)
+            if backend == "reference":
+                raise ValueError("chunk_frames needs the 'torch' or 'triton' backend, not 'reference'")
+            msg = block.message_tokens(x, T, backend)
+            for start in range(0, N, chunk_frames):
+                stop = min(start + chunk_frames, N)
+                x[:, start:stop] = block.update_frames(x[:, start:stop], msg[start:stop], backend)
+            if progress is not None:
+                progress()
+        return x
+
+    def forward(self, x: torch.Tensor, T: int | None = None, chunk_frames: int | None = None):
+        T = self.T if T is None else T
+        self.check_frames(x)
+        h = self.embed(x)
+        h = self.run_blocks(h, T, chunk_frames)
+        return self.head(h), h[1:].transpose(0, 1)
+
+
+def _init_mit(m: nn.Module) -> None:
+    if isinstance(m, nn.Linear):
+        nn.init.trunc_normal_(m.weight, std=0.02)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.LayerNorm):
+        nn.init.zeros_(m.bias)
+        nn.init.ones_(m.weight)
+
+
+class MultiframeIntegrationTransformer(nn.Module):
+    """The MIT (official ``models/mit.py``): ``(b, T, E) -> (b, E)`` on fast blocks.
+
+    Official constructor ``(T, embed_dim=512, layers=1)`` plus ``heads`` (official: ``embed_dim // 64``).
+
+    Any frame count: when the input has ``T' != T`` frames, the learned frame position embedding
+    ``(1, T, E)`` is interpolated linearly over time to ``T'`` points (``align_corners=True``: the
+    first and last positions are kept); ``T' == T`` uses it exactly as trained.
+    """
+
+    def __init__(self, T: int, embed_dim: int = 512, layers: int = 1, heads: int | None = None, *,
+                 backend: str = "auto"):
+        super().__init__()
+        self.T = T
+        heads = heads if heads is not None else embed_dim // 64
+        self.positional_embedding = nn.Parameter(torch.empty(1, T, embed_dim))
+        nn.init.trunc_normal_(self.positional_embedding, std=0.02)
+        self.resblocks = nn.Sequential(
+            *[ResidualAttentionBlock(embed_dim, heads, backend=backend) for _ in range(layers)]
+        )
+        self.apply(_init_mit)
+
+    def position_embedding(self, frames: int) -> torch.Tensor:
+        """The frame position embedding for ``frames`` frames, ``(1, frames, E)`` (see the class doc)."""
+        return interpolate_frames(self.positional_embedding, frames)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 3 or x.shape[-1] != self.positional_embedding.shape[-1] or x.shape[1] < 1:
+            raise ValueError(f"MIT input must be (b, T, E={self.positional_embedding.shape[-1]}), "
+                             f"got {tuple(x.shape)}")
+        ori_x = x
+        x = x + self.position_embedding(x.shape[1])
+        x = self.resblocks(x.permute(1, 0, 2)).permute(1, 0, 2)
+        x = x.type(ori_x.dtype) + ori_x
+        return x.mean(dim=1, keepdim=False)
+
+
+def interpolate_frames(pos: torch.Tensor, frames: int) -> torch.Tensor:
+    """Linear interpolation of a ``(1, T, E)`` frame embedding to ``frames`` points over time."""
+    if pos.shape[1] == frames:
+        return pos
+    if pos.shape[1] == 1:
+        return pos.expand(1, frames, pos.shape[2])
+    return F.interpolate(pos.transpose(1, 2), size=frames, mode="linear", align_corners=True).transpose(1, 2)
+
+
+class VideoFeatures(NamedTuple):
+    """``video_embeds (b, E)``; ``frame_embeds (b, T, E)`` (projected class token per frame, MIT
+    input); ``last_hidden_state (b, T, l, d)`` (tokens after the last block, class token first)."""
+
+    video_embeds: torch.Tensor
+    frame_embeds: torch.Tensor
+    last_hidden_state: torch.Tensor
+
+
+class XCLIPVideoEncoder(nn.Module):
+    """The X-CLIP video encoder: CCT over every frame, then the MIT over the frames of each video.
+
+    ``forward(video)`` with ``video: (b, T, 3, H, W)`` returns the video embedding ``(b, E)``
+    (official ``encode_video``'s first output, Hugging Face ``get_video_features().pooler_output``).
+    T is read from the input; see :class:`MultiframeIntegrationTransformer` for T other than the
+    trained ``num_frames``. Keys: ``visual.*`` and ``mit.*`` as in official checkpoints.
+
+    Args:
+        input_resolution, patch_size, width, layers, heads: the vision transformer.
+        embed_dim: the projection (and MIT) width E.
+        num_frames: the frame count the MIT position embedding is trained for.
+        mit_layers, mit_heads: the MIT (official: 1 layer, ``embed_dim // 64`` heads).
+        droppath: drop-path rate of the last block; block i gets ``linspace(0, droppath, layers)[i]``
+            as in the official code.
+        use_checkpoint: activation checkpointing per block in training (recomputes each block in
+            backward; composes with the fast backward).
+        layer_norm_eps: epsilon of every LayerNorm (1e-5 in every released model).
+        backend: ``"auto"``, ``"triton"``, ``"torch"`` or ``"reference"`` for every block; settable
+            later through the ``backend`` attribute.
+    """
+
+    def __init__(self, *, input_resolution: int = 224, patch_size: int = 32, width: int = 768, layers: int = 12,
+                 heads: int = 12, embed_dim: int = 512, num_frames: int = 8, mit_layers: int = 1,
+                 mit_heads: int | None = None, droppath: float = 0.0, use_checkpoint: bool = False,
+                 layer_norm_eps: float = 1e-5, backend: str = "auto"):
+        super().__init__()
+        _check_backend(backend)
+        if input_resolution % patch_size != 0:
+            raise ValueError(f"input_resolution={input_resolution} must be a multiple of patch_size={patch_size}")
+        dpr = [x.item() for x in torch.linspace(0, droppath, layers)] if droppath > 0.0 else None
+        self.visual = CrossFrameCommunicationTransformer(
+            input_resolution, patch_size, width, layers, heads, embed_dim, droppath=dpr, T=num_frames,
+            use_checkpoint=use_checkpoint, backend=backend,
+        )
+        self.mit = MultiframeIntegrationTransformer(num_frames, embed_dim, mit_layers, mit_heads, backend=backend)
+        for m in self.modules():
+            if isinstance(m, nn.LayerNorm):
+                m.eps = layer_norm_eps
+        self._backend = backend
+        self.config = dict(input_resolution=input_resolution, patch_size=patch_size, width=width, layers=layers,
+                           heads=heads, embed_dim=embed_dim, num_frames=num_frames, mit_layers=mit_layers,
+                           mit_heads=mit_heads if mit_heads is not None else embed_dim // 64, droppath=droppath,
+                           layer_norm_eps=layer_norm_eps)
+
+    # -- construction -------------------------------------------------------------------------------
+    @classmethod
+    def from_config(cls, name: str, num_frames: int | None = None, **overrides) -> XCLIPVideoEncoder:
+        """A released configuration with random weights initialised as the official code does.
+
+        ``name``: ``"b32"``, ``"b16"``, ``"l14"`` or ``"l14-336"``; ``num_frames`` defaults to the
+        released checkpoint's; other constructor arguments may be overridden.
+        """
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+        cfg = dict(PRESETS[name])
+        if num_frames is not None:
+            cfg["num_frames"] = num_frames
+        cfg.update(overrides)
+        return cls(**cfg)
+
+    @classmethod
+    def from_official(cls, path_or_state_dict, *, strict: bool = True, weights_only: bool = True,
+                      **overrides) -> XCLIPVideoEncoder:
+        """Load an official X-CLIP checkpoint (``{"model": state_dict}`` file, or the state dict).
+
+        The configuration is read off the weights (heads: ``width // 64`` and ``embed_dim // 64`` as
+        in the official code, unless given). Text, prompt and other non-vision keys are skipped and
+        listed in ``encoder.load_report``. The encoder takes the dtype of the weights unless
+        ``dtype=`` is given; other keyword arguments override the configuration. See
+        :mod:`xclip_fast.checkpoints`.
+        """
+        from xclip_fast.checkpoints import load_official
+
+        return load_official(cls, path_or_state_dict, strict=strict, weights_only=weights_only, **overrides)
+
+    @classmethod
+    def from_hf(cls, model_or_state_dict_or_path, *, strict: bool = True, **overrides) -> XCLIPVideoEncoder:
+        """Load Hugging Face X-CLIP weights: an ``XCLIPModel``/``XCLIPVisionModel``, its state dict,
+        a ``.safetensors``/``.bin`` file, a ``save_pretrained`` folder, or a hub name (needs network).
+        The encoder takes the dtype of the weights unless ``dtype=`` is given. See
+        :mod:`xclip_fast.checkpoints`."""
+        from xclip_fast.checkpoints import load_hf
+
+        return load_hf(cls, model_or_state_dict_or_path, strict=strict, **overrides)
+
+    # -- backend ------------------------------------------------------------------------------------
+    @property
+    def backend(self) -> str:
+        """Backend of every block (``"auto"``, ``"triton"``, ``"torch"``, ``"reference"``)."""
+        return self._backend
+
+    @backend.setter
+    def backend(self, value: str) -> None:
+        _set_backend(self, value)
+        self._backend = value
+
+    # -- forward ------------------------------------------------------------------------------------
+    def _check_video(self, video: torch.Tensor) -> None:
+        if not isinstance(video, torch.Tensor):
+            raise TypeError(f"video must be a torch.Tensor, got {type(video).__name__}")
+        if video.dim() != 5:
+            raise ValueError(f"video must be 5-D (b, T, 3, H, W), got shape {tuple(video.shape)}")
+        if video.shape[0] < 1 or video.shape[1] < 1:
+            raise ValueError(f"video needs at least one clip and one frame, got shape {tuple(video.shape)}")
+        self.visual.check_frames(video.flatten(0, 1), what=f"video frames (video shape {tuple(video.shape)})")
+
+    def forward_features(self, video: torch.Tensor, chunk_frames: int | None = None) -> VideoFeatures:
+        """Video embedding, per-frame embeddings and last hidden tokens of ``video: (b, T, 3, H, W)``.
+
+        ``chunk_frames=k`` (inference only) bounds peak memory: the patch embedding and, in every
+        layer, the intra-frame attention and MLP run over chunks of k frames of one shared
+        activation; only the message path (one token per frame) sees the whole clip at once.
+        """
+        self._check_video(video)
+        b, T = video.shape[:2]
+        frames = video.flatten(0, 1)
+        if chunk_frames is None:
+            x = self.visual.embed(frames)
+        else:
+            if not isinstance(chunk_frames, int) or chunk_frames < 1:
+                raise ValueError(f"chunk_frames must be an int >= 1, got {chunk_frames!r}")
+            x = None
+            for start in range(0, b * T, chunk_frames):
+                part = frames[start:start + chunk_frames]
+                if x is None:
+                    l = self.visual.positional_embedding.shape[0]
+                    x = torch.empty(l, b * T, self.visual.conv1.out_channels, device=video.device,
+                                    dtype=self.visual.conv1.weight.dtype)
+                self.visual.embed(part, out=x[:, start:start + part.shape[0]])
+        x = self.visual.run_blocks(x, T, chunk_frames)
+        frame_embeds = self.visual.head(x).view(b, T, -1)
+        video_embeds = self.mit(frame_embeds)
+        return VideoFeatures(video_embeds, frame_embeds, x.transpose(0, 1).unflatten(0, (b, T)))
+
+    def forward(self, video: torch.Tensor, chunk_frames: int | None = None) -> torch.Tensor:
+        """``video: (b, T, 3, H, W) -> (b, E)``; see :meth:`forward_features` for ``chunk_frames``."""
+        return self.forward_features(video, chunk_frames).video_embeds
+

@@ -22,6 +22,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from xclip_fast.kernels import attention as A
+from xclip_fast.kernels import quick_gelu as Q
 
 # (dtype, head dim, extra token, packed, tf32): each tile configuration of launch_plan and each
 # flag combination appears at least once
@@ -37,7 +38,7 @@ CASES = [
     (torch.float64, 32, False, False, False),
 ]
 _PTR = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32", torch.float64: "*fp64"}
-_INTS = {"B", "H", "SQ", "SK", "G"}
+_INTS = {"B", "H", "SQ", "SK", "G", "N"}
 _DIV16 = [["tt.divisibility", 16]]
 
 
@@ -86,8 +87,11 @@ def compile_one(job):
     sq = 8 if packed else 197
     plan = A.launch_plan(head_dim, dtype, sq, sq, extra, tf32)
     assert plan["constexprs"]["PACKED"] == packed
-    fn = getattr(A, kernel_name)
-    if kernel_name == "_attention_bwd_preprocess_kernel":
+    fn = getattr(A, kernel_name, None) or getattr(Q, kernel_name)
+    if kernel_name.startswith("_quick_gelu"):
+        constexprs = dict(BLOCK=Q.BLOCK, ACC=Q._acc(dtype))
+        options = dict(num_warps=4)
+    elif kernel_name == "_attention_bwd_preprocess_kernel":
         constexprs = dict(HEAD_DIM=head_dim, BLOCK_M=64, BLOCK_D=plan["constexprs"]["BLOCK_D"],
                           ACC=plan["constexprs"]["ACC"])
         options = dict(num_warps=4)
@@ -127,6 +131,9 @@ def jobs(archs):
                 yield (k, str(dtype).split(".")[1], d, extra, packed, tf32, arch)
         for dtype in (torch.float16, torch.float64):
             yield ("_attention_bwd_preprocess_kernel", str(dtype).split(".")[1], 128, False, False, False, arch)
+        for k in ("_quick_gelu_fwd_kernel", "_quick_gelu_bwd_kernel"):
+            for dtype in ("bfloat16", "float32"):
+                yield (k, dtype, 64, False, False, False, arch)
 
 
 def main(argv):

@@ -1,5 +1,5 @@
-"""GPU-readiness without a GPU: every launch choice of the attention kernels compiles for sm_90 and
-sm_80 within the shared-memory limit, with tensor-core instructions where the dtype allows them.
+"""GPU-readiness without a GPU: every launch choice of the kernels compiles for sm_90 and sm_80
+within the shared-memory limit, with tensor-core instructions where the dtype allows them.
 
 The CPU interpreter accepts things the GPU compiler rejects (tl.dot tiles under 16, any amount of
 shared memory), so this runs the real compiler in a subprocess without TRITON_INTERPRET.
@@ -39,7 +39,7 @@ def _name(r):
 def test_every_kernel_compiles_for_both_architectures(compiled):
     seen = {(r["kernel"], r["arch"]) for r in compiled}
     for kernel in ("_attention_fwd_kernel", "_attention_bwd_dkdv_kernel", "_attention_bwd_dq_kernel",
-                   "_attention_bwd_preprocess_kernel"):
+                   "_attention_bwd_preprocess_kernel", "_quick_gelu_fwd_kernel", "_quick_gelu_bwd_kernel"):
         for arch in (90, 80):
             assert (kernel, arch) in seen, f"{kernel} was not compiled for sm_{arch}"
 
@@ -53,7 +53,7 @@ def test_shared_memory_within_limit(compiled):
 def test_tensor_cores_used_where_the_dtype_allows(compiled):
     missing = []
     for r in compiled:
-        if r["kernel"] == "_attention_bwd_preprocess_kernel":
+        if r["kernel"] == "_attention_bwd_preprocess_kernel" or r["kernel"].startswith("_quick_gelu"):
             continue  # no matrix products
         if r["dtype"] in ("float16", "bfloat16") or (r["dtype"] == "float32" and r["tf32"]):
             want = {"HGMMA", "HMMA"}

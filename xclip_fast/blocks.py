@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from xclip_fast import reference
-from xclip_fast.ops import MODULE_BACKENDS, packed_attention, resolve_backend
+from xclip_fast.ops import MODULE_BACKENDS, packed_attention, quick_gelu_mlp, resolve_backend
 from xclip_fast.reference import DropPath, LayerNorm, _mlp, cross_frame_block_forward
 
 __all__ = ["CrossFrameAttentionBlock", "CrossFramelAttentionBlock", "ResidualAttentionBlock"]
@@ -141,7 +141,7 @@ def frame_path(x: torch.Tensor, msg: torch.Tensor, parts: Parts, backend: str, *
     o = packed_attention(qkv, kv_msg.view(N, 2, H, d // H), backend=backend, attn_mask=attn_mask)
     o = o.reshape(N, l, d) if batch_first else o.transpose(0, 1).reshape(l, N, d)
     x = x + drop("attention", attn.out_proj(o))
-    return x + drop("mlp", parts.mlp(parts.ln_2(x)))
+    return x + drop("mlp", quick_gelu_mlp(parts.mlp, parts.ln_2(x), backend))
 
 
 def residual_path(x: torch.Tensor, attn: nn.Module, ln_1: nn.Module, mlp: nn.Module, ln_2: nn.Module,
@@ -158,7 +158,7 @@ def residual_path(x: torch.Tensor, attn: nn.Module, ln_1: nn.Module, mlp: nn.Mod
     o = packed_attention(qkv, backend=backend, attn_mask=attn_mask)
     o = o.reshape(B, S, d) if batch_first else o.transpose(0, 1).reshape(S, B, d)
     x = x + attn.out_proj(o)
-    return x + mlp(ln_2(x))
+    return x + quick_gelu_mlp(mlp, ln_2(x), backend)
 
 
 class _BackendMixin:

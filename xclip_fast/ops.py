@@ -18,6 +18,7 @@ import torch.nn.functional as F
 __all__ = [
     "attention",
     "packed_attention",
+    "quick_gelu_mlp",
     "resolve_backend",
     "triton_status",
     "ATTENTION_BACKENDS",
@@ -31,8 +32,9 @@ _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _triton_import_error: str | None = None
 try:  # triton is an optional dependency on platforms without wheels
     from xclip_fast.kernels import attention as _tk
+    from xclip_fast.kernels import quick_gelu as _tg
 except Exception as exc:  # pragma: no cover - depends on the platform
-    _tk = None
+    _tk = _tg = None
     _triton_import_error = f"{type(exc).__name__}: {exc}"
 
 
@@ -294,3 +296,95 @@ def packed_attention(qkv: torch.Tensor, extra_kv: torch.Tensor | None = None, *,
     _check_triton_support(D, qkv.dtype, problems)
     _raise(problems, "packed_attention")
     return PackedAttentionFunction.apply(_last_dim_contiguous(qkv), extra_kv, scale)
+
+
+# ------------------------------------------------------------------------------------------------
+# the MLP: c_fc -> QuickGELU -> c_proj, saving only what backward needs
+# ------------------------------------------------------------------------------------------------
+_QG = 1.702
+
+
+def _gelu(h: torch.Tensor, backend: str, out: torch.Tensor | None = None) -> torch.Tensor:
+    """QuickGELU of ``h`` into ``out`` (a new tensor by default; ``out=h`` works in place)."""
+    if backend == "triton":
+        return _tg.quick_gelu_fwd(h, h if out is h else (out if out is not None else torch.empty_like(h)))
+    if out is h:
+        h.mul_(torch.mul(h, _QG).sigmoid_())
+        return h
+    return torch.mul(h, _QG).sigmoid_().mul_(h)
+
+
+def _gelu_backward(h: torch.Tensor, dg: torch.Tensor, backend: str) -> torch.Tensor:
+    """d/dh of QuickGELU times ``dg``, written into ``dg`` (the sigmoid is recomputed from ``h``)."""
+    if backend == "triton":
+        return _tg.quick_gelu_bwd(h, dg, dg)
+    s = torch.mul(h, _QG).sigmoid_()
+    # s + 1.702 h s (1 - s)
+    slope = torch.sub(1.0, s).mul_(s).mul_(h).mul_(_QG).add_(s)
+    return dg.mul_(slope)
+
+
+class QuickGELUMLPFunction(torch.autograd.Function):
+    """``c_proj(QuickGELU(c_fc(x)))`` saving ``x`` and the pre-activation only.
+
+    Autograd on the plain modules keeps the pre-activation, the sigmoid and the activation output
+    (three 4d-wide tensors per token); this keeps one and recomputes the rest in backward.
+    """
+
+    @staticmethod
+    def forward(ctx, x, w1, b1, w2, b2, backend: str):
+        x2 = x.reshape(-1, x.shape[-1])
+        h = torch.addmm(b1, x2, w1.t()) if b1 is not None else x2 @ w1.t()
+        g = _gelu(h, backend)
+        y = torch.addmm(b2, g, w2.t()) if b2 is not None else g @ w2.t()
+        ctx.save_for_backward(x2, h, w1, w2)
+        ctx.backend, ctx.has_b1, ctx.has_b2, ctx.x_shape = backend, b1 is not None, b2 is not None, x.shape
+        return y.view(*x.shape[:-1], w2.shape[0])
+
+    @staticmethod
+    def backward(ctx, dy):
+        x2, h, w1, w2 = ctx.saved_tensors
+        need_x, need_w1, need_b1, need_w2, need_b2, _ = ctx.needs_input_grad
+        dy2 = dy.reshape(-1, dy.shape[-1])
+        dx = dw1 = db1 = dw2 = db2 = None
+        if need_w2:
+            dw2 = dy2.t() @ _gelu(h, ctx.backend)
+        if need_b2 and ctx.has_b2:
+            db2 = dy2.sum(0)
+        if need_x or need_w1 or need_b1:
+            dh = _gelu_backward(h, dy2 @ w2, ctx.backend)
+            if need_w1:
+                dw1 = dh.t() @ x2
+            if need_b1 and ctx.has_b1:
+                db1 = dh.sum(0)
+            if need_x:
+                dx = (dh @ w1).view(ctx.x_shape)
+        return dx, dw1, db1, dw2, db2, None
+
+
+def _mlp_linears(mlp):
+    """``(fc1, fc2)`` when ``mlp`` is CLIP's Linear -> QuickGELU -> Linear (official or Hugging
+    Face), else None (the module is then simply called)."""
+    from xclip_fast.reference import QuickGELU
+
+    if isinstance(mlp, torch.nn.Sequential) and [n for n, _ in mlp.named_children()] == ["c_fc", "gelu", "c_proj"]:
+        if type(mlp.gelu) is QuickGELU and type(mlp.c_fc) is torch.nn.Linear and type(mlp.c_proj) is torch.nn.Linear:
+            return mlp.c_fc, mlp.c_proj
+    act = getattr(mlp, "activation_fn", None)
+    if act is not None and type(act).__name__ == "QuickGELUActivation" and type(mlp).__name__ == "XCLIPMLP":
+        return mlp.fc1, mlp.fc2
+    return None
+
+
+def quick_gelu_mlp(mlp: torch.nn.Module, x: torch.Tensor, backend: str) -> torch.Tensor:
+    """Run CLIP's MLP module ``mlp`` on ``x`` with the activation fused and, in training, only the
+    MLP input and pre-activation saved for backward. Unrecognised MLPs are called as they are."""
+    linears = _mlp_linears(mlp)
+    if linears is None or (backend == "triton" and _tg is None):
+        return mlp(x)
+    fc1, fc2 = linears
+    if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in (*fc1.parameters(),
+                                                                                     *fc2.parameters()))):
+        return QuickGELUMLPFunction.apply(x, fc1.weight, fc1.bias, fc2.weight, fc2.bias, backend)
+    h = F.linear(x, fc1.weight, fc1.bias)
+    return F.linear(_gelu(h, backend, out=h), fc2.weight, fc2.bias)

@@ -1,6 +1,7 @@
 """The ``xclip-fast`` command.
 
     xclip-fast check     the fast block against the reference on random data (errors per tensor)
+    xclip-fast bench     speed and peak memory against the reference and other attention paths
 """
 
 from __future__ import annotations
@@ -74,6 +75,13 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--heads", type=int, default=2, help="heads (default 2)")
     check.add_argument("--seed", type=int, default=0)
     check.set_defaults(func=_check)
+
+    from xclip_fast import bench
+
+    bench_parser = sub.add_parser("bench", help="speed and peak memory against the reference, torch.compile, "
+                                  "SDPA and xformers (table, CSV/JSON, plot)")
+    bench.add_arguments(bench_parser)
+    bench_parser.set_defaults(func=bench.main)
     return parser
 
 

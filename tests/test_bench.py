@@ -1,0 +1,73 @@
+"""The benchmark runner (xclip-fast bench): outputs, skips with reasons, and the correctness gate."""
+
+import csv
+import json
+import os
+
+import pytest
+import torch
+
+from xclip_fast import bench
+from xclip_fast.cli import build_parser
+
+
+def _args(tmp_path, *extra):
+    return build_parser().parse_args(["bench", "--out", str(tmp_path), "--device", "cpu", *extra])
+
+
+def test_bench_writes_table_csv_json_and_plot(tmp_path, capsys):
+    args = _args(tmp_path, "--level", "block", "--frames", "2", "--mode", "fwd",
+                 "--providers", "xclip-fast-torch,xclip-fast-triton,xformers", "--quick")
+    assert bench.main(args) == 0
+    out = capsys.readouterr().out
+    assert "the triton provider is left out" in out
+    assert "block b32 b=1 T=2" in out and "xclip-fast-torch" in out
+    assert "xclip-fast-triton          SKIPPED: triton kernels need CUDA" in out
+    with open(tmp_path / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["provider"] for r in rows] == ["reference", "xformers", "xclip-fast-torch", "xclip-fast-triton"]
+    ok = {r["provider"]: r for r in rows if r["status"] == "ok"}
+    assert set(ok) == {"reference", "xclip-fast-torch"}
+    assert float(ok["reference"]["speedup"]) == 1.0 and float(ok["xclip-fast-torch"]["median_ms"]) > 0
+    assert float(ok["xclip-fast-torch"]["error"]) <= float(ok["xclip-fast-torch"]["tolerance"])
+    assert all(r["device"] and r["torch"] == torch.__version__ and r["commit"] for r in rows)
+    skipped = {r["provider"]: r["reason"] for r in rows if r["status"] == "skipped"}
+    assert skipped["xformers"] and skipped["xclip-fast-triton"]
+    runs = [f for f in os.listdir(tmp_path) if f.startswith("run-") and f.endswith(".json")]
+    assert len(runs) == 1
+    with open(tmp_path / runs[0]) as f:
+        run = json.load(f)
+    assert run["environment"]["device"] and len(run["rows"]) == 4
+    assert any(f.endswith(".png") for f in os.listdir(tmp_path))
+
+
+def test_bench_exits_non_zero_when_a_provider_disagrees(tmp_path, monkeypatch):
+    original = bench.Workload._block_provider
+
+    def broken(self, name):
+        fn = original(self, name)
+        return (lambda: fn() * 1.01) if name == "xclip-fast-torch" else fn
+
+    monkeypatch.setattr(bench.Workload, "_block_provider", broken)
+    args = _args(tmp_path, "--level", "block", "--frames", "2", "--mode", "fwd", "--providers", "xclip-fast-torch",
+                 "--quick")
+    assert bench.main(args) == 1
+    with open(tmp_path / "results.csv") as f:
+        rows = {r["provider"]: r for r in csv.DictReader(f)}
+    assert rows["xclip-fast-torch"]["status"] == "mismatch" and rows["xclip-fast-torch"]["median_ms"] == ""
+
+
+def test_attention_cost_model():
+    case = bench.Case("attention", "frames", "b16", 2, 8, 197, 768, 12)
+    w = bench.Workload(case, torch.float32, torch.device("cpu"), grad=False)
+    N, H, D = 16, 12, 64
+    assert w.flops("fwd") == 4 * N * H * 197 * 198 * D
+    assert w.flops("fwdbwd") == 3.5 * w.flops("fwd")
+    assert w.bytes("fwd") == (4 * N * 197 * 768 + 2 * N * 768) * 4
+
+
+def test_bench_rejects_bad_options(tmp_path):
+    with pytest.raises(ValueError, match="unknown providers"):
+        bench.main(_args(tmp_path, "--providers", "flash3"))
+    with pytest.raises(ValueError, match="on CPU: use float32"):
+        bench.main(_args(tmp_path, "--dtype", "bfloat16"))

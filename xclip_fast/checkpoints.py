@@ -154,8 +154,9 @@ def config_from_state_dict(sd: dict) -> dict:
     frames = sd["mit.positional_embedding"].shape[1] if "mit.positional_embedding" in sd else 8
     return dict(
         input_resolution=patch * grid, patch_size=patch, width=width,
-        layers=_count(sd, r"visual\.transformer\.resblocks\.(\d+)\."), heads=width // 64, embed_dim=embed_dim,
-        num_frames=frames, mit_layers=max(1, _count(sd, r"mit\.resblocks\.(\d+)\.")), mit_heads=embed_dim // 64,
+        layers=_count(sd, r"visual\.transformer\.resblocks\.(\d+)\."), heads=max(1, width // 64), embed_dim=embed_dim,
+        num_frames=frames, mit_layers=max(1, _count(sd, r"mit\.resblocks\.(\d+)\.")),
+        mit_heads=max(1, embed_dim // 64),
     )
 
 

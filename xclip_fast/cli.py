@@ -2,6 +2,7 @@
 
     xclip-fast check     the fast block against the reference on random data (errors per tensor)
     xclip-fast bench     speed and peak memory against the reference and other attention paths
+    xclip-fast encode    video files -> X-CLIP video embeddings (.npy)
 """
 
 from __future__ import annotations
@@ -60,6 +61,87 @@ def _check(args) -> int:
     return 1 if failed else 0
 
 
+def load_encoder(weights: str | None, preset: str | None, frames: int | None, trust: bool):
+    """``(encoder, random_weights)`` from ``--weights`` (official checkpoint or Hugging Face files)
+    or, without weights, a preset with random weights (``frames`` sets its MIT length)."""
+    import os
+    import re
+
+    from xclip_fast.checkpoints import _read_file
+    from xclip_fast.encoder import XCLIPVideoEncoder
+
+    if weights is None:
+        return XCLIPVideoEncoder.from_config(preset or "b32", num_frames=frames), True
+    if os.path.isdir(weights) or (not os.path.exists(weights) and re.fullmatch(r"[\w.-]+/[\w.-]+", weights)):
+        return XCLIPVideoEncoder.from_hf(weights), False
+    if not os.path.isfile(weights):
+        raise ValueError(f"--weights {weights}: no such file or folder")
+    sd = _read_file(weights, weights_only=not trust)
+    if isinstance(sd, dict) and isinstance(sd.get("model"), dict):
+        sd = sd["model"]
+    keys = list(sd) if isinstance(sd, dict) else []
+    if any(k.startswith("visual.") for k in keys):
+        return XCLIPVideoEncoder.from_official(sd), False
+    if any(k.startswith(("vision_model.", "embeddings.")) for k in keys):
+        return XCLIPVideoEncoder.from_hf(sd, strict=False), False
+    raise ValueError(f"--weights {weights}: unknown weight format (expected an official X-CLIP checkpoint with "
+                     "'visual.*' keys or Hugging Face X-CLIP weights with 'vision_model.*' keys)")
+
+
+def _encode(args) -> int:
+    import os
+
+    import numpy as np
+
+    from xclip_fast.video import VideoError, read_frames
+
+    try:
+        encoder, random_weights = load_encoder(args.weights, args.preset, args.frames, args.trust_weights)
+    except (ValueError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if random_weights:
+        banner = (f"WARNING: no --weights given: the {args.preset or 'b32'} preset with RANDOM weights is used; "
+                  "the embeddings are meaningless except for trying the pipeline out")
+        print(banner)
+        print(banner, file=sys.stderr)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = _DTYPES[args.dtype or ("float16" if device.type == "cuda" else "float32")]
+    encoder = encoder.to(device, dtype).eval()
+    encoder.backend = args.backend
+    T = args.frames or encoder.config["num_frames"]
+    size = encoder.config["input_resolution"]
+    videos, frames_out = [], []
+    try:
+        from tqdm import tqdm
+    except ImportError:  # pragma: no cover
+        tqdm = None
+    for path in args.videos:
+        bar = tqdm(total=len(encoder.visual.blocks), desc=os.path.basename(path), unit="layer", file=sys.stderr,
+                   leave=False) if tqdm else None
+        try:
+            stream = (f.to(dtype) for f in read_frames(path, T, size))
+            feats = encoder.encode_frames(stream, T, chunk_frames=args.chunk_frames,
+                                          progress=bar.update if bar else None)
+        except (VideoError, ValueError) as exc:
+            print(f"error: {path}: {exc}", file=sys.stderr)
+            return 2
+        finally:
+            if bar:
+                bar.close()
+        videos.append(feats.video_embeds[0].float().cpu().numpy())
+        frames_out.append(feats.frame_embeds[0].float().cpu().numpy())
+    out = args.out
+    np.save(out, np.stack(videos))
+    written = [out]
+    if args.per_frame:
+        frames_path = out[:-4] + "_frames.npy" if out.endswith(".npy") else out + "_frames.npy"
+        np.save(frames_path, np.stack(frames_out))
+        written.append(frames_path)
+    print(f"encoded {len(videos)} video(s), T={T}, {dtype}, {device}: wrote {', '.join(written)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="xclip-fast", description="Fast, lean X-CLIP video encoder.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -82,6 +164,26 @@ def build_parser() -> argparse.ArgumentParser:
                                   "SDPA and xformers (table, CSV/JSON, plot)")
     bench.add_arguments(bench_parser)
     bench_parser.set_defaults(func=bench.main)
+
+    from xclip_fast.encoder import PRESETS
+
+    enc = sub.add_parser("encode", help="encode video files into X-CLIP video embeddings (.npy)")
+    enc.add_argument("videos", nargs="+", help="video files (anything FFmpeg reads)")
+    enc.add_argument("--weights", default=None, help="official X-CLIP checkpoint (.pth), Hugging Face weights "
+                     "(folder, .safetensors, .bin) or hub name; without it a preset with random weights is used")
+    enc.add_argument("--preset", default=None, choices=sorted(PRESETS), help="architecture without --weights "
+                     "(default b32)")
+    enc.add_argument("--trust-weights", action="store_true", help="allow pickled objects in --weights (official "
+                     "files pickle their training config); only for files you trust")
+    enc.add_argument("--frames", type=int, default=None, help="frames T sampled per video (default: the model's)")
+    enc.add_argument("--chunk-frames", type=int, default=None, help="embed and run intra-frame layers over chunks "
+                     "of this many frames (bounded memory for long clips)")
+    enc.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    enc.add_argument("--dtype", default=None, choices=sorted(_DTYPES), help="default float16 on CUDA, float32 on CPU")
+    enc.add_argument("--backend", default="auto", choices=["auto", "triton", "torch"])
+    enc.add_argument("--out", default="embeddings.npy", help="output .npy, (videos, E) (default embeddings.npy)")
+    enc.add_argument("--per-frame", action="store_true", help="also write <out>_frames.npy, (videos, T, E)")
+    enc.set_defaults(func=_encode)
     return parser
 
 

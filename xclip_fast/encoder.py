@@ -366,3 +366,49 @@ class XCLIPVideoEncoder(nn.Module):
         """``video: (b, T, 3, H, W) -> (b, E)``; see :meth:`forward_features` for ``chunk_frames``."""
         return self.forward_features(video, chunk_frames).video_embeds
 
+    @torch.no_grad()
+    def encode_frames(self, frames, num_frames: int, chunk_frames: int | None = None, progress=None) -> VideoFeatures:
+        """Encode one video whose frames arrive from an iterable (e.g. a decoder), inference only.
+
+        ``frames`` yields ``(3, H, W)`` frames or ``(n, 3, H, W)`` groups, ``num_frames`` in all, in
+        order. Each group is patch-embedded as soon as ``chunk_frames`` frames (default 1) have
+        arrived, straight into the one activation tensor ``(l, T, d)``, and then dropped.
+
+        What must be held, and why: the embedded tokens of every frame (one activation tensor),
+        because the first layer's message attention needs the class token of every frame before
+        any frame's tokens can go through that layer, and so on for every layer. Decoded frames are
+        never all held at once: at most ``chunk_frames`` of them. ``progress`` is called per block.
+        """
+        if not isinstance(num_frames, int) or num_frames < 1:
+            raise ValueError(f"num_frames must be an int >= 1, got {num_frames!r}")
+        step = chunk_frames or 1
+        if not isinstance(step, int) or step < 1:
+            raise ValueError(f"chunk_frames must be an int >= 1, got {chunk_frames!r}")
+        visual = self.visual
+        w = visual.conv1.weight
+        x = torch.empty(visual.positional_embedding.shape[0], num_frames, w.shape[0], dtype=w.dtype, device=w.device)
+        filled, pending = 0, []
+
+        def flush():
+            nonlocal filled, pending
+            if not pending:
+                return
+            group = torch.cat(pending).to(w.device)
+            visual.check_frames(group, what="frames")
+            if filled + group.shape[0] > num_frames:
+                raise ValueError(f"more than num_frames={num_frames} frames arrived")
+            visual.embed(group, out=x[:, filled:filled + group.shape[0]])
+            filled += group.shape[0]
+            pending = []
+
+        for frame in frames:
+            pending.append(frame[None] if frame.dim() == 3 else frame)
+            if sum(f.shape[0] for f in pending) >= step:
+                flush()
+        flush()
+        if filled != num_frames:
+            raise ValueError(f"expected num_frames={num_frames} frames, got {filled}")
+        x = visual.run_blocks(x, num_frames, chunk_frames, progress=progress)
+        frame_embeds = visual.head(x)[None]
+        return VideoFeatures(self.mit(frame_embeds), frame_embeds, x.transpose(0, 1)[None])
+

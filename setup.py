@@ -25,7 +25,8 @@ setup(
         "triton>=3.0; platform_system == 'Linux' and platform_machine == 'x86_64'",
     ],
     extras_require={
-        "test": ["pytest>=7", "transformers>=4.44", "safetensors", "av>=11"],
+        # the tests also run the benchmark runner (plot, progress bar) and write/read real videos
+        "test": ["pytest>=7", "transformers>=5", "safetensors", "av>=11", "matplotlib", "tqdm"],
         "bench": ["pytest-benchmark", "matplotlib", "tqdm"],
         # xformers wheels pin exact torch versions: opt in explicitly
         "xformers": ["xformers"],

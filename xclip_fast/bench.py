@@ -764,6 +764,8 @@ def write_outputs(rows, env, out_dir, copy_bw) -> dict:
     png = plot(rows, env, out_dir)
     if png:
         paths["png"] = png
+    elif png is None:
+        print("no plot: matplotlib is not installed (pip install 'xclip-fast[bench]')")
     return paths
 
 
@@ -774,14 +776,14 @@ def plot(rows, env, out_dir):
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-    except Exception:
+    except ImportError:
         return None
     groups = {}
     for r in rows:
         if r.status == "ok" and r.case.level in ("block", "encoder"):
             groups.setdefault((r.case.level, r.case.model, r.dtype, r.mode), []).append(r)
     if not groups:
-        return None
+        return ""  # nothing to plot (attention level only)
     fig, axes = plt.subplots(len(groups), 2, figsize=(11, 3.6 * len(groups)), squeeze=False)
     for (ax_s, ax_m), ((level, model, dtype, mode), rs) in zip(axes, sorted(groups.items())):
         for prov in sorted({r.provider for r in rs}):

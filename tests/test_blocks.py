@@ -239,3 +239,37 @@ def test_residual_block_mask_and_bad_input(device):
     assert_rel("causal output", fast(x), ref(x), 1e-12)
     with pytest.raises(ValueError, match=r"must be \(S, B, d=64\)"):
         fast(torch.randn(S, B, 32, device=device, dtype=torch.float64))
+
+
+def _saved(fn):
+    """Shapes of the tensors autograd saves during ``fn``, and the bytes of their distinct storages
+    (parameters excluded: they exist anyway)."""
+    shapes, storages = [], {}
+
+    def pack(t):
+        shapes.append(tuple(t.shape))
+        if not isinstance(t, torch.nn.Parameter):
+            storage = t.untyped_storage()
+            storages[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return shapes, sum(storages.values())
+
+
+@needs_triton
+def test_triton_block_saves_no_concatenation_and_no_attention_matrix(device):
+    """Training memory: backward needs the inputs and the log-sum-exp, not [x; msg] or P."""
+    l, b, T, d, h = 7, 2, 3, 64, 2  # l + 1 = 8 is no other dimension here
+    ref = reference.CrossFramelAttentionBlock(d, h, T=T).to(device)
+    fast = CrossFrameAttentionBlock(d, h, T=T, backend="triton").to(device)
+    fast.load_state_dict(ref.state_dict())
+    x = torch.randn(l, b * T, d, device=device, requires_grad=True)
+    shapes, fast_bytes = _saved(lambda: fast(x))
+    assert not [s for s in shapes if l + 1 in s], f"a tensor with l+1 tokens was saved: {shapes}"
+    # an attention matrix would be (..., l, l+1), caught above, or (..., l, l)
+    assert not [s for s in shapes if s[-2:] == (l, l)], f"an attention matrix was saved: {shapes}"
+    ref_shapes, ref_bytes = _saved(lambda: ref(x))
+    assert [s for s in ref_shapes if l + 1 in s]  # the original keeps its concatenated activation
+    assert fast_bytes < 0.8 * ref_bytes, (fast_bytes, ref_bytes)

@@ -5,7 +5,7 @@ import torch
 from _helpers import assert_rel, attention_f64
 
 import xclip_fast
-from xclip_fast.ops import resolve_backend
+from xclip_fast.ops import resolve_backend, triton_status
 
 
 def _inputs(B=2, SQ=5, SK=6, H=3, D=16, dtype=torch.float64, extra=True, device="cpu"):
@@ -32,11 +32,14 @@ def test_torch_backend_matches_float64_math(extra, device):
         assert_rel(f"grad {name}", a.grad, r.grad, 1e-12)
 
 
-def test_non_contiguous_last_dim_is_copied_not_rejected(device):
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.skipif(
+    not triton_status()[0], reason=f"triton backend unavailable: {triton_status()[1]}"))])
+def test_non_contiguous_last_dim_is_copied_not_rejected(backend, device):
     q, k, v, ek, ev = _inputs(device=device)
     qt = q.transpose(-1, -2).contiguous().transpose(-1, -2)  # same values, last stride != 1
-    assert qt.stride(-1) != 1
-    out = xclip_fast.attention(qt, k, v, ek, ev, backend="torch")
+    ekt = ek.transpose(-1, -2).contiguous().transpose(-1, -2)
+    assert qt.stride(-1) != 1 and ekt.stride(-1) != 1
+    out = xclip_fast.attention(qt, k, v, ekt, ev, backend=backend)
     assert_rel("output", out, attention_f64(q, k, v, ek, ev), 1e-12)
 
 

@@ -37,6 +37,30 @@ LOG2E = 1.4426950408889634
 
 
 # ----------------------------------------------------------------------------------------------
+# helpers
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _scale(b, hi, lo, ACC: tl.constexpr):
+    """``b * (hi + lo)``: the scale travels as two fp32 numbers so fp64 inputs keep fp64 precision."""
+    if ACC == tl.float64:
+        b = b * hi + b * lo
+    else:
+        b = b * hi
+    return b
+
+
+@triton.jit
+def _positions(start, SIZE: tl.constexpr, S, G, i_b0, B):
+    """Virtual indices ``start + [0, SIZE)`` of a group of G sequences of length S -> (sequence in
+    the group, batch index, position as int64, valid). With G == 1 this is a plain tile."""
+    o = start + tl.arange(0, SIZE)
+    o_g = o // S
+    o_b = i_b0 + o_g
+    o_i = (o - o_g * S).to(tl.int64)
+    return o_g, o_b, o_i, (o < G * S) & (o_b < B)
+
+
+# ----------------------------------------------------------------------------------------------
 # forward
 # ----------------------------------------------------------------------------------------------
 @triton.jit
@@ -60,11 +84,7 @@ def _attention_fwd_kernel(
     i_b0 = (i_gh // H).to(tl.int64) * G
 
     # virtual rows r -> (sequence g, position i); with G == 1 this is the plain query tile
-    o_r = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    o_rg = o_r // SQ
-    o_rb = i_b0 + o_rg
-    o_ri = (o_r - o_rg * SQ).to(tl.int64)
-    m_r = (o_r < G * SQ) & (o_rb < B)
+    o_rg, o_rb, o_ri, m_r = _positions(i_m * BLOCK_M, BLOCK_M, SQ, G, i_b0, B)
     o_d = tl.arange(0, BLOCK_D)
     m_d = o_d < HEAD_DIM
 
@@ -78,10 +98,7 @@ def _attention_fwd_kernel(
         b_ek = tl.load(p_ek, mask=m_d, other=0.0).to(ACC)
         b_ev = tl.load(p_ev, mask=m_d, other=0.0).to(ACC)
         b_se = tl.sum(b_q.to(ACC) * b_ek[None, :], axis=1)
-        if ACC == tl.float64:
-            b_m = b_se * scale_hi + b_se * scale_lo
-        else:
-            b_m = b_se * scale_hi
+        b_m = _scale(b_se, scale_hi, scale_lo, ACC)
         b_l = tl.full([BLOCK_M], 1.0, ACC)
         b_acc = tl.zeros([BLOCK_M, BLOCK_D], ACC) + b_ev[None, :]
     else:
@@ -90,20 +107,13 @@ def _attention_fwd_kernel(
         b_acc = tl.zeros([BLOCK_M, BLOCK_D], ACC)
 
     for start_n in range(0, G * SK, BLOCK_N):
-        o_c = start_n + tl.arange(0, BLOCK_N)
-        o_cg = o_c // SK
-        o_cb = i_b0 + o_cg
-        o_cj = (o_c - o_cg * SK).to(tl.int64)
-        m_c = (o_c < G * SK) & (o_cb < B)
+        o_cg, o_cb, o_cj, m_c = _positions(start_n, BLOCK_N, SK, G, i_b0, B)
 
         p_kt = k + o_cb[None, :] * stride_k_b + o_cj[None, :] * stride_k_s + i_h * stride_k_h + o_d[:, None]
         b_kt = tl.load(p_kt, mask=m_d[:, None] & m_c[None, :], other=0.0)
         # [BM, BD] @ [BD, BN]
         b_s = tl.dot(b_q, b_kt, input_precision=PRECISION, out_dtype=ACC)
-        if ACC == tl.float64:
-            b_s = b_s * scale_hi + b_s * scale_lo
-        else:
-            b_s = b_s * scale_hi
+        b_s = _scale(b_s, scale_hi, scale_lo, ACC)
         m_s = m_c[None, :]
         if PACKED:
             m_s = m_s & (o_rg[:, None] == o_cg[None, :])
@@ -187,11 +197,7 @@ def _attention_bwd_dkdv_kernel(
     i_h = i_gh % H
     i_b0 = (i_gh // H).to(tl.int64) * G
 
-    o_c = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    o_cg = o_c // SK
-    o_cb = i_b0 + o_cg
-    o_cj = (o_c - o_cg * SK).to(tl.int64)
-    m_c = (o_c < G * SK) & (o_cb < B)
+    o_cg, o_cb, o_cj, m_c = _positions(i_n * BLOCK_N, BLOCK_N, SK, G, i_b0, B)
     o_d = tl.arange(0, BLOCK_D)
     m_d = o_d < HEAD_DIM
     m_cd = m_c[:, None] & m_d[None, :]
@@ -213,11 +219,7 @@ def _attention_bwd_dkdv_kernel(
         b_dev = tl.zeros([BLOCK_D], ACC)
 
     for start_m in range(0, G * SQ, BLOCK_M):
-        o_r = start_m + tl.arange(0, BLOCK_M)
-        o_rg = o_r // SQ
-        o_rb = i_b0 + o_rg
-        o_ri = (o_r - o_rg * SQ).to(tl.int64)
-        m_r = (o_r < G * SQ) & (o_rb < B)
+        o_rg, o_rb, o_ri, m_r = _positions(start_m, BLOCK_M, SQ, G, i_b0, B)
         m_rd = m_r[:, None] & m_d[None, :]
 
         p_qt = q + o_rb[None, :] * stride_q_b + o_ri[None, :] * stride_q_s + i_h * stride_q_h + o_d[:, None]
@@ -230,10 +232,7 @@ def _attention_bwd_dkdv_kernel(
 
         # [BN, BD] @ [BD, BM]: scores transposed, keys on rows
         b_st = tl.dot(b_k, b_qt, input_precision=PRECISION, out_dtype=ACC)
-        if ACC == tl.float64:
-            b_st = b_st * scale_hi + b_st * scale_lo
-        else:
-            b_st = b_st * scale_hi
+        b_st = _scale(b_st, scale_hi, scale_lo, ACC)
         m_s = m_c[:, None] & m_r[None, :]
         if PACKED:
             m_s = m_s & (o_cg[:, None] == o_rg[None, :])
@@ -250,10 +249,7 @@ def _attention_bwd_dkdv_kernel(
             if owns_extra:
                 b_q = tl.trans(b_qt).to(ACC)
                 b_se = tl.sum(b_q * b_ek[None, :], axis=1)
-                if ACC == tl.float64:
-                    b_se = b_se * scale_hi + b_se * scale_lo
-                else:
-                    b_se = b_se * scale_hi
+                b_se = _scale(b_se, scale_hi, scale_lo, ACC)
                 b_pe = tl.where(m_r, tl.exp2(b_se - b_lse), 0.0)
                 b_do_acc = b_do.to(ACC)
                 b_dev += tl.sum(b_pe[:, None] * b_do_acc, axis=0)
@@ -261,10 +257,7 @@ def _attention_bwd_dkdv_kernel(
                 b_dek += tl.sum(b_dse[:, None] * b_q, axis=0)
 
     # d(score)/dk = natural scale * q: applied once here (dscale_hi + dscale_lo = scale)
-    if ACC == tl.float64:
-        b_dk = b_dk * dscale_hi + b_dk * dscale_lo
-    else:
-        b_dk = b_dk * dscale_hi
+    b_dk = _scale(b_dk, dscale_hi, dscale_lo, ACC)
     p_dk = dk + o_cb[:, None] * stride_dk_b + o_cj[:, None] * stride_dk_s + i_h * stride_dk_h + o_d[None, :]
     p_dv = dv + o_cb[:, None] * stride_dv_b + o_cj[:, None] * stride_dv_s + i_h * stride_dv_h + o_d[None, :]
     tl.store(p_dk, b_dk.to(dk.dtype.element_ty), mask=m_cd)
@@ -273,10 +266,7 @@ def _attention_bwd_dkdv_kernel(
         if owns_extra:
             p_dek = dek + i_b0 * stride_dek_b + i_h * stride_dek_h + o_d
             p_dev = dev + i_b0 * stride_dev_b + i_h * stride_dev_h + o_d
-            if ACC == tl.float64:
-                b_dek = b_dek * dscale_hi + b_dek * dscale_lo
-            else:
-                b_dek = b_dek * dscale_hi
+            b_dek = _scale(b_dek, dscale_hi, dscale_lo, ACC)
             tl.store(p_dek, b_dek.to(dek.dtype.element_ty), mask=m_d)
             tl.store(p_dev, b_dev.to(dev.dtype.element_ty), mask=m_d)
 
@@ -303,11 +293,7 @@ def _attention_bwd_dq_kernel(
     i_h = i_gh % H
     i_b0 = (i_gh // H).to(tl.int64) * G
 
-    o_r = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    o_rg = o_r // SQ
-    o_rb = i_b0 + o_rg
-    o_ri = (o_r - o_rg * SQ).to(tl.int64)
-    m_r = (o_r < G * SQ) & (o_rb < B)
+    o_rg, o_rb, o_ri, m_r = _positions(i_m * BLOCK_M, BLOCK_M, SQ, G, i_b0, B)
     o_d = tl.arange(0, BLOCK_D)
     m_d = o_d < HEAD_DIM
     m_rd = m_r[:, None] & m_d[None, :]
@@ -327,20 +313,13 @@ def _attention_bwd_dq_kernel(
         b_ek = tl.load(p_ek, mask=m_d, other=0.0).to(ACC)
         b_ev = tl.load(p_ev, mask=m_d, other=0.0).to(ACC)
         b_se = tl.sum(b_q.to(ACC) * b_ek[None, :], axis=1)
-        if ACC == tl.float64:
-            b_se = b_se * scale_hi + b_se * scale_lo
-        else:
-            b_se = b_se * scale_hi
+        b_se = _scale(b_se, scale_hi, scale_lo, ACC)
         b_pe = tl.where(m_r, tl.exp2(b_se - b_lse), 0.0)
         b_dse = b_pe * (tl.sum(b_do.to(ACC) * b_ev[None, :], axis=1) - b_delta)
         b_dq += b_dse[:, None] * b_ek[None, :]
 
     for start_n in range(0, G * SK, BLOCK_N):
-        o_c = start_n + tl.arange(0, BLOCK_N)
-        o_cg = o_c // SK
-        o_cb = i_b0 + o_cg
-        o_cj = (o_c - o_cg * SK).to(tl.int64)
-        m_c = (o_c < G * SK) & (o_cb < B)
+        o_cg, o_cb, o_cj, m_c = _positions(start_n, BLOCK_N, SK, G, i_b0, B)
 
         p_kt = k + o_cb[None, :] * stride_k_b + o_cj[None, :] * stride_k_s + i_h * stride_k_h + o_d[:, None]
         p_vt = v + o_cb[None, :] * stride_v_b + o_cj[None, :] * stride_v_s + i_h * stride_v_h + o_d[:, None]
@@ -348,10 +327,7 @@ def _attention_bwd_dq_kernel(
         b_vt = tl.load(p_vt, mask=m_d[:, None] & m_c[None, :], other=0.0)
         # [BM, BD] @ [BD, BN]
         b_s = tl.dot(b_q, b_kt, input_precision=PRECISION, out_dtype=ACC)
-        if ACC == tl.float64:
-            b_s = b_s * scale_hi + b_s * scale_lo
-        else:
-            b_s = b_s * scale_hi
+        b_s = _scale(b_s, scale_hi, scale_lo, ACC)
         m_s = m_r[:, None] & m_c[None, :]
         if PACKED:
             m_s = m_s & (o_rg[:, None] == o_cg[None, :])
@@ -362,10 +338,7 @@ def _attention_bwd_dq_kernel(
         # [BM, BN] @ [BN, BD]
         b_dq += tl.dot(b_ds.to(b_kt.dtype), tl.trans(b_kt), input_precision=PRECISION, out_dtype=ACC)
 
-    if ACC == tl.float64:
-        b_dq = b_dq * dscale_hi + b_dq * dscale_lo
-    else:
-        b_dq = b_dq * dscale_hi
+    b_dq = _scale(b_dq, dscale_hi, dscale_lo, ACC)
     p_dq = dq + o_rb[:, None] * stride_dq_b + o_ri[:, None] * stride_dq_s + i_h * stride_dq_h + o_d[None, :]
     tl.store(p_dq, b_dq.to(dq.dtype.element_ty), mask=m_rd)
 

@@ -157,13 +157,15 @@ def _only_sdpa(name: str, fn):
 
 
 def _xformers_attention(device):
+    """xformers' memory-efficient attention on (B, H, S, D) tensors (it takes (B, S, H, D))."""
     try:
         import xformers.ops as xops
     except Exception as exc:
         raise Skip(f"xformers is not installed or does not import ({type(exc).__name__})") from None
     if device.type != "cuda":
         raise Skip("xformers attention needs CUDA")
-    return xops.memory_efficient_attention
+    mea = xops.memory_efficient_attention
+    return lambda q, k, v: mea(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
 
 
 def _compiled(fn, device, quick):
@@ -229,9 +231,8 @@ class Workload:
         if name in SDPA:
             return _only_sdpa(name, lambda: self._original_attention(F.scaled_dot_product_attention))
         if name == "xformers":
-            mea = _xformers_attention(self.device)
-            return lambda: self._original_attention(
-                lambda q, k, v: mea(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2))
+            attend = _xformers_attention(self.device)
+            return lambda: self._original_attention(attend)
         backend = name.removeprefix("xclip-fast-")
         if backend == "triton":
             _triton_or_skip(self.device)
@@ -282,9 +283,8 @@ class Workload:
         if name in SDPA:
             return _only_sdpa(name, lambda: self.ref(x))
         if name == "xformers":
-            mea = _xformers_attention(self.device)
-            return lambda: self._original_block_with(
-                lambda q, k, v: mea(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2))
+            attend = _xformers_attention(self.device)
+            return lambda: self._original_block_with(attend)
         backend = name.removeprefix("xclip-fast-")
         if backend == "triton":
             _triton_or_skip(self.device)

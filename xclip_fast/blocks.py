@@ -18,7 +18,7 @@ from torch import nn
 
 from xclip_fast import reference
 from xclip_fast.ops import MODULE_BACKENDS, packed_attention, quick_gelu_mlp, resolve_backend
-from xclip_fast.reference import DropPath, LayerNorm, _mlp, cross_frame_block_forward
+from xclip_fast.reference import DropPath, cross_frame_block_forward
 
 __all__ = ["CrossFrameAttentionBlock", "CrossFramelAttentionBlock", "ResidualAttentionBlock"]
 
@@ -180,7 +180,7 @@ class _BackendMixin:
         return resolve_backend(backend, x.device, allowed=MODULE_BACKENDS)
 
 
-class CrossFrameAttentionBlock(_BackendMixin, nn.Module):
+class CrossFrameAttentionBlock(_BackendMixin, reference.CrossFramelAttentionBlock):
     """Drop-in replacement for X-CLIP's ``CrossFramelAttentionBlock``.
 
     Args:
@@ -198,24 +198,15 @@ class CrossFrameAttentionBlock(_BackendMixin, nn.Module):
 
     ``forward(x)`` takes ``x: (l, b*T, d)`` seq-first, frames stacked video-major (frame ``i*T + t``
     is frame t of video i), and returns the same shape. Parameters and state_dict keys are those of
-    the official block, so official checkpoints load unchanged.
+    the official block (it subclasses :class:`xclip_fast.reference.CrossFramelAttentionBlock`, which
+    builds them), so official checkpoints load unchanged.
     """
 
     def __init__(self, d_model: int, n_head: int, attn_mask: torch.Tensor = None, droppath=0.0, T=0,
                  *, backend: str = "auto"):
         _check_heads(d_model, n_head)
-        super().__init__()
+        super().__init__(d_model, n_head, attn_mask, droppath, T)
         self.backend = backend
-        self.T = T
-        self.message_fc = nn.Linear(d_model, d_model)
-        self.message_ln = LayerNorm(d_model)
-        self.message_attn = nn.MultiheadAttention(d_model, n_head)
-        self.attn = nn.MultiheadAttention(d_model, n_head)
-        self.ln_1 = LayerNorm(d_model)
-        self.drop_path = DropPath(droppath) if droppath > 0.0 else nn.Identity()
-        self.mlp = _mlp(d_model)
-        self.ln_2 = LayerNorm(d_model)
-        self.attn_mask = attn_mask
 
     def _check_input(self, x: torch.Tensor, T) -> None:
         d = self.message_fc.in_features
@@ -277,7 +268,7 @@ class CrossFrameAttentionBlock(_BackendMixin, nn.Module):
 CrossFramelAttentionBlock = CrossFrameAttentionBlock  # the official spelling
 
 
-class ResidualAttentionBlock(_BackendMixin, nn.Module):
+class ResidualAttentionBlock(_BackendMixin, reference.ResidualAttentionBlock):
     """Drop-in replacement for the MIT's ``ResidualAttentionBlock`` (pre-LN self-attention + MLP).
 
     ``forward(x)`` takes ``x: (S, B, d)`` seq-first and returns the same shape. ``attn_mask``:
@@ -286,13 +277,8 @@ class ResidualAttentionBlock(_BackendMixin, nn.Module):
 
     def __init__(self, d_model: int, n_head: int, attn_mask: torch.Tensor = None, *, backend: str = "auto"):
         _check_heads(d_model, n_head)
-        super().__init__()
+        super().__init__(d_model, n_head, attn_mask)
         self.backend = backend
-        self.attn = nn.MultiheadAttention(d_model, n_head)
-        self.ln_1 = nn.LayerNorm(d_model)
-        self.mlp = _mlp(d_model)
-        self.ln_2 = nn.LayerNorm(d_model)
-        self.attn_mask = attn_mask
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         d = self.ln_1.normalized_shape[0]
@@ -301,7 +287,7 @@ class ResidualAttentionBlock(_BackendMixin, nn.Module):
             raise ValueError(f"ResidualAttentionBlock: x must be (S, B, d={d}) with S, B >= 1, got {shape}")
         backend = self._resolve(x)
         if backend == "reference":
-            return reference.ResidualAttentionBlock.forward(self, x)
+            return super().forward(x)
         S, B, _ = x.shape
         mask = _sdpa_mask(self.attn_mask, x.dtype, B, self.attn.num_heads, S, S)
         return residual_path(x, self.attn, self.ln_1, self.mlp, self.ln_2, backend, attn_mask=mask)

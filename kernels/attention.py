@@ -25,6 +25,8 @@ Ideas of the kernels:
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -350,6 +352,7 @@ _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.floa
               torch.float64: tl.float64}
 
 
+@functools.lru_cache(maxsize=256)
 def launch_plan(head_dim: int, dtype: torch.dtype, sq: int, sk: int, has_extra: bool,
                 allow_tf32: bool) -> dict:
     """Every launch choice of the kernels for one problem (tests compile each one ahead of time).
@@ -357,8 +360,10 @@ def launch_plan(head_dim: int, dtype: torch.dtype, sq: int, sk: int, has_extra: 
     Returns the constexprs shared by the kernels, the packing factor ``G`` and, per kernel
     (``"fwd"``, ``"dkdv"``, ``"dq"``), its tile sizes, warps and stages. Tiles depend only on the
     head dim and the dtype (chosen from sm_90 register/spill reports of ``ptxas``); the sequence
-    lengths only decide ``G``, a runtime argument, so a new frame count never recompiles. Every
-    ``tl.dot`` dimension is at least 16 (a GPU requirement the interpreter does not enforce).
+    lengths only decide ``G``, a runtime argument, so a new frame count never recompiles (beyond
+    Triton's own specialisation of integers equal to 1 or divisible by 16). Every ``tl.dot``
+    dimension is at least 16 (a GPU requirement the interpreter does not enforce). Cached: the
+    launchers call it on every launch; treat the result as read-only.
     """
     block_d = max(16, triton.next_power_of_2(head_dim))
     if dtype in (torch.float32, torch.float64):

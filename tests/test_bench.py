@@ -71,3 +71,14 @@ def test_bench_rejects_bad_options(tmp_path):
         bench.main(_args(tmp_path, "--providers", "flash3"))
     with pytest.raises(ValueError, match="on CPU: use float32"):
         bench.main(_args(tmp_path, "--dtype", "bfloat16"))
+
+
+def test_fast_providers_choose_their_backend_at_call_time():
+    """Both fast providers share one block; creating one after the other must not change what the
+    first one runs (all providers are created before any is timed)."""
+    case = bench.Case("block", "block", "b32", 1, 2, 5, 768, 12)
+    w = bench.Workload(case, torch.float32, torch.device("cpu"), grad=False)
+    run = w.provider("xclip-fast-torch")
+    w.fast.backend = "reference"  # what creating another provider may leave behind
+    run()
+    assert w.fast.backend == "torch"

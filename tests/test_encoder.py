@@ -85,12 +85,29 @@ def test_fast_encoder_matches_reference_float64_with_gradients(backend, device):
 
 
 @pytest.mark.parametrize("T", [1, 2, 5, 8])
-def test_any_frame_count(T, device):
-    hf = tiny_xclip(torch.float32, num_frames=3).to(device)
+def test_any_frame_count_matches_reference_with_interpolated_positions(T, device):
+    """T != trained T: the reference (built for T frames) with the MIT position embedding resampled
+    by numpy's linear interpolation over [0, trained T - 1] (align_corners) is the oracle."""
+    import numpy as np
+
+    hf = tiny_xclip(torch.float64, num_frames=3, attn_implementation="sdpa").to(device)
     enc = XCLIPVideoEncoder.from_hf(hf, backend="torch").to(device)
+    sd = enc.state_dict()
+    visual = reference.CrossFrameCommunicationTransformer(32, 8, 64, 2, 2, 32, T=T).to(device, torch.float64)
+    visual.load_state_dict({k[len("visual."):]: v for k, v in sd.items() if k.startswith("visual.")})
+    mit = reference.MultiframeIntegrationTransformer(T, 32, 1, heads=2).to(device, torch.float64)
+    pos = sd["mit.positional_embedding"][0].cpu().numpy()  # (3, E)
+    where = np.linspace(0, pos.shape[0] - 1, T)
+    resampled = np.stack([np.interp(where, np.arange(pos.shape[0]), pos[:, e]) for e in range(pos.shape[1])], 1)
+    mit_sd = {k[len("mit."):]: v for k, v in sd.items() if k.startswith("mit.")}
+    mit_sd["positional_embedding"] = torch.from_numpy(resampled)[None]
+    mit.load_state_dict(mit_sd)
+    video = _video(2, T, torch.float64, device)
     with torch.no_grad():
-        out = enc(_video(2, T, torch.float32, device))
-    assert out.shape == (2, 32) and torch.isfinite(out).all()
+        out = enc(video)
+        ref = mit(visual(video.flatten(0, 1))[0].view(2, T, -1))
+    assert out.shape == (2, 32)
+    assert_rel(f"video embedding at T={T}", out, ref, 1e-12)
 
 
 def test_position_embedding_interpolation():

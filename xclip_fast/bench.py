@@ -288,8 +288,11 @@ class Workload:
         backend = name.removeprefix("xclip-fast-")
         if backend == "triton":
             _triton_or_skip(self.device)
-        self.fast.backend = backend
-        return lambda: self.fast(x)
+
+        def run():  # the block is shared by both fast providers: choose the backend at call time
+            self.fast.backend = backend
+            return self.fast(x)
+        return run
 
     # -- encoder ---------------------------------------------------------------------------------
     def _setup_encoder(self):

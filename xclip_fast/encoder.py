@@ -14,8 +14,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from xclip_fast import reference
 from xclip_fast.blocks import CrossFrameAttentionBlock, ResidualAttentionBlock, _check_backend
-from xclip_fast.reference import LayerNorm
 
 __all__ = [
     "CrossFrameCommunicationTransformer",
@@ -39,14 +39,6 @@ PRESETS = {
 }
 
 
-class _Blocks(nn.Module):
-    """Holds ``resblocks`` so that keys read ``transformer.resblocks.{i}`` as in the official code."""
-
-    def __init__(self, blocks):
-        super().__init__()
-        self.resblocks = nn.Sequential(*blocks)
-
-
 def _set_backend(module: nn.Module, backend: str) -> None:
     _check_backend(backend)
     for m in module.modules():
@@ -54,32 +46,23 @@ def _set_backend(module: nn.Module, backend: str) -> None:
             m.backend = backend
 
 
-class CrossFrameCommunicationTransformer(nn.Module):
+class CrossFrameCommunicationTransformer(reference.CrossFrameCommunicationTransformer):
     """The CCT vision backbone (official ``models/cct.py``) on fast blocks.
 
-    ``forward(x: (b*T, 3, H, W), T)`` returns the projected class token of every frame ``(b*T, E)``
-    and the patch tokens ``(b*T, l-1, d)``, as the official one does. Frames are stacked video-major.
+    Same constructor, parameters and keys as the reference (which builds them, with
+    ``block_class``), plus ``use_checkpoint`` and ``backend``. ``forward(x: (b*T, 3, H, W), T)``
+    returns the projected class token of every frame ``(b*T, E)`` and the patch tokens
+    ``(b*T, l-1, d)``, as the official one does. Frames are stacked video-major.
     """
+
+    block_class = CrossFrameAttentionBlock
 
     def __init__(self, input_resolution: int, patch_size: int, width: int, layers: int, heads: int,
                  output_dim: int, droppath=None, T: int = 8, use_checkpoint: bool = False, *,
                  backend: str = "auto"):
-        super().__init__()
-        self.input_resolution = input_resolution
-        self.output_dim = output_dim
+        super().__init__(input_resolution, patch_size, width, layers, heads, output_dim, droppath, T)
         self.use_checkpoint = use_checkpoint
-        self.T = T
-        self.conv1 = nn.Conv2d(3, width, kernel_size=patch_size, stride=patch_size, bias=False)
-        scale = width**-0.5
-        self.class_embedding = nn.Parameter(scale * torch.randn(width))
-        self.positional_embedding = nn.Parameter(scale * torch.randn((input_resolution // patch_size) ** 2 + 1, width))
-        self.ln_pre = LayerNorm(width)
-        droppath = droppath if droppath is not None else [0.0] * layers
-        self.transformer = _Blocks(
-            CrossFrameAttentionBlock(width, heads, None, droppath[i], T, backend=backend) for i in range(layers)
-        )
-        self.ln_post = LayerNorm(width)
-        self.proj = nn.Parameter(scale * torch.randn(width, output_dim))
+        _set_backend(self, backend)
 
     @property
     def blocks(self) -> nn.Sequential:
@@ -162,37 +145,23 @@ class CrossFrameCommunicationTransformer(nn.Module):
         return self.head(h), h[1:].transpose(0, 1)
 
 
-def _init_mit(m: nn.Module) -> None:
-    if isinstance(m, nn.Linear):
-        nn.init.trunc_normal_(m.weight, std=0.02)
-        if m.bias is not None:
-            nn.init.zeros_(m.bias)
-    elif isinstance(m, nn.LayerNorm):
-        nn.init.zeros_(m.bias)
-        nn.init.ones_(m.weight)
-
-
-class MultiframeIntegrationTransformer(nn.Module):
+class MultiframeIntegrationTransformer(reference.MultiframeIntegrationTransformer):
     """The MIT (official ``models/mit.py``): ``(b, T, E) -> (b, E)`` on fast blocks.
 
-    Official constructor ``(T, embed_dim=512, layers=1)`` plus ``heads`` (official: ``embed_dim // 64``).
+    Official constructor ``(T, embed_dim=512, layers=1)`` plus ``heads`` (official: ``embed_dim // 64``)
+    and ``backend``; parameters, keys and initialisation come from the reference module.
 
     Any frame count: when the input has ``T' != T`` frames, the learned frame position embedding
     ``(1, T, E)`` is interpolated linearly over time to ``T'`` points (``align_corners=True``: the
     first and last positions are kept); ``T' == T`` uses it exactly as trained.
     """
 
+    block_class = ResidualAttentionBlock
+
     def __init__(self, T: int, embed_dim: int = 512, layers: int = 1, heads: int | None = None, *,
                  backend: str = "auto"):
-        super().__init__()
-        self.T = T
-        heads = heads if heads is not None else embed_dim // 64
-        self.positional_embedding = nn.Parameter(torch.empty(1, T, embed_dim))
-        nn.init.trunc_normal_(self.positional_embedding, std=0.02)
-        self.resblocks = nn.Sequential(
-            *[ResidualAttentionBlock(embed_dim, heads, backend=backend) for _ in range(layers)]
-        )
-        self.apply(_init_mit)
+        super().__init__(T, embed_dim, layers, heads)
+        _set_backend(self, backend)
 
     def position_embedding(self, frames: int) -> torch.Tensor:
         """The frame position embedding for ``frames`` frames, ``(1, frames, E)`` (see the class doc)."""

@@ -100,7 +100,7 @@ class FastMultiframeIntegrationTransformer(nn.Module):
     """Stands in for ``XCLIPMultiframeIntegrationTransformer``: same parameters, any frame count
     (the position embedding is interpolated linearly over time when T differs from the trained one)."""
 
-    def __init__(self, mit: nn.Module, backend: str):
+    def __init__(self, mit: nn.Module):
         super().__init__()
         self.position_embedding = mit.position_embedding
         self.encoder = mit.encoder
@@ -168,7 +168,7 @@ def patch_xclip(model: nn.Module, backend: str = "auto") -> nn.Module:
         vision.encoder.layers[i] = FastXCLIPVisionEncoderLayer(layer, frames, backend)
     if isinstance(model, hfx.XCLIPModel):
         state["mit"] = model.mit
-        fast_mit = FastMultiframeIntegrationTransformer(model.mit, backend)
+        fast_mit = FastMultiframeIntegrationTransformer(model.mit)
         for j, layer in enumerate(fast_mit._original_layers):
             fast_mit.encoder.layers[j] = FastXCLIPEncoderLayer(layer, backend)
         model.mit = fast_mit

@@ -23,6 +23,7 @@ __all__ = [
     "cross_frame_block_forward",
     "CrossFrameCommunicationTransformer",
     "MultiframeIntegrationTransformer",
+    "init_mit_weights",
 ]
 
 
@@ -156,14 +157,18 @@ class ResidualAttentionBlock(nn.Module):
 class CrossFrameCommunicationTransformer(nn.Module):
     """The official CCT vision backbone (``models/cct.py``), reference blocks, fixed T.
 
-    ``forward(x: (b*T, 3, H, W)) -> (cls (b*T, E), patch tokens (b*T, l-1, d))``.
+    ``forward(x: (b*T, 3, H, W)) -> (cls (b*T, E), patch tokens (b*T, l-1, d))``. Blocks are made
+    by ``block_class(width, heads, attn_mask, droppath, T)`` (subclasses swap in their own).
     """
+
+    block_class = CrossFramelAttentionBlock
 
     def __init__(self, input_resolution: int, patch_size: int, width: int, layers: int, heads: int,
                  output_dim: int, droppath=None, T: int = 8):
         super().__init__()
         self.input_resolution = input_resolution
         self.output_dim = output_dim
+        self.T = T
         self.conv1 = nn.Conv2d(3, width, kernel_size=patch_size, stride=patch_size, bias=False)
         scale = width**-0.5
         self.class_embedding = nn.Parameter(scale * torch.randn(width))
@@ -172,9 +177,9 @@ class CrossFrameCommunicationTransformer(nn.Module):
         )
         self.ln_pre = LayerNorm(width)
         droppath = droppath if droppath is not None else [0.0] * layers
-        self.transformer = nn.Module()
+        self.transformer = nn.Module()  # keys read transformer.resblocks.{i} as in the official code
         self.transformer.resblocks = nn.Sequential(
-            *[CrossFramelAttentionBlock(width, heads, None, droppath[i], T) for i in range(layers)]
+            *[self.block_class(width, heads, None, droppath[i], T) for i in range(layers)]
         )
         self.ln_post = LayerNorm(width)
         self.proj = nn.Parameter(scale * torch.randn(width, output_dim))
@@ -196,8 +201,24 @@ class CrossFrameCommunicationTransformer(nn.Module):
         return cls_x, x[:, 1:, :]
 
 
+def init_mit_weights(m: nn.Module) -> None:
+    """The official MIT initialisation (``MultiframeIntegrationTransformer._init_weights``)."""
+    if isinstance(m, nn.Linear):
+        nn.init.trunc_normal_(m.weight, std=0.02)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.LayerNorm):
+        nn.init.zeros_(m.bias)
+        nn.init.ones_(m.weight)
+
+
 class MultiframeIntegrationTransformer(nn.Module):
-    """The official MIT (``models/mit.py``): ``(b, T, E) -> (b, E)``, fixed T."""
+    """The official MIT (``models/mit.py``): ``(b, T, E) -> (b, E)``, fixed T, official init.
+
+    Blocks are made by ``block_class(embed_dim, heads)``; heads default to ``embed_dim // 64``.
+    """
+
+    block_class = ResidualAttentionBlock
 
     def __init__(self, T: int, embed_dim: int = 512, layers: int = 1, heads: int | None = None):
         super().__init__()
@@ -205,9 +226,8 @@ class MultiframeIntegrationTransformer(nn.Module):
         heads = heads if heads is not None else embed_dim // 64
         self.positional_embedding = nn.Parameter(torch.empty(1, T, embed_dim))
         nn.init.trunc_normal_(self.positional_embedding, std=0.02)
-        self.resblocks = nn.Sequential(
-            *[ResidualAttentionBlock(embed_dim, heads) for _ in range(layers)]
-        )
+        self.resblocks = nn.Sequential(*[self.block_class(embed_dim, heads) for _ in range(layers)])
+        self.apply(init_mit_weights)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         ori_x = x

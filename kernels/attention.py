@@ -15,23 +15,45 @@ Ideas of the kernels:
 - Small sequences (the message attention at T = 8..32) are *packed*: G sequences share one
   program, rows and columns are mapped to ``(sequence, position)`` and a block-diagonal mask keeps
   the sequences apart. With G = 1 the same code is the ordinary tiled kernel.
+- Packed tiles keep non-finite values inside their own sequence: a masked probability of 0 times
+  another sequence's NaN would be NaN, so operands shared across sequences in one ``tl.dot`` are
+  loaded with non-finite entries zeroed, and the rows of a sequence that held one are set to NaN
+  at the end (as unpacked attention would give them). One corrupt clip never spoils its batch.
 - Scores are kept in base 2 (``scale * log2(e)`` folded in) and ``lse`` is stored in base 2.
 - Backward has no atomics: one program per key tile builds dk/dv over all query tiles (the
   program of key tile 0 also owns the extra token's dk/dv), one program per query tile builds dq.
   Results are bit-identical from run to run.
 - Accumulators are fp32 (fp64 for fp64 inputs); the softmax scale travels as two fp32 numbers
   (hi + lo) because Triton passes Python floats as fp32, which would cost fp64 inputs precision.
+  The kernels cast both to fp32 on entry, so a caller that passes them as fp64 (Inductor may)
+  gets the same arithmetic.
+
+Launches go through ``torch.library.wrap_triton``: inside a ``torch.library.triton_op`` traced by
+``torch.compile`` the kernels then appear in the graph; in eager mode it returns the kernel itself.
 """
 
 from __future__ import annotations
 
 import functools
+import struct
+from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
-__all__ = ["attention_fwd", "attention_bwd", "launch_plan", "SUPPORTED_DTYPES", "MAX_HEAD_DIM"]
+from . import tuning, wrap_triton
+
+__all__ = [
+    "attention_fwd",
+    "attention_bwd",
+    "launch_plan",
+    "pack_group",
+    "LaunchPlan",
+    "Tiles",
+    "SUPPORTED_DTYPES",
+    "MAX_HEAD_DIM",
+]
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 MAX_HEAD_DIM = 128
@@ -43,9 +65,13 @@ LOG2E = 1.4426950408889634
 # ----------------------------------------------------------------------------------------------
 @triton.jit
 def _scale(b, hi, lo, ACC: tl.constexpr):
-    """``b * (hi + lo)``: the scale travels as two fp32 numbers so fp64 inputs keep fp64 precision."""
+    """``b * (hi + lo)``: the scale travels as two fp32 numbers so fp64 inputs keep fp64 precision.
+    Both are cast to fp32 first, so fp64 scalar arguments change nothing (and cannot promote an fp32
+    accumulator to fp64)."""
+    hi = tl.cast(hi, tl.float32)
+    lo = tl.cast(lo, tl.float32)
     if ACC == tl.float64:
-        b = b * hi + b * lo
+        b = b * hi.to(tl.float64) + b * lo.to(tl.float64)
     else:
         b = b * hi
     return b
@@ -60,6 +86,25 @@ def _positions(start, SIZE: tl.constexpr, S, G, i_b0, B):
     o_b = i_b0 + o_g
     o_i = (o - o_g * S).to(tl.int64)
     return o_g, o_b, o_i, (o < G * S) & (o_b < B)
+
+
+@triton.jit
+def _load_extra(ek, ev, i_b, i_h, stride_ek_b, stride_ek_h, stride_ev_b, stride_ev_h, o_d, m_d, ACC: tl.constexpr):
+    """The extra key and value of sequence ``i_b``, head ``i_h``: two ``[BD]`` vectors in ACC."""
+    b_ek = tl.load(ek + i_b * stride_ek_b + i_h * stride_ek_h + o_d, mask=m_d, other=0.0).to(ACC)
+    b_ev = tl.load(ev + i_b * stride_ev_b + i_h * stride_ev_h + o_d, mask=m_d, other=0.0).to(ACC)
+    return b_ek, b_ev
+
+
+@triton.jit
+def _finite(b):
+    return (b == b) & (tl.abs(b) < float("inf"))
+
+
+@triton.jit
+def _bad_rows(b, AXIS: tl.constexpr):
+    """1 where a row (AXIS=1) or column (AXIS=0) of ``b`` holds a NaN or an infinity, else 0."""
+    return tl.max(tl.where(_finite(b), 0, 1), axis=AXIS)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -80,6 +125,7 @@ def _attention_fwd_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     HAS_EXTRA: tl.constexpr, PACKED: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
 ):
+    tl.static_assert(not (HAS_EXTRA and PACKED), "the extra token is per sequence: packed tiles cannot hold it")
     i_gh = tl.program_id(0)
     i_m = tl.program_id(1)
     i_h = i_gh % H
@@ -95,18 +141,16 @@ def _attention_fwd_kernel(
 
     if HAS_EXTRA:
         # seed the online softmax with the extra token (G == 1 here: one sequence per program)
-        p_ek = ek + i_b0 * stride_ek_b + i_h * stride_ek_h + o_d
-        p_ev = ev + i_b0 * stride_ev_b + i_h * stride_ev_h + o_d
-        b_ek = tl.load(p_ek, mask=m_d, other=0.0).to(ACC)
-        b_ev = tl.load(p_ev, mask=m_d, other=0.0).to(ACC)
-        b_se = tl.sum(b_q.to(ACC) * b_ek[None, :], axis=1)
-        b_m = _scale(b_se, scale_hi, scale_lo, ACC)
+        b_ek, b_ev = _load_extra(ek, ev, i_b0, i_h, stride_ek_b, stride_ek_h, stride_ev_b, stride_ev_h, o_d, m_d,
+                                 ACC)
+        b_m = _scale(tl.sum(b_q.to(ACC) * b_ek[None, :], axis=1), scale_hi, scale_lo, ACC)
         b_l = tl.full([BLOCK_M], 1.0, ACC)
         b_acc = tl.zeros([BLOCK_M, BLOCK_D], ACC) + b_ev[None, :]
     else:
         b_m = tl.full([BLOCK_M], float("-inf"), ACC)
         b_l = tl.zeros([BLOCK_M], ACC)
         b_acc = tl.zeros([BLOCK_M, BLOCK_D], ACC)
+    b_bad = tl.zeros([BLOCK_M], tl.int32)  # packed: rows whose own sequence holds a non-finite value
 
     for start_n in range(0, G * SK, BLOCK_N):
         o_cg, o_cb, o_cj, m_c = _positions(start_n, BLOCK_N, SK, G, i_b0, B)
@@ -130,6 +174,10 @@ def _attention_fwd_kernel(
 
         p_v = v + o_cb[:, None] * stride_v_b + o_cj[:, None] * stride_v_s + i_h * stride_v_h + o_d[None, :]
         b_v = tl.load(p_v, mask=m_c[:, None] & m_d[None, :], other=0.0)
+        if PACKED:
+            # P @ V sums over every sequence of the tile: keep another sequence's NaN out of it
+            b_bad = tl.maximum(b_bad, tl.max(tl.where(m_s & (_bad_rows(b_v, 1)[None, :] > 0), 1, 0), axis=1))
+            b_v = tl.where(_finite(b_v), b_v, 0.0)
         # [BM, BN] @ [BN, BD]
         b_acc = b_acc * b_alpha[:, None] + tl.dot(
             b_p.to(b_v.dtype), b_v, input_precision=PRECISION, out_dtype=ACC
@@ -138,6 +186,8 @@ def _attention_fwd_kernel(
 
     b_l_safe = tl.where(m_r, b_l, 1.0)
     b_o = b_acc / b_l_safe[:, None]
+    if PACKED:
+        b_o = tl.where(b_bad[:, None] > 0, float("nan"), b_o)
     p_o = o + o_rb[:, None] * stride_o_b + o_ri[:, None] * stride_o_s + i_h * stride_o_h + o_d[None, :]
     tl.store(p_o, b_o.to(o.dtype.element_ty), mask=m_r[:, None] & m_d[None, :])
     p_lse = lse + o_rb * stride_lse_b + i_h * stride_lse_h + o_ri
@@ -193,6 +243,7 @@ def _attention_bwd_dkdv_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     HAS_EXTRA: tl.constexpr, PACKED: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
 ):
+    tl.static_assert(not (HAS_EXTRA and PACKED), "the extra token is per sequence: packed tiles cannot hold it")
     # delta and lse share one layout ([B, H, SQ], made by the launcher)
     i_gh = tl.program_id(0)
     i_n = tl.program_id(1)
@@ -210,13 +261,12 @@ def _attention_bwd_dkdv_kernel(
     b_v = tl.load(p_v, mask=m_cd, other=0.0)
     b_dk = tl.zeros([BLOCK_N, BLOCK_D], ACC)
     b_dv = tl.zeros([BLOCK_N, BLOCK_D], ACC)
+    b_bad = tl.zeros([BLOCK_N], tl.int32)  # packed: keys whose own sequence holds a non-finite value
 
     owns_extra = i_n == 0
     if HAS_EXTRA:
-        p_ek = ek + i_b0 * stride_ek_b + i_h * stride_ek_h + o_d
-        p_ev = ev + i_b0 * stride_ev_b + i_h * stride_ev_h + o_d
-        b_ek = tl.load(p_ek, mask=m_d, other=0.0).to(ACC)
-        b_ev = tl.load(p_ev, mask=m_d, other=0.0).to(ACC)
+        b_ek, b_ev = _load_extra(ek, ev, i_b0, i_h, stride_ek_b, stride_ek_h, stride_ev_b, stride_ev_h, o_d, m_d,
+                                 ACC)
         b_dek = tl.zeros([BLOCK_D], ACC)
         b_dev = tl.zeros([BLOCK_D], ACC)
 
@@ -232,18 +282,24 @@ def _attention_bwd_dkdv_kernel(
         b_lse = tl.load(lse + o_stat, mask=m_r, other=0.0)
         b_delta = tl.load(delta + o_stat, mask=m_r, other=0.0)
 
-        # [BN, BD] @ [BD, BM]: scores transposed, keys on rows
-        b_st = tl.dot(b_k, b_qt, input_precision=PRECISION, out_dtype=ACC)
-        b_st = _scale(b_st, scale_hi, scale_lo, ACC)
         m_s = m_c[:, None] & m_r[None, :]
         if PACKED:
             m_s = m_s & (o_cg[:, None] == o_rg[None, :])
+            # the products below sum over the queries of every sequence of the tile
+            b_rbad = _bad_rows(b_qt, 0) + _bad_rows(b_do, 1) + tl.where(_finite(b_lse) & _finite(b_delta), 0, 1)
+            b_bad = tl.maximum(b_bad, tl.max(tl.where(m_s & (b_rbad[None, :] > 0), 1, 0), axis=1))
+            b_qt = tl.where(_finite(b_qt), b_qt, 0.0)
+            b_do = tl.where(_finite(b_do), b_do, 0.0)
+
+        # [BN, BD] @ [BD, BM]: scores transposed, keys on rows
+        b_st = tl.dot(b_k, b_qt, input_precision=PRECISION, out_dtype=ACC)
+        b_st = _scale(b_st, scale_hi, scale_lo, ACC)
         b_pt = tl.where(m_s, tl.exp2(b_st - b_lse[None, :]), 0.0)
         # [BN, BM] @ [BM, BD]
         b_dv += tl.dot(b_pt.to(b_do.dtype), b_do, input_precision=PRECISION, out_dtype=ACC)
         # [BN, BD] @ [BD, BM]
         b_dpt = tl.dot(b_v, tl.trans(b_do), input_precision=PRECISION, out_dtype=ACC)
-        b_dst = b_pt * (b_dpt - b_delta[None, :])
+        b_dst = tl.where(m_s, b_pt * (b_dpt - b_delta[None, :]), 0.0)
         # [BN, BM] @ [BM, BD]
         b_dk += tl.dot(b_dst.to(b_qt.dtype), tl.trans(b_qt), input_precision=PRECISION, out_dtype=ACC)
 
@@ -260,6 +316,9 @@ def _attention_bwd_dkdv_kernel(
 
     # d(score)/dk = natural scale * q: applied once here (dscale_hi + dscale_lo = scale)
     b_dk = _scale(b_dk, dscale_hi, dscale_lo, ACC)
+    if PACKED:
+        b_dk = tl.where(b_bad[:, None] > 0, float("nan"), b_dk)
+        b_dv = tl.where(b_bad[:, None] > 0, float("nan"), b_dv)
     p_dk = dk + o_cb[:, None] * stride_dk_b + o_cj[:, None] * stride_dk_s + i_h * stride_dk_h + o_d[None, :]
     p_dv = dv + o_cb[:, None] * stride_dv_b + o_cj[:, None] * stride_dv_s + i_h * stride_dv_h + o_d[None, :]
     tl.store(p_dk, b_dk.to(dk.dtype.element_ty), mask=m_cd)
@@ -290,6 +349,7 @@ def _attention_bwd_dq_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     HAS_EXTRA: tl.constexpr, PACKED: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
 ):
+    tl.static_assert(not (HAS_EXTRA and PACKED), "the extra token is per sequence: packed tiles cannot hold it")
     i_gh = tl.program_id(0)
     i_m = tl.program_id(1)
     i_h = i_gh % H
@@ -310,10 +370,8 @@ def _attention_bwd_dq_kernel(
     b_dq = tl.zeros([BLOCK_M, BLOCK_D], ACC)
 
     if HAS_EXTRA:
-        p_ek = ek + i_b0 * stride_ek_b + i_h * stride_ek_h + o_d
-        p_ev = ev + i_b0 * stride_ev_b + i_h * stride_ev_h + o_d
-        b_ek = tl.load(p_ek, mask=m_d, other=0.0).to(ACC)
-        b_ev = tl.load(p_ev, mask=m_d, other=0.0).to(ACC)
+        b_ek, b_ev = _load_extra(ek, ev, i_b0, i_h, stride_ek_b, stride_ek_h, stride_ev_b, stride_ev_h, o_d, m_d,
+                                 ACC)
         b_se = tl.sum(b_q.to(ACC) * b_ek[None, :], axis=1)
         b_se = _scale(b_se, scale_hi, scale_lo, ACC)
         b_pe = tl.where(m_r, tl.exp2(b_se - b_lse), 0.0)
@@ -336,7 +394,10 @@ def _attention_bwd_dq_kernel(
         b_p = tl.where(m_s, tl.exp2(b_s - b_lse[:, None]), 0.0)
         # [BM, BD] @ [BD, BN]
         b_dp = tl.dot(b_do, b_vt, input_precision=PRECISION, out_dtype=ACC)
-        b_ds = b_p * (b_dp - b_delta[:, None])
+        # a row's own non-finite values reach its dq through b_ds; other sequences' stay out
+        b_ds = tl.where(m_s, b_p * (b_dp - b_delta[:, None]), 0.0)
+        if PACKED:
+            b_kt = tl.where(_finite(b_kt), b_kt, 0.0)  # dS @ K sums over the keys of every sequence
         # [BM, BN] @ [BN, BD]
         b_dq += tl.dot(b_ds.to(b_kt.dtype), tl.trans(b_kt), input_precision=PRECISION, out_dtype=ACC)
 
@@ -346,62 +407,97 @@ def _attention_bwd_dq_kernel(
 
 
 # ----------------------------------------------------------------------------------------------
-# launch plan and launchers
+# launch plan
 # ----------------------------------------------------------------------------------------------
 _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32,
               torch.float64: tl.float64}
 
 
-@functools.lru_cache(maxsize=256)
-def launch_plan(head_dim: int, dtype: torch.dtype, sq: int, sk: int, has_extra: bool,
-                allow_tf32: bool) -> dict:
-    """Every launch choice of the kernels for one problem (tests compile each one ahead of time).
+@dataclass(frozen=True)
+class Tiles:
+    """Tile sizes, warps and pipeline stages of one kernel launch."""
 
-    Returns the constexprs shared by the kernels, the packing factor ``G`` and, per kernel
-    (``"fwd"``, ``"dkdv"``, ``"dq"``), its tile sizes, warps and stages. Tiles depend only on the
-    head dim and the dtype (chosen from sm_90 register/spill reports of ``ptxas``); the sequence
-    lengths only decide ``G``, a runtime argument, so a new frame count never recompiles (beyond
-    Triton's own specialisation of integers equal to 1 or divisible by 16). Every ``tl.dot``
-    dimension is at least 16 (a GPU requirement the interpreter does not enforce). Cached: the
-    launchers call it on every launch; treat the result as read-only.
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int = 2
+
+
+@dataclass(frozen=True)
+class LaunchPlan:
+    """Every compile-time choice of the attention kernels for one (head dim, dtype, extra, tf32).
+
+    ``fwd``, ``dkdv`` and ``dq`` are the tiles of the three main kernels, ``preprocess`` the row
+    tile of the backward's ``delta`` pass. The packing factor G depends on the sequence lengths and
+    is a runtime argument (:func:`pack_group`), so a new frame count does not recompile.
     """
-    block_d = max(16, triton.next_power_of_2(head_dim))
+
+    head_dim: int
+    block_d: int
+    has_extra: bool
+    precision: str  # "ieee" (exact fp32 / fp64; ignored for 16-bit inputs) or "tf32"
+    acc: object  # tl.float32 or tl.float64
+    fwd: Tiles
+    dkdv: Tiles
+    dq: Tiles
+    preprocess: Tiles
+    source: str = "default"  # "default" or the tuning table entry it came from
+
+    def constexprs(self, packed: bool) -> dict:
+        return dict(HEAD_DIM=self.head_dim, BLOCK_D=self.block_d, HAS_EXTRA=self.has_extra, PACKED=packed,
+                    PRECISION=self.precision, ACC=self.acc)
+
+
+def default_tiles(block_d: int, dtype: torch.dtype) -> tuple[Tiles, Tiles, Tiles]:
+    """Tiles chosen from sm_90 register/spill reports of ``ptxas`` (no GPU timing behind them):
+    (fwd, dkdv, dq). Every ``tl.dot`` dimension is at least 16 (a GPU requirement the interpreter
+    does not enforce)."""
     if dtype in (torch.float32, torch.float64):
-        fwd = dict(BLOCK_M=32, BLOCK_N=32, num_warps=4)
-        dkdv = dict(BLOCK_M=16, BLOCK_N=32, num_warps=4)
-        dq = dict(BLOCK_M=32, BLOCK_N=32, num_warps=4)
-    elif block_d <= 64:
-        fwd = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4)
-        dkdv = dict(BLOCK_M=32, BLOCK_N=64, num_warps=4)
-        dq = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4)
-    else:
-        fwd = dict(BLOCK_M=64, BLOCK_N=64, num_warps=8)
-        dkdv = dict(BLOCK_M=16, BLOCK_N=64, num_warps=4)
-        dq = dict(BLOCK_M=64, BLOCK_N=64, num_warps=8)
-    for cfg in (fwd, dkdv, dq):
-        cfg["num_stages"] = 2
-    # pack several short sequences into one program (block-diagonal mask); the extra token is
-    # per sequence and seeds the whole tile, so packing is only used without it
-    group = 1
-    if not has_extra and 2 * sq <= fwd["BLOCK_M"] and 2 * sk <= fwd["BLOCK_N"]:
-        group = min(fwd["BLOCK_M"] // sq, fwd["BLOCK_N"] // sk)
-    if dtype == torch.float32 and allow_tf32:
-        precision = "tf32"
-    else:
-        precision = "ieee"  # exact fp32 / fp64; ignored for 16-bit inputs
-    return dict(
-        constexprs=dict(
-            HEAD_DIM=head_dim, BLOCK_D=block_d, HAS_EXTRA=has_extra, PACKED=group > 1,
-            PRECISION=precision, ACC=tl.float64 if dtype == torch.float64 else tl.float32,
-        ),
-        G=group, fwd=fwd, dkdv=dkdv, dq=dq,
-    )
+        return Tiles(32, 32, 4), Tiles(16, 32, 4), Tiles(32, 32, 4)
+    if block_d <= 64:
+        return Tiles(64, 64, 4), Tiles(32, 64, 4), Tiles(64, 64, 4)
+    return Tiles(64, 64, 8), Tiles(16, 64, 4), Tiles(64, 64, 8)
 
 
+@functools.lru_cache(maxsize=256)
+def launch_plan(head_dim: int, dtype: torch.dtype, has_extra: bool, allow_tf32: bool,
+                arch: int | None = None, seq_bucket: int | None = None) -> LaunchPlan:
+    """The launch plan of one problem (frozen and cached; tests compile each one ahead of time).
+
+    Tiles depend on the head dim and the dtype; where the tuning table has an entry for the GPU
+    architecture ``arch`` (e.g. 90), the dtype, the head dim, the extra token and the sequence
+    bucket (:func:`xclip_fast.kernels.tuning.seq_bucket`), that entry wins. Buckets are coarse, so
+    a new frame count recompiles at most when it crosses one.
+    """
+    head_dim = int(head_dim)
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    fwd, dkdv, dq = default_tiles(block_d, dtype)
+    source = "default"
+    found = tuning.lookup(arch, dtype, head_dim, seq_bucket, has_extra) if arch is not None else None
+    if found is not None:
+        fwd, dkdv, dq, source = found.fwd or fwd, found.dkdv or dkdv, found.dq or dq, found.key
+    precision = "tf32" if dtype == torch.float32 and allow_tf32 else "ieee"
+    return LaunchPlan(head_dim=head_dim, block_d=block_d, has_extra=has_extra, precision=precision,
+                      acc=tl.float64 if dtype == torch.float64 else tl.float32, fwd=fwd, dkdv=dkdv, dq=dq,
+                      preprocess=Tiles(64, 1, 4, 1), source=source)
+
+
+def pack_group(plan: LaunchPlan, sq, sk):
+    """Sequences packed per program: several short sequences share one tile (block-diagonal mask).
+    The extra token is per sequence and seeds the whole tile, so packing is only used without it."""
+    if plan.has_extra or 2 * sq > plan.fwd.block_m or 2 * sk > plan.fwd.block_n:
+        return 1
+    return min(plan.fwd.block_m // sq, plan.fwd.block_n // sk)
+
+
+# ----------------------------------------------------------------------------------------------
+# launchers
+# ----------------------------------------------------------------------------------------------
 def _split(s: float):
-    """``s`` as fp32 hi + fp32 lo (Triton passes Python floats as fp32)."""
-    hi = float(torch.tensor(s, dtype=torch.float32))
-    lo = float(torch.tensor(s - hi, dtype=torch.float32))
+    """``s`` as fp32 hi + fp32 lo (Triton passes Python floats as fp32). Plain Python arithmetic:
+    no tensor is made, so this also runs while a graph is being traced."""
+    hi = struct.unpack("f", struct.pack("f", s))[0]
+    lo = struct.unpack("f", struct.pack("f", s - hi))[0]
     return hi, lo
 
 
@@ -414,10 +510,20 @@ def _extra_strides(ek, ev, has_extra: bool):
     return (*_strides(ek, 2), *_strides(ev, 2)) if has_extra else (0, 0, 0, 0)
 
 
-def _launch(kernel, grid, args, plan, name):
-    cfg = plan[name]
-    kernel[grid](*args, **plan["constexprs"], BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
-                 num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+@functools.lru_cache(maxsize=16)
+def _device_arch(index: int) -> int:
+    major, minor = torch.cuda.get_device_capability(index)
+    return 10 * major + minor
+
+
+def plan_for(q: torch.Tensor, sk, has_extra: bool, allow_tf32: bool) -> LaunchPlan:
+    """The plan the launchers use for queries ``q: [B, SQ, H, D]`` and ``sk`` keys (the tuning
+    table is consulted on CUDA devices only)."""
+    if q.device.type != "cuda":
+        return launch_plan(q.shape[3], q.dtype, has_extra, allow_tf32)
+    arch = _device_arch(q.device.index if q.device.index is not None else torch.cuda.current_device())
+    bucket = tuning.seq_bucket(torch.sym_max(q.shape[1], sk)) if tuning.has_entries(arch) else None
+    return launch_plan(q.shape[3], q.dtype, has_extra, allow_tf32, arch, bucket)
 
 
 def attention_fwd(q, k, v, ek, ev, o, lse, scale: float, allow_tf32: bool = False) -> None:
@@ -429,18 +535,20 @@ def attention_fwd(q, k, v, ek, ev, o, lse, scale: float, allow_tf32: bool = Fals
     B, SQ, H, D = q.shape
     SK = k.shape[1]
     has_extra = ek is not None
-    plan = launch_plan(D, q.dtype, SQ, SK, has_extra, allow_tf32)
-    G = plan["G"]
+    plan = plan_for(q, SK, has_extra, allow_tf32)
+    G = pack_group(plan, SQ, SK)
     if not has_extra:
         ek = ev = q  # never read (HAS_EXTRA is False); any valid pointer will do
-    grid = (triton.cdiv(B, G) * H, triton.cdiv(G * SQ, plan["fwd"]["BLOCK_M"]))
-    args = (
+    t = plan.fwd
+    grid = (triton.cdiv(B, G) * H, triton.cdiv(G * SQ, t.block_m))
+    wrap_triton(_attention_fwd_kernel)[grid](
         q, k, v, ek, ev, o, lse,
         *_strides(q, 3), *_strides(k, 3), *_strides(v, 3), *_extra_strides(ek, ev, has_extra),
         *_strides(o, 3), lse.stride(0), lse.stride(1),
         B, H, SQ, SK, G, *_split(scale * LOG2E),
+        **plan.constexprs(G > 1), BLOCK_M=t.block_m, BLOCK_N=t.block_n, num_warps=t.num_warps,
+        num_stages=t.num_stages,
     )
-    _launch(_attention_fwd_kernel, grid, args, plan, "fwd")
 
 
 def attention_bwd(q, k, v, ek, ev, o, lse, do, dq, dk, dv, dek, dev, scale: float,
@@ -452,34 +560,34 @@ def attention_bwd(q, k, v, ek, ev, o, lse, do, dq, dk, dv, dek, dev, scale: floa
     B, SQ, H, D = q.shape
     SK = k.shape[1]
     has_extra = ek is not None
-    plan = launch_plan(D, q.dtype, SQ, SK, has_extra, allow_tf32)
-    G = plan["G"]
-    consts = plan["constexprs"]
+    plan = plan_for(q, SK, has_extra, allow_tf32)
+    G = pack_group(plan, SQ, SK)
+    consts = plan.constexprs(G > 1)
     if not has_extra:
         ek = ev = dek = dev = q  # never touched
     delta = torch.empty_like(lse)
     assert delta.stride() == lse.stride()
-    _attention_bwd_preprocess_kernel[(B * H, triton.cdiv(SQ, 64))](
-        o, do, delta, *_strides(o, 3), *_strides(do, 3), delta.stride(0), delta.stride(1),
-        H, SQ, HEAD_DIM=D, BLOCK_M=64, BLOCK_D=consts["BLOCK_D"], ACC=consts["ACC"], num_warps=4,
+    pre = plan.preprocess
+    wrap_triton(_attention_bwd_preprocess_kernel)[(B * H, triton.cdiv(SQ, pre.block_m))](
+        o, do, delta, *_strides(o, 3), *_strides(do, 3), delta.stride(0), delta.stride(1), H, SQ,
+        HEAD_DIM=plan.head_dim, BLOCK_M=pre.block_m, BLOCK_D=plan.block_d, ACC=plan.acc, num_warps=pre.num_warps,
     )
     scales = (*_split(scale * LOG2E), *_split(scale))
-    shared = (
-        q, k, v, ek, ev, do, lse, delta,
-    )
     strides = (
         *_strides(q, 3), *_strides(k, 3), *_strides(v, 3), *_extra_strides(ek, ev, has_extra),
         *_strides(do, 3), lse.stride(0), lse.stride(1),
     )
     groups_h = triton.cdiv(B, G) * H
-    _launch(
-        _attention_bwd_dkdv_kernel, (groups_h, triton.cdiv(G * SK, plan["dkdv"]["BLOCK_N"])),
-        (*shared, dk, dv, dek, dev, *strides, *_strides(dk, 3), *_strides(dv, 3),
-         *_extra_strides(dek, dev, has_extra), B, H, SQ, SK, G, *scales),
-        plan, "dkdv",
+    t = plan.dkdv
+    wrap_triton(_attention_bwd_dkdv_kernel)[(groups_h, triton.cdiv(G * SK, t.block_n))](
+        q, k, v, ek, ev, do, lse, delta, dk, dv, dek, dev,
+        *strides, *_strides(dk, 3), *_strides(dv, 3), *_extra_strides(dek, dev, has_extra),
+        B, H, SQ, SK, G, *scales,
+        **consts, BLOCK_M=t.block_m, BLOCK_N=t.block_n, num_warps=t.num_warps, num_stages=t.num_stages,
     )
-    _launch(
-        _attention_bwd_dq_kernel, (groups_h, triton.cdiv(G * SQ, plan["dq"]["BLOCK_M"])),
-        (*shared, dq, *strides, *_strides(dq, 3), B, H, SQ, SK, G, *scales),
-        plan, "dq",
+    t = plan.dq
+    wrap_triton(_attention_bwd_dq_kernel)[(groups_h, triton.cdiv(G * SQ, t.block_m))](
+        q, k, v, ek, ev, do, lse, delta, dq,
+        *strides, *_strides(dq, 3), B, H, SQ, SK, G, *scales,
+        **consts, BLOCK_M=t.block_m, BLOCK_N=t.block_n, num_warps=t.num_warps, num_stages=t.num_stages,
     )

@@ -12,6 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import wrap_triton
+
 __all__ = ["quick_gelu_fwd", "quick_gelu_bwd"]
 
 BLOCK = 1024
@@ -55,7 +57,9 @@ def quick_gelu_fwd(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """``out = x * sigmoid(1.702 x)``; both contiguous, same shape and dtype (``out`` may be ``x``)."""
     assert x.is_contiguous() and out.is_contiguous() and x.shape == out.shape
     n = x.numel()
-    _quick_gelu_fwd_kernel[(triton.cdiv(n, BLOCK),)](x, out, n, BLOCK=BLOCK, ACC=_acc(x.dtype), num_warps=4)
+    wrap_triton(_quick_gelu_fwd_kernel)[(triton.cdiv(n, BLOCK),)](
+        x, out, n, BLOCK=BLOCK, ACC=_acc(x.dtype), num_warps=4
+    )
     return out
 
 
@@ -63,5 +67,7 @@ def quick_gelu_bwd(x: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor) -> torch
     """``dx = dy * d/dx[x * sigmoid(1.702 x)]``; all contiguous (``dx`` may be ``dy``)."""
     assert x.is_contiguous() and dy.is_contiguous() and dx.is_contiguous()
     n = x.numel()
-    _quick_gelu_bwd_kernel[(triton.cdiv(n, BLOCK),)](x, dy, dx, n, BLOCK=BLOCK, ACC=_acc(x.dtype), num_warps=4)
+    wrap_triton(_quick_gelu_bwd_kernel)[(triton.cdiv(n, BLOCK),)](
+        x, dy, dx, n, BLOCK=BLOCK, ACC=_acc(x.dtype), num_warps=4
+    )
     return dx

@@ -2,7 +2,7 @@
 
 import torch
 
-from xclip_fast.testing import TOLERANCES, rel_err
+from xclip_fast.testing import rel_err
 
 
 def assert_rel(name: str, out: torch.Tensor, ref: torch.Tensor, tol: float) -> None:
@@ -11,8 +11,20 @@ def assert_rel(name: str, out: torch.Tensor, ref: torch.Tensor, tol: float) -> N
     assert err <= tol, f"{name}: relative error {err:.3e} > {tol:.1e}"
 
 
-def tol_for(dtype: torch.dtype) -> float:
-    return TOLERANCES[dtype]
+def assert_grads_close(names, grads, ref_grads, tol: float, floor: float = 1e-6) -> None:
+    """Every gradient against its reference, by name. Some gradients are exactly zero in exact
+    arithmetic (a key bias shifts a whole softmax row; in layer 0 every frame's class token is the
+    same, so the message attention is uniform): what is computed for them is rounding noise. Each
+    error is therefore measured against the larger of the gradient's norm and ``floor`` times the
+    largest gradient norm of the set."""
+    scale = floor * max(g.double().norm().item() for g in ref_grads if g is not None)
+    for name, g, g_ref in zip(names, grads, ref_grads):
+        assert (g is None) == (g_ref is None), f"grad {name}: {g is None} vs reference {g_ref is None}"
+        if g is None:
+            continue
+        assert torch.isfinite(g).all(), f"grad {name} is not finite"
+        err = (g.double() - g_ref.double()).norm().item() / max(g_ref.double().norm().item(), scale)
+        assert err <= tol, f"grad {name}: relative error {err:.3e} > {tol:.1e}"
 
 
 def attention_f64(q, k, v, extra_k=None, extra_v=None, scale=None):

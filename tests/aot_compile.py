@@ -8,6 +8,7 @@ kernel: shared memory, whether the SASS holds tensor-core instructions, register
     python tests/aot_compile.py 90 80
 """
 
+import dataclasses
 import json
 import os
 import re
@@ -24,27 +25,32 @@ from triton.compiler import ASTSource
 from xclip_fast.kernels import attention as A
 from xclip_fast.kernels import quick_gelu as Q
 
-# (dtype, head dim, extra token, packed, tf32): each tile configuration of launch_plan and each
-# flag combination appears at least once
+# (dtype, head dim, extra token, packed, tf32, scale type): each tile configuration of launch_plan
+# and each flag combination appears at least once. The softmax scale arrives as fp32 scalars from
+# the launchers; under Inductor it may arrive as fp64, which the kernels must accept unchanged.
 CASES = [
-    (torch.float16, 64, True, False, False),  # the X-CLIP frame attention
-    (torch.bfloat16, 64, False, True, False),  # message attention, small T (packed)
-    (torch.bfloat16, 128, True, False, False),
-    (torch.float16, 40, False, False, False),  # padded head dim, long sequences
-    (torch.float16, 16, False, True, False),
-    (torch.float32, 64, True, False, False),  # exact fp32
-    (torch.float32, 128, False, True, True),  # TF32
-    (torch.float64, 128, True, False, False),  # the largest tiles in bytes
-    (torch.float64, 32, False, False, False),
+    (torch.float16, 64, True, False, False, "fp32"),  # the X-CLIP frame attention
+    (torch.bfloat16, 64, False, True, False, "fp32"),  # message attention, small T (packed)
+    (torch.bfloat16, 128, True, False, False, "fp32"),
+    (torch.float16, 40, False, False, False, "fp32"),  # padded head dim, long sequences
+    (torch.float16, 16, False, True, False, "fp32"),
+    (torch.float32, 64, True, False, False, "fp32"),  # exact fp32
+    (torch.float32, 128, False, True, True, "fp32"),  # TF32
+    (torch.float64, 128, True, False, False, "fp32"),  # the largest tiles in bytes
+    (torch.float64, 32, False, False, False, "fp32"),
+    (torch.bfloat16, 64, True, False, False, "fp64"),  # the scale as fp64 scalars (Inductor)
+    (torch.float32, 64, False, True, False, "fp64"),
+    (torch.float64, 64, True, False, False, "fp64"),
 ]
+KERNEL_TILES = {"_attention_fwd_kernel": "fwd", "_attention_bwd_dkdv_kernel": "dkdv", "_attention_bwd_dq_kernel": "dq"}
 _PTR = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32", torch.float64: "*fp64"}
 _INTS = {"B", "H", "SQ", "SK", "G", "N"}
 _DIV16 = [["tt.divisibility", 16]]
 
 
-def signature(fn, dtype, constexprs):
+def signature(fn, dtype, constexprs, scale_type="fp32"):
     """Argument types as the launchers pass them; pointers and strides 16-divisible (the usual JIT
-    specialisation for real tensors), sizes unspecialised."""
+    specialisation for real tensors), sizes unspecialised, the softmax scale as ``scale_type``."""
     stat = "*fp64" if dtype == torch.float64 else "*fp32"
     sig, attrs = {}, {}
     for i, name in enumerate(fn.arg_names):
@@ -55,7 +61,7 @@ def signature(fn, dtype, constexprs):
         elif name in _INTS:
             sig[name] = "i32"
         elif "scale" in name:
-            sig[name] = "fp32"
+            sig[name] = scale_type
         else:
             sig[name], attrs[(i,)] = (stat if name in ("lse", "delta") else _PTR[dtype]), _DIV16
     return sig, attrs
@@ -82,29 +88,30 @@ def _tool(name):
 
 
 def compile_one(job):
-    kernel_name, dtype_name, head_dim, extra, packed, tf32, arch = job
+    kernel_name, dtype_name, head_dim, extra, packed, tf32, scale_type, arch, tiles = job
     dtype = getattr(torch, dtype_name)
     sq = 8 if packed else 197
-    plan = A.launch_plan(head_dim, dtype, sq, sq, extra, tf32)
-    assert plan["constexprs"]["PACKED"] == packed
+    plan = A.launch_plan(head_dim, dtype, extra, tf32)
+    if tiles is not None:  # a candidate of the tuning sweep instead of the default tiles
+        plan = dataclasses.replace(plan, **{k: A.Tiles(*v) for k, v in tiles.items()})
+    assert (A.pack_group(plan, sq, sq) > 1) == packed
     fn = getattr(A, kernel_name, None) or getattr(Q, kernel_name)
     if kernel_name.startswith("_quick_gelu"):
         constexprs = dict(BLOCK=Q.BLOCK, ACC=Q._acc(dtype))
         options = dict(num_warps=4)
     elif kernel_name == "_attention_bwd_preprocess_kernel":
-        constexprs = dict(HEAD_DIM=head_dim, BLOCK_M=64, BLOCK_D=plan["constexprs"]["BLOCK_D"],
-                          ACC=plan["constexprs"]["ACC"])
-        options = dict(num_warps=4)
+        constexprs = dict(HEAD_DIM=head_dim, BLOCK_M=plan.preprocess.block_m, BLOCK_D=plan.block_d, ACC=plan.acc)
+        options = dict(num_warps=plan.preprocess.num_warps)
     else:
-        cfg = plan[{"_attention_fwd_kernel": "fwd", "_attention_bwd_dkdv_kernel": "dkdv",
-                    "_attention_bwd_dq_kernel": "dq"}[kernel_name]]
-        constexprs = dict(plan["constexprs"], BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"])
-        options = dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-    sig, attrs = signature(fn, dtype, constexprs)
+        t = getattr(plan, KERNEL_TILES[kernel_name])
+        constexprs = dict(plan.constexprs(packed), BLOCK_M=t.block_m, BLOCK_N=t.block_n)
+        options = dict(num_warps=t.num_warps, num_stages=t.num_stages)
+    sig, attrs = signature(fn, dtype, constexprs, scale_type)
     compiled = triton.compile(ASTSource(fn, sig, constexprs, attrs), target=GPUTarget("cuda", arch, 32),
                               options=options)
     row = dict(kernel=kernel_name, dtype=dtype_name, head_dim=head_dim, extra=extra, packed=packed, tf32=tf32,
-               arch=arch, shared=compiled.metadata.shared, num_warps=options["num_warps"])
+               scale_type=scale_type, arch=arch, shared=compiled.metadata.shared, num_warps=options["num_warps"],
+               tiles=tiles)
     with tempfile.TemporaryDirectory() as tmp:
         ptx, cubin = os.path.join(tmp, "k.ptx"), os.path.join(tmp, "k.cubin")
         with open(ptx, "w") as f:
@@ -124,16 +131,16 @@ def compile_one(job):
 
 
 def jobs(archs):
-    kernels = ["_attention_fwd_kernel", "_attention_bwd_dkdv_kernel", "_attention_bwd_dq_kernel"]
     for arch in archs:
-        for dtype, d, extra, packed, tf32 in CASES:
-            for k in kernels:
-                yield (k, str(dtype).split(".")[1], d, extra, packed, tf32, arch)
+        for dtype, d, extra, packed, tf32, scale_type in CASES:
+            for k in KERNEL_TILES:
+                yield (k, str(dtype).split(".")[1], d, extra, packed, tf32, scale_type, arch, None)
         for dtype in (torch.float16, torch.float64):
-            yield ("_attention_bwd_preprocess_kernel", str(dtype).split(".")[1], 128, False, False, False, arch)
+            yield ("_attention_bwd_preprocess_kernel", str(dtype).split(".")[1], 128, False, False, False, "fp32",
+                   arch, None)
         for k in ("_quick_gelu_fwd_kernel", "_quick_gelu_bwd_kernel"):
             for dtype in ("bfloat16", "float32"):
-                yield (k, dtype, 64, False, False, False, arch)
+                yield (k, dtype, 64, False, False, False, "fp32", arch, None)
 
 
 def main(argv):

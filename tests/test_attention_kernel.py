@@ -136,7 +136,7 @@ def test_backward_is_bit_identical_across_runs(shape, device):
 
 def test_triton_rejects_head_dim_over_128(device):
     ins = _make((1, 2, 2, 1, 160, False), torch.float32, device, requires_grad=False)
-    with pytest.raises(ValueError, match="head dim D=160 exceeds the triton backend's maximum 128"):
+    with pytest.raises(ValueError, match="head dim D=160 exceeds the triton kernels. maximum 128"):
         xclip_fast.attention(*ins, backend="triton")
 
 

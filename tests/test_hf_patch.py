@@ -96,9 +96,26 @@ def test_patch_rejects_bad_models_and_double_patching():
         xclip_fast.patch_xclip(model)
     with pytest.raises(ValueError, match="backend must be one of"):
         xclip_fast.patch_xclip(tiny_xclip(), backend="fast")
-    dropout = tiny_xclip(attention_dropout=0.1)
-    with pytest.raises(ValueError, match="attention_dropout=0.1 is not supported"):
-        xclip_fast.patch_xclip(dropout)
+
+
+def test_attention_dropout_runs_on_torch_and_triton_refuses_it(device):
+    """Attention dropout (HF allows it) is honoured in training by the torch backend, which "auto"
+    picks; evaluation is dropout-free and equals the unpatched model; explicit triton refuses."""
+    original = tiny_xclip(torch.float64, attention_dropout=0.5, attn_implementation="sdpa").to(device)
+    patched = xclip_fast.patch_xclip(copy.deepcopy(original), backend="auto")
+    video = torch.randn(2, 3, 3, 32, 32, dtype=torch.float64, device=device)
+    with torch.no_grad():
+        expected = original.get_video_features(pixel_values=video).pooler_output
+        assert_rel("eval (no dropout)", patched.get_video_features(pixel_values=video).pooler_output, expected,
+                   F64_TOL)
+        patched.train()
+        a = patched.get_video_features(pixel_values=video).pooler_output
+        b = patched.get_video_features(pixel_values=video).pooler_output
+    assert torch.isfinite(a).all() and (a - b).abs().max() > 1e-6, "dropout must act in training"
+    if TRITON_OK:
+        xclip_fast.hf.set_backend(patched, "triton")
+        with pytest.raises(ValueError, match="attention dropout is not supported by the triton kernels"):
+            patched.get_video_features(pixel_values=video.to(device))
 
 
 def test_patched_vision_model(device):

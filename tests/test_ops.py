@@ -80,5 +80,5 @@ def test_unknown_backend_and_auto():
         xclip_fast.attention(q, k, v, ek, ev, backend="xformers")
     # auto serves CPU tensors with the torch backend, CUDA tensors with triton
     assert resolve_backend("auto", torch.device("cpu")) == "torch"
-    with pytest.raises(ValueError, match="backend='triton' cannot run here"):
+    with pytest.raises(ValueError, match="cannot run this call: triton (runs in interpreter mode|kernels need CUDA)"):
         resolve_backend("triton", torch.device("meta"))

@@ -5,7 +5,9 @@ import torch
 from _helpers import assert_rel
 
 from xclip_fast import reference
-from xclip_fast.ops import QuickGELUMLPFunction, quick_gelu_mlp, triton_status
+from xclip_fast.blocks import official_mlp
+from xclip_fast.functional import FusedMLP, run_mlp
+from xclip_fast.ops import QuickGELUMLPFunction, triton_status
 
 TRITON_OK, TRITON_WHY = triton_status()
 BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.skipif(not TRITON_OK, reason=TRITON_WHY))]
@@ -54,7 +56,7 @@ def test_mlp_module_matches_plain_module(backend, grad, device):
     x = torch.randn(5, 3, 64, dtype=torch.float64, device=device, requires_grad=grad)
     ref = mlp(x)
     with torch.set_grad_enabled(grad):
-        out = quick_gelu_mlp(mlp, x, backend)
+        out = run_mlp(official_mlp(mlp), x, backend)
     assert_rel("output", out, ref, 1e-13)
     if grad:
         g = torch.randn_like(ref)
@@ -83,7 +85,7 @@ def test_mlp_saves_less_for_backward():
     mlp = reference._mlp(64)
     x = torch.randn(50, 4, 64, requires_grad=True)
     plain = _saved_bytes(lambda: mlp(x))
-    fused = _saved_bytes(lambda: quick_gelu_mlp(mlp, x, "torch"))
+    fused = _saved_bytes(lambda: run_mlp(official_mlp(mlp), x, "torch"))
     per_token_4d = 4 * 64 * 4 * 50 * 4  # one 4d-wide fp32 tensor
     assert plain - fused >= 2 * per_token_4d
 
@@ -94,7 +96,9 @@ def test_unrecognised_mlp_is_called_as_is():
             return 2 * x
 
     x = torch.randn(3, 4)
-    torch.testing.assert_close(quick_gelu_mlp(Odd(), x, "torch"), 2 * x)
+    assert isinstance(official_mlp(reference._mlp(4)), FusedMLP)
+    torch.testing.assert_close(run_mlp(official_mlp(Odd()), x, "torch"), 2 * x)
     mlp = reference._mlp(4)
     mlp.gelu = torch.nn.GELU()  # a swapped activation is honoured, not silently replaced
-    torch.testing.assert_close(quick_gelu_mlp(mlp, x, "torch"), mlp(x))
+    assert official_mlp(mlp) is mlp
+    torch.testing.assert_close(run_mlp(official_mlp(mlp), x, "torch"), mlp(x))

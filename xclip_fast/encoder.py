@@ -15,7 +15,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from xclip_fast import reference
-from xclip_fast.blocks import CrossFrameAttentionBlock, ResidualAttentionBlock, _check_backend
+from xclip_fast.blocks import CrossFrameAttentionBlock, ResidualAttentionBlock, check_backend
 
 __all__ = [
     "CrossFrameCommunicationTransformer",
@@ -40,7 +40,7 @@ PRESETS = {
 
 
 def _set_backend(module: nn.Module, backend: str) -> None:
-    _check_backend(backend)
+    check_backend(backend)
     for m in module.modules():
         if isinstance(m, (CrossFrameAttentionBlock, ResidualAttentionBlock)):
             m.backend = backend
@@ -126,13 +126,12 @@ class CrossFrameCommunicationTransformer(reference.CrossFrameCommunicationTransf
         N = x.shape[1]
         for block in self.blocks:
             block._check_input(x, T)
-            backend = block._resolve(x)
-            if backend == "reference":
+            if block.backend == "reference":
                 raise ValueError("chunk_frames needs the 'torch' or 'triton' backend, not 'reference'")
-            msg = block.message_tokens(x, T, backend)
+            msg = block.message_tokens(x, T)
             for start in range(0, N, chunk_frames):
                 stop = min(start + chunk_frames, N)
-                x[:, start:stop] = block.update_frames(x[:, start:stop], msg[start:stop], backend)
+                x[:, start:stop] = block.update_frames(x[:, start:stop], msg[start:stop])
             if progress is not None:
                 progress()
         return x
@@ -208,7 +207,7 @@ class XCLIPVideoEncoder(nn.Module):
         input_resolution, patch_size, width, layers, heads: the vision transformer.
         embed_dim: the projection (and MIT) width E.
         num_frames: the frame count the MIT position embedding is trained for.
-        mit_layers, mit_heads: the MIT (official: 1 layer, ``embed_dim // 64`` heads).
+        mit_layers, mit_heads: the MIT (official: 1 layer, ``embed_dim // 64`` heads; at least 1).
         droppath: drop-path rate of the last block; block i gets ``linspace(0, droppath, layers)[i]``
             as in the official code.
         use_checkpoint: activation checkpointing per block in training (recomputes each block in
@@ -223,7 +222,7 @@ class XCLIPVideoEncoder(nn.Module):
                  mit_heads: int | None = None, droppath: float = 0.0, use_checkpoint: bool = False,
                  layer_norm_eps: float = 1e-5, backend: str = "auto"):
         super().__init__()
-        _check_backend(backend)
+        check_backend(backend)
         if input_resolution % patch_size != 0:
             raise ValueError(f"input_resolution={input_resolution} must be a multiple of patch_size={patch_size}")
         dpr = [x.item() for x in torch.linspace(0, droppath, layers)] if droppath > 0.0 else None
@@ -231,6 +230,8 @@ class XCLIPVideoEncoder(nn.Module):
             input_resolution, patch_size, width, layers, heads, embed_dim, droppath=dpr, T=num_frames,
             use_checkpoint=use_checkpoint, backend=backend,
         )
+        if mit_heads is None:
+            mit_heads = max(1, embed_dim // 64)
         self.mit = MultiframeIntegrationTransformer(num_frames, embed_dim, mit_layers, mit_heads, backend=backend)
         for m in self.modules():
             if isinstance(m, nn.LayerNorm):
@@ -238,7 +239,7 @@ class XCLIPVideoEncoder(nn.Module):
         self._backend = backend
         self.config = dict(input_resolution=input_resolution, patch_size=patch_size, width=width, layers=layers,
                            heads=heads, embed_dim=embed_dim, num_frames=num_frames, mit_layers=mit_layers,
-                           mit_heads=mit_heads if mit_heads is not None else embed_dim // 64, droppath=droppath,
+                           mit_heads=mit_heads, droppath=droppath,
                            layer_norm_eps=layer_norm_eps)
 
     # -- construction -------------------------------------------------------------------------------

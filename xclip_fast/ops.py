@@ -1,52 +1,71 @@
-"""Attention ops: input checks, backend dispatch and the autograd bindings of the Triton kernels.
+"""Attention and MLP ops: input checks, the one backend resolver, autocast, the fused MLP.
 
 Backends:
 
-- ``"triton"``: the kernels of ``xclip_fast.kernels.attention`` (CUDA tensors, or CPU tensors when
-  ``TRITON_INTERPRET=1`` was set before triton was imported).
-- ``"torch"``: ``torch.nn.functional.scaled_dot_product_attention``, any device.
-- ``"auto"``: ``"triton"`` for CUDA tensors when triton imports, ``"torch"`` otherwise.
+- ``"triton"``: the kernels of ``xclip_fast.kernels`` through the operators of
+  :mod:`xclip_fast.library` (CUDA tensors, or CPU tensors when ``TRITON_INTERPRET=1`` was set before
+  triton was imported).
+- ``"torch"``: ``torch.nn.functional.scaled_dot_product_attention`` and plain PyTorch, any device.
+- ``"auto"``: ``"triton"`` for CUDA tensors when the kernels can run the call, ``"torch"`` otherwise.
+  It never raises for something the torch backend can do.
 
 Modules additionally know ``"reference"`` (the original computation, see ``reference.py``).
+
+Autocast: under ``torch.autocast`` the inputs of the attention and of the fused MLP are cast to the
+autocast dtype, as autocast does for ``scaled_dot_product_attention`` and ``linear`` (fp64 stays
+fp64), and the ops run in that dtype, forward and backward; nothing saved for backward is upcast.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 __all__ = [
     "attention",
     "packed_attention",
+    "quick_gelu",
     "quick_gelu_mlp",
     "resolve_backend",
+    "triton_limits",
     "triton_status",
+    "autocast_dtype",
     "ATTENTION_BACKENDS",
     "MODULE_BACKENDS",
+    "FLOAT_DTYPES",
+    "MAX_HEAD_DIM",
 ]
 
 ATTENTION_BACKENDS = ("auto", "triton", "torch")
 MODULE_BACKENDS = ("auto", "triton", "torch", "reference")
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+MAX_HEAD_DIM = 128  # the kernels' largest head dim (register tiles of up to 128 columns)
 
-_triton_import_error: str | None = None
+_import_error: str | None = None
 try:  # triton is an optional dependency on platforms without wheels
-    from xclip_fast.kernels import attention as _tk
-    from xclip_fast.kernels import quick_gelu as _tg
+    from xclip_fast import library as _lib
 except Exception as exc:  # pragma: no cover - depends on the platform
-    _tk = _tg = None
-    _triton_import_error = f"{type(exc).__name__}: {exc}"
+    _lib = None
+    _import_error = f"{type(exc).__name__}: {exc}"
+
+# the second-order-gradient refusal of every fast Function (kept in one place)
+_NO_DOUBLE_BACKWARD = ("second-order gradients are not supported by the fast kernels; for gradient penalties "
+                       "run the model with backend='reference' under "
+                       "torch.nn.attention.sdpa_kernel(SDPBackend.MATH)")
 
 
 def _interpreting() -> bool:
-    # triton decides at import time: kernels are interpreted iff TRITON_INTERPRET was set then
-    return _tk is not None and type(_tk._attention_fwd_kernel).__name__ == "InterpretedFunction"
+    return _lib is not None and _lib.INTERPRETING
 
 
+# ------------------------------------------------------------------------------------------------
+# the backend resolver
+# ------------------------------------------------------------------------------------------------
 def triton_status(device: torch.device | str | None = None) -> tuple[bool, str]:
     """Whether the Triton backend can run on ``device`` (default: this machine), and why not."""
-    if _tk is None:
-        return False, f"triton does not import ({_triton_import_error})"
+    if _lib is None:
+        return False, f"triton does not import ({_import_error})"
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(device)
@@ -61,138 +80,94 @@ def triton_status(device: torch.device | str | None = None) -> tuple[bool, str]:
                    f"imported, for CPU tensors); got {device.type} tensors")
 
 
-def resolve_backend(backend: str, device: torch.device, *, allowed=ATTENTION_BACKENDS) -> str:
-    """Map ``backend`` (possibly ``"auto"``) to a concrete backend for tensors on ``device``."""
+def triton_limits(device: torch.device, dtype: torch.dtype | None = None, head_dim: int | None = None, *,
+                  attn_mask: bool = False, dropout: bool = False) -> list[str]:
+    """Every reason the Triton kernels cannot run this call (empty when they can)."""
+    ok, why = triton_status(device)
+    reasons = [] if ok else [why]
+    if head_dim is not None and head_dim > MAX_HEAD_DIM:
+        reasons.append(f"head dim D={head_dim} exceeds the triton kernels' maximum {MAX_HEAD_DIM}")
+    if dtype is not None and dtype not in FLOAT_DTYPES:
+        reasons.append(f"dtype {dtype} is not supported by the triton kernels (supported: {FLOAT_DTYPES})")
+    if dtype == torch.bfloat16 and head_dim is not None and _interpreting():
+        reasons.append("bf16 matrix products are wrong in Triton's CPU interpreter (TRITON_INTERPRET=1); bf16 "
+                       "runs on CUDA")
+    if attn_mask:
+        reasons.append("an attention mask is not supported by the triton kernels")
+    if dropout:
+        reasons.append("attention dropout is not supported by the triton kernels")
+    return reasons
+
+
+def resolve_backend(backend: str, device: torch.device, *, dtype: torch.dtype | None = None,
+                    head_dim: int | None = None, attn_mask: bool = False, dropout: bool = False,
+                    allowed=ATTENTION_BACKENDS) -> str:
+    """The backend that runs a call: the one place where ``"auto"`` is decided.
+
+    ``"auto"`` gives ``"triton"`` for CUDA tensors when the kernels can run the call and ``"torch"``
+    otherwise (head dim over 128, a mask, attention dropout, no triton); an explicit ``"triton"``
+    that cannot run raises a ``ValueError`` listing every reason. ``dtype``/``head_dim`` omitted:
+    not checked (the MLP has no head dim).
+    """
     if backend not in allowed:
         raise ValueError(f"backend must be one of {allowed}, got {backend!r}")
+    if backend in ("torch", "reference"):
+        return backend
+    reasons = triton_limits(device, dtype, head_dim, attn_mask=attn_mask, dropout=dropout)
     if backend == "auto":
-        if device.type == "cuda" and triton_status(device)[0]:
-            return "triton"
-        return "torch"
-    if backend == "triton":
-        ok, why = triton_status(device)
-        if not ok:
-            raise ValueError(f"backend='triton' cannot run here: {why}")
-    return backend
-
-
-def _allow_tf32() -> bool:
-    return torch.get_float32_matmul_precision() != "highest"
+        return "triton" if device.type == "cuda" and not reasons else "torch"
+    if reasons:
+        raise ValueError("backend='triton' cannot run this call: " + "; ".join(reasons)
+                         + " (backend='auto' falls back to 'torch')")
+    return "triton"
 
 
 # ------------------------------------------------------------------------------------------------
-# autograd bindings
+# autocast
 # ------------------------------------------------------------------------------------------------
-def _empty_out(like: torch.Tensor) -> torch.Tensor:
-    """An output ``[B, S, H, D]`` laid out like ``like`` when ``like`` is a seq-first view."""
-    B, S, H, D = like.shape
-    if like.stride(0) < like.stride(1):  # seq-first memory: keep it so the next GEMM reads it as is
-        return torch.empty(S, B, H, D, dtype=like.dtype, device=like.device).transpose(0, 1)
-    return torch.empty(B, S, H, D, dtype=like.dtype, device=like.device)
+def autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """The autocast dtype active for ``device``'s type, or None."""
+    if device.type not in ("cuda", "cpu") or not torch.is_autocast_enabled(device.type):
+        return None
+    return torch.get_autocast_dtype(device.type)
 
 
-def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-class AttentionFunction(torch.autograd.Function):
-    """Triton attention with separate q, k, v (and optional extra k, v) tensors."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, extra_k, extra_v, scale: float):
-        B, SQ, H, _ = q.shape
-        o = _empty_out(q)
-        lse = torch.empty(B, H, SQ, dtype=_lse_dtype(q.dtype), device=q.device)
-        tf32 = _allow_tf32()
-        _tk.attention_fwd(q, k, v, extra_k, extra_v, o, lse, scale, tf32)
-        ctx.save_for_backward(q, k, v, extra_k, extra_v, o, lse)
-        ctx.scale, ctx.tf32 = scale, tf32
-        return o
-
-    @staticmethod
-    def backward(ctx, do):
-        q, k, v, ek, ev, o, lse = ctx.saved_tensors
-        do = do if do.stride(-1) == 1 else do.contiguous()
-        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-        dek = torch.empty_like(ek) if ek is not None else None
-        dev = torch.empty_like(ev) if ev is not None else None
-        _tk.attention_bwd(q, k, v, ek, ev, o, lse, do, dq, dk, dv, dek, dev, ctx.scale, ctx.tf32)
-        return dq, dk, dv, dek, dev, None
-
-
-class PackedAttentionFunction(torch.autograd.Function):
-    """Triton attention reading q, k, v out of one packed in-projection output.
-
-    ``qkv: [B, S, 3, H, D]`` (any strides, typically a view of a seq-first ``(S, B, 3*d)`` GEMM
-    output), ``extra_kv: [B, 2, H, D]`` or None. The gradient is written straight into one
-    ``dqkv`` buffer of the same layout, so autograd never scatters three slices into zeros.
-    """
-
-    @staticmethod
-    def forward(ctx, qkv, extra_kv, scale: float):
-        q, k, v = qkv.unbind(2)
-        ek, ev = extra_kv.unbind(1) if extra_kv is not None else (None, None)
-        B, S, H, _ = q.shape
-        o = _empty_out(q)
-        lse = torch.empty(B, H, S, dtype=_lse_dtype(q.dtype), device=q.device)
-        tf32 = _allow_tf32()
-        _tk.attention_fwd(q, k, v, ek, ev, o, lse, scale, tf32)
-        ctx.save_for_backward(qkv, extra_kv, o, lse)
-        ctx.scale, ctx.tf32 = scale, tf32
-        return o
-
-    @staticmethod
-    def backward(ctx, do):
-        qkv, extra_kv, o, lse = ctx.saved_tensors
-        do = do if do.stride(-1) == 1 else do.contiguous()
-        dqkv = torch.empty_like(qkv)
-        if dqkv.stride(-1) != 1:
-            dqkv = torch.empty(qkv.shape, dtype=qkv.dtype, device=qkv.device)
-        q, k, v = qkv.unbind(2)
-        dq, dk, dv = dqkv.unbind(2)
-        if extra_kv is not None:
-            dextra_kv = torch.empty(extra_kv.shape, dtype=extra_kv.dtype, device=extra_kv.device)
-            ek, ev = extra_kv.unbind(1)
-            dek, dev = dextra_kv.unbind(1)
-        else:
-            dextra_kv = ek = ev = dek = dev = None
-        _tk.attention_bwd(q, k, v, ek, ev, o, lse, do, dq, dk, dv, dek, dev, ctx.scale, ctx.tf32)
-        return dqkv, dextra_kv, None
+def _cast(dtype: torch.dtype | None, *tensors):
+    """Autocast's rule: floating tensors other than fp64 go to ``dtype`` (None: unchanged)."""
+    if dtype is None:
+        return tensors
+    return tuple(t.to(dtype) if t is not None and t.is_floating_point() and t.dtype != torch.float64 else t
+                 for t in tensors)
 
 
 # ------------------------------------------------------------------------------------------------
-# torch backend
+# attention
 # ------------------------------------------------------------------------------------------------
-def _sdpa(q, k, v, extra_k, extra_v, scale, attn_mask=None):
+def _sdpa(q, k, v, extra_k, extra_v, scale, attn_mask=None, dropout_p=0.0):
     """SDPA on ``[B, S, H, D]`` tensors; the extra token is appended to the keys/values only."""
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, S, D] views
     if extra_k is not None:
         k = torch.cat([k, extra_k.unsqueeze(2)], dim=2)
         v = torch.cat([v, extra_v.unsqueeze(2)], dim=2)
-    o = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale)
+    o = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, scale=scale)
     return o.transpose(1, 2)
-
-
-# ------------------------------------------------------------------------------------------------
-# checks and the functional API
-# ------------------------------------------------------------------------------------------------
-def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
-    return t if t.stride(-1) == 1 else t.contiguous()
-
-
-def _check_triton_support(head_dim: int, dtype: torch.dtype, problems: list) -> None:
-    if _tk is None:
-        return
-    if head_dim > _tk.MAX_HEAD_DIM:
-        problems.append(f"head dim D={head_dim} exceeds the triton backend's maximum "
-                        f"{_tk.MAX_HEAD_DIM} (use backend='torch')")
-    if dtype not in _tk.SUPPORTED_DTYPES:
-        problems.append(f"dtype {dtype} is not supported by the triton backend")
 
 
 def _raise(problems: list, what: str) -> None:
     if problems:
         raise ValueError(f"{what}: " + "; ".join(problems))
+
+
+def _check_same(named: dict, problems: list) -> None:
+    dtypes = {name: t.dtype for name, t in named.items()}
+    if len(set(dtypes.values())) > 1:
+        problems.append(f"dtypes differ: {', '.join(f'{n}={d}' for n, d in dtypes.items())}")
+    first = next(iter(named.values()))
+    if first.dtype not in FLOAT_DTYPES:
+        problems.append(f"dtype must be one of {FLOAT_DTYPES}, got {first.dtype}")
+    devices = {name: t.device for name, t in named.items()}
+    if len(set(devices.values())) > 1:
+        problems.append(f"devices differ: {', '.join(f'{n}={d}' for n, d in devices.items())}")
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -211,14 +186,18 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         backend: ``"auto"``, ``"triton"`` or ``"torch"`` (see the module docstring).
 
     Any strides are accepted; tensors whose last dimension is not contiguous are copied. The
-    result is ``(B, Sq, H, D)`` and differentiable in every tensor argument. Floating dtypes
-    fp16, bf16, fp32 and fp64 (all inputs the same); fp32 runs exact fp32 dot products unless
-    TF32 is enabled in PyTorch (``torch.set_float32_matmul_precision("high")``).
+    result is ``(B, Sq, H, D)`` and differentiable in every tensor argument (first order; the
+    triton backend refuses second-order gradients with an error). Floating dtypes fp16, bf16, fp32
+    and fp64 (all inputs the same); fp32 runs exact fp32 dot products unless TF32 is enabled in
+    PyTorch (``torch.set_float32_matmul_precision("high")``). Under ``torch.autocast`` the inputs
+    are cast to the autocast dtype first. Sequences never see each other's values: a NaN in one
+    sequence leaves the others finite.
 
     Raises:
         ValueError: wrong ranks, mismatched shapes, dtypes or devices, only one of
-            ``extra_k``/``extra_v``, an unknown backend, or a problem the chosen backend cannot
-            run (naming the values).
+            ``extra_k``/``extra_v``, an unknown backend, or a call the chosen backend cannot run
+            (naming the values).
+        TypeError: an argument that is not a tensor.
     """
     problems = []
     named = {"q": q, "k": k, "v": v}
@@ -249,75 +228,82 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             problems.append(f"{name} must be (B={B}, H={H}, D={D}), got {tuple(named[name].shape)}")
     if min(q.shape) < 1 or min(k.shape) < 1:
         problems.append(f"every dimension must be >= 1, got q {tuple(q.shape)}, k {tuple(k.shape)}")
-    dtypes = {name: t.dtype for name, t in named.items()}
-    if len(set(dtypes.values())) > 1:
-        problems.append(f"dtypes differ: {', '.join(f'{n}={d}' for n, d in dtypes.items())}")
-    if q.dtype not in _FLOAT_DTYPES:
-        problems.append(f"dtype must be one of {_FLOAT_DTYPES}, got {q.dtype}")
-    devices = {name: t.device for name, t in named.items()}
-    if len(set(devices.values())) > 1:
-        problems.append(f"devices differ: {', '.join(f'{n}={d}' for n, d in devices.items())}")
+    _check_same(named, problems)
     _raise(problems, "attention")
 
-    backend = resolve_backend(backend, q.device)
+    cast = autocast_dtype(q.device)
+    q, k, v, extra_k, extra_v = _cast(cast, q, k, v, extra_k, extra_v)
+    backend = resolve_backend(backend, q.device, dtype=q.dtype, head_dim=D)
     scale = D**-0.5 if scale is None else float(scale)
     if backend == "torch":
         return _sdpa(q, k, v, extra_k, extra_v, scale)
-    _check_triton_support(D, q.dtype, problems)
-    _raise(problems, "attention")
-    q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
-    if extra_k is not None:
-        extra_k, extra_v = _last_dim_contiguous(extra_k), _last_dim_contiguous(extra_v)
-    return AttentionFunction.apply(q, k, v, extra_k, extra_v, scale)
+    return torch.ops.xclip_fast.attention_fwd(q, k, v, extra_k, extra_v, scale)[0]
 
 
-def packed_attention(qkv: torch.Tensor, extra_kv: torch.Tensor | None = None, *,
-                     scale: float | None = None, backend: str, attn_mask=None) -> torch.Tensor:
+def packed_attention(qkv: torch.Tensor, extra_kv: torch.Tensor | None = None, *, scale: float | None = None,
+                     backend: str = "auto", attn_mask: torch.Tensor | None = None,
+                     dropout_p: float = 0.0) -> torch.Tensor:
     """Self-attention over a packed in-projection output (the modules' entry point).
 
     ``qkv: (B, S, 3, H, D)`` (any strides with a contiguous last dim; typically the seq-first GEMM
     output ``(S, B, 3*d)`` viewed and transposed), ``extra_kv: (B, 2, H, D)`` one extra key/value
     per sequence, or None. Returns ``(B, S, H, D)``; on the triton backend its memory follows
-    ``qkv`` (seq-first in, seq-first out) so the out-projection reads it without a copy.
-    ``attn_mask`` (additive, broadcastable to ``(B, H, S, S[+1])``) is honoured by the torch
-    backend only; ``backend`` must already be resolved (``"triton"`` or ``"torch"``).
+    ``qkv`` (seq-first in, seq-first out) so the out-projection reads it without a copy, and the
+    gradient of ``qkv`` comes back as one buffer. ``attn_mask`` (additive, broadcastable to
+    ``(B, H, S, S[+1])``) and ``dropout_p`` are honoured by the torch backend; ``"auto"`` picks it
+    for them, ``"triton"`` refuses them.
     """
-    D = qkv.shape[-1]
-    scale = D**-0.5 if scale is None else scale
+    problems = []
+    if not isinstance(qkv, torch.Tensor) or qkv.dim() != 5 or qkv.shape[2] != 3:
+        shape = tuple(qkv.shape) if isinstance(qkv, torch.Tensor) else type(qkv).__name__
+        raise ValueError(f"packed_attention: qkv must be (B, S, 3, H, D), got {shape}")
+    B, S, _, H, D = qkv.shape
+    named = {"qkv": qkv}
+    if extra_kv is not None:
+        if not isinstance(extra_kv, torch.Tensor) or tuple(extra_kv.shape) != (B, 2, H, D):
+            shape = tuple(extra_kv.shape) if isinstance(extra_kv, torch.Tensor) else type(extra_kv).__name__
+            problems.append(f"extra_kv must be (B={B}, 2, H={H}, D={D}), got {shape}")
+        else:
+            named["extra_kv"] = extra_kv
+    if min(qkv.shape) < 1:
+        problems.append(f"every dimension must be >= 1, got qkv {tuple(qkv.shape)}")
+    _check_same(named, problems)
+    _raise(problems, "packed_attention")
+
+    qkv, extra_kv = _cast(autocast_dtype(qkv.device), qkv, extra_kv)
+    backend = resolve_backend(backend, qkv.device, dtype=qkv.dtype, head_dim=D, attn_mask=attn_mask is not None,
+                              dropout=dropout_p > 0.0)
+    scale = D**-0.5 if scale is None else float(scale)
     if backend == "torch":
         q, k, v = qkv.unbind(2)
         ek, ev = extra_kv.unbind(1) if extra_kv is not None else (None, None)
-        return _sdpa(q, k, v, ek, ev, scale, attn_mask=attn_mask)
-    if backend != "triton":
-        raise ValueError(f"packed_attention: backend must be 'triton' or 'torch', got {backend!r}")
-    if attn_mask is not None:
-        raise ValueError("attn_mask is not supported by the triton backend (use backend='torch')")
-    problems = []
-    _check_triton_support(D, qkv.dtype, problems)
-    _raise(problems, "packed_attention")
-    return PackedAttentionFunction.apply(_last_dim_contiguous(qkv), extra_kv, scale)
+        if attn_mask is not None:
+            attn_mask = attn_mask.to(q.dtype)
+        return _sdpa(q, k, v, ek, ev, scale, attn_mask=attn_mask, dropout_p=dropout_p)
+    return torch.ops.xclip_fast.packed_attention_fwd(qkv, extra_kv, scale)[0]
 
 
 # ------------------------------------------------------------------------------------------------
-# the MLP: c_fc -> QuickGELU -> c_proj, saving only what backward needs
+# the MLP: fc1 -> QuickGELU -> fc2, saving only what backward needs
 # ------------------------------------------------------------------------------------------------
 _QG = 1.702
 
 
-def _gelu(h: torch.Tensor, backend: str, out: torch.Tensor | None = None) -> torch.Tensor:
-    """QuickGELU of ``h`` into ``out`` (a new tensor by default; ``out=h`` works in place)."""
+def quick_gelu(h: torch.Tensor, backend: str = "auto", *, inplace: bool = False) -> torch.Tensor:
+    """``h * sigmoid(1.702 h)`` (QuickGELU), one pass on the triton backend; ``inplace`` writes into
+    ``h`` on the torch backend (the triton operator always returns a new tensor)."""
+    backend = resolve_backend(backend, h.device, dtype=h.dtype)
     if backend == "triton":
-        return _tg.quick_gelu_fwd(h, h if out is h else (out if out is not None else torch.empty_like(h)))
-    if out is h:
-        h.mul_(torch.mul(h, _QG).sigmoid_())
-        return h
+        return torch.ops.xclip_fast.quick_gelu(h)
+    if inplace:
+        return h.mul_(torch.mul(h, _QG).sigmoid_())
     return torch.mul(h, _QG).sigmoid_().mul_(h)
 
 
-def _gelu_backward(h: torch.Tensor, dg: torch.Tensor, backend: str) -> torch.Tensor:
-    """d/dh of QuickGELU times ``dg``, written into ``dg`` (the sigmoid is recomputed from ``h``)."""
+def _quick_gelu_backward(h: torch.Tensor, dg: torch.Tensor, backend: str) -> torch.Tensor:
+    """d/dh of QuickGELU times ``dg`` (the sigmoid is recomputed from ``h``; torch writes into ``dg``)."""
     if backend == "triton":
-        return _tg.quick_gelu_bwd(h, dg, dg)
+        return torch.ops.xclip_fast.quick_gelu_backward(h, dg)
     s = torch.mul(h, _QG).sigmoid_()
     # s + 1.702 h s (1 - s)
     slope = torch.sub(1.0, s).mul_(s).mul_(h).mul_(_QG).add_(s)
@@ -325,34 +311,36 @@ def _gelu_backward(h: torch.Tensor, dg: torch.Tensor, backend: str) -> torch.Ten
 
 
 class QuickGELUMLPFunction(torch.autograd.Function):
-    """``c_proj(QuickGELU(c_fc(x)))`` saving ``x`` and the pre-activation only.
+    """``fc2(QuickGELU(fc1(x)))`` saving ``x`` and the pre-activation only.
 
     Autograd on the plain modules keeps the pre-activation, the sigmoid and the activation output
-    (three 4d-wide tensors per token); this keeps one and recomputes the rest in backward.
+    (three hidden-wide tensors per token); this keeps one and recomputes the rest in backward.
+    ``backend`` is already resolved (``"triton"`` or ``"torch"``); all tensors share one dtype.
     """
 
     @staticmethod
     def forward(ctx, x, w1, b1, w2, b2, backend: str):
         x2 = x.reshape(-1, x.shape[-1])
         h = torch.addmm(b1, x2, w1.t()) if b1 is not None else x2 @ w1.t()
-        g = _gelu(h, backend)
+        g = quick_gelu(h, backend)
         y = torch.addmm(b2, g, w2.t()) if b2 is not None else g @ w2.t()
         ctx.save_for_backward(x2, h, w1, w2)
         ctx.backend, ctx.has_b1, ctx.has_b2, ctx.x_shape = backend, b1 is not None, b2 is not None, x.shape
         return y.view(*x.shape[:-1], w2.shape[0])
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dy):
         x2, h, w1, w2 = ctx.saved_tensors
         need_x, need_w1, need_b1, need_w2, need_b2, _ = ctx.needs_input_grad
         dy2 = dy.reshape(-1, dy.shape[-1])
         dx = dw1 = db1 = dw2 = db2 = None
         if need_w2:
-            dw2 = dy2.t() @ _gelu(h, ctx.backend)
+            dw2 = dy2.t() @ quick_gelu(h, ctx.backend)
         if need_b2 and ctx.has_b2:
             db2 = dy2.sum(0)
         if need_x or need_w1 or need_b1:
-            dh = _gelu_backward(h, dy2 @ w2, ctx.backend)
+            dh = _quick_gelu_backward(h, dy2 @ w2, ctx.backend)
             if need_w1:
                 dw1 = dh.t() @ x2
             if need_b1 and ctx.has_b1:
@@ -362,29 +350,22 @@ class QuickGELUMLPFunction(torch.autograd.Function):
         return dx, dw1, db1, dw2, db2, None
 
 
-def _mlp_linears(mlp):
-    """``(fc1, fc2)`` when ``mlp`` is CLIP's Linear -> QuickGELU -> Linear (official or Hugging
-    Face), else None (the module is then simply called)."""
-    from xclip_fast.reference import QuickGELU
+def quick_gelu_mlp(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2: torch.Tensor,
+                   b2: torch.Tensor | None, *, backend: str = "auto") -> torch.Tensor:
+    """``linear(quick_gelu(linear(x, w1, b1)), w2, b2)``, CLIP's MLP, fused.
 
-    if isinstance(mlp, torch.nn.Sequential) and [n for n, _ in mlp.named_children()] == ["c_fc", "gelu", "c_proj"]:
-        if type(mlp.gelu) is QuickGELU and type(mlp.c_fc) is torch.nn.Linear and type(mlp.c_proj) is torch.nn.Linear:
-            return mlp.c_fc, mlp.c_proj
-    act = getattr(mlp, "activation_fn", None)
-    if act is not None and type(act).__name__ == "QuickGELUActivation" and type(mlp).__name__ == "XCLIPMLP":
-        return mlp.fc1, mlp.fc2
-    return None
-
-
-def quick_gelu_mlp(mlp: torch.nn.Module, x: torch.Tensor, backend: str) -> torch.Tensor:
-    """Run CLIP's MLP module ``mlp`` on ``x`` with the activation fused and, in training, only the
-    MLP input and pre-activation saved for backward. Unrecognised MLPs are called as they are."""
-    linears = _mlp_linears(mlp)
-    if linears is None or (backend == "triton" and _tg is None):
-        return mlp(x)
-    fc1, fc2 = linears
-    if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in (*fc1.parameters(),
-                                                                                     *fc2.parameters()))):
-        return QuickGELUMLPFunction.apply(x, fc1.weight, fc1.bias, fc2.weight, fc2.bias, backend)
-    h = F.linear(x, fc1.weight, fc1.bias)
-    return F.linear(_gelu(h, backend, out=h), fc2.weight, fc2.bias)
+    In training only ``x`` and the pre-activation are saved for backward (not the sigmoid and the
+    activation); in inference the activation is computed in place where the backend allows. Under
+    ``torch.autocast`` every tensor is cast to the autocast dtype (as ``linear`` would be) and the
+    whole MLP, forward and backward, runs in it. Second-order gradients raise.
+    """
+    cast = autocast_dtype(x.device)
+    backend = resolve_backend(backend, x.device, dtype=cast or x.dtype)
+    if cast is not None:
+        x, w1, b1, w2, b2 = _cast(cast, x, w1, b1, w2, b2)
+        with torch.autocast(x.device.type, enabled=False):
+            return quick_gelu_mlp(x, w1, b1, w2, b2, backend=backend)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, w1, b1, w2, b2)):
+        return QuickGELUMLPFunction.apply(x, w1, b1, w2, b2, backend)
+    h = F.linear(x, w1, b1)
+    return F.linear(quick_gelu(h, backend, inplace=True), w2, b2)

@@ -1,0 +1,54 @@
+"""The per-process part of tests/test_distributed.py (spawned; kept out of the test module so that
+the children import no test code)."""
+
+import torch
+import torch.distributed as dist
+
+from xclip_fast.encoder import XCLIPVideoEncoder
+
+CONFIG = dict(input_resolution=16, patch_size=8, width=64, layers=2, heads=2, embed_dim=32, num_frames=3,
+              mit_heads=2)
+BATCH = 4
+
+
+def make_encoder(backend: str, use_checkpoint: bool = False) -> XCLIPVideoEncoder:
+    torch.manual_seed(0)
+    return XCLIPVideoEncoder(**CONFIG, backend=backend, use_checkpoint=use_checkpoint, droppath=0.0).double().train()
+
+
+def batch() -> torch.Tensor:
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(BATCH, CONFIG["num_frames"], 3, 16, 16, generator=g, dtype=torch.float64)
+
+
+def loss_of(out: torch.Tensor) -> torch.Tensor:
+    """A mean over the (local) batch: DDP and FSDP average gradients over ranks, so the average of
+    equal-sized local means is the global mean one process computes."""
+    return out.square().sum(-1).mean()
+
+
+def worker(rank: int, world: int, store: str, backend: str, mode: str, out_path: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    try:
+        enc = make_encoder(backend, use_checkpoint=mode == "fsdp2")
+        if mode == "ddp":
+            from torch.nn.parallel import DistributedDataParallel
+
+            model = DistributedDataParallel(enc)
+        else:
+            from torch.distributed.fsdp import fully_shard
+
+            for block in enc.visual.blocks:
+                fully_shard(block)
+            fully_shard(enc)
+            model = enc
+        per_rank = BATCH // world
+        loss_of(model(batch()[rank * per_rank:(rank + 1) * per_rank])).backward()
+        grads = {}
+        for name, p in model.named_parameters():
+            g = p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
+            grads[name.removeprefix("module.")] = g.detach().clone()
+        if rank == 0:
+            torch.save(grads, out_path)
+    finally:
+        dist.destroy_process_group()

@@ -1,0 +1,159 @@
+"""How one X-CLIP layer computes, on tensors and sub-modules: the one place the dataflow lives.
+
+The modules (``blocks.py``, ``encoder.py``, ``hf.py``) own parameters and adapt their sub-module
+names to :class:`Parts`; everything they compute goes through these functions.
+
+One cross-frame layer, ``x: (l, N, d)`` seq-first (or ``(N, l, d)`` batch-first), ``N = b*T``:
+
+1. :func:`message_path`: ``message_fc`` on each frame's class token, then attention among the T
+   message tokens of each video (the only step that needs every frame of a video at once).
+2. :func:`frame_path`: attention inside each frame over its l tokens plus its message token, which
+   enters as one extra key/value (never concatenated to ``x``), then the MLP.
+
+:func:`residual_path` is the MIT's plain pre-LN block. ``backend`` is the requested backend
+(``"auto"``, ``"triton"`` or ``"torch"``); every op resolves it for its own call
+(:func:`xclip_fast.ops.resolve_backend`).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from xclip_fast.ops import packed_attention, quick_gelu_mlp
+
+__all__ = ["Parts", "FusedMLP", "in_projection", "run_mlp", "message_path", "frame_path", "residual_path",
+           "no_drop"]
+
+
+class FusedMLP(NamedTuple):
+    """CLIP's MLP as its two linear layers: ``fc2(QuickGELU(fc1(x)))``, run by the fused op."""
+
+    fc1: nn.Linear
+    fc2: nn.Linear
+
+
+MLP = Union[FusedMLP, Callable[[torch.Tensor], torch.Tensor]]
+
+
+class Parts(NamedTuple):
+    """The sub-modules one layer is made of, whatever the module that owns them.
+
+    Official blocks name them ``message_fc, message_ln, message_attn, ln_1, attn, ln_2, mlp``; the
+    Hugging Face layer ``message_fc, message_ln, message_attn, layer_norm1, self_attn, layer_norm2,
+    mlp``. Attention modules either hold a packed ``in_proj_weight`` (``nn.MultiheadAttention``) or
+    separate ``q_proj/k_proj/v_proj`` (Hugging Face); both have ``num_heads`` and ``out_proj``.
+    ``mlp`` is a :class:`FusedMLP` when the module is CLIP's Linear -> QuickGELU -> Linear (the
+    adapters decide), else any callable (run as it is). The MIT's block leaves the message parts None.
+    """
+
+    message_fc: nn.Module | None
+    message_ln: nn.Module | None
+    message_attn: nn.Module | None
+    ln_1: nn.Module
+    attn: nn.Module
+    ln_2: nn.Module
+    mlp: MLP
+
+
+def no_drop(branch: str, y: torch.Tensor) -> torch.Tensor:
+    """The identity drop path (evaluation, or rate 0)."""
+    return y
+
+
+def in_projection(attn: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """The packed ``(3d, d)`` in-projection weight and ``(3d,)`` bias of an attention module.
+
+    Separate q/k/v projections are concatenated on the fly (autograd reaches the originals)."""
+    if getattr(attn, "in_proj_weight", None) is not None:
+        return attn.in_proj_weight, attn.in_proj_bias
+    w = torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight])
+    b = torch.cat([attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias])
+    return w, b
+
+
+def run_mlp(mlp: MLP, x: torch.Tensor, backend: str) -> torch.Tensor:
+    """The MLP of ``parts`` on ``x``: fused for a :class:`FusedMLP`, else the module is called."""
+    if isinstance(mlp, FusedMLP):
+        return quick_gelu_mlp(x, mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight, mlp.fc2.bias, backend=backend)
+    return mlp(x)
+
+
+def _heads(attn: nn.Module, d: int) -> tuple[int, int]:
+    H = attn.num_heads
+    return H, d // H
+
+
+def _dropout(attn: nn.Module) -> float:
+    """The attention dropout of ``attn`` in training (``nn.MultiheadAttention`` and Hugging Face's
+    attention both keep it as a float ``dropout``), 0 in evaluation."""
+    p = getattr(attn, "dropout", 0.0)
+    return float(p) if attn.training and isinstance(p, (int, float)) else 0.0
+
+
+def message_path(cls: torch.Tensor, T: int, parts: Parts, backend: str, drop=no_drop) -> torch.Tensor:
+    """Cross-frame fusion attention: ``cls: (b*T, d)`` class tokens -> ``(b*T, d)`` message tokens.
+
+    Runs batch-first over videos ``(b, T, d)``; ``drop("message", y)`` applies the drop path of the
+    message branch. This is the only part of a layer that needs every frame of a video at once.
+    """
+    N, d = cls.shape
+    b = N // T
+    msg = parts.message_fc(cls).view(b, T, d)
+    attn = parts.message_attn
+    w, bias = in_projection(attn)
+    H, Dh = _heads(attn, d)
+    qkv = F.linear(parts.message_ln(msg), w, bias)
+    a = packed_attention(qkv.view(b, T, 3, H, Dh), backend=backend, dropout_p=_dropout(attn))
+    a = attn.out_proj(a.reshape(b, T, d))
+    return (msg + drop("message", a)).view(N, d)
+
+
+def frame_path(x: torch.Tensor, msg: torch.Tensor, parts: Parts, backend: str, *, batch_first: bool = False,
+               attn_mask: torch.Tensor | None = None, drop=no_drop) -> torch.Tensor:
+    """Intra-frame attention over [frame tokens; message token], then the MLP, for each frame.
+
+    ``x: (l, N, d)`` (or ``(N, l, d)`` with ``batch_first``), ``msg: (N, d)``. The message token is
+    never concatenated: it is layer-normed on its own, only its key/value is projected, and it
+    enters the attention as one extra key/value per frame. Frames are independent here, so any
+    subset of frames (with their message tokens) can be updated on its own.
+    ``drop(branch, y)`` with branch ``"attention"`` (``y`` has l token rows of the l+1 the official
+    code drew for) or ``"mlp"``.
+    """
+    if batch_first:
+        N, l, d = x.shape
+    else:
+        l, N, d = x.shape
+    attn = parts.attn
+    H, Dh = _heads(attn, d)
+    w, bias = in_projection(attn)
+    qkv = F.linear(parts.ln_1(x), w, bias)  # q, k, v read in place by the kernel
+    # the original concatenates msg to x (promoting it to x's dtype under autocast) before ln_1
+    kv_msg = F.linear(parts.ln_1(msg.to(x.dtype)), w[d:], bias[d:])  # (N, 2d): the message token's k, v
+    qkv = qkv.view(N, l, 3, H, Dh) if batch_first else qkv.view(l, N, 3, H, Dh).transpose(0, 1)
+    o = packed_attention(qkv, kv_msg.view(N, 2, H, Dh), backend=backend, attn_mask=attn_mask,
+                         dropout_p=_dropout(attn))
+    o = o.reshape(N, l, d) if batch_first else o.transpose(0, 1).reshape(l, N, d)
+    x = x + drop("attention", attn.out_proj(o))
+    return x + drop("mlp", run_mlp(parts.mlp, parts.ln_2(x), backend))
+
+
+def residual_path(x: torch.Tensor, parts: Parts, backend: str, *, batch_first: bool = False,
+                  attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Pre-LN self-attention + MLP (the MIT's block) on ``(S, B, d)`` or batch-first ``(B, S, d)``."""
+    if batch_first:
+        B, S, d = x.shape
+    else:
+        S, B, d = x.shape
+    attn = parts.attn
+    H, Dh = _heads(attn, d)
+    w, bias = in_projection(attn)
+    qkv = F.linear(parts.ln_1(x), w, bias)
+    qkv = qkv.view(B, S, 3, H, Dh) if batch_first else qkv.view(S, B, 3, H, Dh).transpose(0, 1)
+    o = packed_attention(qkv, backend=backend, attn_mask=attn_mask, dropout_p=_dropout(attn))
+    o = o.reshape(B, S, d) if batch_first else o.transpose(0, 1).reshape(S, B, d)
+    x = x + attn.out_proj(o)
+    return x + run_mlp(parts.mlp, parts.ln_2(x), backend)

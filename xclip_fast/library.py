@@ -1,0 +1,276 @@
+"""The Triton kernels as PyTorch operators, ``torch.ops.xclip_fast.*``.
+
+=====================================================================  =================================
+operator                                                               returns
+=====================================================================  =================================
+``attention_fwd(q, k, v, extra_k?, extra_v?, scale)``                  ``(out, lse)``
+``attention_bwd(q, k, v, extra_k?, extra_v?, out, lse, grad, scale)``  ``(dq, dk, dv, dextra_k, dextra_v)``
+``packed_attention_fwd(qkv, extra_kv?, scale)``                        ``(out, lse)``
+``packed_attention_bwd(qkv, extra_kv?, out, lse, grad, scale)``        ``(dqkv, dextra_kv)``
+``quick_gelu(x)``                                                      ``y``
+``quick_gelu_backward(x, grad_y)``                                     ``grad_x``
+=====================================================================  =================================
+
+Shapes and layouts are those of :mod:`xclip_fast.kernels.attention`: ``q: (B, Sq, H, D)``, ``k, v:
+(B, Sk, H, D)``, ``extra_*: (B, H, D)``, ``qkv: (B, S, 3, H, D)``, ``extra_kv: (B, 2, H, D)``, any
+strides with a contiguous last dimension. ``out`` keeps the memory order of ``q`` (seq-first in,
+seq-first out); ``lse: (B, H, Sq)`` is fp32 (fp64 for fp64 inputs). Without the extra token the
+backward's ``dextra_*`` are empty ``(0,)`` tensors (an operator cannot return None).
+
+The forward operators carry their autograd formulas (``register_autograd``), so ``torch.compile``
+and ``torch.func`` see one differentiable operator each. The backward operators refuse to be
+differentiated: second-order gradients through these kernels are not supported, and a gradient
+penalty must fail loudly rather than drop its term.
+
+Registration. On a GPU the operators are ``torch.library.triton_op``: the body is traceable (its
+launches go through ``wrap_triton``) and is its own fake implementation, so Inductor sees and
+schedules the kernels themselves. Under Triton's CPU interpreter (``TRITON_INTERPRET=1``, the test
+suite without a GPU), or when ``XCLIP_FAST_OPAQUE_OPS=1`` is set, they are plain
+``torch.library.custom_op`` with a separate fake implementation: the interpreter runs kernels on
+real CPU tensors only, so the body must stay opaque to tracing. Names, schemas, fake layouts and
+autograd are the same either way.
+
+Precision. fp32 inputs use exact fp32 dot products unless TF32 is enabled in PyTorch
+(``torch.set_float32_matmul_precision("high")``), read when an operator runs. Autocast is applied
+by the Python API (:mod:`xclip_fast.ops`), which casts the operators' inputs; the operators take
+the dtype they are given.
+"""
+
+import os
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from xclip_fast.kernels import attention as _kernels
+from xclip_fast.kernels.attention import attention_bwd as _attention_bwd_launch
+from xclip_fast.kernels.attention import attention_fwd as _attention_fwd_launch
+from xclip_fast.kernels.quick_gelu import quick_gelu_bwd as _quick_gelu_bwd_launch
+from xclip_fast.kernels.quick_gelu import quick_gelu_fwd as _quick_gelu_fwd_launch
+
+__all__ = ["OPAQUE", "INTERPRETING", "lse_dtype", "empty_out"]
+
+# Triton decides when it is imported: kernels are interpreted iff TRITON_INTERPRET was set then
+INTERPRETING = type(_kernels._attention_fwd_kernel).__name__ == "InterpretedFunction"
+OPAQUE = INTERPRETING or os.environ.get("XCLIP_FAST_OPAQUE_OPS", "0") not in ("", "0")
+
+
+def _define(name: str, impl, fake):
+    """Register ``xclip_fast::name`` as a triton_op (GPU) or an opaque custom_op (see the module doc)."""
+    qualname = f"xclip_fast::{name}"
+    if OPAQUE:
+        op = torch.library.custom_op(qualname, impl, mutates_args=())
+        op.register_fake(fake)
+        return op
+    return torch.library.triton_op(qualname, impl, mutates_args=())
+
+
+def _refuse_double_backward(name: str):
+    def backward(ctx, *grads):
+        raise RuntimeError(
+            f"xclip_fast: second-order gradients through {name} are not supported (its backward is not "
+            "differentiable). For gradient penalties or other double backward, use backend='torch'.")
+
+    return backward
+
+
+# ------------------------------------------------------------------------------------------------
+# allocation: shared by the real and the fake implementations, so their layouts cannot differ
+# ------------------------------------------------------------------------------------------------
+def lse_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the log-sum-exp statistics (and of every accumulator): fp64 for fp64, else fp32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def empty_out(like: Tensor) -> Tensor:
+    """An output ``(B, S, H, D)`` laid out like ``like`` when ``like`` is a seq-first view (so the
+    next GEMM reads it without a copy), else contiguous."""
+    B, S, H, D = like.shape
+    if like.stride(0) < like.stride(1):
+        return torch.empty(S, B, H, D, dtype=like.dtype, device=like.device).transpose(0, 1)
+    return torch.empty(B, S, H, D, dtype=like.dtype, device=like.device)
+
+
+def _empty_lse(q: Tensor) -> Tensor:
+    B, S, H, _ = q.shape
+    return torch.empty(B, H, S, dtype=lse_dtype(q.dtype), device=q.device)
+
+
+def _empty_grad(t: Tensor) -> Tensor:
+    """A gradient buffer with ``t``'s layout when that layout is dense, else contiguous."""
+    g = torch.empty_like(t)
+    return g if g.stride(-1) == 1 else torch.empty(t.shape, dtype=t.dtype, device=t.device)
+
+
+def _no_extra(q: Tensor) -> Tensor:
+    return q.new_empty(0)
+
+
+def _last_dim_contiguous(t: Optional[Tensor]) -> Optional[Tensor]:
+    return t if t is None or t.stride(-1) == 1 else t.contiguous()
+
+
+def _tf32() -> bool:
+    return torch.get_float32_matmul_precision() != "highest"
+
+
+# ------------------------------------------------------------------------------------------------
+# attention on separate q, k, v
+# ------------------------------------------------------------------------------------------------
+def _attention_fwd(q: Tensor, k: Tensor, v: Tensor, extra_k: Optional[Tensor], extra_v: Optional[Tensor],
+                   scale: float) -> tuple[Tensor, Tensor]:
+    q, k, v, extra_k, extra_v = (_last_dim_contiguous(t) for t in (q, k, v, extra_k, extra_v))
+    out, lse = empty_out(q), _empty_lse(q)
+    _attention_fwd_launch(q, k, v, extra_k, extra_v, out, lse, scale, _tf32())
+    return out, lse
+
+
+def _attention_fwd_fake(q, k, v, extra_k, extra_v, scale):
+    return empty_out(q), _empty_lse(q)
+
+
+def _attention_bwd(q: Tensor, k: Tensor, v: Tensor, extra_k: Optional[Tensor], extra_v: Optional[Tensor],
+                   out: Tensor, lse: Tensor, grad: Tensor, scale: float
+                   ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    q, k, v, extra_k, extra_v, out, grad = (_last_dim_contiguous(t) for t in (q, k, v, extra_k, extra_v, out, grad))
+    dq, dk, dv = _empty_grad(q), _empty_grad(k), _empty_grad(v)
+    if extra_k is None:
+        dek, dev = _no_extra(q), _no_extra(q)
+        _attention_bwd_launch(q, k, v, None, None, out, lse, grad, dq, dk, dv, None, None, scale, _tf32())
+    else:
+        dek, dev = _empty_grad(extra_k), _empty_grad(extra_v)
+        _attention_bwd_launch(q, k, v, extra_k, extra_v, out, lse, grad, dq, dk, dv, dek, dev, scale, _tf32())
+    return dq, dk, dv, dek, dev
+
+
+def _attention_bwd_fake(q, k, v, extra_k, extra_v, out, lse, grad, scale):
+    q, k, v, extra_k, extra_v = (_last_dim_contiguous(t) for t in (q, k, v, extra_k, extra_v))
+    if extra_k is None:
+        return _empty_grad(q), _empty_grad(k), _empty_grad(v), _no_extra(q), _no_extra(q)
+    return _empty_grad(q), _empty_grad(k), _empty_grad(v), _empty_grad(extra_k), _empty_grad(extra_v)
+
+
+attention_fwd = _define("attention_fwd", _attention_fwd, _attention_fwd_fake)
+attention_bwd = _define("attention_bwd", _attention_bwd, _attention_bwd_fake)
+
+
+def _attention_setup(ctx, inputs, output):
+    q, k, v, extra_k, extra_v, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, extra_k, extra_v, out, lse)
+    ctx.scale = scale
+    ctx.mark_non_differentiable(lse)
+
+
+def _attention_backward(ctx, grad_out, _grad_lse):
+    q, k, v, extra_k, extra_v, out, lse = ctx.saved_tensors
+    dq, dk, dv, dek, dev = attention_bwd(q, k, v, extra_k, extra_v, out, lse, grad_out, ctx.scale)
+    if extra_k is None:
+        dek = dev = None
+    return dq, dk, dv, dek, dev, None
+
+
+attention_fwd.register_autograd(_attention_backward, setup_context=_attention_setup)
+attention_bwd.register_autograd(_refuse_double_backward("the triton attention"))
+
+
+# ------------------------------------------------------------------------------------------------
+# attention on a packed in-projection output (the modules' path): one dqkv buffer back
+# ------------------------------------------------------------------------------------------------
+def _unbind_extra(extra_kv: Optional[Tensor]):
+    return extra_kv.unbind(1) if extra_kv is not None else (None, None)
+
+
+def _packed_attention_fwd(qkv: Tensor, extra_kv: Optional[Tensor], scale: float) -> tuple[Tensor, Tensor]:
+    qkv, extra_kv = _last_dim_contiguous(qkv), _last_dim_contiguous(extra_kv)
+    q, k, v = qkv.unbind(2)
+    out, lse = empty_out(q), _empty_lse(q)
+    _attention_fwd_launch(q, k, v, *_unbind_extra(extra_kv), out, lse, scale, _tf32())
+    return out, lse
+
+
+def _packed_attention_fwd_fake(qkv, extra_kv, scale):
+    q = _last_dim_contiguous(qkv).unbind(2)[0]
+    return empty_out(q), _empty_lse(q)
+
+
+def _packed_attention_bwd(qkv: Tensor, extra_kv: Optional[Tensor], out: Tensor, lse: Tensor, grad: Tensor,
+                          scale: float) -> tuple[Tensor, Tensor]:
+    qkv, extra_kv, out, grad = (_last_dim_contiguous(t) for t in (qkv, extra_kv, out, grad))
+    dqkv = _empty_grad(qkv)
+    dq, dk, dv = dqkv.unbind(2)
+    if extra_kv is None:
+        dextra_kv, dek, dev = _no_extra(qkv), None, None
+    else:
+        dextra_kv = torch.empty(extra_kv.shape, dtype=extra_kv.dtype, device=extra_kv.device)
+        dek, dev = dextra_kv.unbind(1)
+    q, k, v = qkv.unbind(2)
+    _attention_bwd_launch(q, k, v, *_unbind_extra(extra_kv), out, lse, grad, dq, dk, dv, dek, dev, scale, _tf32())
+    return dqkv, dextra_kv
+
+
+def _packed_attention_bwd_fake(qkv, extra_kv, out, lse, grad, scale):
+    qkv = _last_dim_contiguous(qkv)
+    if extra_kv is None:
+        return _empty_grad(qkv), _no_extra(qkv)
+    return _empty_grad(qkv), torch.empty(extra_kv.shape, dtype=extra_kv.dtype, device=extra_kv.device)
+
+
+packed_attention_fwd = _define("packed_attention_fwd", _packed_attention_fwd, _packed_attention_fwd_fake)
+packed_attention_bwd = _define("packed_attention_bwd", _packed_attention_bwd, _packed_attention_bwd_fake)
+
+
+def _packed_setup(ctx, inputs, output):
+    qkv, extra_kv, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(qkv, extra_kv, out, lse)
+    ctx.scale = scale
+    ctx.mark_non_differentiable(lse)
+
+
+def _packed_backward(ctx, grad_out, _grad_lse):
+    qkv, extra_kv, out, lse = ctx.saved_tensors
+    dqkv, dextra_kv = packed_attention_bwd(qkv, extra_kv, out, lse, grad_out, ctx.scale)
+    return dqkv, (dextra_kv if extra_kv is not None else None), None
+
+
+packed_attention_fwd.register_autograd(_packed_backward, setup_context=_packed_setup)
+packed_attention_bwd.register_autograd(_refuse_double_backward("the triton attention"))
+
+
+# ------------------------------------------------------------------------------------------------
+# QuickGELU
+# ------------------------------------------------------------------------------------------------
+def _quick_gelu(x: Tensor) -> Tensor:
+    x = x.contiguous()
+    return _quick_gelu_fwd_launch(x, torch.empty(x.shape, dtype=x.dtype, device=x.device))
+
+
+def _quick_gelu_fake(x):
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device)
+
+
+def _quick_gelu_backward(x: Tensor, grad: Tensor) -> Tensor:
+    x, grad = x.contiguous(), grad.contiguous()
+    return _quick_gelu_bwd_launch(x, grad, torch.empty(x.shape, dtype=x.dtype, device=x.device))
+
+
+def _quick_gelu_backward_fake(x, grad):
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device)
+
+
+quick_gelu = _define("quick_gelu", _quick_gelu, _quick_gelu_fake)
+quick_gelu_backward = _define("quick_gelu_backward", _quick_gelu_backward, _quick_gelu_backward_fake)
+
+
+def _quick_gelu_setup(ctx, inputs, output):
+    ctx.save_for_backward(inputs[0])
+
+
+def _quick_gelu_grad(ctx, grad):
+    (x,) = ctx.saved_tensors
+    return quick_gelu_backward(x, grad)
+
+
+quick_gelu.register_autograd(_quick_gelu_grad, setup_context=_quick_gelu_setup)
+quick_gelu_backward.register_autograd(_refuse_double_backward("the triton QuickGELU"))

@@ -9,7 +9,7 @@ checks every provider before timing); this suite only times.
 import pytest
 import torch
 
-from xclip_fast.bench import Case, Skip, Workload, _grad_out
+from xclip_fast.bench import Case, Skip, Workload, grad_out
 
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
@@ -32,14 +32,14 @@ def test_speed(benchmark, case, provider, mode):
     work = Workload(CASES[case], DTYPE, DEVICE, grad=mode == "fwdbwd")
     try:
         fn = work.provider(provider)
-        work.run(fn, mode, _grad_out(work, mode))
+        work.run(fn, mode, grad_out(work, mode))
     except Skip as exc:
         pytest.skip(str(exc))
-    grad_out = _grad_out(work, mode)
+    g_out = grad_out(work, mode)
 
     def call():
         work.clear_grads()
-        work.run(fn, mode, grad_out)
+        work.run(fn, mode, g_out)
         if CUDA:
             torch.cuda.synchronize()
 

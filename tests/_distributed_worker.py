@@ -50,5 +50,6 @@ def worker(rank: int, world: int, store: str, backend: str, mode: str, out_path:
             grads[name.removeprefix("module.")] = g.detach().clone()
         if rank == 0:
             torch.save(grads, out_path)
+        dist.barrier()  # no rank tears its connections down while another still uses them
     finally:
         dist.destroy_process_group()

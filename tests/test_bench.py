@@ -74,11 +74,28 @@ def test_bench_rejects_bad_options(tmp_path):
 
 
 def test_fast_providers_choose_their_backend_at_call_time():
-    """Both fast providers share one block; creating one after the other must not change what the
-    first one runs (all providers are created before any is timed)."""
-    case = bench.Case("block", "block", "b32", 1, 2, 5, 768, 12)
+    """The eager fast providers of the encoder level share one encoder; creating one after the
+    other must not change what the first one runs (all providers are created before any is timed)."""
+    case = bench.Case("encoder", "encoder", "b32", 1, 2, 50, 768, 12, chunk_frames=1)
     w = bench.Workload(case, torch.float32, torch.device("cpu"), grad=False)
     run = w.provider("xclip-fast-torch")
-    w.fast.backend = "reference"  # what creating another provider may leave behind
-    run()
-    assert w.fast.backend == "torch"
+    w.enc.backend = "reference"  # what creating another provider may leave behind
+    with torch.no_grad():
+        run()
+    assert w.enc.backend == "torch"
+
+
+@pytest.mark.parametrize("level", ["block", "encoder"])
+def test_compiled_providers_match_the_reference(level):
+    """torch.compile of the original and of the fast modules, checked like every provider."""
+    case = (bench.Case("block", "block", "b32", 1, 2, 5, 64, 2) if level == "block"
+            else bench.Case("encoder", "encoder", "b32", 1, 2, 50, 768, 12))
+    w = bench.Workload(case, torch.float64, torch.device("cpu"), grad=False, quick=False)
+    with torch.no_grad():
+        ref = w.provider("reference")()
+        for name in ("reference-compiled", "xclip-fast-torch-compiled"):
+            out = w.provider(name)()
+            assert ((out - ref).norm() / ref.norm()).item() < 1e-10, name
+    with pytest.raises(bench.Skip, match="--quick: torch.compile warm-up"):
+        bench.Workload(case, torch.float64, torch.device("cpu"), grad=False, quick=True).provider(
+            "xclip-fast-torch-compiled")

@@ -20,7 +20,19 @@ from collections import defaultdict
 
 import torch
 
-__all__ = ["hf_to_official", "official_to_hf", "config_from_state_dict", "load_official", "load_hf"]
+__all__ = ["hf_to_official", "official_to_hf", "config_from_state_dict", "load_official", "load_hf",
+           "split_encoder_state_dict", "HUB_NAME"]
+
+# a Hugging Face hub model name, "owner/name"
+HUB_NAME = re.compile(r"[\w.-]+/[\w.-]+")
+
+
+def split_encoder_state_dict(sd: dict) -> tuple[dict, dict]:
+    """An encoder state dict (official keys) split into the CCT's ``visual.*`` and the MIT's ``mit.*``
+    parts, prefixes removed (the state dicts of the reference modules)."""
+    visual = {k.removeprefix("visual."): v for k, v in sd.items() if k.startswith("visual.")}
+    mit = {k.removeprefix("mit."): v for k, v in sd.items() if k.startswith("mit.")}
+    return visual, mit
 
 # (official, Hugging Face) name prefixes; "{i}" is a layer index
 _TOP = [
@@ -281,7 +293,7 @@ def load_hf(cls, obj, *, strict: bool = True, **overrides):
             sd, config = _read_hf_folder(path)
         elif os.path.isfile(path):
             sd = _read_file(path)
-        elif re.fullmatch(r"[\w.-]+/[\w.-]+", path):
+        elif HUB_NAME.fullmatch(path):
             from huggingface_hub import snapshot_download
 
             folder = snapshot_download(path, allow_patterns=["*.json", "*.safetensors", "*.bin"])

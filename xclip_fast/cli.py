@@ -12,10 +12,8 @@ import sys
 
 import torch
 
+from xclip_fast.dtypes import BY_NAME as _DTYPES
 from xclip_fast.testing import TOLERANCES, rel_err
-
-_DTYPES = {"float64": torch.float64, "float32": torch.float32, "float16": torch.float16,
-           "bfloat16": torch.bfloat16}
 
 
 def _check(args) -> int:

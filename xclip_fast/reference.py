@@ -86,11 +86,15 @@ def _mha_self(attn: nn.MultiheadAttention, x: torch.Tensor, attn_mask) -> torch.
     return attn(x, x, x, need_weights=False, attn_mask=attn_mask)[0]
 
 
-def cross_frame_block_forward(block: nn.Module, x: torch.Tensor, T: int) -> torch.Tensor:
+def cross_frame_block_forward(block: nn.Module, x: torch.Tensor, T: int, attention=None) -> torch.Tensor:
     """The official ``CrossFramelAttentionBlock.forward`` for ``x: (l, b*T, d)``, T given explicitly.
 
     ``block`` is any module with the official attribute names (the reference block or the fast one).
+    ``attention(mha, y, attn_mask)`` computes the self-attention of one ``nn.MultiheadAttention``
+    on a seq-first ``y`` (default: the module itself); benchmarks pass another attention kernel
+    here to time the original dataflow around it.
     """
+    attention = attention or _mha_self
     l, bt, d = x.size()
     b = bt // T
     x = x.view(l, b, T, d)
@@ -99,16 +103,13 @@ def cross_frame_block_forward(block: nn.Module, x: torch.Tensor, T: int) -> torc
     msg_token = block.message_fc(x[0, :, :, :])
     msg_token = msg_token.view(b, T, 1, d)
     msg_token = msg_token.permute(1, 2, 0, 3).view(T, b, d)
-    msg_ln = block.message_ln(msg_token)
-    msg_token = msg_token + block.drop_path(
-        block.message_attn(msg_ln, msg_ln, msg_ln, need_weights=False)[0]
-    )
+    msg_token = msg_token + block.drop_path(attention(block.message_attn, block.message_ln(msg_token), None))
     msg_token = msg_token.view(T, 1, b, d).permute(1, 2, 0, 3)
 
     # intra-frame diffusion attention over [frame tokens; message token]
     x = torch.cat([x, msg_token], dim=0)
     x = x.view(l + 1, -1, d)
-    x = x + block.drop_path(_mha_self(block.attn, block.ln_1(x), block.attn_mask))
+    x = x + block.drop_path(attention(block.attn, block.ln_1(x), block.attn_mask))
     x = x[:l, :, :]
     x = x + block.drop_path(block.mlp(block.ln_2(x)))
     return x

@@ -1,0 +1,140 @@
+"""Measuring: time (CUDA events / interleaved CPU rounds), peak memory (CUDA allocator / resident
+memory of a fresh CPU process) and the device's copy bandwidth."""
+
+from __future__ import annotations
+
+import gc
+import os
+import statistics
+import time
+
+import torch
+
+from xclip_fast.dtypes import BY_NAME, dtype_name
+
+__all__ = ["MIB", "time_ms", "time_interleaved", "cuda_memory", "cpu_memory", "copy_bandwidth", "free"]
+
+MIB = 2**20
+
+
+def free(device):
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_ms(fn, device, quick: bool):
+    """(median, p20, p80) in ms of one callable: CUDA events through ``triton.testing.do_bench`` on
+    GPU, ``time.perf_counter`` over repeats after a warm-up on CPU."""
+    if device.type == "cuda":
+        from triton.testing import do_bench
+
+        med, p20, p80 = do_bench(fn, warmup=10 if quick else 25, rep=40 if quick else 100, quantiles=[0.5, 0.2, 0.8])
+        return med, p20, p80
+    return time_interleaved({"fn": fn}, quick)["fn"]
+
+
+def time_interleaved(fns: dict, quick: bool) -> dict:
+    """CPU timing of several callables in alternating rounds (A B C A B C ...), so that drifts of a
+    shared machine (other load, clocks) hit every provider alike. Returns name -> (median, p20, p80)."""
+    for fn in fns.values():
+        fn()  # warm-up
+    times = {name: [] for name in fns}
+    rounds = 5 if quick else 15
+    budget = (0.6 if quick else 4.0) / max(1, len(fns))  # seconds per provider per run
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            while True:
+                t0 = time.perf_counter()
+                fn()
+                times[name].append((time.perf_counter() - t0) * 1e3)
+                if time.perf_counter() - start > budget / rounds:
+                    break
+    out = {}
+    for name, ts in times.items():
+        q = statistics.quantiles(ts, n=10) if len(ts) >= 2 else ts * 9
+        out[name] = (statistics.median(ts), q[1], q[7])
+    return out
+
+
+def cuda_memory(fn, device):
+    """(peak MiB, MiB above what was allocated before the call) of one call."""
+    gc.collect()
+    torch.cuda.synchronize(device)
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    fn()
+    torch.cuda.synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device)
+    return peak / MIB, (peak - base) / MIB
+
+
+def _proc_status(key):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    raise OSError(f"{key} not in /proc/self/status")
+
+
+def _rss_probe(case, dtype_str, provider, mode, quick):
+    """Runs in a fresh process: the resident-memory growth of one call (bytes)."""
+    from xclip_fast.bench.workloads import Workload
+
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    w = Workload(case, BY_NAME[dtype_str], torch.device("cpu"), grad=mode == "fwdbwd", quick=quick)
+    fn = w.provider(provider)
+    w.run(fn, mode)  # warm-up: one-time allocations (kernel libraries, thread pools) are not the op's
+    w.clear_grads()
+    gc.collect()
+    base = _proc_status("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:  # reset the high-water mark to the current RSS
+        f.write("5")
+    w.run(fn, mode)
+    return _proc_status("VmHWM") - base
+
+
+_POOL = None
+
+
+def cpu_memory(case, dtype, provider, mode, quick):
+    """Peak resident-memory growth (MiB) of one call, measured in a fresh process (forkserver:
+    torch is imported once, each measurement forks a clean child)."""
+    global _POOL
+    import multiprocessing as mp
+
+    if not os.path.exists("/proc/self/clear_refs"):
+        return None
+    if _POOL is None:
+        _POOL = mp.get_context("forkserver")
+        _POOL.set_forkserver_preload(["torch", "xclip_fast.bench.workloads"])
+    # A fixed mmap threshold makes glibc return every freed tensor to the OS at once, so resident
+    # memory follows live memory (by default it keeps freed blocks after the first big free, and a
+    # second call would reuse them without growing). Read by the server when it starts.
+    saved = os.environ.get("MALLOC_MMAP_THRESHOLD_")
+    os.environ["MALLOC_MMAP_THRESHOLD_"] = str(128 * 1024)
+    try:
+        pool = _POOL.Pool(1, maxtasksperchild=1)
+    finally:
+        if saved is None:
+            del os.environ["MALLOC_MMAP_THRESHOLD_"]
+        else:
+            os.environ["MALLOC_MMAP_THRESHOLD_"] = saved
+    with pool:
+        return pool.apply(_rss_probe, (case, dtype_name(dtype), provider, mode, quick)) / MIB
+
+
+def copy_bandwidth(device) -> float:
+    """Measured device copy bandwidth in GB/s (bytes read + written)."""
+    n = (512 if device.type == "cuda" else 64) * MIB
+    src = torch.empty(n, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    ms, _, _ = time_ms(lambda: dst.copy_(src), device, quick=True)
+    return 2 * n / (ms * 1e-3) / 1e9

@@ -1,0 +1,150 @@
+"""The result schema of a benchmark run, the environment it records, the table and the files."""
+
+from __future__ import annotations
+
+import csv
+import datetime as _dt
+import json
+import os
+import platform
+import subprocess
+from dataclasses import asdict, dataclass, field, fields
+
+import torch
+
+from xclip_fast.bench.cases import Case
+
+__all__ = ["Result", "CSV_FIELDS", "environment", "table", "write_outputs"]
+
+
+@dataclass
+class Result:
+    """One provider on one case in one mode: the row of the table, of results.csv (every field but
+    ``extras``, in this order) and of the JSON files (with ``extras``)."""
+
+    timestamp: str
+    commit: str
+    device: str
+    torch: str
+    triton: str
+    xformers: str
+    level: str
+    case: str  # the case's label
+    model: str
+    dtype: str
+    mode: str
+    batch: int
+    frames: int
+    tokens: int
+    provider: str
+    status: str  # ok | skipped | mismatch | oom | error
+    reason: str = ""
+    median_ms: float | None = None
+    p20_ms: float | None = None
+    p80_ms: float | None = None
+    speedup: float | None = None
+    peak_mib: float | None = None
+    extra_mib: float | None = None
+    memory_ratio: float | None = None
+    tflops: float | None = None
+    gbps: float | None = None
+    bandwidth_fraction: float | None = None
+    error: float | None = None
+    tolerance: float | None = None
+    checked_against: str = ""
+    extras: dict = field(default_factory=dict, metadata={"csv": False})
+
+    @classmethod
+    def make(cls, env: dict, case: Case, dtype: str, mode: str, provider: str, status: str = "ok", **kw) -> Result:
+        return cls(**env, level=case.level, case=case.label, model=case.model, dtype=dtype, mode=mode,
+                   batch=case.batch, frames=case.frames, tokens=case.tokens, provider=provider, status=status, **kw)
+
+    def record(self) -> dict:
+        """Everything, ``extras`` merged in (the JSON form)."""
+        rec = asdict(self)
+        return {**rec, **rec.pop("extras")}
+
+
+CSV_FIELDS = [f.name for f in fields(Result) if f.metadata.get("csv", True)]
+
+
+def environment(device) -> dict:
+    """Where a run happened: time, commit, device, library versions (the first fields of a Result)."""
+    def version(mod):
+        try:
+            return __import__(mod).__version__
+        except Exception:
+            return "not installed"
+
+    try:
+        here = os.path.dirname(os.path.abspath(__file__))
+        commit = subprocess.run(["git", "-C", here, "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                timeout=10).stdout.strip() or "unknown"
+    except Exception:
+        commit = "unknown"
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        cpu = platform.processor() or platform.machine()
+        name = f"CPU {cpu} ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+    return dict(timestamp=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), commit=commit,
+                device=name, torch=torch.__version__, triton=version("triton"), xformers=version("xformers"))
+
+
+def _fmt(v, spec):
+    return "" if v is None else format(v, spec)
+
+
+def table(rows: list[Result], env: dict) -> str:
+    lines = [f"xclip-fast bench - {env['device']} - torch {env['torch']}, triton {env['triton']}, "
+             f"xformers {env['xformers']} - commit {env['commit']} - {env['timestamp']}",
+             "time: median (p20-p80) ms; speedup and memory ratio against 'reference'; mem: MiB allocated above "
+             "inputs and weights during the call (CUDA) / resident-memory growth in a fresh process (CPU)"]
+    header = f"{'case':38s} {'dtype':8s} {'mode':6s} {'provider':26s} {'time ms':>22s} {'speedup':>8s} " \
+             f"{'mem MiB':>9s} {'mem x':>6s} {'TFLOP/s':>8s} {'GB/s':>7s} {'%copy':>6s} {'error':>8s}"
+    lines += [header, "-" * len(header)]
+    last = None
+    for r in rows:
+        key = (r.case, r.dtype, r.mode)
+        if last is not None and key != last:
+            lines.append("")
+        last = key
+        if r.status != "ok":
+            lines.append(f"{r.case:38s} {r.dtype:8s} {r.mode:6s} {r.provider:26s} {r.status.upper()}: {r.reason}")
+            continue
+        t = f"{r.median_ms:.3f} ({r.p20_ms:.3f}-{r.p80_ms:.3f})"
+        frac = _fmt(r.bandwidth_fraction and 100 * r.bandwidth_fraction, ".0f")
+        lines.append(f"{r.case:38s} {r.dtype:8s} {r.mode:6s} {r.provider:26s} {t:>22s} "
+                     f"{_fmt(r.speedup, '.2f'):>8s} {_fmt(r.extra_mib, '.1f'):>9s} {_fmt(r.memory_ratio, '.2f'):>6s} "
+                     f"{_fmt(r.tflops, '.2f'):>8s} {_fmt(r.gbps, '.0f'):>7s} {frac:>6s} {_fmt(r.error, '.1e'):>8s}")
+    return "\n".join(lines)
+
+
+def write_outputs(rows: list[Result], env: dict, out_dir: str, copy_bw: float) -> dict:
+    """Append to ``results.csv`` / ``results.jsonl``, write ``run-<time>.json`` and the plot."""
+    from xclip_fast.bench.plot import plot
+
+    os.makedirs(out_dir, exist_ok=True)
+    csv_path = os.path.join(out_dir, "results.csv")
+    new = not os.path.exists(csv_path)
+    with open(csv_path, "a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore")
+        if new:
+            writer.writeheader()
+        for r in rows:
+            writer.writerow({k: ("" if v is None else v) for k, v in asdict(r).items() if k in CSV_FIELDS})
+    records = [r.record() for r in rows]
+    with open(os.path.join(out_dir, "results.jsonl"), "a") as f:
+        for rec in records:
+            f.write(json.dumps(rec) + "\n")
+    stamp = env["timestamp"].replace(":", "").replace("-", "")
+    run_path = os.path.join(out_dir, f"run-{stamp}.json")
+    with open(run_path, "w") as f:
+        json.dump({"environment": env, "copy_bandwidth_gbps": copy_bw, "rows": records}, f, indent=1)
+    paths = {"csv": csv_path, "jsonl": os.path.join(out_dir, "results.jsonl"), "run": run_path}
+    png = plot(rows, env, out_dir)
+    if png:
+        paths["png"] = png
+    elif png is None:
+        print("no plot: matplotlib is not installed (pip install 'xclip-fast[bench]')")
+    return paths

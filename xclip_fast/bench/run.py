@@ -1,0 +1,218 @@
+"""The run: each case and mode, every provider checked, timed and measured; the command line."""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+
+from xclip_fast.bench.cases import LEVELS, MODES, build_cases
+from xclip_fast.bench.measure import copy_bandwidth, cpu_memory, cuda_memory, free, time_interleaved, time_ms
+from xclip_fast.bench.results import Result, environment, table, write_outputs
+from xclip_fast.bench.workloads import ALL_PROVIDERS, PROVIDERS, Skip, Workload, grad_out
+from xclip_fast.dtypes import BY_NAME, dtype_name
+from xclip_fast.encoder import PRESETS
+from xclip_fast.testing import TOLERANCES, rel_err
+
+__all__ = ["run_case", "main", "add_arguments"]
+
+
+def _is_oom(exc: BaseException) -> bool:
+    return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
+
+
+def _truth(case, mode, device, quick):
+    """High-precision results (float64 CPU / float32 CUDA without TF32) of the first provider that
+    runs: the reference, else the fast torch path (e.g. when the reference runs out of memory)."""
+    hi = torch.float64 if device.type == "cpu" else torch.float32
+    order = ["reference", "xclip-fast-torch"] + (["xclip-fast-torch-chunked"] if case.level == "encoder" else [])
+    for name in order:
+        try:
+            w = Workload(case, hi, device, grad=mode == "fwdbwd", quick=quick)
+            out = w.run(w.provider(name), mode, grad_out(w, mode))
+            res = {k: v.float().cpu() for k, v in w.results(out, mode).items()}
+            del w, out
+            free(device)
+            return res, name
+        except Exception as exc:
+            free(device)
+            if not _is_oom(exc):
+                raise
+    return None, "nothing fits in memory"
+
+def _timed(work, fn, mode, grad_out):
+    if mode == "fwdbwd":
+        def call():
+            work.clear_grads()
+            return work.run(fn, mode, grad_out)
+        return call
+    return lambda: work.run(fn, mode)
+
+
+def run_case(case, dtype, mode, providers, device, quick, copy_bw, env=None):
+    """All providers of one case and mode: check each against the high-precision truth, then time
+    them (interleaved on CPU), then measure their memory."""
+    env = env or environment(device)
+    rows = []
+    truth, truth_name = _truth(case, mode, device, quick)
+    tol = TOLERANCES[dtype]
+    work = Workload(case, dtype, device, grad=mode == "fwdbwd", quick=quick)
+    g_out = grad_out(work, mode)
+    ref_err = None
+    timed = {}
+    for name in providers:
+        row = Result.make(env, case, dtype_name(dtype), mode, name, checked_against=truth_name)
+        rows.append(row)
+        try:
+            fn = work.provider(name)
+            work.clear_grads()
+            out = work.run(fn, mode, g_out)
+            if truth is not None:
+                errs = {k: rel_err(v.float().cpu(), truth[k]) for k, v in work.results(out, mode).items()}
+                row.error = max(errs.values())
+                if name == "reference":
+                    ref_err = row.error
+                # the reference's own low-precision error sets the bar (at most 10x the dtype's tolerance)
+                row.tolerance = min(max(tol, 2 * ref_err), 10 * tol) if ref_err is not None else tol
+                if not row.error <= row.tolerance:
+                    worst = max(errs, key=errs.get)
+                    row.status, row.reason = "mismatch", f"{worst}: error {errs[worst]:.2e} > {row.tolerance:.1e}"
+            del out
+            if row.status == "ok":
+                timed[name] = _timed(work, fn, mode, g_out)
+        except Exception as exc:
+            _fail(row, exc)
+        finally:
+            work.clear_grads()
+            free(device)
+    by_name = {r.provider: r for r in rows}
+    if device.type == "cpu" and timed:
+        for name, (med, p20, p80) in time_interleaved(timed, quick).items():
+            by_name[name].median_ms, by_name[name].p20_ms, by_name[name].p80_ms = med, p20, p80
+    for name, fn in timed.items():
+        row = by_name[name]
+        try:
+            if device.type == "cuda":
+                row.median_ms, row.p20_ms, row.p80_ms = time_ms(fn, device, quick)
+                row.peak_mib, row.extra_mib = cuda_memory(fn, device)
+            else:
+                row.extra_mib = cpu_memory(case, dtype, name, mode, quick)
+        except Exception as exc:
+            _fail(row, exc)
+        finally:
+            work.clear_grads()
+            free(device)
+    flops, nbytes = work.flops(mode), work.bytes(mode)
+    ref = by_name.get("reference")
+    for row in rows:
+        if case.level == "encoder":
+            row.extras = dict(weights_mib=work.weights_mib, activation_mib=work.activation_mib)
+        if row.status != "ok" or row.median_ms is None:
+            continue
+        if flops:
+            row.tflops = flops / (row.median_ms * 1e-3) / 1e12
+            row.gbps = nbytes / (row.median_ms * 1e-3) / 1e9
+            row.bandwidth_fraction = row.gbps / copy_bw if copy_bw else None
+        if ref is not None and ref.status == "ok" and ref.median_ms:
+            row.speedup = ref.median_ms / row.median_ms
+            if row.extra_mib is not None and ref.extra_mib:
+                row.memory_ratio = row.extra_mib / ref.extra_mib
+    del work
+    free(device)
+    return rows
+
+
+def _fail(row, exc):
+    if isinstance(exc, Skip):
+        row.status, row.reason = "skipped", str(exc)
+        return
+    row.status = "oom" if _is_oom(exc) else "error"
+    first = str(exc).splitlines()[0] if str(exc) else ""
+    row.reason = f"{type(exc).__name__}: {first}"[:200]
+
+def _progress(total):
+    try:
+        from tqdm import tqdm
+
+        return tqdm(total=total, unit="run", file=sys.stderr, dynamic_ncols=True)
+    except Exception:
+        class _Plain:
+            def __init__(self):
+                self.n = 0
+
+            def update(self, k=1):
+                self.n += k
+                print(f"\r{self.n}/{total}", end="", file=sys.stderr, flush=True)
+
+            def set_description(self, _):
+                pass
+
+            def close(self):
+                print(file=sys.stderr)
+
+        return _Plain()
+
+
+def main(args) -> int:
+    """``xclip-fast bench``: see ``xclip-fast bench --help``."""
+    cuda = torch.cuda.is_available() and args.device != "cpu"
+    device = torch.device("cuda" if cuda else "cpu")
+    dtype = BY_NAME[args.dtype or ("bfloat16" if cuda else "float32")]
+    if device.type == "cpu" and dtype in (torch.float16, torch.bfloat16):
+        raise ValueError(f"--dtype {args.dtype} on CPU: use float32 (half-precision CPU kernels are not what "
+                         "anyone runs X-CLIP on)")
+    levels = LEVELS if args.level == "all" else (args.level,)
+    model = args.model or ("b16" if cuda else "b32")
+    frames = [int(t) for t in args.frames.split(",")] if args.frames else None
+    batch = args.batch or (8 if cuda else 1)
+    modes = MODES if args.mode == "both" else (args.mode,)
+    wanted = args.providers.split(",") if args.providers else None
+    if wanted:
+        unknown = sorted(set(wanted) - set(ALL_PROVIDERS))
+        if unknown:
+            raise ValueError(f"unknown providers {unknown}; choose from {ALL_PROVIDERS}")
+        if "reference" not in wanted:
+            wanted = ["reference", *wanted]  # every ratio is against the reference
+    if not cuda:
+        print("CPU run: the triton provider is left out (Triton kernels need CUDA; on CPU they run only in the "
+              "interpreter, which checks correctness and is not for timing).")
+    if device.type == "cuda" and dtype == torch.float32:
+        torch.backends.cuda.matmul.allow_tf32 = False
+    cases = build_cases(levels, model, frames, batch, args.quick, cuda)
+    env = environment(device)
+    copy_bw = copy_bandwidth(device)
+    plan = [(c, m, [p for p in PROVIDERS[c.level] if not wanted or p in wanted])
+            for c in cases for m in modes if not (c.level == "encoder" and m == "fwdbwd")]
+    bar = _progress(sum(len(ps) for _, _, ps in plan))
+    rows = []
+    for case, mode, provs in plan:
+        bar.set_description(f"{case.label} {mode}")
+        rows += run_case(case, dtype, mode, provs, device, args.quick, copy_bw, env)
+        bar.update(len(provs))
+    bar.close()
+    print(table(rows, env))
+    print(f"copy bandwidth: {copy_bw:.0f} GB/s (read + write)")
+    paths = write_outputs(rows, env, args.out, copy_bw)
+    print("wrote " + ", ".join(paths.values()))
+    bad = [r for r in rows if r.status in ("mismatch", "error")]
+    if bad:
+        print(f"{len(bad)} provider run(s) disagreed with the reference or failed:", file=sys.stderr)
+        for r in bad:
+            print(f"  {r.case} {r.mode} {r.provider}: {r.status}: {r.reason}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--level", default="all", choices=[*LEVELS, "all"])
+    p.add_argument("--model", default=None, choices=sorted(PRESETS), help="default b16 on CUDA, b32 on CPU")
+    p.add_argument("--frames", default=None, help="comma list of T for the block and encoder levels (default: "
+                   "8,16,32 and long clips up to 512 for blocks, 8 to 1024 for the encoder on CUDA)")
+    p.add_argument("--batch", type=int, default=None, help="videos b at the block level for T <= 32 (default 8 on "
+                   "CUDA, 1 on CPU; long clips run one video)")
+    p.add_argument("--dtype", default=None, choices=sorted(BY_NAME), help="default bfloat16 on CUDA, float32 on CPU")
+    p.add_argument("--mode", default="both", choices=[*MODES, "both"])
+    p.add_argument("--providers", default=None, help=f"comma list from {', '.join(ALL_PROVIDERS)}")
+    p.add_argument("--device", default=None, choices=["cpu", "cuda"], help="default: cuda when available")
+    p.add_argument("--out", default="bench-results", help="folder for results.csv/.jsonl, run JSON and the plot")
+    p.add_argument("--quick", action="store_true", help="small sizes and few repeats (under 2 minutes on 2 CPU cores)")

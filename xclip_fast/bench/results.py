@@ -76,12 +76,14 @@ def environment(device) -> dict:
         except Exception:
             return "not installed"
 
-    try:
-        here = os.path.dirname(os.path.abspath(__file__))
-        commit = subprocess.run(["git", "-C", here, "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                timeout=10).stdout.strip() or "unknown"
-    except Exception:
-        commit = "unknown"
+    commit = os.environ.get("XCLIP_FAST_COMMIT", "")  # for copies outside a git checkout
+    if not commit:
+        try:
+            here = os.path.dirname(os.path.abspath(__file__))
+            commit = subprocess.run(["git", "-C", here, "rev-parse", "--short", "HEAD"], capture_output=True,
+                                    text=True, timeout=10).stdout.strip() or "unknown"
+        except Exception:
+            commit = "unknown"
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
     else:

@@ -34,30 +34,18 @@ Launches go through ``torch.library.wrap_triton``: inside a ``torch.library.trit
 
 from __future__ import annotations
 
-import functools
 import struct
-from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
-from . import tuning, wrap_triton
+from . import wrap_triton
+from .plan import LOG2E, pack_group, plan_for
 
-__all__ = [
-    "attention_fwd",
-    "attention_bwd",
-    "launch_plan",
-    "pack_group",
-    "LaunchPlan",
-    "Tiles",
-    "SUPPORTED_DTYPES",
-    "MAX_HEAD_DIM",
-]
+__all__ = ["attention_fwd", "attention_bwd", "MAX_HEAD_DIM"]
 
-SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-MAX_HEAD_DIM = 128
-LOG2E = 1.4426950408889634
+MAX_HEAD_DIM = 128  # register tiles of up to 128 columns (ptxas reports, kernels/plan.py)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -224,16 +212,17 @@ def _attention_bwd_preprocess_kernel(
 
 
 @triton.jit
-def _attention_bwd_dkdv_kernel(
+def _attention_bwd_kernel(
     q, k, v, ek, ev, do, lse, delta,  # as forward; do: [B, SQ, H, D]; lse/delta: [B, H, SQ]
-    dk, dv, dek, dev,  # dk/dv: [B, SK, H, D], dek/dev: [B, H, D]
+    dq, dk, dv, dek, dev,  # dq: [B, SQ, H, D], dk/dv: [B, SK, H, D], dek/dev: [B, H, D]
     stride_q_b, stride_q_s, stride_q_h,
     stride_k_b, stride_k_s, stride_k_h,
     stride_v_b, stride_v_s, stride_v_h,
     stride_ek_b, stride_ek_h,
     stride_ev_b, stride_ev_h,
     stride_do_b, stride_do_s, stride_do_h,
-    stride_lse_b, stride_lse_h,
+    stride_lse_b, stride_lse_h,  # delta shares lse's layout (made by the launcher)
+    stride_dq_b, stride_dq_s, stride_dq_h,
     stride_dk_b, stride_dk_s, stride_dk_h,
     stride_dv_b, stride_dv_s, stride_dv_h,
     stride_dek_b, stride_dek_h,
@@ -242,252 +231,143 @@ def _attention_bwd_dkdv_kernel(
     scale_hi, scale_lo, dscale_hi, dscale_lo,  # scale * log2(e) and scale, each as fp32 hi + lo
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     HAS_EXTRA: tl.constexpr, PACKED: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
+    DKDV: tl.constexpr,  # True: the dk/dv pass (one program per key tile); False: the dq pass (per query tile)
 ):
+    """The two backward passes share this signature; ``DKDV`` selects one at compile time, so each
+    launch compiles to the code of its own pass. Neither pass uses atomics."""
     tl.static_assert(not (HAS_EXTRA and PACKED), "the extra token is per sequence: packed tiles cannot hold it")
-    # delta and lse share one layout ([B, H, SQ], made by the launcher)
     i_gh = tl.program_id(0)
-    i_n = tl.program_id(1)
+    i_t = tl.program_id(1)  # the key tile (dk/dv pass) or the query tile (dq pass) of this program
     i_h = i_gh % H
     i_b0 = (i_gh // H).to(tl.int64) * G
-
-    o_cg, o_cb, o_cj, m_c = _positions(i_n * BLOCK_N, BLOCK_N, SK, G, i_b0, B)
     o_d = tl.arange(0, BLOCK_D)
     m_d = o_d < HEAD_DIM
-    m_cd = m_c[:, None] & m_d[None, :]
-
-    p_k = k + o_cb[:, None] * stride_k_b + o_cj[:, None] * stride_k_s + i_h * stride_k_h + o_d[None, :]
-    p_v = v + o_cb[:, None] * stride_v_b + o_cj[:, None] * stride_v_s + i_h * stride_v_h + o_d[None, :]
-    b_k = tl.load(p_k, mask=m_cd, other=0.0)
-    b_v = tl.load(p_v, mask=m_cd, other=0.0)
-    b_dk = tl.zeros([BLOCK_N, BLOCK_D], ACC)
-    b_dv = tl.zeros([BLOCK_N, BLOCK_D], ACC)
-    b_bad = tl.zeros([BLOCK_N], tl.int32)  # packed: keys whose own sequence holds a non-finite value
-
-    owns_extra = i_n == 0
     if HAS_EXTRA:
         b_ek, b_ev = _load_extra(ek, ev, i_b0, i_h, stride_ek_b, stride_ek_h, stride_ev_b, stride_ev_h, o_d, m_d,
                                  ACC)
-        b_dek = tl.zeros([BLOCK_D], ACC)
-        b_dev = tl.zeros([BLOCK_D], ACC)
 
-    for start_m in range(0, G * SQ, BLOCK_M):
-        o_rg, o_rb, o_ri, m_r = _positions(start_m, BLOCK_M, SQ, G, i_b0, B)
+    if DKDV:
+        o_cg, o_cb, o_cj, m_c = _positions(i_t * BLOCK_N, BLOCK_N, SK, G, i_b0, B)
+        m_cd = m_c[:, None] & m_d[None, :]
+        p_k = k + o_cb[:, None] * stride_k_b + o_cj[:, None] * stride_k_s + i_h * stride_k_h + o_d[None, :]
+        p_v = v + o_cb[:, None] * stride_v_b + o_cj[:, None] * stride_v_s + i_h * stride_v_h + o_d[None, :]
+        b_k = tl.load(p_k, mask=m_cd, other=0.0)
+        b_v = tl.load(p_v, mask=m_cd, other=0.0)
+        b_dk = tl.zeros([BLOCK_N, BLOCK_D], ACC)
+        b_dv = tl.zeros([BLOCK_N, BLOCK_D], ACC)
+        # packed: keys whose own sequence holds a non-finite value that reaches their dk (q, do, lse,
+        # delta) or their dv (q, do, lse: dv = P^T dO does not involve delta)
+        b_bad_k = tl.zeros([BLOCK_N], tl.int32)
+        b_bad_v = tl.zeros([BLOCK_N], tl.int32)
+        owns_extra = i_t == 0  # key tile 0 also owns the extra token's dk/dv
+        if HAS_EXTRA:
+            b_dek = tl.zeros([BLOCK_D], ACC)
+            b_dev = tl.zeros([BLOCK_D], ACC)
+
+        for start_m in range(0, G * SQ, BLOCK_M):
+            o_rg, o_rb, o_ri, m_r = _positions(start_m, BLOCK_M, SQ, G, i_b0, B)
+            p_qt = q + o_rb[None, :] * stride_q_b + o_ri[None, :] * stride_q_s + i_h * stride_q_h + o_d[:, None]
+            p_do = do + o_rb[:, None] * stride_do_b + o_ri[:, None] * stride_do_s + i_h * stride_do_h + o_d[None, :]
+            b_qt = tl.load(p_qt, mask=m_d[:, None] & m_r[None, :], other=0.0)
+            b_do = tl.load(p_do, mask=m_r[:, None] & m_d[None, :], other=0.0)
+            o_stat = o_rb * stride_lse_b + i_h * stride_lse_h + o_ri
+            b_lse = tl.load(lse + o_stat, mask=m_r, other=0.0)
+            b_delta = tl.load(delta + o_stat, mask=m_r, other=0.0)
+
+            m_s = m_c[:, None] & m_r[None, :]
+            if PACKED:
+                m_s = m_s & (o_cg[:, None] == o_rg[None, :])
+                # the products below sum over the queries of every sequence of the tile
+                b_rbad = _bad_rows(b_qt, 0) + _bad_rows(b_do, 1) + tl.where(_finite(b_lse), 0, 1)
+                b_bad_v = tl.maximum(b_bad_v, tl.max(tl.where(m_s & (b_rbad[None, :] > 0), 1, 0), axis=1))
+                b_rbad += tl.where(_finite(b_delta), 0, 1)
+                b_bad_k = tl.maximum(b_bad_k, tl.max(tl.where(m_s & (b_rbad[None, :] > 0), 1, 0), axis=1))
+                b_qt = tl.where(_finite(b_qt), b_qt, 0.0)
+                b_do = tl.where(_finite(b_do), b_do, 0.0)
+
+            # [BN, BD] @ [BD, BM]: scores transposed, keys on rows
+            b_st = _scale(tl.dot(b_k, b_qt, input_precision=PRECISION, out_dtype=ACC), scale_hi, scale_lo, ACC)
+            b_pt = tl.where(m_s, tl.exp2(b_st - b_lse[None, :]), 0.0)
+            # [BN, BM] @ [BM, BD]
+            b_dv += tl.dot(b_pt.to(b_do.dtype), b_do, input_precision=PRECISION, out_dtype=ACC)
+            # [BN, BD] @ [BD, BM]
+            b_dpt = tl.dot(b_v, tl.trans(b_do), input_precision=PRECISION, out_dtype=ACC)
+            b_dst = tl.where(m_s, b_pt * (b_dpt - b_delta[None, :]), 0.0)
+            # [BN, BM] @ [BM, BD]
+            b_dk += tl.dot(b_dst.to(b_qt.dtype), tl.trans(b_qt), input_precision=PRECISION, out_dtype=ACC)
+
+            if HAS_EXTRA:
+                if owns_extra:
+                    b_q = tl.trans(b_qt).to(ACC)
+                    b_se = _scale(tl.sum(b_q * b_ek[None, :], axis=1), scale_hi, scale_lo, ACC)
+                    b_pe = tl.where(m_r, tl.exp2(b_se - b_lse), 0.0)
+                    b_do_acc = b_do.to(ACC)
+                    b_dev += tl.sum(b_pe[:, None] * b_do_acc, axis=0)
+                    b_dse = b_pe * (tl.sum(b_do_acc * b_ev[None, :], axis=1) - b_delta)
+                    b_dek += tl.sum(b_dse[:, None] * b_q, axis=0)
+
+        # d(score)/dk = natural scale * q: applied once here (dscale_hi + dscale_lo = scale)
+        b_dk = _scale(b_dk, dscale_hi, dscale_lo, ACC)
+        if PACKED:
+            b_dk = tl.where(b_bad_k[:, None] > 0, float("nan"), b_dk)
+            b_dv = tl.where(b_bad_v[:, None] > 0, float("nan"), b_dv)
+        p_dk = dk + o_cb[:, None] * stride_dk_b + o_cj[:, None] * stride_dk_s + i_h * stride_dk_h + o_d[None, :]
+        p_dv = dv + o_cb[:, None] * stride_dv_b + o_cj[:, None] * stride_dv_s + i_h * stride_dv_h + o_d[None, :]
+        tl.store(p_dk, b_dk.to(dk.dtype.element_ty), mask=m_cd)
+        tl.store(p_dv, b_dv.to(dv.dtype.element_ty), mask=m_cd)
+        if HAS_EXTRA:
+            if owns_extra:
+                b_dek = _scale(b_dek, dscale_hi, dscale_lo, ACC)
+                tl.store(dek + i_b0 * stride_dek_b + i_h * stride_dek_h + o_d, b_dek.to(dek.dtype.element_ty),
+                         mask=m_d)
+                tl.store(dev + i_b0 * stride_dev_b + i_h * stride_dev_h + o_d, b_dev.to(dev.dtype.element_ty),
+                         mask=m_d)
+    else:
+        o_rg, o_rb, o_ri, m_r = _positions(i_t * BLOCK_M, BLOCK_M, SQ, G, i_b0, B)
         m_rd = m_r[:, None] & m_d[None, :]
-
-        p_qt = q + o_rb[None, :] * stride_q_b + o_ri[None, :] * stride_q_s + i_h * stride_q_h + o_d[:, None]
+        p_q = q + o_rb[:, None] * stride_q_b + o_ri[:, None] * stride_q_s + i_h * stride_q_h + o_d[None, :]
         p_do = do + o_rb[:, None] * stride_do_b + o_ri[:, None] * stride_do_s + i_h * stride_do_h + o_d[None, :]
-        b_qt = tl.load(p_qt, mask=m_d[:, None] & m_r[None, :], other=0.0)
+        b_q = tl.load(p_q, mask=m_rd, other=0.0)
         b_do = tl.load(p_do, mask=m_rd, other=0.0)
         o_stat = o_rb * stride_lse_b + i_h * stride_lse_h + o_ri
         b_lse = tl.load(lse + o_stat, mask=m_r, other=0.0)
         b_delta = tl.load(delta + o_stat, mask=m_r, other=0.0)
-
-        m_s = m_c[:, None] & m_r[None, :]
-        if PACKED:
-            m_s = m_s & (o_cg[:, None] == o_rg[None, :])
-            # the products below sum over the queries of every sequence of the tile
-            b_rbad = _bad_rows(b_qt, 0) + _bad_rows(b_do, 1) + tl.where(_finite(b_lse) & _finite(b_delta), 0, 1)
-            b_bad = tl.maximum(b_bad, tl.max(tl.where(m_s & (b_rbad[None, :] > 0), 1, 0), axis=1))
-            b_qt = tl.where(_finite(b_qt), b_qt, 0.0)
-            b_do = tl.where(_finite(b_do), b_do, 0.0)
-
-        # [BN, BD] @ [BD, BM]: scores transposed, keys on rows
-        b_st = tl.dot(b_k, b_qt, input_precision=PRECISION, out_dtype=ACC)
-        b_st = _scale(b_st, scale_hi, scale_lo, ACC)
-        b_pt = tl.where(m_s, tl.exp2(b_st - b_lse[None, :]), 0.0)
-        # [BN, BM] @ [BM, BD]
-        b_dv += tl.dot(b_pt.to(b_do.dtype), b_do, input_precision=PRECISION, out_dtype=ACC)
-        # [BN, BD] @ [BD, BM]
-        b_dpt = tl.dot(b_v, tl.trans(b_do), input_precision=PRECISION, out_dtype=ACC)
-        b_dst = tl.where(m_s, b_pt * (b_dpt - b_delta[None, :]), 0.0)
-        # [BN, BM] @ [BM, BD]
-        b_dk += tl.dot(b_dst.to(b_qt.dtype), tl.trans(b_qt), input_precision=PRECISION, out_dtype=ACC)
-
+        b_dq = tl.zeros([BLOCK_M, BLOCK_D], ACC)
+        b_bad = tl.zeros([BLOCK_M], tl.int32)  # packed: rows whose own sequence holds a non-finite key
         if HAS_EXTRA:
-            if owns_extra:
-                b_q = tl.trans(b_qt).to(ACC)
-                b_se = tl.sum(b_q * b_ek[None, :], axis=1)
-                b_se = _scale(b_se, scale_hi, scale_lo, ACC)
-                b_pe = tl.where(m_r, tl.exp2(b_se - b_lse), 0.0)
-                b_do_acc = b_do.to(ACC)
-                b_dev += tl.sum(b_pe[:, None] * b_do_acc, axis=0)
-                b_dse = b_pe * (tl.sum(b_do_acc * b_ev[None, :], axis=1) - b_delta)
-                b_dek += tl.sum(b_dse[:, None] * b_q, axis=0)
+            b_se = _scale(tl.sum(b_q.to(ACC) * b_ek[None, :], axis=1), scale_hi, scale_lo, ACC)
+            b_pe = tl.where(m_r, tl.exp2(b_se - b_lse), 0.0)
+            b_dse = b_pe * (tl.sum(b_do.to(ACC) * b_ev[None, :], axis=1) - b_delta)
+            b_dq += b_dse[:, None] * b_ek[None, :]
 
-    # d(score)/dk = natural scale * q: applied once here (dscale_hi + dscale_lo = scale)
-    b_dk = _scale(b_dk, dscale_hi, dscale_lo, ACC)
-    if PACKED:
-        b_dk = tl.where(b_bad[:, None] > 0, float("nan"), b_dk)
-        b_dv = tl.where(b_bad[:, None] > 0, float("nan"), b_dv)
-    p_dk = dk + o_cb[:, None] * stride_dk_b + o_cj[:, None] * stride_dk_s + i_h * stride_dk_h + o_d[None, :]
-    p_dv = dv + o_cb[:, None] * stride_dv_b + o_cj[:, None] * stride_dv_s + i_h * stride_dv_h + o_d[None, :]
-    tl.store(p_dk, b_dk.to(dk.dtype.element_ty), mask=m_cd)
-    tl.store(p_dv, b_dv.to(dv.dtype.element_ty), mask=m_cd)
-    if HAS_EXTRA:
-        if owns_extra:
-            p_dek = dek + i_b0 * stride_dek_b + i_h * stride_dek_h + o_d
-            p_dev = dev + i_b0 * stride_dev_b + i_h * stride_dev_h + o_d
-            b_dek = _scale(b_dek, dscale_hi, dscale_lo, ACC)
-            tl.store(p_dek, b_dek.to(dek.dtype.element_ty), mask=m_d)
-            tl.store(p_dev, b_dev.to(dev.dtype.element_ty), mask=m_d)
+        for start_n in range(0, G * SK, BLOCK_N):
+            o_cg, o_cb, o_cj, m_c = _positions(start_n, BLOCK_N, SK, G, i_b0, B)
+            m_dc = m_d[:, None] & m_c[None, :]
+            p_kt = k + o_cb[None, :] * stride_k_b + o_cj[None, :] * stride_k_s + i_h * stride_k_h + o_d[:, None]
+            p_vt = v + o_cb[None, :] * stride_v_b + o_cj[None, :] * stride_v_s + i_h * stride_v_h + o_d[:, None]
+            b_kt = tl.load(p_kt, mask=m_dc, other=0.0)
+            b_vt = tl.load(p_vt, mask=m_dc, other=0.0)
+            m_s = m_r[:, None] & m_c[None, :]
+            if PACKED:
+                m_s = m_s & (o_rg[:, None] == o_cg[None, :])
+            # [BM, BD] @ [BD, BN]
+            b_s = _scale(tl.dot(b_q, b_kt, input_precision=PRECISION, out_dtype=ACC), scale_hi, scale_lo, ACC)
+            b_p = tl.where(m_s, tl.exp2(b_s - b_lse[:, None]), 0.0)
+            # [BM, BD] @ [BD, BN]
+            b_dp = tl.dot(b_do, b_vt, input_precision=PRECISION, out_dtype=ACC)
+            # a row's own non-finite values reach its dq through b_ds; other sequences' stay out
+            b_ds = tl.where(m_s, b_p * (b_dp - b_delta[:, None]), 0.0)
+            if PACKED:  # dS @ K sums over the keys of every sequence: zero the non-finite keys, flag their rows
+                b_bad = tl.maximum(b_bad, tl.max(tl.where(m_s & (_bad_rows(b_kt, 0)[None, :] > 0), 1, 0), axis=1))
+                b_kt = tl.where(_finite(b_kt), b_kt, 0.0)
+            # [BM, BN] @ [BN, BD]
+            b_dq += tl.dot(b_ds.to(b_kt.dtype), tl.trans(b_kt), input_precision=PRECISION, out_dtype=ACC)
 
-
-@triton.jit
-def _attention_bwd_dq_kernel(
-    q, k, v, ek, ev, do, lse, delta,  # as forward; do: [B, SQ, H, D]; lse/delta: [B, H, SQ]
-    dq,  # [B, SQ, H, D]
-    stride_q_b, stride_q_s, stride_q_h,
-    stride_k_b, stride_k_s, stride_k_h,
-    stride_v_b, stride_v_s, stride_v_h,
-    stride_ek_b, stride_ek_h,
-    stride_ev_b, stride_ev_h,
-    stride_do_b, stride_do_s, stride_do_h,
-    stride_lse_b, stride_lse_h,
-    stride_dq_b, stride_dq_s, stride_dq_h,
-    B, H, SQ, SK, G,
-    scale_hi, scale_lo, dscale_hi, dscale_lo,  # scale * log2(e) and scale, each as fp32 hi + lo
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    HAS_EXTRA: tl.constexpr, PACKED: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
-):
-    tl.static_assert(not (HAS_EXTRA and PACKED), "the extra token is per sequence: packed tiles cannot hold it")
-    i_gh = tl.program_id(0)
-    i_m = tl.program_id(1)
-    i_h = i_gh % H
-    i_b0 = (i_gh // H).to(tl.int64) * G
-
-    o_rg, o_rb, o_ri, m_r = _positions(i_m * BLOCK_M, BLOCK_M, SQ, G, i_b0, B)
-    o_d = tl.arange(0, BLOCK_D)
-    m_d = o_d < HEAD_DIM
-    m_rd = m_r[:, None] & m_d[None, :]
-
-    p_q = q + o_rb[:, None] * stride_q_b + o_ri[:, None] * stride_q_s + i_h * stride_q_h + o_d[None, :]
-    p_do = do + o_rb[:, None] * stride_do_b + o_ri[:, None] * stride_do_s + i_h * stride_do_h + o_d[None, :]
-    b_q = tl.load(p_q, mask=m_rd, other=0.0)
-    b_do = tl.load(p_do, mask=m_rd, other=0.0)
-    o_stat = o_rb * stride_lse_b + i_h * stride_lse_h + o_ri
-    b_lse = tl.load(lse + o_stat, mask=m_r, other=0.0)
-    b_delta = tl.load(delta + o_stat, mask=m_r, other=0.0)
-    b_dq = tl.zeros([BLOCK_M, BLOCK_D], ACC)
-
-    if HAS_EXTRA:
-        b_ek, b_ev = _load_extra(ek, ev, i_b0, i_h, stride_ek_b, stride_ek_h, stride_ev_b, stride_ev_h, o_d, m_d,
-                                 ACC)
-        b_se = tl.sum(b_q.to(ACC) * b_ek[None, :], axis=1)
-        b_se = _scale(b_se, scale_hi, scale_lo, ACC)
-        b_pe = tl.where(m_r, tl.exp2(b_se - b_lse), 0.0)
-        b_dse = b_pe * (tl.sum(b_do.to(ACC) * b_ev[None, :], axis=1) - b_delta)
-        b_dq += b_dse[:, None] * b_ek[None, :]
-
-    for start_n in range(0, G * SK, BLOCK_N):
-        o_cg, o_cb, o_cj, m_c = _positions(start_n, BLOCK_N, SK, G, i_b0, B)
-
-        p_kt = k + o_cb[None, :] * stride_k_b + o_cj[None, :] * stride_k_s + i_h * stride_k_h + o_d[:, None]
-        p_vt = v + o_cb[None, :] * stride_v_b + o_cj[None, :] * stride_v_s + i_h * stride_v_h + o_d[:, None]
-        b_kt = tl.load(p_kt, mask=m_d[:, None] & m_c[None, :], other=0.0)
-        b_vt = tl.load(p_vt, mask=m_d[:, None] & m_c[None, :], other=0.0)
-        # [BM, BD] @ [BD, BN]
-        b_s = tl.dot(b_q, b_kt, input_precision=PRECISION, out_dtype=ACC)
-        b_s = _scale(b_s, scale_hi, scale_lo, ACC)
-        m_s = m_r[:, None] & m_c[None, :]
+        b_dq = _scale(b_dq, dscale_hi, dscale_lo, ACC)
         if PACKED:
-            m_s = m_s & (o_rg[:, None] == o_cg[None, :])
-        b_p = tl.where(m_s, tl.exp2(b_s - b_lse[:, None]), 0.0)
-        # [BM, BD] @ [BD, BN]
-        b_dp = tl.dot(b_do, b_vt, input_precision=PRECISION, out_dtype=ACC)
-        # a row's own non-finite values reach its dq through b_ds; other sequences' stay out
-        b_ds = tl.where(m_s, b_p * (b_dp - b_delta[:, None]), 0.0)
-        if PACKED:
-            b_kt = tl.where(_finite(b_kt), b_kt, 0.0)  # dS @ K sums over the keys of every sequence
-        # [BM, BN] @ [BN, BD]
-        b_dq += tl.dot(b_ds.to(b_kt.dtype), tl.trans(b_kt), input_precision=PRECISION, out_dtype=ACC)
-
-    b_dq = _scale(b_dq, dscale_hi, dscale_lo, ACC)
-    p_dq = dq + o_rb[:, None] * stride_dq_b + o_ri[:, None] * stride_dq_s + i_h * stride_dq_h + o_d[None, :]
-    tl.store(p_dq, b_dq.to(dq.dtype.element_ty), mask=m_rd)
-
-
-# ----------------------------------------------------------------------------------------------
-# launch plan
-# ----------------------------------------------------------------------------------------------
-_TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32,
-              torch.float64: tl.float64}
-
-
-@dataclass(frozen=True)
-class Tiles:
-    """Tile sizes, warps and pipeline stages of one kernel launch."""
-
-    block_m: int
-    block_n: int
-    num_warps: int
-    num_stages: int = 2
-
-
-@dataclass(frozen=True)
-class LaunchPlan:
-    """Every compile-time choice of the attention kernels for one (head dim, dtype, extra, tf32).
-
-    ``fwd``, ``dkdv`` and ``dq`` are the tiles of the three main kernels, ``preprocess`` the row
-    tile of the backward's ``delta`` pass. The packing factor G depends on the sequence lengths and
-    is a runtime argument (:func:`pack_group`), so a new frame count does not recompile.
-    """
-
-    head_dim: int
-    block_d: int
-    has_extra: bool
-    precision: str  # "ieee" (exact fp32 / fp64; ignored for 16-bit inputs) or "tf32"
-    acc: object  # tl.float32 or tl.float64
-    fwd: Tiles
-    dkdv: Tiles
-    dq: Tiles
-    preprocess: Tiles
-    source: str = "default"  # "default" or the tuning table entry it came from
-
-    def constexprs(self, packed: bool) -> dict:
-        return dict(HEAD_DIM=self.head_dim, BLOCK_D=self.block_d, HAS_EXTRA=self.has_extra, PACKED=packed,
-                    PRECISION=self.precision, ACC=self.acc)
-
-
-def default_tiles(block_d: int, dtype: torch.dtype) -> tuple[Tiles, Tiles, Tiles]:
-    """Tiles chosen from sm_90 register/spill reports of ``ptxas`` (no GPU timing behind them):
-    (fwd, dkdv, dq). Every ``tl.dot`` dimension is at least 16 (a GPU requirement the interpreter
-    does not enforce)."""
-    if dtype in (torch.float32, torch.float64):
-        return Tiles(32, 32, 4), Tiles(16, 32, 4), Tiles(32, 32, 4)
-    if block_d <= 64:
-        return Tiles(64, 64, 4), Tiles(32, 64, 4), Tiles(64, 64, 4)
-    return Tiles(64, 64, 8), Tiles(16, 64, 4), Tiles(64, 64, 8)
-
-
-@functools.lru_cache(maxsize=256)
-def launch_plan(head_dim: int, dtype: torch.dtype, has_extra: bool, allow_tf32: bool,
-                arch: int | None = None, seq_bucket: int | None = None) -> LaunchPlan:
-    """The launch plan of one problem (frozen and cached; tests compile each one ahead of time).
-
-    Tiles depend on the head dim and the dtype; where the tuning table has an entry for the GPU
-    architecture ``arch`` (e.g. 90), the dtype, the head dim, the extra token and the sequence
-    bucket (:func:`xclip_fast.kernels.tuning.seq_bucket`), that entry wins. Buckets are coarse, so
-    a new frame count recompiles at most when it crosses one.
-    """
-    head_dim = int(head_dim)
-    block_d = max(16, triton.next_power_of_2(head_dim))
-    fwd, dkdv, dq = default_tiles(block_d, dtype)
-    source = "default"
-    found = tuning.lookup(arch, dtype, head_dim, seq_bucket, has_extra) if arch is not None else None
-    if found is not None:
-        fwd, dkdv, dq, source = found.fwd or fwd, found.dkdv or dkdv, found.dq or dq, found.key
-    precision = "tf32" if dtype == torch.float32 and allow_tf32 else "ieee"
-    return LaunchPlan(head_dim=head_dim, block_d=block_d, has_extra=has_extra, precision=precision,
-                      acc=tl.float64 if dtype == torch.float64 else tl.float32, fwd=fwd, dkdv=dkdv, dq=dq,
-                      preprocess=Tiles(64, 1, 4, 1), source=source)
-
-
-def pack_group(plan: LaunchPlan, sq, sk):
-    """Sequences packed per program: several short sequences share one tile (block-diagonal mask).
-    The extra token is per sequence and seeds the whole tile, so packing is only used without it."""
-    if plan.has_extra or 2 * sq > plan.fwd.block_m or 2 * sk > plan.fwd.block_n:
-        return 1
-    return min(plan.fwd.block_m // sq, plan.fwd.block_n // sk)
+            b_dq = tl.where(b_bad[:, None] > 0, float("nan"), b_dq)
+        p_dq = dq + o_rb[:, None] * stride_dq_b + o_ri[:, None] * stride_dq_s + i_h * stride_dq_h + o_d[None, :]
+        tl.store(p_dq, b_dq.to(dq.dtype.element_ty), mask=m_rd)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -510,32 +390,17 @@ def _extra_strides(ek, ev, has_extra: bool):
     return (*_strides(ek, 2), *_strides(ev, 2)) if has_extra else (0, 0, 0, 0)
 
 
-@functools.lru_cache(maxsize=16)
-def _device_arch(index: int) -> int:
-    major, minor = torch.cuda.get_device_capability(index)
-    return 10 * major + minor
-
-
-def plan_for(q: torch.Tensor, sk, has_extra: bool, allow_tf32: bool) -> LaunchPlan:
-    """The plan the launchers use for queries ``q: [B, SQ, H, D]`` and ``sk`` keys (the tuning
-    table is consulted on CUDA devices only)."""
-    if q.device.type != "cuda":
-        return launch_plan(q.shape[3], q.dtype, has_extra, allow_tf32)
-    arch = _device_arch(q.device.index if q.device.index is not None else torch.cuda.current_device())
-    bucket = tuning.seq_bucket(torch.sym_max(q.shape[1], sk)) if tuning.has_entries(arch) else None
-    return launch_plan(q.shape[3], q.dtype, has_extra, allow_tf32, arch, bucket)
-
-
-def attention_fwd(q, k, v, ek, ev, o, lse, scale: float, allow_tf32: bool = False) -> None:
+def attention_fwd(q, k, v, ek, ev, o, lse, scale: float, allow_tf32: bool = False, plan=None) -> None:
     """Forward launcher: writes ``o`` ([B, SQ, H, D], any strides) and ``lse`` ([B, H, SQ]).
 
     Inputs are validated by the caller (``xclip_fast.ops``); here only internal invariants are
-    asserted. ``ek``/``ev`` are both None or both [B, H, D].
+    asserted. ``ek``/``ev`` are both None or both [B, H, D]. ``plan``: a :class:`LaunchPlan` to use
+    instead of the one :func:`plan_for` chooses (the tuner times candidates this way).
     """
     B, SQ, H, D = q.shape
     SK = k.shape[1]
     has_extra = ek is not None
-    plan = plan_for(q, SK, has_extra, allow_tf32)
+    plan = plan or plan_for(q, SK, has_extra, allow_tf32)
     G = pack_group(plan, SQ, SK)
     if not has_extra:
         ek = ev = q  # never read (HAS_EXTRA is False); any valid pointer will do
@@ -552,15 +417,16 @@ def attention_fwd(q, k, v, ek, ev, o, lse, scale: float, allow_tf32: bool = Fals
 
 
 def attention_bwd(q, k, v, ek, ev, o, lse, do, dq, dk, dv, dek, dev, scale: float,
-                  allow_tf32: bool = False) -> None:
+                  allow_tf32: bool = False, plan=None) -> None:
     """Backward launcher: writes ``dq, dk, dv`` (and ``dek, dev`` with the extra token).
 
     Every output is fully written (no accumulation into existing values), deterministically.
+    ``plan`` as in :func:`attention_fwd`.
     """
     B, SQ, H, D = q.shape
     SK = k.shape[1]
     has_extra = ek is not None
-    plan = plan_for(q, SK, has_extra, allow_tf32)
+    plan = plan or plan_for(q, SK, has_extra, allow_tf32)
     G = pack_group(plan, SQ, SK)
     consts = plan.constexprs(G > 1)
     if not has_extra:
@@ -572,22 +438,17 @@ def attention_bwd(q, k, v, ek, ev, o, lse, do, dq, dk, dv, dek, dev, scale: floa
         o, do, delta, *_strides(o, 3), *_strides(do, 3), delta.stride(0), delta.stride(1), H, SQ,
         HEAD_DIM=plan.head_dim, BLOCK_M=pre.block_m, BLOCK_D=plan.block_d, ACC=plan.acc, num_warps=pre.num_warps,
     )
-    scales = (*_split(scale * LOG2E), *_split(scale))
-    strides = (
+    args = (
+        q, k, v, ek, ev, do, lse, delta, dq, dk, dv, dek, dev,
         *_strides(q, 3), *_strides(k, 3), *_strides(v, 3), *_extra_strides(ek, ev, has_extra),
         *_strides(do, 3), lse.stride(0), lse.stride(1),
+        *_strides(dq, 3), *_strides(dk, 3), *_strides(dv, 3), *_extra_strides(dek, dev, has_extra),
+        B, H, SQ, SK, G, *_split(scale * LOG2E), *_split(scale),
     )
     groups_h = triton.cdiv(B, G) * H
-    t = plan.dkdv
-    wrap_triton(_attention_bwd_dkdv_kernel)[(groups_h, triton.cdiv(G * SK, t.block_n))](
-        q, k, v, ek, ev, do, lse, delta, dk, dv, dek, dev,
-        *strides, *_strides(dk, 3), *_strides(dv, 3), *_extra_strides(dek, dev, has_extra),
-        B, H, SQ, SK, G, *scales,
-        **consts, BLOCK_M=t.block_m, BLOCK_N=t.block_n, num_warps=t.num_warps, num_stages=t.num_stages,
-    )
-    t = plan.dq
-    wrap_triton(_attention_bwd_dq_kernel)[(groups_h, triton.cdiv(G * SQ, t.block_m))](
-        q, k, v, ek, ev, do, lse, delta, dq,
-        *strides, *_strides(dq, 3), B, H, SQ, SK, G, *scales,
-        **consts, BLOCK_M=t.block_m, BLOCK_N=t.block_n, num_warps=t.num_warps, num_stages=t.num_stages,
-    )
+    for dkdv, t, tiles in ((True, plan.dkdv, triton.cdiv(G * SK, plan.dkdv.block_n)),
+                           (False, plan.dq, triton.cdiv(G * SQ, plan.dq.block_m))):
+        wrap_triton(_attention_bwd_kernel)[(groups_h, tiles)](
+            *args, **consts, BLOCK_M=t.block_m, BLOCK_N=t.block_n, DKDV=dkdv, num_warps=t.num_warps,
+            num_stages=t.num_stages,
+        )

@@ -12,11 +12,10 @@ import torch
 import triton
 import triton.language as tl
 
-from . import wrap_triton
+from . import acc_dtype, tl_dtype, wrap_triton
+from .plan import quick_gelu_config
 
 __all__ = ["quick_gelu_fwd", "quick_gelu_bwd"]
-
-BLOCK = 1024
 
 
 @triton.jit
@@ -49,25 +48,25 @@ def _quick_gelu_bwd_kernel(
     tl.store(dx + o_i, b_dx.to(dx.dtype.element_ty), mask=m_i)
 
 
-def _acc(dtype: torch.dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
-
-
-def quick_gelu_fwd(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """``out = x * sigmoid(1.702 x)``; both contiguous, same shape and dtype (``out`` may be ``x``)."""
+def quick_gelu_fwd(x: torch.Tensor, out: torch.Tensor, config: tuple[int, int] | None = None) -> torch.Tensor:
+    """``out = x * sigmoid(1.702 x)``; both contiguous, same shape and dtype (``out`` may be ``x``).
+    ``config``: (elements per program, warps) instead of :func:`quick_gelu_config`'s (for the tuner)."""
     assert x.is_contiguous() and out.is_contiguous() and x.shape == out.shape
     n = x.numel()
-    wrap_triton(_quick_gelu_fwd_kernel)[(triton.cdiv(n, BLOCK),)](
-        x, out, n, BLOCK=BLOCK, ACC=_acc(x.dtype), num_warps=4
+    block, warps = config or quick_gelu_config(x)
+    wrap_triton(_quick_gelu_fwd_kernel)[(triton.cdiv(n, block),)](
+        x, out, n, BLOCK=block, ACC=tl_dtype(acc_dtype(x.dtype)), num_warps=warps
     )
     return out
 
 
-def quick_gelu_bwd(x: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor) -> torch.Tensor:
+def quick_gelu_bwd(x: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor,
+                   config: tuple[int, int] | None = None) -> torch.Tensor:
     """``dx = dy * d/dx[x * sigmoid(1.702 x)]``; all contiguous (``dx`` may be ``dy``)."""
     assert x.is_contiguous() and dy.is_contiguous() and dx.is_contiguous()
     n = x.numel()
-    wrap_triton(_quick_gelu_bwd_kernel)[(triton.cdiv(n, BLOCK),)](
-        x, dy, dx, n, BLOCK=BLOCK, ACC=_acc(x.dtype), num_warps=4
+    block, warps = config or quick_gelu_config(x)
+    wrap_triton(_quick_gelu_bwd_kernel)[(triton.cdiv(n, block),)](
+        x, dy, dx, n, BLOCK=block, ACC=tl_dtype(acc_dtype(x.dtype)), num_warps=warps
     )
     return dx

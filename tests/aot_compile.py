@@ -22,7 +22,9 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+from xclip_fast.kernels import acc_dtype, tl_dtype
 from xclip_fast.kernels import attention as A
+from xclip_fast.kernels import plan as P
 from xclip_fast.kernels import quick_gelu as Q
 
 # (dtype, head dim, extra token, packed, tf32, scale type): each tile configuration of launch_plan
@@ -42,7 +44,12 @@ CASES = [
     (torch.float32, 64, False, True, False, "fp64"),
     (torch.float64, 64, True, False, False, "fp64"),
 ]
-KERNEL_TILES = {"_attention_fwd_kernel": "fwd", "_attention_bwd_dkdv_kernel": "dkdv", "_attention_bwd_dq_kernel": "dq"}
+# kernel name as reported -> (the jit function, its launch-plan tiles, extra constexprs)
+KERNELS = {
+    "_attention_fwd_kernel": ("_attention_fwd_kernel", "fwd", {}),
+    "_attention_bwd_dkdv": ("_attention_bwd_kernel", "dkdv", {"DKDV": True}),
+    "_attention_bwd_dq": ("_attention_bwd_kernel", "dq", {"DKDV": False}),
+}
 _PTR = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32", torch.float64: "*fp64"}
 _INTS = {"B", "H", "SQ", "SK", "G", "N"}
 _DIV16 = [["tt.divisibility", 16]]
@@ -91,20 +98,23 @@ def compile_one(job):
     kernel_name, dtype_name, head_dim, extra, packed, tf32, scale_type, arch, tiles = job
     dtype = getattr(torch, dtype_name)
     sq = 8 if packed else 197
-    plan = A.launch_plan(head_dim, dtype, extra, tf32)
+    plan = P.launch_plan(head_dim, dtype, extra, tf32)
     if tiles is not None:  # a candidate of the tuning sweep instead of the default tiles
-        plan = dataclasses.replace(plan, **{k: A.Tiles(*v) for k, v in tiles.items()})
-    assert (A.pack_group(plan, sq, sq) > 1) == packed
-    fn = getattr(A, kernel_name, None) or getattr(Q, kernel_name)
+        plan = dataclasses.replace(plan, **{k: P.Tiles(*v) for k, v in tiles.items() if k in P.KERNELS})
+    assert (P.pack_group(plan, sq, sq) > 1) == packed
+    fn_name, plan_field, flags = KERNELS.get(kernel_name, (kernel_name, None, {}))
+    fn = getattr(A, fn_name, None) or getattr(Q, fn_name)
     if kernel_name.startswith("_quick_gelu"):
-        constexprs = dict(BLOCK=Q.BLOCK, ACC=Q._acc(dtype))
-        options = dict(num_warps=4)
+        constexprs = dict(BLOCK=P.QUICK_GELU_DEFAULT[0], ACC=tl_dtype(acc_dtype(dtype)))
+        options = dict(num_warps=P.QUICK_GELU_DEFAULT[1])
+        if tiles is not None:
+            constexprs["BLOCK"], options["num_warps"] = tiles["quick_gelu"]
     elif kernel_name == "_attention_bwd_preprocess_kernel":
         constexprs = dict(HEAD_DIM=head_dim, BLOCK_M=plan.preprocess.block_m, BLOCK_D=plan.block_d, ACC=plan.acc)
         options = dict(num_warps=plan.preprocess.num_warps)
     else:
-        t = getattr(plan, KERNEL_TILES[kernel_name])
-        constexprs = dict(plan.constexprs(packed), BLOCK_M=t.block_m, BLOCK_N=t.block_n)
+        t = getattr(plan, plan_field)
+        constexprs = dict(plan.constexprs(packed), BLOCK_M=t.block_m, BLOCK_N=t.block_n, **flags)
         options = dict(num_warps=t.num_warps, num_stages=t.num_stages)
     sig, attrs = signature(fn, dtype, constexprs, scale_type)
     compiled = triton.compile(ASTSource(fn, sig, constexprs, attrs), target=GPUTarget("cuda", arch, 32),
@@ -133,7 +143,7 @@ def compile_one(job):
 def jobs(archs):
     for arch in archs:
         for dtype, d, extra, packed, tf32, scale_type in CASES:
-            for k in KERNEL_TILES:
+            for k in KERNELS:
                 yield (k, str(dtype).split(".")[1], d, extra, packed, tf32, scale_type, arch, None)
         for dtype in (torch.float16, torch.float64):
             yield ("_attention_bwd_preprocess_kernel", str(dtype).split(".")[1], 128, False, False, False, "fp32",

@@ -1,0 +1,187 @@
+"""Launch plans of the attention kernels: tiles, warps and stages, and the committed tuning table.
+
+:func:`launch_plan` gives every compile-time choice for one (head dim, dtype, extra token, TF32)
+as a frozen :class:`LaunchPlan`. The default tiles come from sm_90 register/spill reports of
+``ptxas`` (no GPU timing behind them); where ``tuned.json`` (written by ``benchmarks/tune.py`` on a
+GPU, committed) has an entry for the running GPU's architecture, the dtype, the head dim, the
+extra token and the sequence bucket, that entry wins::
+
+    {"format": 1, "entries": [
+        {"arch": 90, "dtype": "bfloat16", "head_dim": 64, "extra": true, "seq_bucket": 256,
+         "fwd": [64, 64, 4, 3], "dkdv": [32, 64, 4, 2], "dq": [64, 64, 4, 2],
+         "measured": {"device": "...", "date": "...", "ms": {...}}}]}
+
+Each kernel entry is ``[BLOCK_M, BLOCK_N, num_warps, num_stages]``; a kernel missing from an entry
+keeps its default tiles. Entries with ``"op": "quick_gelu"`` (keyed by arch and dtype) hold the
+elementwise kernels' ``"block"`` and ``"num_warps"``. Sequence buckets are coarse, so a new frame
+count recompiles at most when it crosses one; the packing factor G is a runtime argument and never
+recompiles.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+
+from . import acc_dtype, tl_dtype
+
+__all__ = ["Tiles", "LaunchPlan", "default_tiles", "launch_plan", "pack_group", "plan_for", "seq_bucket",
+           "load_table", "quick_gelu_config", "TABLE_PATH", "SEQ_BUCKETS", "LOG2E", "QUICK_GELU_DEFAULT"]
+
+LOG2E = 1.4426950408889634
+TABLE_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tuned.json")
+# upper bounds of the sequence buckets (tokens per frame l, or frames T of the message attention)
+SEQ_BUCKETS = (16, 64, 128, 256, 512, 1024, 4096, 1 << 62)
+KERNELS = ("fwd", "dkdv", "dq")
+QUICK_GELU_DEFAULT = (1024, 4)  # (elements per program, warps)
+
+
+@dataclass(frozen=True)
+class Tiles:
+    """Tile sizes, warps and pipeline stages of one kernel launch."""
+
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int = 2
+
+
+@dataclass(frozen=True)
+class LaunchPlan:
+    """Every compile-time choice of the attention kernels for one (head dim, dtype, extra, tf32).
+
+    ``fwd``, ``dkdv`` and ``dq`` are the tiles of the forward and of the two backward passes,
+    ``preprocess`` the row tile of the backward's ``delta`` pass; ``source`` says where the tiles
+    come from (``"default"`` or a tuning-table entry).
+    """
+
+    head_dim: int
+    block_d: int
+    has_extra: bool
+    precision: str  # "ieee" (exact fp32 / fp64; ignored for 16-bit inputs) or "tf32"
+    acc: object  # tl.float32 or tl.float64
+    fwd: Tiles
+    dkdv: Tiles
+    dq: Tiles
+    preprocess: Tiles
+    source: str = "default"
+
+    def constexprs(self, packed: bool) -> dict:
+        return dict(HEAD_DIM=self.head_dim, BLOCK_D=self.block_d, HAS_EXTRA=self.has_extra, PACKED=packed,
+                    PRECISION=self.precision, ACC=self.acc)
+
+
+def default_tiles(block_d: int, dtype: torch.dtype) -> tuple[Tiles, Tiles, Tiles]:
+    """(fwd, dkdv, dq) tiles without a tuning entry. Every ``tl.dot`` dimension is at least 16 (a GPU
+    requirement the interpreter does not enforce)."""
+    if dtype in (torch.float32, torch.float64):
+        return Tiles(32, 32, 4), Tiles(16, 32, 4), Tiles(32, 32, 4)
+    if block_d <= 64:
+        return Tiles(64, 64, 4), Tiles(32, 64, 4), Tiles(64, 64, 4)
+    return Tiles(64, 64, 8), Tiles(16, 64, 4), Tiles(64, 64, 8)
+
+
+# ----------------------------------------------------------------------------------------------
+# the tuning table
+# ----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Entry:
+    key: str
+    tiles: dict
+
+
+def seq_bucket(n) -> int:
+    """The bucket of a sequence length: the smallest bound in :data:`SEQ_BUCKETS` that holds it."""
+    for bound in SEQ_BUCKETS:
+        if n <= bound:
+            return bound
+    return SEQ_BUCKETS[-1]
+
+
+@functools.lru_cache(maxsize=4)
+def load_table(path: str = TABLE_PATH) -> dict:
+    """``{(arch, dtype name, head_dim, extra, seq_bucket): entry}`` from the JSON table (empty if absent)."""
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        raw = json.load(f)
+    if raw.get("format") != 1:
+        raise ValueError(f"{path}: unknown tuning table format {raw.get('format')!r} (expected 1)")
+    table = {}
+    for e in raw.get("entries", []):
+        if e.get("op", "attention") == "quick_gelu":
+            table[("quick_gelu", int(e["arch"]), str(e["dtype"]))] = (int(e["block"]), int(e["num_warps"]))
+            continue
+        key = (int(e["arch"]), str(e["dtype"]), int(e["head_dim"]), bool(e["extra"]), int(e["seq_bucket"]))
+        tiles = {k: Tiles(*map(int, e[k])) for k in KERNELS if e.get(k)}
+        table[key] = _Entry(f"sm_{key[0]} {key[1]} D={key[2]} extra={key[3]} S<={key[4]}", tiles)
+    return table
+
+
+@functools.lru_cache(maxsize=16)
+def _has_entries(arch: int) -> bool:
+    return any(k[0] == arch for k in load_table() if k[0] != "quick_gelu")
+
+
+# ----------------------------------------------------------------------------------------------
+# plans
+# ----------------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=256)
+def launch_plan(head_dim: int, dtype: torch.dtype, has_extra: bool, allow_tf32: bool,
+                arch: int | None = None, bucket: int | None = None) -> LaunchPlan:
+    """The launch plan of one problem (frozen and cached; tests compile each one ahead of time).
+    ``arch`` (e.g. 90) and ``bucket`` (:func:`seq_bucket`) select a tuning-table entry if one exists."""
+    head_dim = int(head_dim)
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    tiles = dict(zip(KERNELS, default_tiles(block_d, dtype)))
+    source = "default"
+    entry = None
+    if arch is not None and bucket is not None:
+        entry = load_table().get((int(arch), str(dtype).removeprefix("torch."), head_dim, bool(has_extra), bucket))
+    if entry is not None:
+        tiles.update(entry.tiles)
+        source = entry.key
+    precision = "tf32" if dtype == torch.float32 and allow_tf32 else "ieee"
+    return LaunchPlan(head_dim=head_dim, block_d=block_d, has_extra=has_extra, precision=precision,
+                      acc=tl_dtype(acc_dtype(dtype)), preprocess=Tiles(64, 1, 4, 1), source=source, **tiles)
+
+
+def pack_group(plan: LaunchPlan, sq, sk):
+    """Sequences packed per program: several short sequences share one tile (block-diagonal mask).
+    The extra token is per sequence and seeds the whole tile, so packing is only used without it."""
+    if plan.has_extra or 2 * sq > plan.fwd.block_m or 2 * sk > plan.fwd.block_n:
+        return 1
+    return min(plan.fwd.block_m // sq, plan.fwd.block_n // sk)
+
+
+@functools.lru_cache(maxsize=16)
+def _device_arch(index: int) -> int:
+    major, minor = torch.cuda.get_device_capability(index)
+    return 10 * major + minor
+
+
+def _arch_of(t: torch.Tensor) -> int:
+    return _device_arch(t.device.index if t.device.index is not None else torch.cuda.current_device())
+
+
+def quick_gelu_config(x: torch.Tensor) -> tuple[int, int]:
+    """(elements per program, warps) of the QuickGELU kernels for ``x``: tuned on its GPU, else the default."""
+    if x.device.type != "cuda":
+        return QUICK_GELU_DEFAULT
+    return load_table().get(("quick_gelu", _arch_of(x), str(x.dtype).removeprefix("torch.")), QUICK_GELU_DEFAULT)
+
+
+def plan_for(q: torch.Tensor, sk, has_extra: bool, allow_tf32: bool) -> LaunchPlan:
+    """The plan the launchers use for queries ``q: [B, SQ, H, D]`` and ``sk`` keys; the tuning table
+    is consulted on CUDA devices whose architecture it has entries for."""
+    if q.device.type != "cuda":
+        return launch_plan(q.shape[3], q.dtype, has_extra, allow_tf32)
+    arch = _arch_of(q)
+    if not _has_entries(arch):
+        return launch_plan(q.shape[3], q.dtype, has_extra, allow_tf32, arch)
+    return launch_plan(q.shape[3], q.dtype, has_extra, allow_tf32, arch, seq_bucket(torch.sym_max(q.shape[1], sk)))

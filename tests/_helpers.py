@@ -1,7 +1,9 @@
 """Helpers shared by the tests: relative-error assertions and an independent float64 attention."""
 
+import pytest
 import torch
 
+from xclip_fast.ops import triton_status
 from xclip_fast.testing import rel_err
 
 
@@ -38,11 +40,6 @@ def attention_f64(q, k, v, extra_k=None, extra_v=None, scale=None):
     return torch.einsum("bhij,bjhd->bihd", scores.softmax(dim=-1), v)
 
 
-def copy_block(dst: torch.nn.Module, src: torch.nn.Module) -> torch.nn.Module:
-    dst.load_state_dict(src.state_dict())
-    return dst
-
-
 def param_grad_errors(module, ref_module):
     """(name, fast grad, reference grad) for every parameter, by name."""
     ref_params = dict(ref_module.named_parameters())
@@ -76,3 +73,10 @@ def tiny_xclip(dtype=torch.float32, num_frames: int = 3, attn_implementation: st
 
     torch.manual_seed(0)
     return XCLIPModel(tiny_xclip_config(num_frames, attn_implementation, **vision)).to(dtype).eval()
+
+
+# the triton backend where it can run (CUDA, or the CPU interpreter); conftest skips the marked
+# tests with the reason elsewhere
+needs_triton = pytest.mark.triton
+BACKENDS = ["torch", pytest.param("triton", marks=needs_triton)]
+TRITON_OK = triton_status()[0]

@@ -27,6 +27,22 @@ def _poisoned(fn):
     return wrapper
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "triton: needs the triton backend (CUDA, or the CPU interpreter); "
+                                       "skipped with the reason where it cannot run")
+
+
+def pytest_collection_modifyitems(config, items):
+    from xclip_fast.ops import triton_status
+
+    ok, why = triton_status()
+    if not ok:
+        skip = pytest.mark.skip(reason=f"triton backend unavailable: {why}")
+        for item in items:
+            if item.get_closest_marker("triton") is not None:
+                item.add_marker(skip)
+
+
 @pytest.fixture(autouse=True, scope="session")
 def nan_poisoned_empty():
     """Every ``torch.empty*`` allocation starts as NaN, so an output element a kernel forgets to

@@ -6,14 +6,13 @@ natively and bf16, TF32 and large shapes are added.
 
 import pytest
 import torch
-from _helpers import assert_rel, attention_f64
+from _helpers import assert_rel, attention_f64, needs_triton
 
 import xclip_fast
-from xclip_fast.ops import packed_attention, triton_status
+from xclip_fast.ops import packed_attention
 from xclip_fast.testing import TF32_TOLERANCE, TOLERANCES
 
-TRITON_OK, TRITON_WHY = triton_status()
-pytestmark = pytest.mark.skipif(not TRITON_OK, reason=f"triton backend unavailable: {TRITON_WHY}")
+pytestmark = needs_triton
 CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU (bf16 tl.dot is wrong in the CPU interpreter, "
                                                  "and large shapes are too slow there)")

@@ -57,13 +57,21 @@ def test_bench_exits_non_zero_when_a_provider_disagrees(tmp_path, monkeypatch):
     assert rows["xclip-fast-torch"]["status"] == "mismatch" and rows["xclip-fast-torch"]["median_ms"] == ""
 
 
-def test_attention_cost_model():
+def test_attention_cost_model_counts_the_useful_matmuls():
+    """The FLOPs the bench reports for the frame attention equal what torch's FLOP counter counts for
+    plain attention over l + 1 keys (QK^T and PV for the l frame-token queries only)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
     case = bench.Case("attention", "frames", "b16", 2, 8, 197, 768, 12)
     w = bench.Workload(case, torch.float32, torch.device("cpu"), grad=False)
-    N, H, D = 16, 12, 64
-    assert w.flops("fwd") == 4 * N * H * 197 * 198 * D
-    assert w.flops("fwdbwd") == 3.5 * w.flops("fwd")
-    assert w.bytes("fwd") == (4 * N * 197 * 768 + 2 * N * 768) * 4
+    N, H, D, l = 16, 12, 64, 197
+    q, k, v = torch.randn(N, H, l, D), torch.randn(N, H, l + 1, D), torch.randn(N, H, l + 1, D)
+    with FlopCounterMode(display=False) as counter:
+        torch.matmul(torch.matmul(q, k.transpose(-1, -2)).softmax(-1), v)
+    assert w.flops("fwd") == counter.get_total_flops()
+    # bytes: q, k, v and o of every frame token, plus the message token's k and v, in fp32
+    assert w.bytes("fwd") == sum(t.numel() for t in w.leaves.values() if t is not w.leaves["q_msg"]) * 4 + \
+        N * l * 768 * 4
 
 
 def test_bench_rejects_bad_options(tmp_path):

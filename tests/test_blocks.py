@@ -2,15 +2,11 @@
 
 import pytest
 import torch
-from _helpers import assert_rel, param_grad_errors
+from _helpers import BACKENDS, assert_rel, needs_triton, param_grad_errors
 
 import xclip_fast
 from xclip_fast import reference
 from xclip_fast.blocks import CrossFrameAttentionBlock, ResidualAttentionBlock
-from xclip_fast.ops import triton_status
-
-TRITON_OK, TRITON_WHY = triton_status()
-needs_triton = pytest.mark.skipif(not TRITON_OK, reason=f"triton backend unavailable: {TRITON_WHY}")
 
 # Module-level tolerances (relative error against the reference run in the same dtype):
 # float64 - both sides are float64 with different operation order: rounding only (~1e-16 per op).
@@ -69,8 +65,16 @@ def test_block_triton_matches_reference(shape, dtype, device):
     _check_block("triton", shape, dtype, device)
 
 
-def test_official_spelling_is_the_same_class():
-    assert xclip_fast.CrossFramelAttentionBlock is CrossFrameAttentionBlock
+def test_official_spelling_and_positional_constructor():
+    """Code written against the official module: the official name, positional arguments
+    (d_model, n_head, attn_mask, droppath, T), the same structure and the same computation."""
+    ref = reference.CrossFramelAttentionBlock(64, 4, None, 0.25, 3).double()
+    fast = xclip_fast.CrossFramelAttentionBlock(64, 4, None, 0.25, 3).double()
+    assert fast.T == 3 and fast.drop_path.drop_prob == 0.25 and fast.attn_mask is None
+    fast.load_state_dict(ref.state_dict())
+    x = torch.randn(5, 6, 64, dtype=torch.float64)
+    ref.eval(), fast.eval()
+    assert_rel("output", fast(x), ref(x), 1e-12)
 
 
 def test_state_dict_keys_shapes_and_repr_identical():
@@ -96,7 +100,7 @@ def test_checkpoints_load_both_ways():
         assert torch.equal(ref.state_dict()[k], v), k
 
 
-@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_train_mode_drop_path_matches_reference(backend, device):
     """Drop path draws one keep/drop per token row (official quirk); same seed -> same masks."""
     l, b, T, d, h = 7, 2, 3, 64, 2
@@ -188,9 +192,9 @@ def test_attn_mask_wrong_shape():
     ],
 )
 def test_bad_input_raises(x_shape, T, match):
-    block = CrossFrameAttentionBlock(64, 2, T=T, backend="torch")
+    block = CrossFrameAttentionBlock(64, 2, backend="torch")  # T=0: given per call
     with pytest.raises(ValueError, match=match):
-        block(torch.randn(*x_shape))
+        block(torch.randn(*x_shape), T=T)
 
 
 def test_bad_constructor_arguments():
@@ -212,7 +216,7 @@ def test_triton_backend_on_unsupported_device_raises():
 # ------------------------------------------------------------------------------------------------
 # ResidualAttentionBlock (the MIT's block)
 # ------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
 @pytest.mark.parametrize("S, B, d, h", [(1, 2, 64, 2), (8, 3, 64, 4), (37, 1, 96, 3)], ids=["S1", "S8", "S37"])
 def test_residual_block_matches_reference(backend, dtype, S, B, d, h, device):

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from _helpers import assert_rel, tiny_xclip, tiny_xclip_config
+from _helpers import assert_rel, tiny_xclip
 
 from xclip_fast.checkpoints import hf_to_official, official_to_hf
 from xclip_fast.encoder import XCLIPVideoEncoder
@@ -88,7 +88,7 @@ def test_unknown_weight_formats_raise(tmp_path):
         XCLIPVideoEncoder.from_official(str(bad))
     with pytest.raises(ValueError, match="no X-CLIP vision weights"):
         XCLIPVideoEncoder.from_hf({"text_model.foo": torch.zeros(1)})
-    with pytest.raises(ValueError, match="neither a file, a folder nor a hub name"):
+    with pytest.raises(ValueError, match="no such file or folder"):
         XCLIPVideoEncoder.from_hf(str(tmp_path / "missing" / "weights.bin"))
 
 
@@ -140,13 +140,75 @@ def test_vision_only_model_needs_strict_false():
     assert_rel("vision-only last hidden state", ours.transpose(0, 1), theirs, 1e-5)
 
 
-def test_unsupported_hf_configuration():
-    from transformers import XCLIPModel
+@pytest.mark.parametrize("hidden_act", ["quick_gelu", "gelu"])
+def test_any_hf_configuration_loads_and_matches(hidden_act):
+    """MLP widths other than 4 x, another activation and another LayerNorm epsilon (HF allows all)."""
+    model = tiny_xclip(torch.float64, attn_implementation="sdpa", intermediate_size=100, mit_intermediate_size=50,
+                       hidden_act=hidden_act, layer_norm_eps=1e-6)
+    enc = XCLIPVideoEncoder.from_hf(model, backend="torch")
+    assert enc.config["intermediate_size"] == 100 and enc.config["mit_intermediate_size"] == 50
+    assert enc.visual.blocks[0].ln_1.eps == 1e-6 and enc.mit.resblocks[0].ln_2.eps == 1e-6
+    video = torch.randn(2, 3, 3, 32, 32, dtype=torch.float64)
+    with torch.no_grad():
+        expected = model.get_video_features(pixel_values=video).pooler_output
+        assert_rel("from_hf vs transformers", enc(video), expected, 1e-10)
+    # without the config the widths come from the weights (the activation cannot: quick_gelu assumed)
+    if hidden_act == "quick_gelu":
+        again = XCLIPVideoEncoder.from_hf(model.state_dict(), heads=2, mit_heads=2, strict=True)
+        assert again.config["intermediate_size"] == 100 and again.config["mit_intermediate_size"] == 50
 
-    cfg = tiny_xclip_config()
-    cfg.vision_config.intermediate_size = 100
-    with pytest.raises(ValueError, match="intermediate_size=100 is not 4 x hidden_size=64"):
-        XCLIPVideoEncoder.from_hf(XCLIPModel(cfg))
+
+def test_loader_errors_name_the_file_and_the_problem(tmp_path, monkeypatch):
+    bad = tmp_path / "broken.safetensors"
+    bad.write_bytes(b"\x00\x01 not a safetensors file")
+    with pytest.raises(ValueError, match=f"cannot read {bad} as a safetensors file"):
+        XCLIPVideoEncoder.from_hf(str(bad))
+    folder = tmp_path / "hf"
+    tiny_xclip().save_pretrained(folder)
+    (folder / "config.json").write_text("{ this is not json")
+    with pytest.raises(ValueError, match=f"cannot read {folder / 'config.json'} as a JSON model configuration"):
+        XCLIPVideoEncoder.from_hf(str(folder))
+    sd = tiny_xclip().state_dict()
+    sd["vision_model.encoder.layers.0.self_attn.k_proj.weight"] = torch.zeros(3, 64)
+    with pytest.raises(ValueError, match=r"q/k/v projections of different shapes for "
+                                         r"vision_model\.encoder\.layers\.0\.self_attn\.\{q,k,v\}_proj\.weight"):
+        XCLIPVideoEncoder.from_hf(sd)
+    with pytest.raises(ValueError, match="no_such_dir/model.pth: no such file or folder"):
+        XCLIPVideoEncoder.from_hf("no_such_dir/model.pth")
+
+    def offline(*args, **kwargs):
+        raise OSError("no network here")
+
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    with pytest.raises(ValueError, match="'someone/nothing' is not a local file or folder, and fetching it as a "
+                                         "Hugging Face hub model failed .*no network here"):
+        XCLIPVideoEncoder.from_hf("someone/nothing")
+
+
+def test_dtype_by_name():
+    sd = _tiny_encoder().state_dict()
+    assert XCLIPVideoEncoder.from_official(sd, dtype="float16").visual.conv1.weight.dtype == torch.float16
+    assert XCLIPVideoEncoder.from_official(sd, dtype="torch.bfloat16").visual.conv1.weight.dtype == torch.bfloat16
+    with pytest.raises(ValueError, match=r"dtype must be one of \['bfloat16', 'float16', 'float32', 'float64'\]"):
+        XCLIPVideoEncoder.from_official(sd, dtype="half-ish")
+
+
+def test_checkpoint_missing_blocks_is_not_a_shallower_model():
+    """A B/32-width checkpoint with 11 of its 12 blocks: refused under strict, loudly loaded without."""
+    full = XCLIPVideoEncoder(input_resolution=32, patch_size=16, width=768, layers=12, heads=12, embed_dim=64,
+                             num_frames=2, backend="torch").state_dict()
+    truncated = {k: v for k, v in full.items() if ".resblocks.11." not in k}
+    with pytest.raises(ValueError, match="holds 11 vision blocks where released X-CLIP models of width 768 have 12"):
+        XCLIPVideoEncoder.from_official(truncated)
+    with pytest.warns(UserWarning, match="it may be missing blocks"):
+        enc = XCLIPVideoEncoder.from_official(truncated, strict=False)
+    assert len(enc.visual.blocks) == 11
+    assert len(XCLIPVideoEncoder.from_official(truncated, layers=11).visual.blocks) == 11  # said explicitly
+    gap = {k: v for k, v in full.items() if ".resblocks.5." not in k}
+    with pytest.raises(ValueError, match=r"blocks \[5\] are missing from the checkpoint"):
+        XCLIPVideoEncoder.from_official(gap, strict=False)
 
 
 def test_loaded_encoder_takes_the_weights_dtype_unless_given():

@@ -11,13 +11,34 @@ from xclip_fast.cli import main
 def test_help_lists_the_commands():
     proc = subprocess.run([sys.executable, "-m", "xclip_fast.cli", "--help"], capture_output=True, text=True)
     assert proc.returncode == 0
-    assert "check" in proc.stdout
+    assert "{check,bench,encode}" in proc.stdout
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--frames", "0"], "argument --frames: must be >= 1, got 0"),
+    (["--tokens", "0"], "argument --tokens: must be >= 1, got 0"),
+    (["--heads", "3"], "--width 128 must be divisible by --heads 3"),
+    (["--batch", "two"], "argument --batch: expected an integer, got 'two'"),
+])
+def test_check_arguments_are_validated(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["check", *argv])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_check_judges_bf16_against_the_originals_own_error(capsys):
+    """bf16 is far from float64 for the original block too; the fast block passes when it is within
+    2x of the original's own error (it used to FAIL against the fixed bf16 tolerance)."""
+    assert main(["check", "--backends", "torch", "--dtype", "bfloat16", "--tokens", "50", "--width", "128"]) == 0
+    out = capsys.readouterr().out
+    assert "torch    ok  : output" in out and "original" in out
 
 
 def test_check_passes_and_prints_errors(capsys):
     assert main(["check", "--backends", "torch", "--tokens", "5", "--frames", "3", "--width", "64"]) == 0
     out = capsys.readouterr().out
-    assert "torch    ok: output" in out and "grad x" in out
+    assert "torch    ok  : output" in out and "grad x" in out
 
 
 def test_check_rejects_unknown_backend():

@@ -13,18 +13,14 @@ import copy
 import pytest
 import torch
 import torch._dynamo
-from _helpers import assert_grads_close, assert_rel, tiny_xclip
+from _helpers import BACKENDS, assert_grads_close, assert_rel, needs_triton, tiny_xclip
 from torch._dynamo.testing import CompileCounterWithBackend
 
 import xclip_fast
 from xclip_fast.blocks import CrossFrameAttentionBlock
 from xclip_fast.encoder import XCLIPVideoEncoder
-from xclip_fast.ops import triton_status
 
-TRITON_OK, TRITON_WHY = triton_status()
 CUDA = torch.cuda.is_available()
-needs_triton = pytest.mark.skipif(not TRITON_OK, reason=f"triton backend unavailable: {TRITON_WHY}")
-BACKENDS = ["torch", pytest.param("triton", marks=needs_triton)]
 # float64 on CPU (rounding differences only); on CUDA float32 with exact fp32 products (1e-5, DESIGN.md §5)
 DTYPE = torch.float32 if CUDA else torch.float64
 TOL = 1e-5 if CUDA else 1e-10  # fp64: DESIGN.md §5; Inductor reorders sums

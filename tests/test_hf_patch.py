@@ -4,14 +4,11 @@ import copy
 
 import pytest
 import torch
-from _helpers import assert_rel, tiny_xclip
+from _helpers import BACKENDS, TRITON_OK, assert_rel, tiny_xclip
 
 import xclip_fast
 from xclip_fast.encoder import XCLIPVideoEncoder
-from xclip_fast.ops import triton_status
 
-TRITON_OK, TRITON_WHY = triton_status()
-needs_triton = pytest.mark.skipif(not TRITON_OK, reason=f"triton backend unavailable: {TRITON_WHY}")
 # transformers' eager softmax runs in float32 even in float64 models: the oracle is fp32-accurate
 HF_TOL = 1e-5
 # float64 on both sides with sdpa attention: rounding only
@@ -24,7 +21,7 @@ def _patched_pair(dtype, backend, device, attn_implementation="eager"):
     return original, patched
 
 
-@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_patched_model_matches_unpatched_outputs_and_gradients(backend, device):
     # sdpa attention keeps the unpatched model exact in float64, so gradients compare at 1e-10
     original, patched = _patched_pair(torch.float64, backend, device, attn_implementation="sdpa")
@@ -130,3 +127,75 @@ def test_patched_vision_model(device):
         xclip_fast.patch_xclip(vision, backend="torch")
         got = vision(pixel_values=frames).last_hidden_state
     assert_rel("patched XCLIPVisionModel", got, expected, HF_TOL)
+
+
+def test_deep_copies_are_models_of_their_own(device):
+    """EMA and teacher models are made with copy.deepcopy: the copy must compute with its own weights."""
+    model = xclip_fast.patch_xclip(tiny_xclip(torch.float64).to(device), backend="torch")
+    ema = copy.deepcopy(model)
+    assert all(p is not q for p, q in zip(model.parameters(), ema.parameters()))
+    video = torch.randn(2, 3, 3, 32, 32, dtype=torch.float64, device=device)
+    with torch.no_grad():
+        before = model.get_video_features(pixel_values=video).pooler_output
+        for p in ema.parameters():
+            p.mul_(0.9)
+        after_copy = ema.get_video_features(pixel_values=video).pooler_output
+        assert_rel("original untouched by the copy's update", model.get_video_features(pixel_values=video)
+                   .pooler_output, before, 0.0)
+    assert (after_copy - before).abs().max() > 1e-3, "the copy computed with the original's weights"
+    assert xclip_fast.hf.is_patched(ema)
+
+
+def test_torch_save_of_a_patched_model(tmp_path, device):
+    model = xclip_fast.patch_xclip(tiny_xclip(torch.float64).to(device), backend="torch")
+    video = torch.randn(1, 5, 3, 32, 32, dtype=torch.float64, device=device)
+    path = tmp_path / "model.pt"
+    torch.save(model, path)
+    loaded = torch.load(path, weights_only=False)
+    with torch.no_grad():
+        assert_rel("reloaded", loaded.get_video_features(pixel_values=video).pooler_output,
+                   model.get_video_features(pixel_values=video).pooler_output, 0.0)
+    xclip_fast.unpatch_xclip(loaded)
+    assert type(loaded).__name__ == "XCLIPModel"
+
+
+def test_output_hidden_states_of_the_patched_model(device):
+    original = tiny_xclip(torch.float64, attn_implementation="sdpa").to(device)
+    patched = xclip_fast.patch_xclip(copy.deepcopy(original), backend="torch")
+    video = torch.randn(2, 3, 3, 32, 32, dtype=torch.float64, device=device)
+    with torch.no_grad():
+        want = original.get_video_features(pixel_values=video, output_hidden_states=True).hidden_states
+        got = patched.get_video_features(pixel_values=video, output_hidden_states=True).hidden_states
+    assert len(got) == len(want) == 3  # the embeddings and one per layer
+    for i, (g, w) in enumerate(zip(got, want)):
+        assert_rel(f"hidden state {i}", g, w, F64_TOL)
+
+
+@pytest.mark.parametrize("hidden_act", ["quick_gelu", "gelu"])
+def test_patch_any_configuration(hidden_act, device):
+    """MLP widths other than 4 x, any activation and LayerNorm epsilon, as Hugging Face allows."""
+    original = tiny_xclip(torch.float64, attn_implementation="sdpa", intermediate_size=100,
+                          mit_intermediate_size=50, hidden_act=hidden_act, layer_norm_eps=1e-6).to(device)
+    patched = xclip_fast.patch_xclip(copy.deepcopy(original), backend="torch")
+    video = torch.randn(2, 3, 3, 32, 32, dtype=torch.float64, device=device)
+    with torch.no_grad():
+        assert_rel("video features", patched.get_video_features(pixel_values=video).pooler_output,
+                   original.get_video_features(pixel_values=video).pooler_output, F64_TOL)
+
+
+def test_patched_vision_model_takes_num_frames(device):
+    """A bare XCLIPVisionModel gets frames (b*T, C, H, W) and T as num_frames (default: the config's)."""
+    from transformers import XCLIPVisionModel
+
+    hf = tiny_xclip(torch.float64, attn_implementation="sdpa").to(device)
+    vision = XCLIPVisionModel(hf.config.vision_config).to(device, torch.float64).eval()
+    vision.load_state_dict(hf.vision_model.state_dict())
+    patched = xclip_fast.patch_xclip(copy.deepcopy(vision), backend="torch")
+    frames = torch.randn(2 * 5, 3, 32, 32, dtype=torch.float64, device=device)
+    enc = XCLIPVideoEncoder.from_hf(hf, backend="torch").to(device)
+    with torch.no_grad():
+        got = patched(pixel_values=frames, num_frames=5).last_hidden_state
+        want = enc.forward_features(frames.view(2, 5, 3, 32, 32)).last_hidden_state.flatten(0, 1)
+        assert_rel("patched vision model with num_frames=5", got, want, F64_TOL)
+        with pytest.raises(ValueError, match="10 frames are not a whole number of videos of num_frames=3"):
+            patched(pixel_values=frames[:10])  # the config's 3 frames do not divide 10

@@ -2,13 +2,9 @@
 
 import pytest
 import torch
-from _helpers import assert_rel
+from _helpers import BACKENDS, assert_rel
 
 from xclip_fast.encoder import XCLIPVideoEncoder
-from xclip_fast.ops import triton_status
-
-TRITON_OK, TRITON_WHY = triton_status()
-needs_triton = pytest.mark.skipif(not TRITON_OK, reason=f"triton backend unavailable: {TRITON_WHY}")
 
 
 def _encoder(backend, dtype=torch.float64, **kw):
@@ -19,7 +15,7 @@ def _encoder(backend, dtype=torch.float64, **kw):
     return XCLIPVideoEncoder(**cfg, backend=backend).to(dtype)
 
 
-@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("chunk", [1, 3, 4, 7, 100], ids=lambda k: f"k{k}")
 def test_chunked_inference_equals_unchunked(backend, chunk, device):
     enc = _encoder(backend).to(device).eval()
@@ -39,7 +35,7 @@ def test_chunked_inference_refuses_autograd():
         enc(video, chunk_frames=1)
 
 
-@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_checkpointing_gives_the_same_gradients(backend, device):
     plain = _encoder(backend, droppath=0.2).to(device).train()
     ckpt = _encoder(backend, droppath=0.2, use_checkpoint=True).to(device).train()

@@ -2,10 +2,10 @@
 
 import pytest
 import torch
-from _helpers import assert_rel, attention_f64
+from _helpers import BACKENDS, assert_rel, attention_f64
 
 import xclip_fast
-from xclip_fast.ops import resolve_backend, triton_status
+from xclip_fast.ops import resolve_backend
 
 
 def _inputs(B=2, SQ=5, SK=6, H=3, D=16, dtype=torch.float64, extra=True, device="cpu"):
@@ -32,8 +32,7 @@ def test_torch_backend_matches_float64_math(extra, device):
         assert_rel(f"grad {name}", a.grad, r.grad, 1e-12)
 
 
-@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.skipif(
-    not triton_status()[0], reason=f"triton backend unavailable: {triton_status()[1]}"))])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_non_contiguous_last_dim_is_copied_not_rejected(backend, device):
     q, k, v, ek, ev = _inputs(device=device)
     qt = q.transpose(-1, -2).contiguous().transpose(-1, -2)  # same values, last stride != 1

@@ -2,15 +2,12 @@
 
 import pytest
 import torch
-from _helpers import assert_rel
+from _helpers import BACKENDS, assert_rel, needs_triton
 
 from xclip_fast import reference
 from xclip_fast.blocks import official_mlp
 from xclip_fast.functional import FusedMLP, run_mlp
-from xclip_fast.ops import QuickGELUMLPFunction, triton_status
-
-TRITON_OK, TRITON_WHY = triton_status()
-BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.skipif(not TRITON_OK, reason=TRITON_WHY))]
+from xclip_fast.ops import QuickGELUMLPFunction
 
 
 def _gelu64(x):
@@ -18,7 +15,7 @@ def _gelu64(x):
     return x * torch.sigmoid(1.702 * x)
 
 
-@pytest.mark.skipif(not TRITON_OK, reason=f"triton backend unavailable: {TRITON_WHY}")
+@needs_triton
 @pytest.mark.parametrize("n", [1, 1000, 4099])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64], ids=["fp32", "fp16", "fp64"])
 def test_kernels_match_float64(n, dtype, device):
@@ -52,7 +49,7 @@ def test_mlp_function_gradcheck(backend, device):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("grad", [True, False], ids=["train", "inference"])
 def test_mlp_module_matches_plain_module(backend, grad, device):
-    mlp = reference._mlp(64).to(device, torch.float64)
+    mlp = reference.clip_mlp(64).to(device, torch.float64)
     x = torch.randn(5, 3, 64, dtype=torch.float64, device=device, requires_grad=grad)
     ref = mlp(x)
     with torch.set_grad_enabled(grad):
@@ -82,7 +79,7 @@ def _saved_bytes(fn):
 def test_mlp_saves_less_for_backward():
     """Plain autograd keeps the pre-activation, the sigmoid and the activation (3 x 4d per token);
     the fused MLP keeps the pre-activation only."""
-    mlp = reference._mlp(64)
+    mlp = reference.clip_mlp(64)
     x = torch.randn(50, 4, 64, requires_grad=True)
     plain = _saved_bytes(lambda: mlp(x))
     fused = _saved_bytes(lambda: run_mlp(official_mlp(mlp), x, "torch"))
@@ -96,9 +93,9 @@ def test_unrecognised_mlp_is_called_as_is():
             return 2 * x
 
     x = torch.randn(3, 4)
-    assert isinstance(official_mlp(reference._mlp(4)), FusedMLP)
+    assert isinstance(official_mlp(reference.clip_mlp(4)), FusedMLP)
     torch.testing.assert_close(run_mlp(official_mlp(Odd()), x, "torch"), 2 * x)
-    mlp = reference._mlp(4)
+    mlp = reference.clip_mlp(4)
     mlp.gelu = torch.nn.GELU()  # a swapped activation is honoured, not silently replaced
     assert official_mlp(mlp) is mlp
     torch.testing.assert_close(run_mlp(official_mlp(mlp), x, "torch"), mlp(x))

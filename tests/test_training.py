@@ -10,17 +10,14 @@ import copy
 
 import pytest
 import torch
-from _helpers import rel_err, tiny_xclip
+from _helpers import needs_triton, rel_err, tiny_xclip
 
 import xclip_fast
 from xclip_fast import reference
 from xclip_fast.blocks import CrossFrameAttentionBlock
 from xclip_fast.encoder import XCLIPVideoEncoder
-from xclip_fast.ops import triton_status
 
-TRITON_OK, TRITON_WHY = triton_status()
 CUDA = torch.cuda.is_available()
-needs_triton = pytest.mark.skipif(not TRITON_OK, reason=f"triton backend unavailable: {TRITON_WHY}")
 
 # (backend, autocast dtype): the interpreter runs the triton backend in fp16 only (see the doc above)
 CASES = [("torch", torch.bfloat16), ("torch", torch.float16), pytest.param("triton", torch.float16, marks=needs_triton)]

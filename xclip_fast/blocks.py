@@ -18,8 +18,8 @@ from xclip_fast.functional import FusedMLP, Parts, frame_path, message_path, no_
 from xclip_fast.ops import MODULE_BACKENDS, autocast_dtype, resolve_backend
 from xclip_fast.reference import DropPath, QuickGELU, cross_frame_block_forward
 
-__all__ = ["CrossFrameAttentionBlock", "CrossFramelAttentionBlock", "ResidualAttentionBlock", "check_backend",
-           "official_mlp"]
+__all__ = ["CrossFrameAttentionBlock", "CrossFramelAttentionBlock", "ResidualAttentionBlock", "BackendMixin",
+           "check_backend", "official_mlp", "is_int"]
 
 
 def check_backend(backend: str) -> str:
@@ -35,7 +35,7 @@ def is_int(v) -> bool:
 
 
 def _check_heads(d_model: int, n_head: int) -> None:
-    if n_head < 1 or d_model % n_head != 0:
+    if not is_int(d_model) or not is_int(n_head) or d_model < 1 or n_head < 1 or d_model % n_head != 0:
         raise ValueError(f"d_model must be divisible by n_head, got d_model={d_model}, n_head={n_head}")
 
 
@@ -80,7 +80,10 @@ def _sdpa_mask(attn_mask: torch.Tensor | None, dtype: torch.dtype, batch: int, h
                      f"got {tuple(attn_mask.shape)}")
 
 
-class _BackendMixin:
+class BackendMixin:
+    """The ``backend`` attribute of every fast module: ``"auto"``, ``"triton"``, ``"torch"`` or
+    ``"reference"``, validated when set and passed on to every fast sub-module (an encoder's blocks)."""
+
     @property
     def backend(self) -> str:
         """``"auto"``, ``"triton"``, ``"torch"`` or ``"reference"``; may be changed at any time."""
@@ -88,7 +91,10 @@ class _BackendMixin:
 
     @backend.setter
     def backend(self, value: str) -> None:
-        self._backend = check_backend(value)
+        check_backend(value)
+        for m in self.modules():
+            if isinstance(m, BackendMixin):
+                m._backend = value
 
     def _check_backend_can_run(self, x: torch.Tensor) -> None:
         """An explicit ``backend="triton"`` that cannot run ``x`` fails here, before any work, with
@@ -100,7 +106,7 @@ class _BackendMixin:
                             attn_mask=self.attn_mask is not None)
 
 
-class CrossFrameAttentionBlock(_BackendMixin, reference.CrossFramelAttentionBlock):
+class CrossFrameAttentionBlock(BackendMixin, reference.CrossFramelAttentionBlock):
     """Drop-in replacement for X-CLIP's ``CrossFramelAttentionBlock``.
 
     Args:
@@ -115,6 +121,9 @@ class CrossFrameAttentionBlock(_BackendMixin, reference.CrossFramelAttentionBloc
         T: frames per video; may be overridden per call (``forward(x, T=...)``).
         backend: ``"auto"`` (triton for CUDA tensors, torch otherwise), ``"triton"``, ``"torch"`` or
             ``"reference"``; also settable later through the ``backend`` attribute.
+        mlp_width, hidden_act, layer_norm_eps: keyword-only, for non-released configurations (any
+            Hugging Face config): the MLP's hidden width (default ``4 * d_model``), its activation
+            (default ``"quick_gelu"``, which is fused; others run as modules) and the LayerNorm epsilon.
 
     ``forward(x)`` takes ``x: (l, b*T, d)`` seq-first, frames stacked video-major (frame ``i*T + t``
     is frame t of video i), and returns the same shape. Parameters and state_dict keys are those of
@@ -123,12 +132,17 @@ class CrossFrameAttentionBlock(_BackendMixin, reference.CrossFramelAttentionBloc
     """
 
     def __init__(self, d_model: int, n_head: int, attn_mask: torch.Tensor = None, droppath=0.0, T=0,
-                 *, backend: str = "auto"):
+                 *, backend: str = "auto", mlp_width: int | None = None, hidden_act: str = "quick_gelu",
+                 layer_norm_eps: float = 1e-5):
         _check_heads(d_model, n_head)
-        super().__init__(d_model, n_head, attn_mask, droppath, T)
+        if not is_int(T) or T < 0:
+            raise ValueError(f"T must be an int >= 0 (0: given per call), got T={T!r}")
+        super().__init__(d_model, n_head, attn_mask, droppath, T, mlp_width=mlp_width, hidden_act=hidden_act,
+                         layer_norm_eps=layer_norm_eps)
         self.backend = backend
 
-    def _check_input(self, x: torch.Tensor, T) -> None:
+    def check_input(self, x: torch.Tensor, T) -> None:
+        """A ``ValueError`` (``TypeError``) naming the values when ``x``/``T`` are not a valid input."""
         d = self.message_fc.in_features
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
@@ -149,7 +163,7 @@ class CrossFrameAttentionBlock(_BackendMixin, reference.CrossFramelAttentionBloc
     def forward(self, x: torch.Tensor, T: int | None = None) -> torch.Tensor:
         """``x: (l, b*T, d) -> (l, b*T, d)``; ``T`` defaults to the constructor's."""
         T = self.T if T is None else T
-        self._check_input(x, T)
+        self.check_input(x, T)
         if self._backend == "reference":
             return cross_frame_block_forward(self, x, T)
         self._check_backend_can_run(x)
@@ -186,16 +200,18 @@ class CrossFrameAttentionBlock(_BackendMixin, reference.CrossFramelAttentionBloc
 CrossFramelAttentionBlock = CrossFrameAttentionBlock  # the official spelling
 
 
-class ResidualAttentionBlock(_BackendMixin, reference.ResidualAttentionBlock):
+class ResidualAttentionBlock(BackendMixin, reference.ResidualAttentionBlock):
     """Drop-in replacement for the MIT's ``ResidualAttentionBlock`` (pre-LN self-attention + MLP).
 
     ``forward(x)`` takes ``x: (S, B, d)`` seq-first and returns the same shape. ``attn_mask``:
     additive ``(S, S)`` or ``(B*n_head, S, S)``, honoured by the torch and reference backends.
     """
 
-    def __init__(self, d_model: int, n_head: int, attn_mask: torch.Tensor = None, *, backend: str = "auto"):
+    def __init__(self, d_model: int, n_head: int, attn_mask: torch.Tensor = None, *, backend: str = "auto",
+                 mlp_width: int | None = None, hidden_act: str = "quick_gelu", layer_norm_eps: float = 1e-5):
         _check_heads(d_model, n_head)
-        super().__init__(d_model, n_head, attn_mask)
+        super().__init__(d_model, n_head, attn_mask, mlp_width=mlp_width, hidden_act=hidden_act,
+                         layer_norm_eps=layer_norm_eps)
         self.backend = backend
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

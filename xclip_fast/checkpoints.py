@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import warnings
 from collections import defaultdict
 
 import torch
@@ -113,8 +114,28 @@ def hf_to_official(state_dict: dict) -> tuple[dict, list]:
     for name, parts in qkv.items():
         if set(parts) != {"q", "k", "v"}:
             raise ValueError(f"incomplete q/k/v projections for {name}: found only {sorted(parts)}")
+        shapes = {p: tuple(parts[p].shape) for p in "qkv"}
+        if len(set(shapes.values())) > 1:
+            hf_name = official_to_hf_name(name)
+            raise ValueError(f"q/k/v projections of different shapes for {hf_name}: "
+                             + ", ".join(f"{p}_proj {shape}" for p, shape in shapes.items()))
         out[name] = torch.cat([parts["q"], parts["k"], parts["v"]], dim=0)
     return out, skipped
+
+
+def official_to_hf_name(key: str) -> str:
+    """The Hugging Face name of an official key (``in_proj_*`` as ``{q,k,v}_proj.*``), for messages."""
+    hit = _translate(key, _TOP, src=0)
+    if hit is None:
+        return key
+    name, rest, pair = hit
+    if "{i}" not in pair[0]:
+        return name + rest
+    inner = _translate(rest, _LAYER, src=0)
+    if inner is None:
+        return name + rest
+    sub, rest2, _ = inner
+    return name + sub + rest2.replace("in_proj_", "{q,k,v}_proj.")
 
 
 def official_to_hf(state_dict: dict) -> dict:
@@ -141,17 +162,28 @@ def official_to_hf(state_dict: dict) -> dict:
     return out
 
 
-def _count(sd: dict, pattern: str) -> int:
+def _indices(sd: dict, pattern: str) -> list[int]:
     rx = re.compile(pattern)
-    return len({m.group(1) for k in sd for m in [rx.match(k)] if m})
+    return sorted({int(m.group(1)) for k in sd for m in [rx.match(k)] if m})
+
+
+def _layers(sd: dict, prefix: str, what: str) -> int:
+    """The number of blocks under ``prefix`` (``visual.transformer.resblocks`` or ``mit.resblocks``);
+    a gap in the numbering is an error (a damaged or filtered checkpoint)."""
+    found = _indices(sd, re.escape(prefix) + r"\.(\d+)\.")
+    if found and found != list(range(len(found))):
+        missing = sorted(set(range(found[-1] + 1)) - set(found))
+        raise ValueError(f"{what}: blocks {missing} are missing from the checkpoint ({prefix}.<i> for i in "
+                         f"{found[0]}..{found[-1]}); it is incomplete")
+    return len(found)
 
 
 def config_from_state_dict(sd: dict) -> dict:
     """Constructor arguments of :class:`XCLIPVideoEncoder` read off official-key weights.
 
-    Head counts cannot be read off weights: the official convention (64-wide heads) is used. A
-    vision-only state dict has no projection and no MIT: ``embed_dim`` then defaults to 512 and
-    ``num_frames`` to 8 (override them when loading)."""
+    Head counts cannot be read off weights: the official convention (64-wide heads) is used. MLP
+    widths come from the weights. A vision-only state dict has no projection and no MIT:
+    ``embed_dim`` then defaults to 512 and ``num_frames`` to 8 (override them when loading)."""
     missing = [k for k in ("visual.conv1.weight", "visual.positional_embedding") if k not in sd]
     if missing:
         raise ValueError(f"cannot read the model configuration: missing {missing}")
@@ -164,86 +196,156 @@ def config_from_state_dict(sd: dict) -> dict:
     else:
         embed_dim = 512
     frames = sd["mit.positional_embedding"].shape[1] if "mit.positional_embedding" in sd else 8
-    return dict(
+    config = dict(
         input_resolution=patch * grid, patch_size=patch, width=width,
-        layers=_count(sd, r"visual\.transformer\.resblocks\.(\d+)\."), heads=max(1, width // 64), embed_dim=embed_dim,
-        num_frames=frames, mit_layers=max(1, _count(sd, r"mit\.resblocks\.(\d+)\.")),
+        layers=_layers(sd, "visual.transformer.resblocks", "the vision transformer"), heads=max(1, width // 64),
+        embed_dim=embed_dim, num_frames=frames, mit_layers=max(1, _layers(sd, "mit.resblocks", "the MIT")),
         mit_heads=max(1, embed_dim // 64),
     )
+    for key, name in (("visual.transformer.resblocks.0.mlp.c_fc.weight", "intermediate_size"),
+                      ("mit.resblocks.0.mlp.c_fc.weight", "mit_intermediate_size")):
+        if key in sd:
+            config[name] = sd[key].shape[0]
+    return config
 
 
-def _load_into(cls, sd: dict, skipped: list, strict: bool, config: dict, overrides: dict):
-    dtype = overrides.pop("dtype", None) or sd["visual.conv1.weight"].dtype
+# released depths per vision width (B/32, B/16: 768 x 12; L/14, L/14@336: 1024 x 24)
+_RELEASED_LAYERS = {768: 12, 1024: 24}
+
+
+def _check_depth(config: dict, overrides: dict, strict: bool, source: str) -> None:
+    """A checkpoint whose vision depth differs from every released model of its width would load as
+    a shallower (or deeper) model without complaint: refuse under ``strict`` unless ``layers=`` is
+    given, so a file missing its last blocks is not taken for a smaller model."""
+    width, layers = config["width"], config["layers"]
+    expected = _RELEASED_LAYERS.get(width)
+    if "layers" in overrides or expected is None or layers == expected:
+        return
+    message = (f"{source}: the checkpoint holds {layers} vision blocks where released X-CLIP models of width "
+               f"{width} have {expected}; it may be missing blocks. Pass layers={layers} to load it as a "
+               f"{layers}-block model")
+    if strict:
+        raise ValueError(message + " (or strict=False)")
+    warnings.warn(message, stacklevel=4)
+
+
+def _dtype(value, default: torch.dtype) -> torch.dtype:
+    """``dtype=`` as a torch dtype or its name (``"float16"``)."""
+    from xclip_fast.dtypes import BY_NAME
+
+    if value is None:
+        return default
+    if isinstance(value, torch.dtype) and value in BY_NAME.values():
+        return value
+    if isinstance(value, str) and value.removeprefix("torch.") in BY_NAME:
+        return BY_NAME[value.removeprefix("torch.")]
+    raise ValueError(f"dtype must be one of {sorted(BY_NAME)} (or the torch dtype), got {value!r}")
+
+
+def _load_into(cls, sd: dict, skipped: list, strict: bool, config: dict, overrides: dict, source: str):
+    dtype = _dtype(overrides.pop("dtype", None), sd["visual.conv1.weight"].dtype)
+    _check_depth(config, overrides, strict, source)
     config = {**config, **overrides}
     encoder = cls(**config).to(dtype)
     own = encoder.state_dict()
     missing = sorted(set(own) - set(sd))
     unexpected = sorted(set(sd) - set(own))
     if strict and (missing or unexpected):
-        raise ValueError("checkpoint does not match the video encoder: "
+        raise ValueError(f"{source} does not match the video encoder: "
                          f"missing keys {missing or 'none'}; unexpected keys {unexpected or 'none'} "
                          "(pass strict=False to load what matches)")
     wrong = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
              for k, v in sd.items() if k in own and own[k].shape != v.shape]
     if wrong:
-        raise ValueError("shape mismatch (wrong configuration?): " + "; ".join(wrong))
+        raise ValueError(f"{source}: shape mismatch (wrong configuration?): " + "; ".join(wrong))
     encoder.load_state_dict({k: v for k, v in sd.items() if k in own}, strict=False)
     encoder.load_report = dict(skipped=skipped, missing=missing, unexpected=unexpected)
+    if missing:
+        warnings.warn(f"{source}: {len(missing)} encoder weights were not in the checkpoint and keep their random "
+                      f"initialisation (strict=False): {missing[:6]}{' ...' if len(missing) > 6 else ''}",
+                      stacklevel=3)
     return encoder
 
 
-def _read_file(path: str, weights_only: bool = True) -> dict:
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
-        return load_file(path)
+
+def read_checkpoint(path: str, weights_only: bool = True) -> dict:
+    """A checkpoint file (``.safetensors`` or a PyTorch pickle) as a dict; any failure is one
+    ``ValueError`` naming the file and the problem."""
+    if not os.path.isfile(path):
+        raise ValueError(f"{path}: no such file")
+    if path.endswith(".safetensors"):
+        try:
+            from safetensors.torch import load_file
+        except ImportError as exc:
+            raise ValueError(f"{path}: reading .safetensors needs the safetensors package") from exc
+        try:
+            return load_file(path)
+        except Exception as exc:
+            raise ValueError(f"cannot read {path} as a safetensors file ({_first_line(exc)})") from exc
     try:
-        return torch.load(path, map_location="cpu", weights_only=weights_only)
+        obj = torch.load(path, map_location="cpu", weights_only=weights_only)
     except Exception as exc:
         if weights_only and "Unsupported global" in str(exc):
             raise ValueError(f"{path} holds more than tensors (official files also pickle their training "
                              "config); if you trust the file, pass weights_only=False") from exc
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ValueError(f"cannot read {path} as a PyTorch or safetensors checkpoint ({first})") from exc
+        raise ValueError(f"cannot read {path} as a PyTorch or safetensors checkpoint ({_first_line(exc)})") from exc
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path} holds a {type(obj).__name__}, not a state dict")
+    return obj
+
+
+def _source(obj) -> str:
+    return f"{os.fspath(obj)}" if isinstance(obj, (str, os.PathLike)) else f"the given {type(obj).__name__}"
 
 
 def load_official(cls, path_or_state_dict, *, strict: bool = True, weights_only: bool = True, **overrides):
     """See :meth:`XCLIPVideoEncoder.from_official`."""
     obj = path_or_state_dict
+    source = _source(obj)
     if isinstance(obj, (str, os.PathLike)):
-        obj = _read_file(os.fspath(obj), weights_only)
+        obj = read_checkpoint(os.fspath(obj), weights_only)
     if not isinstance(obj, dict):
         raise ValueError(f"expected a state dict or a {{'model': state_dict}} checkpoint, got {type(obj).__name__}")
     sd = obj.get("model", obj) if "model" in obj and isinstance(obj["model"], dict) else obj
     if not any(k.startswith("visual.") for k in sd):
         hint = " (looks like Hugging Face weights: use from_hf)" if any("vision_model." in k for k in sd) else ""
-        raise ValueError(f"no 'visual.*' keys: not an official X-CLIP checkpoint{hint}")
+        raise ValueError(f"{source}: no 'visual.*' keys: not an official X-CLIP checkpoint{hint}")
     video = {k: v for k, v in sd.items() if k.startswith(("visual.", "mit."))}
     skipped = sorted(k for k in sd if k not in video)
-    return _load_into(cls, video, skipped, strict, config_from_state_dict(video), overrides)
+    return _load_into(cls, video, skipped, strict, config_from_state_dict(video), overrides, source)
 
 
 def _config_from_hf(config) -> dict:
-    """Constructor arguments from a transformers ``XCLIPConfig`` or ``XCLIPVisionConfig``."""
+    """Constructor arguments from a transformers ``XCLIPConfig`` or ``XCLIPVisionConfig`` (any MLP
+    width, activation and LayerNorm epsilon)."""
     vision = getattr(config, "vision_config", config)
-    problems = []
-    if getattr(vision, "hidden_act", "quick_gelu") != "quick_gelu":
-        problems.append(f"hidden_act={vision.hidden_act!r} (X-CLIP uses quick_gelu)")
-    if vision.intermediate_size != 4 * vision.hidden_size:
-        problems.append(f"intermediate_size={vision.intermediate_size} is not 4 x hidden_size={vision.hidden_size}")
-    if vision.mit_intermediate_size != 4 * vision.mit_hidden_size:
-        problems.append(f"mit_intermediate_size={vision.mit_intermediate_size} is not 4 x "
-                        f"mit_hidden_size={vision.mit_hidden_size}")
-    if problems:
-        raise ValueError("unsupported X-CLIP configuration: " + "; ".join(problems))
     image = vision.image_size if isinstance(vision.image_size, int) else vision.image_size[0]
     patch = vision.patch_size if isinstance(vision.patch_size, int) else vision.patch_size[0]
     return dict(
         input_resolution=image, patch_size=patch, width=vision.hidden_size, layers=vision.num_hidden_layers,
         heads=vision.num_attention_heads, embed_dim=vision.mit_hidden_size, num_frames=vision.num_frames,
         mit_layers=vision.mit_num_hidden_layers, mit_heads=vision.mit_num_attention_heads,
-        layer_norm_eps=vision.layer_norm_eps,
+        layer_norm_eps=vision.layer_norm_eps, intermediate_size=vision.intermediate_size,
+        mit_intermediate_size=vision.mit_intermediate_size, hidden_act=getattr(vision, "hidden_act", "quick_gelu"),
     )
+
+
+def _read_hf_config(path: str):
+    try:
+        with open(path) as f:
+            raw = json.load(f)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"cannot read {path} as a JSON model configuration ({_first_line(exc)})") from exc
+    try:
+        from transformers import XCLIPConfig, XCLIPVisionConfig
+
+        return (XCLIPConfig if "vision_config" in raw else XCLIPVisionConfig).from_dict(raw)
+    except Exception as exc:
+        raise ValueError(f"{path} is not an X-CLIP configuration ({_first_line(exc)})") from exc
 
 
 def _read_hf_folder(folder: str):
@@ -251,24 +353,34 @@ def _read_hf_folder(folder: str):
     for name in ("model.safetensors", "pytorch_model.bin"):
         path = os.path.join(folder, name)
         if os.path.exists(path):
-            sd = _read_file(path)
+            sd = read_checkpoint(path)
             break
     if sd is None:
         shards = sorted(f for f in os.listdir(folder) if f.endswith(".safetensors"))
         if not shards:
-            raise ValueError(f"no model.safetensors / pytorch_model.bin in {folder}")
+            raise ValueError(f"{folder}: no model.safetensors, pytorch_model.bin or *.safetensors shards")
         sd = {}
         for f in shards:
-            sd.update(_read_file(os.path.join(folder, f)))
-    config = None
+            sd.update(read_checkpoint(os.path.join(folder, f)))
     cfg_path = os.path.join(folder, "config.json")
-    if os.path.exists(cfg_path):
-        with open(cfg_path) as f:
-            raw = json.load(f)
-        from transformers import XCLIPConfig, XCLIPVisionConfig
+    return sd, (_read_hf_config(cfg_path) if os.path.exists(cfg_path) else None)
 
-        config = (XCLIPConfig if "vision_config" in raw else XCLIPVisionConfig).from_dict(raw)
-    return sd, config
+
+def looks_local(path: str) -> bool:
+    """A path the user means as a local file or folder (so a missing one is not looked up on the hub)."""
+    return (path.startswith((".", "/", "~")) or os.sep in path.rstrip(os.sep).split("/", 1)[-1]
+            or path.endswith((".pth", ".pt", ".bin", ".safetensors", ".json")) or not HUB_NAME.fullmatch(path))
+
+
+def _download(name: str):
+    try:
+        from huggingface_hub import snapshot_download
+
+        folder = snapshot_download(name, allow_patterns=["*.json", "*.safetensors", "*.bin"])
+    except Exception as exc:
+        raise ValueError(f"{name!r} is not a local file or folder, and fetching it as a Hugging Face hub model "
+                         f"failed ({type(exc).__name__}: {_first_line(exc)})") from exc
+    return _read_hf_folder(folder)
 
 
 def load_hf(cls, obj, *, strict: bool = True, **overrides):
@@ -277,11 +389,13 @@ def load_hf(cls, obj, *, strict: bool = True, **overrides):
     Accepts a transformers ``XCLIPModel``/``XCLIPVisionModel`` (configuration from its config), a
     state dict, a ``.safetensors``/``.bin`` file, a ``save_pretrained`` folder (with config.json),
     or a hub name such as ``"microsoft/xclip-base-patch32"`` (downloaded with huggingface_hub, so it
-    needs network access). Without a config, head counts follow the official 64-wide convention
-    unless ``heads=``/``mit_heads=`` are given. A vision-only model has no projection and no MIT:
-    load it with ``strict=False`` (those stay randomly initialised and are listed as missing).
+    needs network access; a path that exists locally always wins, and one that looks local is never
+    looked up). Without a config, head counts follow the official 64-wide convention unless
+    ``heads=``/``mit_heads=`` are given. A vision-only model has no projection and no MIT: load it
+    with ``strict=False`` (those stay randomly initialised and are listed as missing).
     """
     config = None
+    source = _source(obj)
     if isinstance(obj, torch.nn.Module):
         config = getattr(obj, "config", None)
         sd = obj.state_dict()
@@ -292,18 +406,15 @@ def load_hf(cls, obj, *, strict: bool = True, **overrides):
         if os.path.isdir(path):
             sd, config = _read_hf_folder(path)
         elif os.path.isfile(path):
-            sd = _read_file(path)
-        elif HUB_NAME.fullmatch(path):
-            from huggingface_hub import snapshot_download
-
-            folder = snapshot_download(path, allow_patterns=["*.json", "*.safetensors", "*.bin"])
-            sd, config = _read_hf_folder(folder)
+            sd = read_checkpoint(path)
+        elif looks_local(path):
+            raise ValueError(f"{path}: no such file or folder")
         else:
-            raise ValueError(f"{path!r} is neither a file, a folder nor a hub name")
+            sd, config = _download(path)
     else:
         raise ValueError(f"expected a transformers model, a state dict or a path, got {type(obj).__name__}")
     converted, skipped = hf_to_official(sd)
     if not any(k.startswith("visual.") for k in converted):
-        raise ValueError("no X-CLIP vision weights found (expected 'vision_model.*' keys)")
+        raise ValueError(f"{source}: no X-CLIP vision weights found (expected 'vision_model.*' keys)")
     base = _config_from_hf(config) if config is not None else config_from_state_dict(converted)
-    return _load_into(cls, converted, skipped, strict, base, overrides)
+    return _load_into(cls, converted, skipped, strict, base, overrides, source)

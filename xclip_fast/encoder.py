@@ -15,7 +15,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from xclip_fast import reference
-from xclip_fast.blocks import CrossFrameAttentionBlock, ResidualAttentionBlock, check_backend
+from xclip_fast.blocks import BackendMixin, CrossFrameAttentionBlock, ResidualAttentionBlock, check_backend, is_int
+from xclip_fast.video import MEAN, STD
 
 __all__ = [
     "CrossFrameCommunicationTransformer",
@@ -39,14 +40,7 @@ PRESETS = {
 }
 
 
-def _set_backend(module: nn.Module, backend: str) -> None:
-    check_backend(backend)
-    for m in module.modules():
-        if isinstance(m, (CrossFrameAttentionBlock, ResidualAttentionBlock)):
-            m.backend = backend
-
-
-class CrossFrameCommunicationTransformer(reference.CrossFrameCommunicationTransformer):
+class CrossFrameCommunicationTransformer(BackendMixin, reference.CrossFrameCommunicationTransformer):
     """The CCT vision backbone (official ``models/cct.py``) on fast blocks.
 
     Same constructor, parameters and keys as the reference (which builds them, with
@@ -59,10 +53,11 @@ class CrossFrameCommunicationTransformer(reference.CrossFrameCommunicationTransf
 
     def __init__(self, input_resolution: int, patch_size: int, width: int, layers: int, heads: int,
                  output_dim: int, droppath=None, T: int = 8, use_checkpoint: bool = False, *,
-                 backend: str = "auto"):
-        super().__init__(input_resolution, patch_size, width, layers, heads, output_dim, droppath, T)
+                 backend: str = "auto", block_kwargs: dict | None = None):
+        super().__init__(input_resolution, patch_size, width, layers, heads, output_dim, droppath, T,
+                         block_kwargs=block_kwargs)
         self.use_checkpoint = use_checkpoint
-        _set_backend(self, backend)
+        self.backend = backend
 
     @property
     def blocks(self) -> nn.Sequential:
@@ -109,6 +104,7 @@ class CrossFrameCommunicationTransformer(reference.CrossFrameCommunicationTransf
         intermediates of one chunk. Results equal the unchunked forward to rounding.
         ``progress`` (optional) is called once per block.
         """
+        check_chunk_frames(chunk_frames)
         if chunk_frames is None:
             for block in self.blocks:
                 if self.use_checkpoint and self.training and torch.is_grad_enabled():
@@ -118,14 +114,12 @@ class CrossFrameCommunicationTransformer(reference.CrossFrameCommunicationTransf
                 if progress is not None:
                     progress()
             return x
-        if not isinstance(chunk_frames, int) or chunk_frames < 1:
-            raise ValueError(f"chunk_frames must be an int >= 1, got {chunk_frames!r}")
         if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters())):
             raise ValueError("chunk_frames is for inference: run under torch.no_grad() or torch.inference_mode() "
                              "(for training on long clips use use_checkpoint=True)")
         N = x.shape[1]
         for block in self.blocks:
-            block._check_input(x, T)
+            block.check_input(x, T)
             if block.backend == "reference":
                 raise ValueError("chunk_frames needs the 'torch' or 'triton' backend, not 'reference'")
             msg = block.message_tokens(x, T)
@@ -144,7 +138,7 @@ class CrossFrameCommunicationTransformer(reference.CrossFrameCommunicationTransf
         return self.head(h), h[1:].transpose(0, 1)
 
 
-class MultiframeIntegrationTransformer(reference.MultiframeIntegrationTransformer):
+class MultiframeIntegrationTransformer(BackendMixin, reference.MultiframeIntegrationTransformer):
     """The MIT (official ``models/mit.py``): ``(b, T, E) -> (b, E)`` on fast blocks.
 
     Official constructor ``(T, embed_dim=512, layers=1)`` plus ``heads`` (official: ``embed_dim // 64``)
@@ -158,9 +152,11 @@ class MultiframeIntegrationTransformer(reference.MultiframeIntegrationTransforme
     block_class = ResidualAttentionBlock
 
     def __init__(self, T: int, embed_dim: int = 512, layers: int = 1, heads: int | None = None, *,
-                 backend: str = "auto"):
-        super().__init__(T, embed_dim, layers, heads)
-        _set_backend(self, backend)
+                 backend: str = "auto", block_kwargs: dict | None = None):
+        if not is_int(T) or T < 1:
+            raise ValueError(f"T must be an int >= 1 (the frames the position embedding is trained for), got {T!r}")
+        super().__init__(T, embed_dim, layers, heads, block_kwargs=block_kwargs)
+        self.backend = backend
 
     def position_embedding(self, frames: int) -> torch.Tensor:
         """The frame position embedding for ``frames`` frames, ``(1, frames, E)`` (see the class doc)."""
@@ -186,6 +182,34 @@ def interpolate_frames(pos: torch.Tensor, frames: int) -> torch.Tensor:
     return F.interpolate(pos.transpose(1, 2), size=frames, mode="linear", align_corners=True).transpose(1, 2)
 
 
+def check_chunk_frames(chunk_frames) -> None:
+    """``chunk_frames`` is None or an int >= 1 (else a ``ValueError``)."""
+    if chunk_frames is not None and (not is_int(chunk_frames) or chunk_frames < 1):
+        raise ValueError(f"chunk_frames must be an int >= 1 (or None), got {chunk_frames!r}")
+
+
+def as_frames(x, what: str = "video") -> torch.Tensor:
+    """Frames as float tensors. Floating tensors are taken as normalised already (the model's input);
+    ``uint8`` tensors (or numpy arrays) are raw 0-255 RGB and get the official normalisation
+    (ImageNet mean/std on 0-255, channels at dim -3); other integer or bool dtypes are refused."""
+    if not isinstance(x, torch.Tensor):
+        try:
+            import numpy as np
+        except ImportError:  # pragma: no cover
+            np = None
+        if np is None or not isinstance(x, np.ndarray):
+            raise TypeError(f"{what} must be a torch.Tensor (or a numpy array), got {type(x).__name__}")
+        x = torch.from_numpy(x)
+    if x.dtype == torch.uint8:
+        if x.dim() < 3 or x.shape[-3] != 3:
+            raise ValueError(f"{what}: uint8 frames must have 3 RGB channels at dim -3, got shape {tuple(x.shape)}")
+        mean, std = (torch.tensor(v, device=x.device).view(3, 1, 1) for v in (MEAN, STD))
+        return (x.float() - mean) / std
+    if not x.is_floating_point():
+        raise TypeError(f"{what} must hold floating point (normalised) or uint8 (raw 0-255 RGB) values, got {x.dtype}")
+    return x
+
+
 class VideoFeatures(NamedTuple):
     """``video_embeds (b, E)``; ``frame_embeds (b, T, E)`` (projected class token per frame, MIT
     input); ``last_hidden_state (b, T, l, d)`` (tokens after the last block, class token first)."""
@@ -195,7 +219,7 @@ class VideoFeatures(NamedTuple):
     last_hidden_state: torch.Tensor
 
 
-class XCLIPVideoEncoder(nn.Module):
+class XCLIPVideoEncoder(BackendMixin, nn.Module):
     """The X-CLIP video encoder: CCT over every frame, then the MIT over the frames of each video.
 
     ``forward(video)`` with ``video: (b, T, 3, H, W)`` returns the video embedding ``(b, E)``
@@ -213,34 +237,63 @@ class XCLIPVideoEncoder(nn.Module):
         use_checkpoint: activation checkpointing per block in training (recomputes each block in
             backward; composes with the fast backward).
         layer_norm_eps: epsilon of every LayerNorm (1e-5 in every released model).
+        intermediate_size, mit_intermediate_size: hidden width of the MLPs of the vision blocks and
+            of the MIT (default 4 x width, 4 x embed_dim as released; Hugging Face configs may differ).
+        hidden_act: the MLP activation, as Hugging Face names it (``"quick_gelu"`` as released, which
+            the fast path fuses; ``"gelu"`` and others run as modules).
         backend: ``"auto"``, ``"triton"``, ``"torch"`` or ``"reference"`` for every block; settable
             later through the ``backend`` attribute.
+
+    Raises:
+        ValueError: a size that is not a positive int, a width not divisible by its heads, a
+            resolution not divisible by the patch size, an unknown activation or backend.
     """
 
     def __init__(self, *, input_resolution: int = 224, patch_size: int = 32, width: int = 768, layers: int = 12,
                  heads: int = 12, embed_dim: int = 512, num_frames: int = 8, mit_layers: int = 1,
                  mit_heads: int | None = None, droppath: float = 0.0, use_checkpoint: bool = False,
-                 layer_norm_eps: float = 1e-5, backend: str = "auto"):
+                 layer_norm_eps: float = 1e-5, intermediate_size: int | None = None,
+                 mit_intermediate_size: int | None = None, hidden_act: str = "quick_gelu", backend: str = "auto"):
         super().__init__()
         check_backend(backend)
-        if input_resolution % patch_size != 0:
-            raise ValueError(f"input_resolution={input_resolution} must be a multiple of patch_size={patch_size}")
+        if mit_heads is None:
+            mit_heads = max(1, embed_dim // 64) if is_int(embed_dim) else embed_dim
+        sizes = dict(input_resolution=input_resolution, patch_size=patch_size, width=width, layers=layers,
+                     heads=heads, embed_dim=embed_dim, num_frames=num_frames, mit_layers=mit_layers,
+                     mit_heads=mit_heads)
+        sizes.update({k: v for k, v in (("intermediate_size", intermediate_size),
+                                        ("mit_intermediate_size", mit_intermediate_size)) if v is not None})
+        problems = [f"{k}={v!r} must be an int >= 1" for k, v in sizes.items() if not is_int(v) or v < 1]
+        if not problems:
+            if input_resolution % patch_size != 0:
+                problems.append(f"input_resolution={input_resolution} must be a multiple of patch_size={patch_size}")
+            if width % heads != 0:
+                problems.append(f"width={width} must be divisible by heads={heads}")
+            if embed_dim % mit_heads != 0:
+                problems.append(f"embed_dim={embed_dim} must be divisible by mit_heads={mit_heads}")
+        if not 0.0 <= droppath < 1.0:
+            problems.append(f"droppath={droppath!r} must be in [0, 1)")
+        if not layer_norm_eps > 0:
+            problems.append(f"layer_norm_eps={layer_norm_eps!r} must be > 0")
+        if problems:
+            raise ValueError("XCLIPVideoEncoder: " + "; ".join(problems))
+        block = dict(hidden_act=hidden_act, layer_norm_eps=layer_norm_eps)
         dpr = [x.item() for x in torch.linspace(0, droppath, layers)] if droppath > 0.0 else None
         self.visual = CrossFrameCommunicationTransformer(
             input_resolution, patch_size, width, layers, heads, embed_dim, droppath=dpr, T=num_frames,
-            use_checkpoint=use_checkpoint, backend=backend,
+            use_checkpoint=use_checkpoint, backend=backend, block_kwargs=dict(block, mlp_width=intermediate_size),
         )
-        if mit_heads is None:
-            mit_heads = max(1, embed_dim // 64)
-        self.mit = MultiframeIntegrationTransformer(num_frames, embed_dim, mit_layers, mit_heads, backend=backend)
+        self.mit = MultiframeIntegrationTransformer(num_frames, embed_dim, mit_layers, mit_heads, backend=backend,
+                                                    block_kwargs=dict(block, mlp_width=mit_intermediate_size))
         for m in self.modules():
             if isinstance(m, nn.LayerNorm):
                 m.eps = layer_norm_eps
-        self._backend = backend
+        self.backend = backend
         self.config = dict(input_resolution=input_resolution, patch_size=patch_size, width=width, layers=layers,
                            heads=heads, embed_dim=embed_dim, num_frames=num_frames, mit_layers=mit_layers,
-                           mit_heads=mit_heads, droppath=droppath,
-                           layer_norm_eps=layer_norm_eps)
+                           mit_heads=mit_heads, droppath=droppath, layer_norm_eps=layer_norm_eps,
+                           intermediate_size=intermediate_size or 4 * width,
+                           mit_intermediate_size=mit_intermediate_size or 4 * embed_dim, hidden_act=hidden_act)
 
     # -- construction -------------------------------------------------------------------------------
     @classmethod
@@ -283,26 +336,15 @@ class XCLIPVideoEncoder(nn.Module):
 
         return load_hf(cls, model_or_state_dict_or_path, strict=strict, **overrides)
 
-    # -- backend ------------------------------------------------------------------------------------
-    @property
-    def backend(self) -> str:
-        """Backend of every block (``"auto"``, ``"triton"``, ``"torch"``, ``"reference"``)."""
-        return self._backend
-
-    @backend.setter
-    def backend(self, value: str) -> None:
-        _set_backend(self, value)
-        self._backend = value
-
     # -- forward ------------------------------------------------------------------------------------
-    def _check_video(self, video: torch.Tensor) -> None:
-        if not isinstance(video, torch.Tensor):
-            raise TypeError(f"video must be a torch.Tensor, got {type(video).__name__}")
+    def _check_video(self, video: torch.Tensor) -> torch.Tensor:
+        video = as_frames(video, "video")
         if video.dim() != 5:
             raise ValueError(f"video must be 5-D (b, T, 3, H, W), got shape {tuple(video.shape)}")
         if video.shape[0] < 1 or video.shape[1] < 1:
             raise ValueError(f"video needs at least one clip and one frame, got shape {tuple(video.shape)}")
         self.visual.check_frames(video.flatten(0, 1), what=f"video frames (video shape {tuple(video.shape)})")
+        return video
 
     def forward_features(self, video: torch.Tensor, chunk_frames: int | None = None) -> VideoFeatures:
         """Video embedding, per-frame embeddings and last hidden tokens of ``video: (b, T, 3, H, W)``.
@@ -310,15 +352,17 @@ class XCLIPVideoEncoder(nn.Module):
         ``chunk_frames=k`` (inference only) bounds peak memory: the patch embedding and, in every
         layer, the intra-frame attention and MLP run over chunks of k frames of one shared
         activation; only the message path (one token per frame) sees the whole clip at once.
+
+        ``video`` holds normalised frames (floating point) or raw ``uint8`` RGB frames, which get
+        the official normalisation first (ImageNet mean/std on 0-255).
         """
-        self._check_video(video)
+        video = self._check_video(video)
+        check_chunk_frames(chunk_frames)
         b, T = video.shape[:2]
         frames = video.flatten(0, 1)
         if chunk_frames is None:
             x = self.visual.embed(frames)
         else:
-            if not isinstance(chunk_frames, int) or chunk_frames < 1:
-                raise ValueError(f"chunk_frames must be an int >= 1, got {chunk_frames!r}")
             x = None
             for start in range(0, b * T, chunk_frames):
                 part = frames[start:start + chunk_frames]
@@ -340,7 +384,8 @@ class XCLIPVideoEncoder(nn.Module):
     def encode_frames(self, frames, num_frames: int, chunk_frames: int | None = None, progress=None) -> VideoFeatures:
         """Encode one video whose frames arrive from an iterable (e.g. a decoder), inference only.
 
-        ``frames`` yields ``(3, H, W)`` frames or ``(n, 3, H, W)`` groups, ``num_frames`` in all, in
+        ``frames`` yields ``(3, H, W)`` frames or ``(n, 3, H, W)`` groups (tensors or numpy arrays;
+        floating point = normalised, ``uint8`` = raw RGB, normalised here), ``num_frames`` in all, in
         order. Each group is patch-embedded as soon as ``chunk_frames`` frames (default 1) have
         arrived, straight into the one activation tensor ``(l, T, d)``, and then dropped.
 
@@ -349,11 +394,10 @@ class XCLIPVideoEncoder(nn.Module):
         any frame's tokens can go through that layer, and so on for every layer. Decoded frames are
         never all held at once: at most ``chunk_frames`` of them. ``progress`` is called per block.
         """
-        if not isinstance(num_frames, int) or num_frames < 1:
+        if not is_int(num_frames) or num_frames < 1:
             raise ValueError(f"num_frames must be an int >= 1, got {num_frames!r}")
+        check_chunk_frames(chunk_frames)
         step = chunk_frames or 1
-        if not isinstance(step, int) or step < 1:
-            raise ValueError(f"chunk_frames must be an int >= 1, got {chunk_frames!r}")
         visual = self.visual
         w = visual.conv1.weight
         x = torch.empty(visual.positional_embedding.shape[0], num_frames, w.shape[0], dtype=w.dtype, device=w.device)
@@ -372,6 +416,9 @@ class XCLIPVideoEncoder(nn.Module):
             pending = []
 
         for frame in frames:
+            frame = as_frames(frame, "frames")
+            if frame.dim() not in (3, 4):
+                raise ValueError(f"frames must be (3, H, W) or (n, 3, H, W), got shape {tuple(frame.shape)}")
             pending.append(frame[None] if frame.dim() == 3 else frame)
             if sum(f.shape[0] for f in pending) >= step:
                 flush()

@@ -42,13 +42,14 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from xclip_fast.kernels import acc_dtype
 from xclip_fast.kernels import attention as _kernels
 from xclip_fast.kernels.attention import attention_bwd as _attention_bwd_launch
 from xclip_fast.kernels.attention import attention_fwd as _attention_fwd_launch
 from xclip_fast.kernels.quick_gelu import quick_gelu_bwd as _quick_gelu_bwd_launch
 from xclip_fast.kernels.quick_gelu import quick_gelu_fwd as _quick_gelu_fwd_launch
 
-__all__ = ["OPAQUE", "INTERPRETING", "lse_dtype", "empty_out"]
+__all__ = ["OPAQUE", "INTERPRETING", "empty_out"]
 
 # Triton decides when it is imported: kernels are interpreted iff TRITON_INTERPRET was set then
 INTERPRETING = type(_kernels._attention_fwd_kernel).__name__ == "InterpretedFunction"
@@ -77,11 +78,6 @@ def _refuse_double_backward(name: str):
 # ------------------------------------------------------------------------------------------------
 # allocation: shared by the real and the fake implementations, so their layouts cannot differ
 # ------------------------------------------------------------------------------------------------
-def lse_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype of the log-sum-exp statistics (and of every accumulator): fp64 for fp64, else fp32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def empty_out(like: Tensor) -> Tensor:
     """An output ``(B, S, H, D)`` laid out like ``like`` when ``like`` is a seq-first view (so the
     next GEMM reads it without a copy), else contiguous."""
@@ -93,7 +89,7 @@ def empty_out(like: Tensor) -> Tensor:
 
 def _empty_lse(q: Tensor) -> Tensor:
     B, S, H, _ = q.shape
-    return torch.empty(B, H, S, dtype=lse_dtype(q.dtype), device=q.device)
+    return torch.empty(B, H, S, dtype=acc_dtype(q.dtype), device=q.device)
 
 
 def _empty_grad(t: Tensor) -> Tensor:

@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
+from xclip_fast.dtypes import FLOAT_DTYPES
+
 __all__ = [
     "attention",
     "packed_attention",
@@ -33,27 +35,18 @@ __all__ = [
     "autocast_dtype",
     "ATTENTION_BACKENDS",
     "MODULE_BACKENDS",
-    "FLOAT_DTYPES",
-    "MAX_HEAD_DIM",
 ]
 
 ATTENTION_BACKENDS = ("auto", "triton", "torch")
 MODULE_BACKENDS = ("auto", "triton", "torch", "reference")
-FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-MAX_HEAD_DIM = 128  # the kernels' largest head dim (register tiles of up to 128 columns)
 
 _import_error: str | None = None
 try:  # triton is an optional dependency on platforms without wheels
     from xclip_fast import library as _lib
+    from xclip_fast.kernels.attention import MAX_HEAD_DIM as _MAX_HEAD_DIM
 except Exception as exc:  # pragma: no cover - depends on the platform
-    _lib = None
+    _lib = _MAX_HEAD_DIM = None
     _import_error = f"{type(exc).__name__}: {exc}"
-
-# the second-order-gradient refusal of every fast Function (kept in one place)
-_NO_DOUBLE_BACKWARD = ("second-order gradients are not supported by the fast kernels; for gradient penalties "
-                       "run the model with backend='reference' under "
-                       "torch.nn.attention.sdpa_kernel(SDPBackend.MATH)")
-
 
 def _interpreting() -> bool:
     return _lib is not None and _lib.INTERPRETING
@@ -85,8 +78,8 @@ def triton_limits(device: torch.device, dtype: torch.dtype | None = None, head_d
     """Every reason the Triton kernels cannot run this call (empty when they can)."""
     ok, why = triton_status(device)
     reasons = [] if ok else [why]
-    if head_dim is not None and head_dim > MAX_HEAD_DIM:
-        reasons.append(f"head dim D={head_dim} exceeds the triton kernels' maximum {MAX_HEAD_DIM}")
+    if head_dim is not None and _MAX_HEAD_DIM is not None and head_dim > _MAX_HEAD_DIM:
+        reasons.append(f"head dim D={head_dim} exceeds the triton kernels' maximum {_MAX_HEAD_DIM}")
     if dtype is not None and dtype not in FLOAT_DTYPES:
         reasons.append(f"dtype {dtype} is not supported by the triton kernels (supported: {FLOAT_DTYPES})")
     if dtype == torch.bfloat16 and head_dim is not None and _interpreting():

@@ -15,6 +15,9 @@ from torch import nn
 
 __all__ = [
     "QuickGELU",
+    "ACTIVATIONS",
+    "activation",
+    "clip_mlp",
     "DropPath",
     "drop_path",
     "LayerNorm",
@@ -67,13 +70,45 @@ class QuickGELU(nn.Module):
         return x * torch.sigmoid(1.702 * x)
 
 
-def _mlp(d_model: int) -> nn.Sequential:
+# activation names as Hugging Face configs spell them (``hidden_act``) -> module factories
+ACTIVATIONS = {
+    "quick_gelu": QuickGELU,
+    "gelu": nn.GELU,
+    "gelu_pytorch_tanh": lambda: nn.GELU(approximate="tanh"),
+    "gelu_new": lambda: nn.GELU(approximate="tanh"),
+    "relu": nn.ReLU,
+    "silu": nn.SiLU,
+    "swish": nn.SiLU,
+}
+
+
+def activation(name: str) -> nn.Module:
+    """The activation module called ``name`` (``hidden_act``): the table above, else transformers'
+    ``ACT2FN`` when transformers is installed; a ``ValueError`` otherwise."""
+    if name in ACTIVATIONS:
+        return ACTIVATIONS[name]()
+    try:
+        from transformers.activations import ACT2FN
+    except ImportError:
+        ACT2FN = {}
+    if name in ACT2FN:
+        return ACT2FN[name]
+    raise ValueError(f"unknown activation hidden_act={name!r}; known: {sorted(ACTIVATIONS)} (and transformers' "
+                     "ACT2FN names when transformers is installed)")
+
+
+def clip_mlp(d_model: int, hidden: int | None = None, act: str = "quick_gelu") -> nn.Sequential:
+    """CLIP's MLP ``c_fc -> gelu -> c_proj``; hidden width 4 x d_model and QuickGELU in every released
+    model (the names stay ``c_fc``/``gelu``/``c_proj`` whatever the activation: the keys do not change)."""
+    hidden = 4 * d_model if hidden is None else hidden
+    if hidden < 1:
+        raise ValueError(f"the MLP hidden width must be >= 1, got {hidden}")
     return nn.Sequential(
         OrderedDict(
             [
-                ("c_fc", nn.Linear(d_model, d_model * 4)),
-                ("gelu", QuickGELU()),
-                ("c_proj", nn.Linear(d_model * 4, d_model)),
+                ("c_fc", nn.Linear(d_model, hidden)),
+                ("gelu", activation(act)),
+                ("c_proj", nn.Linear(hidden, d_model)),
             ]
         )
     )
@@ -121,17 +156,18 @@ class CrossFramelAttentionBlock(nn.Module):
     ``x: (l, b*T, d)`` seq-first, frames stacked video-major (frame ``i*T + t`` is frame t of video i).
     """
 
-    def __init__(self, d_model: int, n_head: int, attn_mask: torch.Tensor = None, droppath=0.0, T=0):
+    def __init__(self, d_model: int, n_head: int, attn_mask: torch.Tensor = None, droppath=0.0, T=0, *,
+                 mlp_width: int | None = None, hidden_act: str = "quick_gelu", layer_norm_eps: float = 1e-5):
         super().__init__()
         self.T = T
         self.message_fc = nn.Linear(d_model, d_model)
-        self.message_ln = LayerNorm(d_model)
+        self.message_ln = LayerNorm(d_model, eps=layer_norm_eps)
         self.message_attn = nn.MultiheadAttention(d_model, n_head)
         self.attn = nn.MultiheadAttention(d_model, n_head)
-        self.ln_1 = LayerNorm(d_model)
+        self.ln_1 = LayerNorm(d_model, eps=layer_norm_eps)
         self.drop_path = DropPath(droppath) if droppath > 0.0 else nn.Identity()
-        self.mlp = _mlp(d_model)
-        self.ln_2 = LayerNorm(d_model)
+        self.mlp = clip_mlp(d_model, mlp_width, hidden_act)
+        self.ln_2 = LayerNorm(d_model, eps=layer_norm_eps)
         self.attn_mask = attn_mask
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -141,12 +177,13 @@ class CrossFramelAttentionBlock(nn.Module):
 class ResidualAttentionBlock(nn.Module):
     """The plain pre-LN transformer block of the MIT (``models/mit.py``), seq-first ``(S, B, d)``."""
 
-    def __init__(self, d_model: int, n_head: int, attn_mask: torch.Tensor = None):
+    def __init__(self, d_model: int, n_head: int, attn_mask: torch.Tensor = None, *, mlp_width: int | None = None,
+                 hidden_act: str = "quick_gelu", layer_norm_eps: float = 1e-5):
         super().__init__()
         self.attn = nn.MultiheadAttention(d_model, n_head)
-        self.ln_1 = nn.LayerNorm(d_model)
-        self.mlp = _mlp(d_model)
-        self.ln_2 = nn.LayerNorm(d_model)
+        self.ln_1 = nn.LayerNorm(d_model, eps=layer_norm_eps)
+        self.mlp = clip_mlp(d_model, mlp_width, hidden_act)
+        self.ln_2 = nn.LayerNorm(d_model, eps=layer_norm_eps)
         self.attn_mask = attn_mask
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -159,13 +196,14 @@ class CrossFrameCommunicationTransformer(nn.Module):
     """The official CCT vision backbone (``models/cct.py``), reference blocks, fixed T.
 
     ``forward(x: (b*T, 3, H, W)) -> (cls (b*T, E), patch tokens (b*T, l-1, d))``. Blocks are made
-    by ``block_class(width, heads, attn_mask, droppath, T)`` (subclasses swap in their own).
+    by ``block_class(width, heads, attn_mask, droppath, T, **block_kwargs)`` (subclasses swap in their
+    own; ``block_kwargs``: ``mlp_width``, ``hidden_act``, ``layer_norm_eps``).
     """
 
     block_class = CrossFramelAttentionBlock
 
     def __init__(self, input_resolution: int, patch_size: int, width: int, layers: int, heads: int,
-                 output_dim: int, droppath=None, T: int = 8):
+                 output_dim: int, droppath=None, T: int = 8, *, block_kwargs: dict | None = None):
         super().__init__()
         self.input_resolution = input_resolution
         self.output_dim = output_dim
@@ -180,7 +218,7 @@ class CrossFrameCommunicationTransformer(nn.Module):
         droppath = droppath if droppath is not None else [0.0] * layers
         self.transformer = nn.Module()  # keys read transformer.resblocks.{i} as in the official code
         self.transformer.resblocks = nn.Sequential(
-            *[self.block_class(width, heads, None, droppath[i], T) for i in range(layers)]
+            *[self.block_class(width, heads, None, droppath[i], T, **(block_kwargs or {})) for i in range(layers)]
         )
         self.ln_post = LayerNorm(width)
         self.proj = nn.Parameter(scale * torch.randn(width, output_dim))
@@ -216,18 +254,21 @@ def init_mit_weights(m: nn.Module) -> None:
 class MultiframeIntegrationTransformer(nn.Module):
     """The official MIT (``models/mit.py``): ``(b, T, E) -> (b, E)``, fixed T, official init.
 
-    Blocks are made by ``block_class(embed_dim, heads)``; heads default to ``embed_dim // 64``.
+    Blocks are made by ``block_class(embed_dim, heads, **block_kwargs)``; heads default to
+    ``embed_dim // 64``.
     """
 
     block_class = ResidualAttentionBlock
 
-    def __init__(self, T: int, embed_dim: int = 512, layers: int = 1, heads: int | None = None):
+    def __init__(self, T: int, embed_dim: int = 512, layers: int = 1, heads: int | None = None, *,
+                 block_kwargs: dict | None = None):
         super().__init__()
         self.T = T
         heads = heads if heads is not None else embed_dim // 64
         self.positional_embedding = nn.Parameter(torch.empty(1, T, embed_dim))
         nn.init.trunc_normal_(self.positional_embedding, std=0.02)
-        self.resblocks = nn.Sequential(*[self.block_class(embed_dim, heads) for _ in range(layers)])
+        self.resblocks = nn.Sequential(*[self.block_class(embed_dim, heads, **(block_kwargs or {}))
+                                         for _ in range(layers)])
         self.apply(init_mit_weights)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

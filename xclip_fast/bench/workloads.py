@@ -84,10 +84,12 @@ def _mha_with(attend):
 
 
 def _compile(fn, device, quick):
+    """``torch.compile(fn)`` for one case: static shapes, so each case is compiled for its own sizes
+    (as a user compiles for a fixed T) and no earlier case's shapes turn it dynamic."""
     if quick and device.type == "cpu":
         raise Skip("--quick: torch.compile warm-up takes minutes on CPU")
     try:
-        return torch.compile(fn)
+        return torch.compile(fn, dynamic=False)
     except Exception as exc:  # pragma: no cover - platform dependent
         raise Skip(f"torch.compile unavailable: {type(exc).__name__}: {exc}") from None
 

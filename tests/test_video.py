@@ -109,14 +109,15 @@ def test_encode_command_with_an_official_checkpoint(video, tmp_path):
 
 
 def test_encode_errors_exit_non_zero(video, hf_folder, tmp_path, capsys):
+    """A video that fails is reported and makes the exit code 1; bad options and weights make it 2."""
     bad = tmp_path / "notavideo.mp4"
     bad.write_text("hello")
-    assert main(["encode", str(bad), "--weights", hf_folder, "--device", "cpu", "--out", str(tmp_path / "a.npy")]) == 2
+    assert main(["encode", str(bad), "--weights", hf_folder, "--device", "cpu", "--out", str(tmp_path / "a.npy")]) == 1
     assert "cannot open" in capsys.readouterr().err
     empty = tmp_path / "empty.avi"
     _write_video(empty, n=0)
     assert main(["encode", str(empty), "--weights", hf_folder, "--device", "cpu",
-                 "--out", str(tmp_path / "b.npy")]) == 2
+                 "--out", str(tmp_path / "b.npy")]) == 1
     assert "no frames" in capsys.readouterr().err
     weird = tmp_path / "weights.pth"
     torch.save({"encoder.foo": torch.zeros(2)}, weird)

@@ -1,0 +1,397 @@
+"""Feature extraction at dataset scale: ``xclip-fast encode`` on folders, lists, many GPUs.
+
+- Inputs: files, folders (recursive, by video extension) and list files, in a stable order.
+- Decoding runs in ``DataLoader`` worker processes while the encoder runs; each video is opened
+  once and its sampled frames are reached by seeking (:class:`xclip_fast.video.VideoReader`).
+- Two modes: one embedding per video (the official test-mode sampling of T frames), or sliding
+  windows (``window`` frames every ``stride`` frames, at the video's rate or a chosen ``fps``), one
+  embedding per window with its start and end time.
+- Outputs survive interruption: one ``.npy`` per video, written to a temporary name and renamed,
+  and an index (``index.jsonl``) that a rerun reads to skip what is complete.
+- Failures are recorded and the run goes on; truncated videos are encoded from their readable
+  frames with a warning.
+- Under ``torchrun``, rank r takes videos r, r + K, r + 2K, ... of the list; rank 0 shows the
+  progress bar and merges the index at the end.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from xclip_fast.video import VIDEO_EXTENSIONS, VideoError, VideoReader, check_regular_file, preprocess
+
+__all__ = ["Job", "discover", "parse_span", "ClipSource", "Extractor", "INDEX"]
+
+INDEX = "index.jsonl"
+DONE = ("ok", "truncated")  # statuses whose outputs are complete
+
+
+@dataclass(frozen=True)
+class Job:
+    """One input video: its position in the whole list, its path, its output name (``.npy``), and an
+    error found before any decoding (e.g. a missing file or a stream address)."""
+
+    index: int
+    path: str
+    name: str
+    error: str = ""
+
+
+def _is_video(name: str) -> bool:
+    return name.lower().endswith(VIDEO_EXTENSIONS)
+
+
+def discover(inputs: list[str], list_file: str | None = None) -> list[Job]:
+    """The jobs of a run, in a stable order: the inputs in the order given (a list file's lines in
+    their order), each folder's videos sorted by relative path; a video given twice is a job twice
+    (rows of ``--out`` follow the inputs). Output names: the path relative to its folder, or the
+    file name, with ``.npy`` for the video suffix; two videos with one name get a short hash of the
+    full path. Missing paths and non-files become jobs that fail with their reason."""
+    entries: list[tuple[str, str]] = []  # (path, output name before the suffix)
+    paths = list(inputs)
+    if list_file is not None:
+        base = os.path.dirname(os.path.abspath(list_file))
+        with open(list_file, encoding="utf-8") as f:
+            for line in f:
+                line = line.strip()
+                if line and not line.startswith("#"):
+                    paths.append(line if os.path.isabs(line) or "://" in line else os.path.join(base, line))
+    for path in paths:
+        if os.path.isdir(path):
+            found = []
+            for root, dirs, files in os.walk(path):
+                dirs.sort()
+                found += [os.path.join(root, f) for f in files if _is_video(f)]
+            for video in sorted(found, key=lambda p: os.path.relpath(p, path)):
+                entries.append((video, os.path.splitext(os.path.relpath(video, path))[0]))
+        else:
+            entries.append((path, os.path.splitext(os.path.basename(path.rstrip("/")))[0] or "video"))
+    jobs, names = [], {}
+    for path, name in entries:
+        key = os.path.abspath(path) if "://" not in path else path
+        if names.get(name, key) != key:  # two different videos with one name: tell them apart
+            name = f"{name}-{hashlib.sha1(key.encode()).hexdigest()[:8]}"
+        names[name] = key
+        error = ""
+        try:
+            check_regular_file(path)
+        except VideoError as exc:
+            error = str(exc)
+        jobs.append(Job(len(jobs), path, name + ".npy", error))
+    return jobs
+
+
+def parse_span(text: str) -> tuple[float, str]:
+    """``"16"`` -> (16, "frames"); ``"4s"`` -> (4.0, "seconds")."""
+    text = str(text).strip()
+    try:
+        if text.endswith("s"):
+            value, unit = float(text[:-1]), "seconds"
+        else:
+            value, unit = int(text), "frames"
+    except ValueError:
+        raise ValueError(f"expected a number of frames (16) or seconds (4s), got {text!r}") from None
+    if not value > 0:
+        raise ValueError(f"must be > 0, got {text!r}")
+    return value, unit
+
+
+def _frames(span: tuple[float, str] | None, rate: float) -> int | None:
+    if span is None:
+        return None
+    value, unit = span
+    return int(value) if unit == "frames" else max(1, int(round(value * rate)))
+
+
+class ClipSource(torch.utils.data.IterableDataset):
+    """Decodes the jobs (split among DataLoader workers) and yields messages, in order per video:
+    ``("clip", job, i, frames (T, 3, S, S) float32, start s, end s)`` for each clip or window, then
+    ``("done", job, meta)`` with status, error, warnings, frame counts, fps, duration, decode seconds."""
+
+    def __init__(self, jobs, frames: int, size: int, window=None, stride=None, fps: float | None = None,
+                 timeout: float = 10.0):
+        self.jobs, self.frames, self.size = list(jobs), frames, size
+        self.window, self.stride, self.fps, self.timeout = window, stride, fps, timeout
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        jobs = self.jobs if info is None else self.jobs[info.id::info.num_workers]
+        for job in jobs:
+            yield from self._video(job)
+
+    def _video(self, job: Job):
+        t0 = time.perf_counter()
+        meta = dict(status="ok", error="", warnings=[], frames_decoded=0, frames_announced=None, fps=None,
+                    duration=None)
+        try:
+            if job.error:
+                raise VideoError(job.error)
+            with VideoReader(job.path, timeout=self.timeout) as reader:
+                meta.update(reader.info())
+                if meta["frames_announced"] < 1:
+                    raise VideoError("the video has no frames")
+                if self.window is None:
+                    indices, rgb = reader.sample(self.frames)
+                    meta["sampled"] = indices
+                    yield ("clip", job.index, 0, self._tensor(rgb), 0.0, meta["duration"])
+                else:
+                    rate = self.fps or reader.fps
+                    window, stride = _frames(self.window, rate), _frames(self.stride, rate) or _frames(self.window,
+                                                                                                       rate)
+                    for i, (start, end, rgb) in enumerate(reader.windows(window, stride, self.fps)):
+                        yield ("clip", job.index, i, self._tensor(rgb), start, end)
+                if reader.truncated:
+                    meta["status"] = "truncated"
+                    meta["warnings"].append(f"decoded {reader.readable_frames()} of {meta['frames_announced']} "
+                                            "announced frames: encoded from the readable part")
+                meta["frames_decoded"] = reader.decoded
+        except VideoError as exc:
+            meta.update(status="failed", error=str(exc))
+        except Exception as exc:  # a decoder failure must not stop the other videos
+            meta.update(status="failed", error=f"{type(exc).__name__}: {exc}")
+        meta["decode_s"] = time.perf_counter() - t0
+        yield ("done", job.index, meta)
+
+    def _tensor(self, rgb) -> torch.Tensor:
+        return torch.stack([preprocess(f, self.size) for f in rgb])
+
+
+def _atomic_save(path: str, array: np.ndarray, tag: str = "0") -> None:
+    """``array`` to ``path`` through a temporary file renamed at the end: a kill never leaves a half
+    ``.npy`` under the final name (only ``<path>.tmp-<tag>.npy``, removed by the next run)."""
+    tmp = f"{path}.tmp-{tag}.npy"
+    np.save(tmp, array)
+    os.replace(tmp, path)
+
+
+def remove_leftovers(out_dir: str, rank: int, world: int) -> None:
+    """Temporary files of an interrupted run: this rank's, and rank 0 also those of ranks >= world."""
+    for root, _, files in os.walk(out_dir):
+        for name in files:
+            if ".tmp-" not in name:
+                continue
+            tag = name.rsplit(".tmp-", 1)[1].removesuffix(".npy")
+            owner = int(tag) if tag.isdigit() else -1
+            if owner == rank or (rank == 0 and (owner >= world or owner < 0)):
+                os.remove(os.path.join(root, name))
+
+
+def read_index(out_dir: str) -> dict:
+    """path -> the last record of each video in ``index.jsonl`` and any per-rank index files left by
+    an interrupted run (records are appended, so later ones win)."""
+    records = {}
+    files = [INDEX] + sorted(f for f in os.listdir(out_dir) if f.startswith("index.rank") and f.endswith(".jsonl"))
+    for name in files:
+        path = os.path.join(out_dir, name)
+        if not os.path.exists(path):
+            continue
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                try:
+                    rec = json.loads(line)
+                except ValueError:
+                    continue  # a line cut by a kill
+                records[rec["path"]] = rec
+    return records
+
+
+@dataclass
+class Extractor:
+    """Runs one rank's share of the jobs: decode in workers, encode here, write outputs and index."""
+
+    encoder: torch.nn.Module
+    device: torch.device
+    dtype: torch.dtype
+    frames: int
+    size: int
+    out_dir: str | None = None
+    window: tuple | None = None
+    stride: tuple | None = None
+    fps: float | None = None
+    chunk_frames: int | None = None
+    batch: int = 1
+    workers: int = 0
+    per_frame: bool = False
+    timeout: float = 10.0
+    rank: int = 0
+    world: int = 1
+    progress: bool = True
+    results: dict = field(default_factory=dict)  # job index -> (embedding, per-frame) for --out
+    stats: dict = field(default_factory=lambda: dict(videos=0, failed=0, truncated=0, skipped=0, frames=0,
+                                                     decode_s=0.0, encode_s=0.0))
+
+    def run(self, jobs: list[Job]) -> list[dict]:
+        """Encode ``jobs`` (already this rank's share); returns their index records."""
+        if self.out_dir:
+            remove_leftovers(self.out_dir, self.rank, self.world)
+        done = read_index(self.out_dir) if self.out_dir else {}
+        todo = []
+        for job in jobs:
+            rec = done.get(job.path)
+            if rec and rec.get("status") in DONE and os.path.exists(os.path.join(self.out_dir, rec["output"])):
+                self.stats["skipped"] += 1
+                continue
+            todo.append(job)
+        by_index = {job.index: job for job in todo}
+        source = ClipSource(todo, self.frames, self.size, self.window, self.stride, self.fps, self.timeout)
+        loader = torch.utils.data.DataLoader(source, batch_size=None, num_workers=min(self.workers, len(todo)),
+                                             pin_memory=self.device.type == "cuda")
+        bar = self._bar(len(jobs))
+        if bar is not None and self.stats["skipped"]:
+            bar.update(self.stats["skipped"])
+        clips: dict[int, list] = {}
+        pending: list = []
+        records = []
+        start = time.perf_counter()
+        for message in loader:
+            if message[0] == "clip":
+                _, job_index, i, frames, t0, t1 = message
+                pending.append((job_index, i, frames, t0, t1))
+                if len(pending) >= self.batch:
+                    self._encode(pending, clips)
+                    pending = []
+                continue
+            _, job_index, meta = message
+            self._encode(pending, clips)
+            pending = []
+            records.append(self._finish(by_index[job_index], meta, clips.pop(job_index, [])))
+            if bar is not None:
+                bar.update(1)
+                elapsed = time.perf_counter() - start
+                bar.set_postfix(videos_s=f"{self.stats['videos'] / elapsed:.2f}",
+                                frames_s=f"{self.stats['frames'] / elapsed:.1f}", refresh=False)
+        if bar is not None:
+            bar.close()
+        self.stats["wall_s"] = time.perf_counter() - start
+        return records
+
+    def _bar(self, total):
+        if not self.progress or self.rank != 0:
+            return None
+        try:
+            from tqdm import tqdm
+        except ImportError:  # pragma: no cover
+            return None
+        desc = "videos" if self.world == 1 else f"videos (rank 0 of {self.world})"
+        return tqdm(total=total, desc=desc, unit="video", file=sys.stderr, dynamic_ncols=True)
+
+    def _chunk(self, n_frames: int) -> int | None:
+        """``chunk_frames`` for a clip: as given, or chosen when one activation of the clip would
+        take more than a quarter of the free memory (long windows)."""
+        if self.chunk_frames is not None or n_frames <= 32:
+            return self.chunk_frames
+        cfg = self.encoder.config
+        tokens = (cfg["input_resolution"] // cfg["patch_size"]) ** 2 + 1
+        per_frame = tokens * cfg["width"] * torch.finfo(self.dtype).bits // 8 * 12  # activation + intermediates
+        free = torch.cuda.mem_get_info(self.device)[0] if self.device.type == "cuda" else _free_cpu_memory()
+        if free is None or per_frame * n_frames * self.batch <= free // 4:
+            return None
+        return max(1, int(free // 4 // per_frame))
+
+    @torch.no_grad()
+    def _encode(self, pending, clips) -> None:
+        if not pending:
+            return
+        t0 = time.perf_counter()
+        by_len: dict[int, list] = {}
+        for item in pending:
+            by_len.setdefault(item[2].shape[0], []).append(item)
+        for n_frames, items in by_len.items():
+            video = torch.stack([it[2] for it in items]).to(self.device, self.dtype, non_blocking=True)
+            feats = self.encoder.forward_features(video, chunk_frames=self._chunk(n_frames))
+            for k, (job_index, i, _, start, end) in enumerate(items):
+                clips.setdefault(job_index, []).append(
+                    (i, feats.video_embeds[k].float().cpu().numpy(), feats.frame_embeds[k].float().cpu().numpy(),
+                     start, end))
+            self.stats["frames"] += n_frames * len(items)
+        self.stats["encode_s"] += time.perf_counter() - t0
+
+    def _finish(self, job: Job, meta: dict, clips: list) -> dict:
+        clips.sort(key=lambda c: c[0])
+        rec = dict(path=job.path, output=job.name, **{k: v for k, v in meta.items() if k != "sampled"})
+        self.stats["decode_s"] += meta.get("decode_s", 0.0)
+        if meta["status"] in DONE and not clips:
+            rec.update(status="failed", error="no frames were decoded")
+        if rec["status"] == "failed":
+            self.stats["failed"] += 1
+            print(f"error: {job.path}: {rec['error']}", file=sys.stderr)
+        else:
+            self.stats["videos"] += 1
+            if rec["status"] == "truncated":
+                self.stats["truncated"] += 1
+                print(f"warning: {job.path}: {'; '.join(rec['warnings'])}", file=sys.stderr)
+            embeds = np.stack([c[1] for c in clips])
+            per_frame = np.stack([c[2] for c in clips])
+            if self.window is None:
+                embeds, per_frame = embeds[0], per_frame[0]
+            else:
+                rec["windows"] = [[round(c[3], 6), round(c[4], 6)] for c in clips]
+            if self.out_dir:
+                self._write(job, embeds, per_frame, rec)
+            else:
+                self.results[job.index] = (embeds, per_frame)
+        if self.out_dir:
+            with open(os.path.join(self.out_dir, f"index.rank{self.rank}.jsonl"), "a", encoding="utf-8") as f:
+                f.write(json.dumps(rec) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+        return rec
+
+    def _write(self, job: Job, embeds, per_frame, rec) -> None:
+        path = os.path.join(self.out_dir, job.name)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        stem = path[:-4]
+        if self.window is not None:
+            _atomic_save(stem + ".times.npy", np.asarray(rec["windows"], dtype=np.float64).reshape(-1, 2),
+                         str(self.rank))
+        if self.per_frame:
+            _atomic_save(stem + ".frames.npy", per_frame, str(self.rank))
+        _atomic_save(path, embeds, str(self.rank))  # last: it (with the index line) marks the video complete
+
+
+def _free_cpu_memory() -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def merge_index(out_dir: str, world: int) -> list[dict]:
+    """Rank 0 at the end: every rank's records and the earlier index in one ``index.jsonl`` (one line
+    per video, the latest record of each), written atomically; the per-rank files are removed."""
+    records = read_index(out_dir)
+    tmp = os.path.join(out_dir, f"{INDEX}.tmp-index")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for rec in records.values():
+            f.write(json.dumps(rec) + "\n")
+    os.replace(tmp, os.path.join(out_dir, INDEX))
+    for name in os.listdir(out_dir):
+        if name.startswith("index.rank") and name.endswith(".jsonl"):
+            os.remove(os.path.join(out_dir, name))
+    return list(records.values())
+
+
+def summary_line(stats: dict, world: int) -> str:
+    wall = max(stats.get("wall_s", 0.0), 1e-9)
+    n = stats["videos"]
+    line = (f"encoded {n} video(s), {stats['failed']} failed, {stats['truncated']} truncated, {stats['skipped']} "
+            f"already done, in {wall:.1f}s: {n / wall:.2f} videos/s, {stats['frames'] / wall:.1f} frames/s; decode "
+            f"{stats['decode_s']:.1f}s (workers), encode {stats['encode_s']:.1f}s")
+    return line + (f" [rank 0 of {world}]" if world > 1 else "")
+
+
+def nan_rows(shape) -> np.ndarray:
+    return np.full(shape, math.nan, dtype=np.float32)

@@ -1,49 +1,98 @@
 #!/usr/bin/env bash
-# The one script to run when a GPU is lent: the whole test suite natively on CUDA, then the
-# benchmarks. Everything is written under $OUT (default: benchmarks/results/local); commit the
-# results (results.csv / results.jsonl / run-*.json / *.png / logs) under benchmarks/results/.
+# The one prepared call for a lent GPU: the most valuable facts first, each step time-boxed, and
+# everything packed into ONE archive under $OUT (the device hands back at most 8 files).
 #
-#   OUT=/some/dir benchmarks/gpu_check.sh            # about 8 minutes on an H100
+#   OUT=/some/dir benchmarks/gpu_check.sh            # on a GPU: about 8 minutes on an H100/H200
+#   OUT=/some/dir benchmarks/gpu_check.sh --dry-run  # anywhere (and automatically without CUDA):
+#                                                    # every step on tiny sizes, in about a minute
 #
-# Each step has its own time limit so that a slow step cannot eat the others' time.
+# Steps, in order of value: device facts; the test suite on CUDA (bf16, opcheck and torch.compile
+# through the kernels included); attention and block benchmarks (bf16, against SDPA, xformers when
+# carried, torch.compile); the tile-tuning sweep (writes tune/tuned.json: copy it to
+# kernels/tuned.json); the long-clip encoder. Results land in $OUT/gpu-check.tar.gz with
+# $OUT/summary.txt beside it, also when a step fails or runs out of time. Environment: PYTHON
+# (default python3), XCLIP_FAST_COMMIT (the commit, where the copy has no .git), GPU_CHECK_BUDGET
+# (seconds for all steps, default 520).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/results/local}
-mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
-
-# The device has torch and triton but no package registry: install without dependencies, and fall
-# back to the source checkout (xclip_fast maps kernels/ itself) if even that fails.
-if ! $PY -m pip install --no-deps --no-build-isolation -e . >"$OUT/install.log" 2>&1; then
-  echo "editable install failed (see install.log); using the source checkout" | tee -a "$OUT/install.log"
-  export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+BUDGET=${GPU_CHECK_BUDGET:-520}
+DRY=0
+[ "${1:-}" = "--dry-run" ] && DRY=1
+if [ $DRY -eq 0 ] && ! $PY -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
+  echo "no CUDA device: running the dry mode"
+  DRY=1
 fi
-{ nvidia-smi; $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"; } >"$OUT/device.txt" 2>&1
-git rev-parse HEAD >>"$OUT/device.txt" 2>/dev/null
+mkdir -p "$OUT"
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/xclip-gpu-check.XXXXXX")
+SUMMARY="$WORK/summary.txt"
+export PYTHONUNBUFFERED=1 XCLIP_FAST_COMMIT=${XCLIP_FAST_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
+START=$SECONDS
+FAILED=0
 
-status=0
-step() {  # step NAME SECONDS COMMAND...
+pack() {  # runs on every exit: the archive and the summary are what come back
+  echo "== total ${SECONDS}s, $FAILED step(s) failed, dry=$DRY, commit $XCLIP_FAST_COMMIT" >>"$SUMMARY"
+  tar -czf "$OUT/gpu-check.tar.gz" -C "$WORK" . && cp "$SUMMARY" "$OUT/summary.txt"
+  echo "packed $OUT/gpu-check.tar.gz ($(du -h "$OUT/gpu-check.tar.gz" | cut -f1)) and $OUT/summary.txt"
+}
+trap pack EXIT
+
+step() {  # step NAME SECONDS COMMAND...: time-boxed (within what is left of the budget), logged
   local name=$1 limit=$2; shift 2
-  echo "== $name (limit ${limit}s)" | tee -a "$OUT/summary.txt"
+  local left=$((BUDGET - (SECONDS - START)))
+  if [ $left -lt 15 ]; then
+    echo "== $name: SKIPPED (budget of ${BUDGET}s spent)" | tee -a "$SUMMARY"
+    return
+  fi
+  [ $limit -gt $left ] && limit=$left
+  echo "== $name (limit ${limit}s)" | tee -a "$SUMMARY"
   local t0=$SECONDS
-  timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
+  timeout --kill-after=10 "$limit" "$@" >"$WORK/$name.log" 2>&1
   local rc=$?
-  echo "   rc=$rc in $((SECONDS - t0))s" | tee -a "$OUT/summary.txt"
-  tail -n 3 "$OUT/$name.log" | sed 's/^/   /' | tee -a "$OUT/summary.txt"
-  [ $rc -eq 0 ] || status=1
+  [ $rc -eq 124 ] && echo "   TIMED OUT after ${limit}s" | tee -a "$SUMMARY"
+  echo "   rc=$rc in $((SECONDS - t0))s" | tee -a "$SUMMARY"
+  tail -n 4 "$WORK/$name.log" | sed 's/^/   /' | tee -a "$SUMMARY"
+  [ $rc -eq 0 ] || FAILED=$((FAILED + 1))
 }
 
-step tests 240 $PY -m pytest -q -x tests -p no:cacheprovider
-# attention vs every SDPA backend (and xformers when carried), X-CLIP shapes, bf16, fwd and fwd+bwd
-step bench-attention 90 $PY -m xclip_fast.cli bench --level attention --dtype bfloat16 --out "$OUT" \
+# install: the device has torch and triton but no package registry; fall back to the checkout
+if ! $PY -m pip install --no-deps --no-build-isolation -e . >"$WORK/install.log" 2>&1; then
+  echo "editable install failed (see install.log); using the source checkout" >>"$WORK/install.log"
+fi
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+
+{ nvidia-smi 2>&1 || echo "nvidia-smi: not available"
+  $PY -c "import sys, torch, triton; print('python', sys.version.split()[0], 'torch', torch.__version__, 'triton',
+triton.__version__); print('device', torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu')"
+  echo "commit $XCLIP_FAST_COMMIT, dry=$DRY, $(date -u +%Y-%m-%dT%H:%M:%SZ)"; } >"$WORK/device.txt" 2>&1
+cat "$WORK/device.txt" >>"$SUMMARY"
+
+BENCH="$PY -m xclip_fast.cli bench --out $WORK/bench"
+if [ $DRY -eq 1 ]; then
+  step tests 120 $PY -m pytest -q -p no:cacheprovider tests/test_compile.py -k "opcheck and attention_fwd-extra" \
+    --junitxml="$WORK/junit.xml"
+  step bench-attention 120 $BENCH --device cpu --quick --level attention --providers xclip-fast-torch
+  step bench-block 120 $BENCH --device cpu --quick --level block --frames 2 --providers xclip-fast-torch
+  step tune 120 $PY benchmarks/tune.py --dry-run --out "$WORK/tune"
+  step bench-encoder 120 $BENCH --device cpu --quick --level encoder --frames 2 \
+    --providers xclip-fast-torch,xclip-fast-torch-chunked
+  exit $((FAILED > 0))
+fi
+
+# 1. correctness on CUDA: the whole suite (bf16, large shapes, opcheck, compile with Inductor)
+XDIST=""
+$PY -c "import xdist" 2>/dev/null && XDIST="-n 4"
+step tests 200 $PY -m pytest -q -p no:cacheprovider tests $XDIST --maxfail=30 --junitxml="$WORK/junit.xml"
+# 2. attention against every SDPA backend (and xformers when carried), bf16, fwd and fwd+bwd
+step bench-attention 70 $BENCH --level attention --dtype bfloat16 \
   --providers sdpa-flash,sdpa-efficient,sdpa-cudnn,xformers,xclip-fast-torch,xclip-fast-triton
-# one block at the released T (with torch.compile), then long clips without the compile warm-ups
-step bench-block 150 $PY -m xclip_fast.cli bench --level block --model b16 --frames 8,32 --batch 8 \
-  --dtype bfloat16 --out "$OUT"
-step bench-block-long 60 $PY -m xclip_fast.cli bench --level block --model b16 --frames 128,512 --dtype bfloat16 \
-  --out "$OUT" --providers sdpa-flash,xclip-fast-torch,xclip-fast-triton
-# the whole encoder (inference) against T, unchunked and chunked
-step bench-encoder 90 $PY -m xclip_fast.cli bench --level encoder --model b16 --frames 8,32,128,512,1024 \
-  --dtype bfloat16 --out "$OUT" --providers xclip-fast-triton,xclip-fast-triton-chunked
-exit $status
+# 3. the block at the released T, eager and compiled, bf16
+step bench-block 120 $BENCH --level block --model b16 --frames 8,32 --batch 8 --dtype bfloat16 \
+  --providers sdpa-flash,xclip-fast-triton,reference-compiled,xclip-fast-triton-compiled
+# 4. tile tuning at the X-CLIP shapes
+step tune 110 $PY benchmarks/tune.py --out "$WORK/tune" --budget 80
+# 5. long clips: the encoder against T, unchunked and chunked
+step bench-encoder 70 $BENCH --level encoder --model b16 --frames 8,128,1024 --dtype bfloat16 \
+  --providers xclip-fast-triton,xclip-fast-triton-chunked
+exit $((FAILED > 0))

@@ -1,0 +1,300 @@
+"""Tile tuning of the Triton kernels at the X-CLIP shapes; writes the table launch_plan reads.
+
+    python benchmarks/tune.py --prune                  # on any machine: AOT-compile the candidates for
+                                                       # sm_90, keep those with no spills that fit in
+                                                       # shared memory -> benchmarks/tune_candidates.json
+    python benchmarks/tune.py --out DIR [--budget S]   # on a GPU: time the kept candidates, write
+                                                       # DIR/tuned.json, DIR/tune.csv, print a table
+    python benchmarks/tune.py --dry-run --out DIR      # anywhere: walk every step on tiny shapes
+
+For each dtype (bf16, fp16) and shape (frame attention with the message token at l = 50, 197, 257;
+message attention at T = 8, 32, 1024; head dim 64) the forward, the dk/dv pass and the dq pass are
+timed over their candidate tiles (the backward passes one at a time, the other at its best so
+far), and QuickGELU over its (elements per program, warps) candidates. Each winner is checked
+against the default tiles' result before it is kept. Winners go to ``tuned.json`` keyed by
+(GPU architecture, dtype, head dim, extra token, sequence bucket); copy it to ``kernels/tuned.json``
+to commit it. ``--budget`` stops timing new shapes when the time is spent (what is done is written).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+CANDIDATES = HERE / "tune_candidates.json"
+SHARED_LIMIT_SM90 = 227 * 1024
+
+# (name, kind, SQ=SK, batch B, heads H): frame attention over N = 256 frames of 12 heads; the message
+# attention over 256 frames' worth of videos (B = 256 // T)
+SHAPES = [
+    ("frames-l197", "frames", 197, 256, 12),
+    ("frames-l50", "frames", 50, 256, 12),
+    ("frames-l257", "frames", 257, 256, 16),
+    ("messages-T8", "messages", 8, 32, 12),
+    ("messages-T32", "messages", 32, 8, 12),
+    ("messages-T1024", "messages", 1024, 2, 12),
+]
+HEAD_DIM = 64
+DTYPES = ("bfloat16", "float16")
+# [BLOCK_M, BLOCK_N, num_warps, num_stages] per kernel; pruned by --prune
+RAW_CANDIDATES = {
+    "fwd": [[64, 64, 4, 2], [64, 64, 4, 3], [128, 64, 8, 2], [128, 64, 8, 3], [64, 32, 4, 3], [128, 32, 8, 2],
+            [128, 128, 8, 2]],
+    "dkdv": [[32, 64, 4, 2], [32, 64, 4, 3], [64, 64, 4, 2], [64, 64, 8, 2], [16, 64, 4, 2], [32, 128, 8, 2],
+             [64, 128, 8, 2]],
+    "dq": [[64, 64, 4, 2], [64, 64, 4, 3], [128, 64, 8, 2], [64, 32, 4, 2], [128, 32, 8, 2], [64, 128, 8, 2]],
+}
+QUICK_GELU_CANDIDATES = [[1024, 4], [2048, 4], [2048, 8], [4096, 8], [8192, 8]]
+VARIANTS = {"frames": dict(extra=True, packed=False), "messages-packed": dict(extra=False, packed=True),
+            "messages": dict(extra=False, packed=False)}
+_AOT_KERNEL = {"fwd": "_attention_fwd_kernel", "dkdv": "_attention_bwd_dkdv", "dq": "_attention_bwd_dq"}
+
+
+def _variant(kind: str, seq: int) -> str:
+    return "frames" if kind == "frames" else ("messages-packed" if 2 * seq <= 64 else "messages")
+
+
+# ------------------------------------------------------------------------------------------------
+# pruning (no GPU needed)
+# ------------------------------------------------------------------------------------------------
+def prune(out_path: Path) -> dict:
+    """Compile every candidate for sm_90 (tests/aot_compile.py) and keep those with no register spills
+    whose shared memory fits; written to ``out_path`` with the compile reports."""
+    sys.path.insert(0, str(HERE.parent / "tests"))
+    from concurrent.futures import ProcessPoolExecutor
+
+
+    jobs = []
+    for dtype in DTYPES:
+        for flags in VARIANTS.values():
+            for kernel, cands in RAW_CANDIDATES.items():
+                for cand in cands:
+                    jobs.append((_AOT_KERNEL[kernel], dtype, HEAD_DIM, flags["extra"], flags["packed"], False, "fp32",
+                                 90, {kernel: cand}))
+        for cand in QUICK_GELU_CANDIDATES:
+            jobs.append(("_quick_gelu_fwd_kernel", dtype, HEAD_DIM, False, False, False, "fp32", 90,
+                         {"quick_gelu": cand}))
+    kept, reports = {}, []
+    with ProcessPoolExecutor(max_workers=max(1, os.cpu_count() or 1)) as pool:
+        for job, row in zip(jobs, pool.map(_compile_or_fail, jobs)):
+            kernel, dtype, _, extra, packed = job[0], job[1], job[2], job[3], job[4]
+            (which, cand), = job[8].items()
+            variant = "quick_gelu" if which == "quick_gelu" else next(
+                v for v, f in VARIANTS.items() if f == dict(extra=extra, packed=packed))
+            ok = row.get("error") is None and not row.get("spill_bytes") and row["shared"] <= SHARED_LIMIT_SM90
+            reports.append({"dtype": dtype, "variant": variant, "kernel": which, "tiles": cand, "kept": ok,
+                            **{k: row.get(k) for k in ("shared", "registers", "spill_bytes", "error")}})
+            if ok:
+                kept.setdefault(dtype, {}).setdefault(variant, {}).setdefault(which, []).append(cand)
+    result = {"arch": 90, "head_dim": HEAD_DIM, "shared_limit": SHARED_LIMIT_SM90, "candidates": kept,
+              "reports": reports}
+    out_path.write_text(json.dumps(result, indent=1))
+    return result
+
+
+def _compile_or_fail(job):
+    import aot_compile
+
+    try:
+        return aot_compile.compile_one(job)
+    except Exception as exc:  # a candidate the compiler rejects is simply not kept
+        return {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:200],
+                "shared": 0}
+
+
+# ------------------------------------------------------------------------------------------------
+# timing
+# ------------------------------------------------------------------------------------------------
+def _timer(device, dry_run: bool):
+    if dry_run or device.type != "cuda":
+        def cpu_time(fn):
+            fn()
+            t0 = time.perf_counter()
+            fn()
+            return (time.perf_counter() - t0) * 1e3
+        return cpu_time
+    from triton.testing import do_bench
+
+    return lambda fn: do_bench(fn, warmup=10, rep=40, return_mode="median")
+
+
+class _Problem:
+    """One attention problem with its buffers, run with any launch plan."""
+
+    def __init__(self, kind, seq, B, H, D, dtype, device):
+        import torch
+
+        from xclip_fast.kernels import attention as A
+
+        self.A = A
+        g = torch.Generator().manual_seed(0)
+
+        def t(*shape):
+            return torch.randn(*shape, generator=g).to(device, dtype)
+
+        self.q, self.k, self.v = t(B, seq, H, D), t(B, seq, H, D), t(B, seq, H, D)
+        self.ek, self.ev = (t(B, H, D), t(B, H, D)) if kind == "frames" else (None, None)
+        self.scale = D ** -0.5
+        self.o = torch.empty_like(self.q)
+        self.lse = torch.empty(B, H, seq, device=device, dtype=torch.float32 if dtype != torch.float64 else dtype)
+        self.do = torch.randn_like(self.q)
+        self.grads = [torch.empty_like(x) for x in (self.q, self.k, self.v)]
+        self.grads += [torch.empty_like(self.ek), torch.empty_like(self.ev)] if self.ek is not None else [None, None]
+
+    def fwd(self, plan):
+        self.A.attention_fwd(self.q, self.k, self.v, self.ek, self.ev, self.o, self.lse, self.scale, False, plan=plan)
+
+    def bwd(self, plan):
+        self.A.attention_bwd(self.q, self.k, self.v, self.ek, self.ev, self.o, self.lse, self.do, *self.grads,
+                             self.scale, False, plan=plan)
+
+    def results(self, plan):
+        """out, dq, dk of one forward and backward with ``plan``."""
+        self.fwd(plan)
+        out = self.o.clone()
+        self.bwd(plan)
+        return out, self.grads[0].clone(), self.grads[1].clone()
+
+
+def _tune_shape(problem, base, pool, bench, dry_run, label):
+    """The best tiles of the three kernels for one problem: (rows, best tiles or None if the tuned
+    tiles change the results)."""
+    from xclip_fast.kernels.plan import Tiles
+
+    rows, best = [], {}
+    reference = problem.results(base)
+    for kernel in ("fwd", "dkdv", "dq"):
+        options = [list(dataclasses.astuple(getattr(base, kernel)))]
+        options += [c for c in pool.get(kernel, []) if c not in options]
+        timings = []
+        for cand in options[:2] if dry_run else options:
+            plan = dataclasses.replace(base, **{**best, kernel: Tiles(*cand)})
+            try:
+                ms = bench(lambda p=plan: problem.fwd(p) if kernel == "fwd" else problem.bwd(p))  # noqa: B023
+            except Exception as exc:  # e.g. out of resources on this GPU
+                rows.append(dict(**label, kernel=kernel, tiles=cand, ms="", note=type(exc).__name__))
+                continue
+            timings.append((ms, cand))
+            rows.append(dict(**label, kernel=kernel, tiles=cand, ms=f"{ms:.4f}", note=""))
+        ms, cand = min(timings)
+        best[kernel] = Tiles(*cand)
+        rows.append(dict(**label, kernel=kernel, tiles=cand, ms=f"{ms:.4f}",
+                         note=f"winner ({timings[0][0] / ms:.2f}x the default)"))
+    tuned = problem.results(dataclasses.replace(base, **best))
+    tol = 1e-5 if problem.q.dtype.itemsize >= 4 else 2e-2  # two roundings of the output dtype
+    for what, a, b in zip(("out", "dq", "dk"), tuned, reference):
+        err = ((a.float() - b.float()).norm() / b.float().norm()).item()
+        if not err <= tol:
+            print(f"{label}: the tuned tiles change {what} by {err:.2e} > {tol}: not kept", file=sys.stderr)
+            return rows, None
+    return rows, best
+
+
+def _tune_quick_gelu(n, dtype, device, pool, bench, dry_run, label):
+    import torch
+
+    from xclip_fast.kernels import plan as P
+    from xclip_fast.kernels import quick_gelu as Q
+
+    x = torch.randn(n, device=device, dtype=dtype)
+    dy, y = torch.randn_like(x), torch.empty_like(x)
+    options = [list(P.QUICK_GELU_DEFAULT)] + [c for c in pool if c != list(P.QUICK_GELU_DEFAULT)]
+    rows, timings = [], []
+    for cand in options[:2] if dry_run else options:
+        ms = bench(lambda c=cand: (Q.quick_gelu_fwd(x, y, tuple(c)), Q.quick_gelu_bwd(x, dy, y, tuple(c))))
+        timings.append((ms, cand))
+        rows.append(dict(**label, kernel="quick_gelu", tiles=cand, ms=f"{ms:.4f}", note=""))
+    ms, cand = min(timings)
+    rows.append(dict(**label, kernel="quick_gelu", tiles=cand, ms=f"{ms:.4f}",
+                     note=f"winner ({timings[0][0] / ms:.2f}x the default)"))
+    return rows, cand, ms
+
+
+def tune(out_dir: Path, budget: float, dry_run: bool) -> int:
+    import torch
+
+    from xclip_fast.kernels.plan import launch_plan, seq_bucket
+
+    cuda = torch.cuda.is_available() and not dry_run
+    device = torch.device("cuda" if cuda else "cpu")
+    if not cuda and not dry_run:
+        print("tune.py needs a CUDA GPU to time kernels (use --dry-run to walk the steps on CPU)", file=sys.stderr)
+        return 2
+    cands = json.loads(CANDIDATES.read_text())["candidates"]
+    major, minor = torch.cuda.get_device_capability() if cuda else (9, 0)
+    arch, device_name = 10 * major + minor, torch.cuda.get_device_name() if cuda else "dry run (CPU interpreter)"
+    bench = _timer(device, dry_run)
+    shapes = SHAPES if not dry_run else [("frames-dry", "frames", 9, 2, 1), ("messages-dry", "messages", 5, 3, 1)]
+    head_dim = HEAD_DIM if not dry_run else 16
+    date = time.strftime("%Y-%m-%d")
+    start = time.perf_counter()
+    rows, entries = [], []
+    for dtype_name in DTYPES if not dry_run else ("float32",):
+        dtype = getattr(torch, dtype_name)
+        pools = cands.get(dtype_name if not dry_run else "bfloat16", {})
+        for name, kind, seq, B, H in shapes:
+            if time.perf_counter() - start > budget:
+                print(f"budget of {budget:.0f}s spent: stopping before {dtype_name} {name}")
+                break
+            problem = _Problem(kind, seq, B, H, head_dim, dtype, device)
+            base = launch_plan(head_dim, dtype, kind == "frames", False)
+            new_rows, best = _tune_shape(problem, base, pools.get(_variant(kind, seq), {}), bench, dry_run,
+                                         dict(dtype=dtype_name, shape=name))
+            rows += new_rows
+            if best is not None:
+                entries.append({"arch": arch, "dtype": dtype_name, "head_dim": head_dim, "extra": kind == "frames",
+                                "seq_bucket": seq_bucket(seq),
+                                **{k: list(dataclasses.astuple(t)) for k, t in best.items()},
+                                "measured": {"device": device_name, "date": date, "shape": name}})
+        n = 256 * 197 * 3072 if not dry_run else 4096  # one MLP activation of B/16 over 256 frames
+        new_rows, cand, ms = _tune_quick_gelu(n, dtype, device, pools.get("quick_gelu", {}).get("quick_gelu", []),
+                                              bench, dry_run, dict(dtype=dtype_name, shape=f"quick_gelu n={n}"))
+        rows += new_rows
+        entries.append({"op": "quick_gelu", "arch": arch, "dtype": dtype_name, "block": cand[0], "num_warps": cand[1],
+                        "measured": {"device": device_name, "date": date, "ms": ms}})
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "tuned.json").write_text(json.dumps({"format": 1, "entries": entries}, indent=1) + "\n")
+    with open(out_dir / "tune.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["dtype", "shape", "kernel", "tiles", "ms", "note"])
+        writer.writeheader()
+        writer.writerows(rows)
+    print(f"tuning on {device_name}: {len(entries)} table entries in {time.perf_counter() - start:.0f}s")
+    for r in rows:
+        if r["note"].startswith("winner"):
+            print(f"  {r['dtype']:9s} {r['shape']:18s} {r['kernel']:10s} {str(r['tiles']):18s} {r['ms']:>9s} ms  "
+                  f"{r['note']}")
+    print(f"wrote {out_dir / 'tuned.json'} and {out_dir / 'tune.csv'}")
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--prune", action="store_true", help="compile the candidates for sm_90 and keep the good ones")
+    parser.add_argument("--dry-run", action="store_true", help="walk every step on tiny shapes (CPU interpreter)")
+    parser.add_argument("--out", default="tune-results", help="folder for tuned.json and tune.csv")
+    parser.add_argument("--budget", type=float, default=150.0, help="seconds of timing before stopping (default 150)")
+    args = parser.parse_args(argv)
+    if args.prune:
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        if "TRITON_INTERPRET" in os.environ:  # the compiler must not run in interpreter mode
+            return subprocess.call([sys.executable, __file__, "--prune"], env=env)
+        result = prune(CANDIDATES)
+        kept = sum(r["kept"] for r in result["reports"])
+        print(f"kept {kept} of {len(result['reports'])} candidates -> {CANDIDATES}")
+        return 0
+    if args.dry_run:
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    return tune(Path(args.out), args.budget, args.dry_run)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -12,7 +12,7 @@
 # kernels/tuned.json); the long-clip encoder. Results land in $OUT/gpu-check.tar.gz with
 # $OUT/summary.txt beside it, also when a step fails or runs out of time. Environment: PYTHON
 # (default python3), XCLIP_FAST_COMMIT (the commit, where the copy has no .git), GPU_CHECK_BUDGET
-# (seconds for all steps, default 520).
+# (seconds for all steps, default 520), GPU_CHECK_KEEP (keep the working folder after packing).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/results/local}
@@ -33,8 +33,12 @@ FAILED=0
 
 pack() {  # runs on every exit: the archive and the summary are what come back
   echo "== total ${SECONDS}s, $FAILED step(s) failed, dry=$DRY, commit $XCLIP_FAST_COMMIT" >>"$SUMMARY"
-  tar -czf "$OUT/gpu-check.tar.gz" -C "$WORK" . && cp "$SUMMARY" "$OUT/summary.txt"
-  echo "packed $OUT/gpu-check.tar.gz ($(du -h "$OUT/gpu-check.tar.gz" | cut -f1)) and $OUT/summary.txt"
+  if tar -czf "$OUT/gpu-check.tar.gz" -C "$WORK" . && cp "$SUMMARY" "$OUT/summary.txt"; then
+    echo "packed $OUT/gpu-check.tar.gz ($(du -h "$OUT/gpu-check.tar.gz" | cut -f1)) and $OUT/summary.txt"
+    [ -n "${GPU_CHECK_KEEP:-}" ] || rm -rf "$WORK"
+  else
+    echo "packing failed: the results are in $WORK"
+  fi
 }
 trap pack EXIT
 

@@ -31,7 +31,7 @@ import triton
 from . import acc_dtype, tl_dtype
 
 __all__ = ["Tiles", "LaunchPlan", "default_tiles", "launch_plan", "pack_group", "plan_for", "seq_bucket",
-           "load_table", "quick_gelu_config", "TABLE_PATH", "SEQ_BUCKETS", "LOG2E", "QUICK_GELU_DEFAULT"]
+           "load_table", "clear_caches", "quick_gelu_config", "TABLE_PATH", "SEQ_BUCKETS", "LOG2E", "QUICK_GELU_DEFAULT"]
 
 LOG2E = 1.4426950408889634
 TABLE_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tuned.json")
@@ -103,9 +103,14 @@ def seq_bucket(n) -> int:
     return SEQ_BUCKETS[-1]
 
 
+def load_table(path: str | None = None) -> dict:
+    """``{(arch, dtype name, head_dim, extra, seq_bucket): entry}`` from the JSON table (empty if
+    absent); default: :data:`TABLE_PATH`."""
+    return _load_table(path or TABLE_PATH)
+
+
 @functools.lru_cache(maxsize=4)
-def load_table(path: str = TABLE_PATH) -> dict:
-    """``{(arch, dtype name, head_dim, extra, seq_bucket): entry}`` from the JSON table (empty if absent)."""
+def _load_table(path: str) -> dict:
     if not os.path.exists(path):
         return {}
     with open(path) as f:
@@ -121,6 +126,13 @@ def load_table(path: str = TABLE_PATH) -> dict:
         tiles = {k: Tiles(*map(int, e[k])) for k in KERNELS if e.get(k)}
         table[key] = _Entry(f"sm_{key[0]} {key[1]} D={key[2]} extra={key[3]} S<={key[4]}", tiles)
     return table
+
+
+def clear_caches() -> None:
+    """Forget the loaded table and the plans made from it (after ``TABLE_PATH`` or the file changed)."""
+    _load_table.cache_clear()
+    _has_entries.cache_clear()
+    launch_plan.cache_clear()
 
 
 @functools.lru_cache(maxsize=16)

@@ -1,0 +1,51 @@
+"""The launch plan: default tiles, the tuning table and its fallback, packing of short sequences."""
+
+import json
+
+import pytest
+import torch
+
+from xclip_fast.kernels import plan as P
+
+pytestmark = pytest.mark.triton
+
+
+@pytest.fixture
+def table(tmp_path, monkeypatch):
+    path = tmp_path / "tuned.json"
+    monkeypatch.setattr(P, "TABLE_PATH", str(path))
+    P.clear_caches()
+    yield path
+    P.clear_caches()
+
+
+def test_the_committed_table_parses():
+    assert isinstance(P.load_table(), dict)  # may be empty until a GPU run fills it
+
+
+def test_launch_plan_reads_the_table_for_its_arch_and_falls_back(table):
+    table.write_text(json.dumps({"format": 1, "entries": [
+        {"arch": 90, "dtype": "bfloat16", "head_dim": 64, "extra": True, "seq_bucket": 256,
+         "fwd": [128, 64, 8, 3], "dq": [64, 32, 4, 2]},
+        {"op": "quick_gelu", "arch": 90, "dtype": "bfloat16", "block": 4096, "num_warps": 8}]}))
+    default = P.launch_plan(64, torch.bfloat16, True, False)
+    tuned = P.launch_plan(64, torch.bfloat16, True, False, arch=90, bucket=P.seq_bucket(197))
+    assert tuned.fwd == P.Tiles(128, 64, 8, 3) and tuned.dq == P.Tiles(64, 32, 4, 2)
+    assert tuned.dkdv == default.dkdv, "a kernel the entry does not name keeps its default tiles"
+    assert tuned.source == "sm_90 bfloat16 D=64 extra=True S<=256" and default.source == "default"
+    for other in [dict(arch=80, bucket=256), dict(arch=90, bucket=64)]:  # another GPU / another length
+        assert P.launch_plan(64, torch.bfloat16, True, False, **other) == default
+    assert P.load_table()[("quick_gelu", 90, "bfloat16")] == (4096, 8)
+
+
+def test_unknown_table_format_is_refused(table):
+    table.write_text(json.dumps({"format": 7, "entries": []}))
+    with pytest.raises(ValueError, match="unknown tuning table format 7"):
+        P.load_table()
+
+
+def test_sequence_buckets_and_packing():
+    assert [P.seq_bucket(n) for n in (1, 16, 17, 197, 257, 1024, 5000)] == [16, 16, 64, 256, 512, 1024, 1 << 62]
+    plan = P.launch_plan(64, torch.float16, False, False)
+    assert P.pack_group(plan, 8, 8) == 8 and P.pack_group(plan, 32, 32) == 2 and P.pack_group(plan, 33, 33) == 1
+    assert P.pack_group(P.launch_plan(64, torch.float16, True, False), 8, 8) == 1  # the extra token: never packed

@@ -31,7 +31,8 @@ import triton
 from . import acc_dtype, tl_dtype
 
 __all__ = ["Tiles", "LaunchPlan", "default_tiles", "launch_plan", "pack_group", "plan_for", "seq_bucket",
-           "load_table", "clear_caches", "quick_gelu_config", "TABLE_PATH", "SEQ_BUCKETS", "LOG2E", "QUICK_GELU_DEFAULT"]
+           "load_table", "clear_caches", "quick_gelu_config", "TABLE_PATH", "SEQ_BUCKETS", "LOG2E",
+           "QUICK_GELU_DEFAULT"]
 
 LOG2E = 1.4426950408889634
 TABLE_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tuned.json")

@@ -192,9 +192,10 @@ def quick_gelu_config(x: torch.Tensor) -> tuple[int, int]:
 def plan_for(q: torch.Tensor, sk, has_extra: bool, allow_tf32: bool) -> LaunchPlan:
     """The plan the launchers use for queries ``q: [B, SQ, H, D]`` and ``sk`` keys; the tuning table
     is consulted on CUDA devices whose architecture it has entries for."""
+    head_dim = int(q.shape[3])  # a compile-time constant of the kernels (specialised while tracing)
     if q.device.type != "cuda":
-        return launch_plan(q.shape[3], q.dtype, has_extra, allow_tf32)
+        return launch_plan(head_dim, q.dtype, has_extra, allow_tf32)
     arch = _arch_of(q)
     if not _has_entries(arch):
-        return launch_plan(q.shape[3], q.dtype, has_extra, allow_tf32, arch)
-    return launch_plan(q.shape[3], q.dtype, has_extra, allow_tf32, arch, seq_bucket(torch.sym_max(q.shape[1], sk)))
+        return launch_plan(head_dim, q.dtype, has_extra, allow_tf32, arch)
+    return launch_plan(head_dim, q.dtype, has_extra, allow_tf32, arch, seq_bucket(torch.sym_max(q.shape[1], sk)))

@@ -25,7 +25,7 @@ from xclip_fast.blocks import check_backend, is_int
 from xclip_fast.encoder import interpolate_frames
 from xclip_fast.functional import FusedMLP, Parts, frame_path, message_path, residual_path
 
-__all__ = ["patch_xclip", "unpatch_xclip", "is_patched"]
+__all__ = ["patch_xclip", "unpatch_xclip", "is_patched", "set_backend"]
 
 _CLASSES = ("FastXCLIPVisionEncoderLayer", "FastXCLIPEncoderLayer", "FastXCLIPMultiframeIntegrationTransformer",
             "PatchedXCLIPModel")

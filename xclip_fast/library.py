@@ -30,6 +30,10 @@ suite without a GPU), or when ``XCLIP_FAST_OPAQUE_OPS=1`` is set, they are plain
 real CPU tensors only, so the body must stay opaque to tracing. Names, schemas, fake layouts and
 autograd are the same either way.
 
+Where: DESIGN.md plans the operators inside ``ops.py``; they live in this file instead so that
+``ops.py`` stays the layer of checks, backend choice and autocast that imports without Triton (on
+platforms without Triton wheels this module is never imported).
+
 Precision. fp32 inputs use exact fp32 dot products unless TF32 is enabled in PyTorch
 (``torch.set_float32_matmul_precision("high")``), read when an operator runs. Autocast is applied
 by the Python API (:mod:`xclip_fast.ops`), which casts the operators' inputs; the operators take

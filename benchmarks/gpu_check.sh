@@ -2,22 +2,22 @@
 # The one prepared call for a lent GPU: the most valuable facts first, each step time-boxed, and
 # everything packed into ONE archive under $OUT (the device hands back at most 8 files).
 #
-#   OUT=/some/dir benchmarks/gpu_check.sh            # on a GPU: about 8 minutes on an H100/H200
+#   OUT=/some/dir benchmarks/gpu_check.sh            # on a GPU: at most 7.5 minutes (GPU_CHECK_BUDGET)
 #   OUT=/some/dir benchmarks/gpu_check.sh --dry-run  # anywhere (and automatically without CUDA):
 #                                                    # every step on tiny sizes, in about a minute
 #
 # Steps, in order of value: device facts; the test suite on CUDA (bf16, opcheck and torch.compile
 # through the kernels included); attention and block benchmarks (bf16, against SDPA, xformers when
-# carried, torch.compile); the tile-tuning sweep (writes tune/tuned.json: copy it to
+# carried; then torch.compile of the block); the tile-tuning sweep (writes tune/tuned.json: copy it to
 # kernels/tuned.json); the long-clip encoder. Results land in $OUT/gpu-check.tar.gz with
 # $OUT/summary.txt beside it, also when a step fails or runs out of time. Environment: PYTHON
 # (default python3), XCLIP_FAST_COMMIT (the commit, where the copy has no .git), GPU_CHECK_BUDGET
-# (seconds for all steps, default 520), GPU_CHECK_KEEP (keep the working folder after packing).
+# (seconds for all steps, default 450), GPU_CHECK_KEEP (keep the working folder after packing).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/results/local}
 PY=${PYTHON:-python3}
-BUDGET=${GPU_CHECK_BUDGET:-520}
+BUDGET=${GPU_CHECK_BUDGET:-450}
 DRY=0
 [ "${1:-}" = "--dry-run" ] && DRY=1
 if [ $DRY -eq 0 ] && ! $PY -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
@@ -78,6 +78,8 @@ if [ $DRY -eq 1 ]; then
     --junitxml="$WORK/junit.xml"
   step bench-attention 120 $BENCH --device cpu --quick --level attention --providers xclip-fast-torch
   step bench-block 120 $BENCH --device cpu --quick --level block --frames 2 --providers xclip-fast-torch
+  step bench-block-compiled 120 $BENCH --device cpu --quick --level block --frames 2 --mode fwdbwd \
+    --providers reference-compiled,xclip-fast-torch-compiled
   step tune 120 $PY benchmarks/tune.py --dry-run --out "$WORK/tune"
   step bench-encoder 120 $BENCH --device cpu --quick --level encoder --frames 2 \
     --providers xclip-fast-torch,xclip-fast-torch-chunked
@@ -85,18 +87,21 @@ if [ $DRY -eq 1 ]; then
 fi
 
 # 1. correctness on CUDA: the whole suite (bf16, large shapes, opcheck, compile with Inductor)
-XDIST=""
-$PY -c "import xdist" 2>/dev/null && XDIST="-n 4"
-step tests 200 $PY -m pytest -q -p no:cacheprovider tests $XDIST --maxfail=30 --junitxml="$WORK/junit.xml"
+PYTEST_OPTS=""
+$PY -c "import xdist" 2>/dev/null && PYTEST_OPTS="-n 4"
+$PY -c "import pytest_timeout" 2>/dev/null && PYTEST_OPTS="$PYTEST_OPTS --timeout 150"
+step tests 170 $PY -m pytest -q -p no:cacheprovider tests $PYTEST_OPTS --maxfail=30 --junitxml="$WORK/junit.xml"
 # 2. attention against every SDPA backend (and xformers when carried), bf16, fwd and fwd+bwd
-step bench-attention 70 $BENCH --level attention --dtype bfloat16 \
+step bench-attention 50 $BENCH --level attention --dtype bfloat16 \
   --providers sdpa-flash,sdpa-efficient,sdpa-cudnn,xformers,xclip-fast-torch,xclip-fast-triton
-# 3. the block at the released T, eager and compiled, bf16
-step bench-block 120 $BENCH --level block --model b16 --frames 8,32 --batch 8 --dtype bfloat16 \
-  --providers sdpa-flash,xclip-fast-triton,reference-compiled,xclip-fast-triton-compiled
+# 3. the block at the released T, eager (both modes), then torch.compile against compiled (fwd+bwd)
+step bench-block 45 $BENCH --level block --model b16 --frames 8 --batch 8 --dtype bfloat16 \
+  --providers sdpa-flash,xformers,xclip-fast-triton
+step bench-block-compiled 90 $BENCH --level block --model b16 --frames 8 --batch 8 --dtype bfloat16 --mode fwdbwd \
+  --providers reference-compiled,xclip-fast-triton,xclip-fast-triton-compiled
 # 4. tile tuning at the X-CLIP shapes
-step tune 110 $PY benchmarks/tune.py --out "$WORK/tune" --budget 80
+step tune 70 $PY benchmarks/tune.py --out "$WORK/tune" --budget 50
 # 5. long clips: the encoder against T, unchunked and chunked
-step bench-encoder 70 $BENCH --level encoder --model b16 --frames 8,128,1024 --dtype bfloat16 \
+step bench-encoder 45 $BENCH --level encoder --model b16 --frames 8,128,1024 --dtype bfloat16 \
   --providers xclip-fast-triton,xclip-fast-triton-chunked
 exit $((FAILED > 0))

@@ -77,6 +77,19 @@ def _positions(start, SIZE: tl.constexpr, S, G, i_b0, B):
 
 
 @triton.jit
+def _rows(base, o_b, o_i, i_h, stride_b, stride_s, stride_h, o_d):
+    """Pointers to a ``[rows, BD]`` tile of a ``[B, S, H, D]`` tensor: rows (batch o_b, position o_i)
+    of head i_h."""
+    return base + o_b[:, None] * stride_b + o_i[:, None] * stride_s + i_h * stride_h + o_d[None, :]
+
+
+@triton.jit
+def _cols(base, o_b, o_i, i_h, stride_b, stride_s, stride_h, o_d):
+    """The same tile transposed: pointers of shape ``[BD, cols]``."""
+    return base + o_b[None, :] * stride_b + o_i[None, :] * stride_s + i_h * stride_h + o_d[:, None]
+
+
+@triton.jit
 def _load_extra(ek, ev, i_b, i_h, stride_ek_b, stride_ek_h, stride_ev_b, stride_ev_h, o_d, m_d, ACC: tl.constexpr):
     """The extra key and value of sequence ``i_b``, head ``i_h``: two ``[BD]`` vectors in ACC."""
     b_ek = tl.load(ek + i_b * stride_ek_b + i_h * stride_ek_h + o_d, mask=m_d, other=0.0).to(ACC)
@@ -124,8 +137,8 @@ def _attention_fwd_kernel(
     o_d = tl.arange(0, BLOCK_D)
     m_d = o_d < HEAD_DIM
 
-    p_q = q + o_rb[:, None] * stride_q_b + o_ri[:, None] * stride_q_s + i_h * stride_q_h + o_d[None, :]
-    b_q = tl.load(p_q, mask=m_r[:, None] & m_d[None, :], other=0.0)
+    b_q = tl.load(_rows(q, o_rb, o_ri, i_h, stride_q_b, stride_q_s, stride_q_h, o_d),
+                  mask=m_r[:, None] & m_d[None, :], other=0.0)
 
     if HAS_EXTRA:
         # seed the online softmax with the extra token (G == 1 here: one sequence per program)
@@ -143,8 +156,8 @@ def _attention_fwd_kernel(
     for start_n in range(0, G * SK, BLOCK_N):
         o_cg, o_cb, o_cj, m_c = _positions(start_n, BLOCK_N, SK, G, i_b0, B)
 
-        p_kt = k + o_cb[None, :] * stride_k_b + o_cj[None, :] * stride_k_s + i_h * stride_k_h + o_d[:, None]
-        b_kt = tl.load(p_kt, mask=m_d[:, None] & m_c[None, :], other=0.0)
+        b_kt = tl.load(_cols(k, o_cb, o_cj, i_h, stride_k_b, stride_k_s, stride_k_h, o_d),
+                       mask=m_d[:, None] & m_c[None, :], other=0.0)
         # [BM, BD] @ [BD, BN]
         b_s = tl.dot(b_q, b_kt, input_precision=PRECISION, out_dtype=ACC)
         b_s = _scale(b_s, scale_hi, scale_lo, ACC)
@@ -160,8 +173,8 @@ def _attention_fwd_kernel(
         b_alpha = tl.exp2(b_m - b_m_safe)
         b_l = b_l * b_alpha + tl.sum(b_p, axis=1)
 
-        p_v = v + o_cb[:, None] * stride_v_b + o_cj[:, None] * stride_v_s + i_h * stride_v_h + o_d[None, :]
-        b_v = tl.load(p_v, mask=m_c[:, None] & m_d[None, :], other=0.0)
+        b_v = tl.load(_rows(v, o_cb, o_cj, i_h, stride_v_b, stride_v_s, stride_v_h, o_d),
+                      mask=m_c[:, None] & m_d[None, :], other=0.0)
         if PACKED:
             # P @ V sums over every sequence of the tile: keep another sequence's NaN out of it
             b_bad = tl.maximum(b_bad, tl.max(tl.where(m_s & (_bad_rows(b_v, 1)[None, :] > 0), 1, 0), axis=1))
@@ -176,7 +189,7 @@ def _attention_fwd_kernel(
     b_o = b_acc / b_l_safe[:, None]
     if PACKED:
         b_o = tl.where(b_bad[:, None] > 0, float("nan"), b_o)
-    p_o = o + o_rb[:, None] * stride_o_b + o_ri[:, None] * stride_o_s + i_h * stride_o_h + o_d[None, :]
+    p_o = _rows(o, o_rb, o_ri, i_h, stride_o_b, stride_o_s, stride_o_h, o_d)
     tl.store(p_o, b_o.to(o.dtype.element_ty), mask=m_r[:, None] & m_d[None, :])
     p_lse = lse + o_rb * stride_lse_b + i_h * stride_lse_h + o_ri
     tl.store(p_lse, b_m + tl.log2(b_l_safe), mask=m_r)
@@ -249,10 +262,8 @@ def _attention_bwd_kernel(
     if DKDV:
         o_cg, o_cb, o_cj, m_c = _positions(i_t * BLOCK_N, BLOCK_N, SK, G, i_b0, B)
         m_cd = m_c[:, None] & m_d[None, :]
-        p_k = k + o_cb[:, None] * stride_k_b + o_cj[:, None] * stride_k_s + i_h * stride_k_h + o_d[None, :]
-        p_v = v + o_cb[:, None] * stride_v_b + o_cj[:, None] * stride_v_s + i_h * stride_v_h + o_d[None, :]
-        b_k = tl.load(p_k, mask=m_cd, other=0.0)
-        b_v = tl.load(p_v, mask=m_cd, other=0.0)
+        b_k = tl.load(_rows(k, o_cb, o_cj, i_h, stride_k_b, stride_k_s, stride_k_h, o_d), mask=m_cd, other=0.0)
+        b_v = tl.load(_rows(v, o_cb, o_cj, i_h, stride_v_b, stride_v_s, stride_v_h, o_d), mask=m_cd, other=0.0)
         b_dk = tl.zeros([BLOCK_N, BLOCK_D], ACC)
         b_dv = tl.zeros([BLOCK_N, BLOCK_D], ACC)
         # packed: keys whose own sequence holds a non-finite value that reaches their dk (q, do, lse,
@@ -266,10 +277,10 @@ def _attention_bwd_kernel(
 
         for start_m in range(0, G * SQ, BLOCK_M):
             o_rg, o_rb, o_ri, m_r = _positions(start_m, BLOCK_M, SQ, G, i_b0, B)
-            p_qt = q + o_rb[None, :] * stride_q_b + o_ri[None, :] * stride_q_s + i_h * stride_q_h + o_d[:, None]
-            p_do = do + o_rb[:, None] * stride_do_b + o_ri[:, None] * stride_do_s + i_h * stride_do_h + o_d[None, :]
-            b_qt = tl.load(p_qt, mask=m_d[:, None] & m_r[None, :], other=0.0)
-            b_do = tl.load(p_do, mask=m_r[:, None] & m_d[None, :], other=0.0)
+            b_qt = tl.load(_cols(q, o_rb, o_ri, i_h, stride_q_b, stride_q_s, stride_q_h, o_d),
+                           mask=m_d[:, None] & m_r[None, :], other=0.0)
+            b_do = tl.load(_rows(do, o_rb, o_ri, i_h, stride_do_b, stride_do_s, stride_do_h, o_d),
+                           mask=m_r[:, None] & m_d[None, :], other=0.0)
             o_stat = o_rb * stride_lse_b + i_h * stride_lse_h + o_ri
             b_lse = tl.load(lse + o_stat, mask=m_r, other=0.0)
             b_delta = tl.load(delta + o_stat, mask=m_r, other=0.0)
@@ -311,8 +322,8 @@ def _attention_bwd_kernel(
         if PACKED:
             b_dk = tl.where(b_bad_k[:, None] > 0, float("nan"), b_dk)
             b_dv = tl.where(b_bad_v[:, None] > 0, float("nan"), b_dv)
-        p_dk = dk + o_cb[:, None] * stride_dk_b + o_cj[:, None] * stride_dk_s + i_h * stride_dk_h + o_d[None, :]
-        p_dv = dv + o_cb[:, None] * stride_dv_b + o_cj[:, None] * stride_dv_s + i_h * stride_dv_h + o_d[None, :]
+        p_dk = _rows(dk, o_cb, o_cj, i_h, stride_dk_b, stride_dk_s, stride_dk_h, o_d)
+        p_dv = _rows(dv, o_cb, o_cj, i_h, stride_dv_b, stride_dv_s, stride_dv_h, o_d)
         tl.store(p_dk, b_dk.to(dk.dtype.element_ty), mask=m_cd)
         tl.store(p_dv, b_dv.to(dv.dtype.element_ty), mask=m_cd)
         if HAS_EXTRA:
@@ -325,10 +336,8 @@ def _attention_bwd_kernel(
     else:
         o_rg, o_rb, o_ri, m_r = _positions(i_t * BLOCK_M, BLOCK_M, SQ, G, i_b0, B)
         m_rd = m_r[:, None] & m_d[None, :]
-        p_q = q + o_rb[:, None] * stride_q_b + o_ri[:, None] * stride_q_s + i_h * stride_q_h + o_d[None, :]
-        p_do = do + o_rb[:, None] * stride_do_b + o_ri[:, None] * stride_do_s + i_h * stride_do_h + o_d[None, :]
-        b_q = tl.load(p_q, mask=m_rd, other=0.0)
-        b_do = tl.load(p_do, mask=m_rd, other=0.0)
+        b_q = tl.load(_rows(q, o_rb, o_ri, i_h, stride_q_b, stride_q_s, stride_q_h, o_d), mask=m_rd, other=0.0)
+        b_do = tl.load(_rows(do, o_rb, o_ri, i_h, stride_do_b, stride_do_s, stride_do_h, o_d), mask=m_rd, other=0.0)
         o_stat = o_rb * stride_lse_b + i_h * stride_lse_h + o_ri
         b_lse = tl.load(lse + o_stat, mask=m_r, other=0.0)
         b_delta = tl.load(delta + o_stat, mask=m_r, other=0.0)
@@ -343,10 +352,8 @@ def _attention_bwd_kernel(
         for start_n in range(0, G * SK, BLOCK_N):
             o_cg, o_cb, o_cj, m_c = _positions(start_n, BLOCK_N, SK, G, i_b0, B)
             m_dc = m_d[:, None] & m_c[None, :]
-            p_kt = k + o_cb[None, :] * stride_k_b + o_cj[None, :] * stride_k_s + i_h * stride_k_h + o_d[:, None]
-            p_vt = v + o_cb[None, :] * stride_v_b + o_cj[None, :] * stride_v_s + i_h * stride_v_h + o_d[:, None]
-            b_kt = tl.load(p_kt, mask=m_dc, other=0.0)
-            b_vt = tl.load(p_vt, mask=m_dc, other=0.0)
+            b_kt = tl.load(_cols(k, o_cb, o_cj, i_h, stride_k_b, stride_k_s, stride_k_h, o_d), mask=m_dc, other=0.0)
+            b_vt = tl.load(_cols(v, o_cb, o_cj, i_h, stride_v_b, stride_v_s, stride_v_h, o_d), mask=m_dc, other=0.0)
             m_s = m_r[:, None] & m_c[None, :]
             if PACKED:
                 m_s = m_s & (o_rg[:, None] == o_cg[None, :])
@@ -366,7 +373,7 @@ def _attention_bwd_kernel(
         b_dq = _scale(b_dq, dscale_hi, dscale_lo, ACC)
         if PACKED:
             b_dq = tl.where(b_bad[:, None] > 0, float("nan"), b_dq)
-        p_dq = dq + o_rb[:, None] * stride_dq_b + o_ri[:, None] * stride_dq_s + i_h * stride_dq_h + o_d[None, :]
+        p_dq = _rows(dq, o_rb, o_ri, i_h, stride_dq_b, stride_dq_s, stride_dq_h, o_d)
         tl.store(p_dq, b_dq.to(dq.dtype.element_ty), mask=m_rd)
 
 

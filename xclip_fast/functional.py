@@ -112,6 +112,25 @@ def message_path(cls: torch.Tensor, T: int, parts: Parts, backend: str, drop=no_
     return (msg + drop("message", a)).view(N, d)
 
 
+def _self_attention(x: torch.Tensor, parts: Parts, backend: str, batch_first: bool, attn_mask, msg=None):
+    """``out_proj(attention(ln_1(x)))`` over each sequence of ``x`` (seq-first ``(S, B, d)`` or
+    batch-first), with ``msg: (B, d)`` as one extra key/value per sequence when given. q, k, v stay
+    in the in-projection GEMM's layout; the output comes back in the layout ``out_proj`` reads."""
+    S, B, d = (x.shape[1], x.shape[0], x.shape[2]) if batch_first else x.shape
+    attn = parts.attn
+    H, Dh = _heads(attn, d)
+    w, bias = in_projection(attn)
+    qkv = F.linear(parts.ln_1(x), w, bias)
+    qkv = qkv.view(B, S, 3, H, Dh) if batch_first else qkv.view(S, B, 3, H, Dh).transpose(0, 1)
+    extra = None
+    if msg is not None:
+        # the original concatenates msg to x (promoting it to x's dtype under autocast) before ln_1
+        extra = F.linear(parts.ln_1(msg.to(x.dtype)), w[d:], bias[d:]).view(B, 2, H, Dh)  # its k, v only
+    o = packed_attention(qkv, extra, backend=backend, attn_mask=attn_mask, dropout_p=_dropout(attn))
+    o = o.reshape(B, S, d) if batch_first else o.transpose(0, 1).reshape(S, B, d)
+    return attn.out_proj(o)
+
+
 def frame_path(x: torch.Tensor, msg: torch.Tensor, parts: Parts, backend: str, *, batch_first: bool = False,
                attn_mask: torch.Tensor | None = None, drop=no_drop) -> torch.Tensor:
     """Intra-frame attention over [frame tokens; message token], then the MLP, for each frame.
@@ -123,37 +142,12 @@ def frame_path(x: torch.Tensor, msg: torch.Tensor, parts: Parts, backend: str, *
     ``drop(branch, y)`` with branch ``"attention"`` (``y`` has l token rows of the l+1 the official
     code drew for) or ``"mlp"``.
     """
-    if batch_first:
-        N, l, d = x.shape
-    else:
-        l, N, d = x.shape
-    attn = parts.attn
-    H, Dh = _heads(attn, d)
-    w, bias = in_projection(attn)
-    qkv = F.linear(parts.ln_1(x), w, bias)  # q, k, v read in place by the kernel
-    # the original concatenates msg to x (promoting it to x's dtype under autocast) before ln_1
-    kv_msg = F.linear(parts.ln_1(msg.to(x.dtype)), w[d:], bias[d:])  # (N, 2d): the message token's k, v
-    qkv = qkv.view(N, l, 3, H, Dh) if batch_first else qkv.view(l, N, 3, H, Dh).transpose(0, 1)
-    o = packed_attention(qkv, kv_msg.view(N, 2, H, Dh), backend=backend, attn_mask=attn_mask,
-                         dropout_p=_dropout(attn))
-    o = o.reshape(N, l, d) if batch_first else o.transpose(0, 1).reshape(l, N, d)
-    x = x + drop("attention", attn.out_proj(o))
+    x = x + drop("attention", _self_attention(x, parts, backend, batch_first, attn_mask, msg))
     return x + drop("mlp", run_mlp(parts.mlp, parts.ln_2(x), backend))
 
 
 def residual_path(x: torch.Tensor, parts: Parts, backend: str, *, batch_first: bool = False,
                   attn_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Pre-LN self-attention + MLP (the MIT's block) on ``(S, B, d)`` or batch-first ``(B, S, d)``."""
-    if batch_first:
-        B, S, d = x.shape
-    else:
-        S, B, d = x.shape
-    attn = parts.attn
-    H, Dh = _heads(attn, d)
-    w, bias = in_projection(attn)
-    qkv = F.linear(parts.ln_1(x), w, bias)
-    qkv = qkv.view(B, S, 3, H, Dh) if batch_first else qkv.view(S, B, 3, H, Dh).transpose(0, 1)
-    o = packed_attention(qkv, backend=backend, attn_mask=attn_mask, dropout_p=_dropout(attn))
-    o = o.reshape(B, S, d) if batch_first else o.transpose(0, 1).reshape(S, B, d)
-    x = x + attn.out_proj(o)
+    x = x + _self_attention(x, parts, backend, batch_first, attn_mask)
     return x + run_mlp(parts.mlp, parts.ln_2(x), backend)

@@ -206,37 +206,35 @@ class VideoReader:
         target more than ``SEEK_GAP`` frames ahead is reached by seeking; otherwise every frame up
         to the last target is decoded. Raises ``VideoError`` if a target lies past the readable end
         (see :meth:`sample`, which resamples then)."""
-        wanted = sorted(set(indices))
+        wanted = set(indices)
         got: dict[int, np.ndarray] = {}
         it, position = None, -1
-        for target in wanted:
+        for target in sorted(wanted):
             if target in got:
                 continue
             if it is None or (seek and target - position > SEEK_GAP):
                 it = self._decode_from(target if seek else None)
-                position = -1
-            for index, frame in it:
-                position = index
-                if index in wanted and index not in got:
-                    got[index] = frame.to_ndarray(format="rgb24")
-                if index >= target:
-                    break
-            if target not in got:
-                if position < target:  # the decoder ran out before the target: truncated file
-                    self._readable = min(self._readable or position + 1, position + 1)
-                    raise VideoError(f"{self.path}: frame {target} is past the last decodable frame "
-                                     f"({position + 1} of {self.announced_frames()} announced)")
+            position = self._collect(it, target, wanted, got)
+            if target not in got and position > target:
                 # seeking landed after the target (inexact key frames): decode from the start
                 it = self._decode_from(None)
-                for index, frame in it:
-                    position = index
-                    if index in wanted and index not in got:
-                        got[index] = frame.to_ndarray(format="rgb24")
-                    if index >= target:
-                        break
-                if target not in got:
-                    raise VideoError(f"{self.path}: frame {target} could not be decoded")
+                position = self._collect(it, target, wanted, got)
+            if target not in got:  # the decoder ran out before the target: a truncated file
+                raise VideoError(f"{self.path}: frame {target} is past the last decodable frame "
+                                 f"(of {self.announced_frames()} announced)")
         return [got[i] for i in indices]
+
+    @staticmethod
+    def _collect(it, target: int, wanted: set, got: dict) -> int:
+        """Decode from ``it`` up to ``target``, keeping the wanted frames; the last index reached."""
+        position = -1
+        for index, frame in it:
+            position = index
+            if index in wanted and index not in got:
+                got[index] = frame.to_ndarray(format="rgb24")
+            if index >= target:
+                break
+        return position
 
     def sample(self, num_frames: int, seek: bool = True) -> tuple[list[int], list[np.ndarray]]:
         """The official test-mode sample of ``num_frames`` frames: (indices, RGB frames). A truncated

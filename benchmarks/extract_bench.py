@@ -27,23 +27,13 @@ import numpy as np
 import torch
 
 
-def write_video(path, seconds: float, rate: int = 25, gop: int = 100, w: int = 160, h: int = 120) -> str:
-    import av
+def write_video(path, seconds: float) -> str:
+    """25 fps, 160 x 120, a key frame every 4 s (typical of camera and web video)."""
+    from xclip_fast.testing import write_video as write
 
-    container = av.open(str(path), "w")
-    stream = container.add_stream("mpeg4", rate=rate)
-    stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
-    stream.codec_context.gop_size = gop
-    rng = np.random.default_rng(0)
-    base = rng.integers(0, 255, (h, w, 3), dtype=np.uint8)
-    for i in range(int(seconds * rate)):
-        img = np.roll(base, i, axis=1)
-        for packet in stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
-            container.mux(packet)
-    for packet in stream.encode():
-        container.mux(packet)
-    container.close()
-    return str(path)
+    base = np.random.default_rng(0).integers(0, 255, (120, 160, 3), dtype=np.uint8)
+    return write(path, int(seconds * 25), lambda i: np.roll(base, i, axis=1), rate=25, gop=100, width=160,
+                 height=120)
 
 
 def seek_vs_decode(folder: Path, minutes: float, frames: int = 8) -> dict:

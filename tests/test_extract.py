@@ -11,7 +11,7 @@ import pytest
 import torch
 from _helpers import assert_rel
 
-from xclip_fast import extract
+from xclip_fast import extract, testing
 from xclip_fast.cli import main
 from xclip_fast.encoder import XCLIPVideoEncoder
 from xclip_fast.video import VideoError, VideoReader, preprocess
@@ -19,24 +19,8 @@ from xclip_fast.video import VideoError, VideoReader, preprocess
 av = pytest.importorskip("av", reason="PyAV is needed to write and read test videos (pip install av)")
 
 
-def write_video(path, n=40, rate=10, gop=10, w=48, h=40, codec="mpeg4", options=None):
-    """Frame i: red level 6 i (mod 256) and a square moving with i, so frames are distinguishable."""
-    container = av.open(str(path), "w", options=options or {})
-    stream = container.add_stream(codec, rate=rate)
-    stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
-    stream.codec_context.gop_size = gop
-    container.start_encoding()
-    for i in range(n):
-        img = np.zeros((h, w, 3), np.uint8)
-        img[:, :, 0] = (6 * i) % 256
-        x0 = (3 * i) % (w - 8)
-        img[8:16, x0:x0 + 8, 1] = 255
-        for packet in stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
-            container.mux(packet)
-    for packet in stream.encode():
-        container.mux(packet)
-    container.close()
-    return str(path)
+def write_video(path, n=40, rate=10, gop=10, codec="mpeg4", options=None):
+    return testing.write_video(path, n, rate=rate, gop=gop, codec=codec, options=options)
 
 
 def _weights(tmp_path, frames=4):

@@ -7,6 +7,7 @@ from _helpers import assert_rel, tiny_xclip
 
 from xclip_fast.cli import main
 from xclip_fast.encoder import XCLIPVideoEncoder
+from xclip_fast.testing import write_video
 from xclip_fast.video import MEAN, STD, load_video, preprocess, read_frames, sample_indices
 
 av = pytest.importorskip("av", reason="PyAV is needed to write and read test videos (pip install av)")
@@ -14,22 +15,16 @@ av = pytest.importorskip("av", reason="PyAV is needed to write and read test vid
 RED = [40 + 15 * i for i in range(12)]  # frame i has red level RED[i]
 
 
-def _write_video(path, n=12, w=64, h=48, codec="mpeg4"):
-    container = av.open(str(path), "w")
-    stream = container.add_stream(codec, rate=8)
-    stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
-    container.start_encoding()
-    for i in range(n):
-        img = np.zeros((h, w, 3), np.uint8)
-        img[:, :, 0] = RED[i]
-        x0 = (4 * i) % (w - 12)
-        img[10:22, x0:x0 + 12, 1] = 255  # a moving green square
-        for packet in stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
-            container.mux(packet)
-    for packet in stream.encode():
-        container.mux(packet)
-    container.close()
-    return str(path)
+def _frame(i, w=64, h=48):
+    img = np.zeros((h, w, 3), np.uint8)
+    img[:, :, 0] = RED[i]
+    x0 = (4 * i) % (w - 12)
+    img[10:22, x0:x0 + 12, 1] = 255  # a moving green square
+    return img
+
+
+def _write_video(path, n=12):
+    return write_video(path, n, _frame, rate=8, gop=12, width=64, height=48)
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,5 @@
-"""Error measures and tolerances shared by the tests, ``xclip-fast check`` and the benchmarks."""
+"""Error measures and tolerances shared by the tests, ``xclip-fast check`` and the benchmarks, and
+synthetic videos for the tests and benchmarks of video reading."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import math
 
 import torch
 
-__all__ = ["rel_err", "TOLERANCES", "TF32_TOLERANCE"]
+__all__ = ["rel_err", "TOLERANCES", "TF32_TOLERANCE", "write_video"]
 
 # Relative error ||out - ref|| / ||ref|| allowed against a float64 reference, per input dtype.
 TOLERANCES = {
@@ -33,3 +34,33 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     denom = ref64.norm().item()
     diff = (out64 - ref64).norm().item()
     return diff / denom if denom > 0 else diff
+
+
+def write_video(path, frames: int, frame=None, *, rate: int = 10, gop: int = 10, width: int = 48, height: int = 40,
+                codec: str = "mpeg4", options: dict | None = None) -> str:
+    """Write a synthetic video with PyAV (tests and benchmarks): ``frame(i) -> (height, width, 3)`` uint8
+    RGB gives frame i (default: red level 6 i and a green square moving with i, so frames differ).
+    ``gop``: frames between key frames; ``options``: muxer options (``{"movflags": "faststart"}``)."""
+    import av
+    import numpy as np
+
+    def default(i):
+        img = np.zeros((height, width, 3), np.uint8)
+        img[:, :, 0] = (6 * i) % 256
+        x0 = (3 * i) % max(1, width - 8)
+        img[8:16, x0:x0 + 8, 1] = 255
+        return img
+
+    frame = frame or default
+    container = av.open(str(path), "w", options=options or {})
+    stream = container.add_stream(codec, rate=rate)
+    stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+    stream.codec_context.gop_size = gop
+    container.start_encoding()
+    for i in range(frames):
+        for packet in stream.encode(av.VideoFrame.from_ndarray(frame(i), format="rgb24")):
+            container.mux(packet)
+    for packet in stream.encode():
+        container.mux(packet)
+    container.close()
+    return str(path)

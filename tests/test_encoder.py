@@ -5,6 +5,7 @@ import torch
 from _helpers import BACKENDS, assert_rel, tiny_xclip
 
 from xclip_fast import reference
+from xclip_fast.checkpoints import split_encoder_state_dict
 from xclip_fast.encoder import PRESETS, XCLIPVideoEncoder, interpolate_frames
 
 # float32: ~1e-7 rounding per op on both sides, accumulated through the layers.
@@ -43,9 +44,10 @@ def test_reference_modules_match_transformers(device):
     enc = XCLIPVideoEncoder.from_hf(hf)
     sd = enc.state_dict()
     visual = reference.CrossFrameCommunicationTransformer(32, 8, 64, 2, 2, 32, T=3).to(device, torch.float64)
-    visual.load_state_dict({k[len("visual."):]: v for k, v in sd.items() if k.startswith("visual.")})
+    visual_sd, mit_sd = split_encoder_state_dict(sd)
+    visual.load_state_dict(visual_sd)
     mit = reference.MultiframeIntegrationTransformer(3, 32, 1, heads=2).to(device, torch.float64)
-    mit.load_state_dict({k[len("mit."):]: v for k, v in sd.items() if k.startswith("mit.")})
+    mit.load_state_dict(mit_sd)
     video = _video(2, 3, torch.float64, device)
     with torch.no_grad():
         cls, patches = visual(video.flatten(0, 1))
@@ -63,9 +65,10 @@ def test_fast_encoder_matches_reference_float64_with_gradients(backend, device):
                             num_frames=3, mit_heads=2, backend=backend).to(device, torch.float64)
     sd = enc.state_dict()
     visual = reference.CrossFrameCommunicationTransformer(16, 8, 64, 2, 2, 32, T=3).to(device, torch.float64)
-    visual.load_state_dict({k[len("visual."):]: v for k, v in sd.items() if k.startswith("visual.")})
+    visual_sd, mit_sd = split_encoder_state_dict(sd)
+    visual.load_state_dict(visual_sd)
     mit = reference.MultiframeIntegrationTransformer(3, 32, 1, heads=2).to(device, torch.float64)
-    mit.load_state_dict({k[len("mit."):]: v for k, v in sd.items() if k.startswith("mit.")})
+    mit.load_state_dict(mit_sd)
     video = _video(2, 3, torch.float64, device, size=16)
     out = enc(video)
     cls, _ = visual(video.flatten(0, 1))
@@ -90,12 +93,12 @@ def test_any_frame_count_matches_reference_with_interpolated_positions(T, device
     enc = XCLIPVideoEncoder.from_hf(hf, backend="torch").to(device)
     sd = enc.state_dict()
     visual = reference.CrossFrameCommunicationTransformer(32, 8, 64, 2, 2, 32, T=T).to(device, torch.float64)
-    visual.load_state_dict({k[len("visual."):]: v for k, v in sd.items() if k.startswith("visual.")})
+    visual_sd, mit_sd = split_encoder_state_dict(sd)
+    visual.load_state_dict(visual_sd)
     mit = reference.MultiframeIntegrationTransformer(T, 32, 1, heads=2).to(device, torch.float64)
     pos = sd["mit.positional_embedding"][0].cpu().numpy()  # (3, E)
     where = np.linspace(0, pos.shape[0] - 1, T)
     resampled = np.stack([np.interp(where, np.arange(pos.shape[0]), pos[:, e]) for e in range(pos.shape[1])], 1)
-    mit_sd = {k[len("mit."):]: v for k, v in sd.items() if k.startswith("mit.")}
     mit_sd["positional_embedding"] = torch.from_numpy(resampled)[None]
     mit.load_state_dict(mit_sd)
     video = _video(2, T, torch.float64, device)

@@ -222,3 +222,15 @@ def test_video_reader_refuses_non_files(tmp_path):
                           (tmp_path, "is a folder"), (tmp_path / "nope.mp4", "no such file")]:
         with pytest.raises(VideoError, match=message):
             VideoReader(str(path))
+
+
+def test_long_windows_are_chunked_when_memory_is_short(tmp_path, monkeypatch):
+    enc, _ = _weights(tmp_path)
+    ex = extract.Extractor(enc, torch.device("cpu"), torch.float32, 4, 32)
+    assert ex._chunk(8) is None and ex._chunk(512) is None  # short clips, or memory to spare
+    monkeypatch.setattr(extract, "_free_cpu_memory", lambda: 4 * 2**20)  # 4 MiB free
+    chunk = ex._chunk(512)
+    assert chunk is not None and 1 <= chunk < 512
+    frames = torch.randn(1, 40, 3, 32, 32)
+    with torch.no_grad():  # the chunked forward gives the unchunked embedding
+        assert_rel("chunked", enc(frames, chunk_frames=ex._chunk(40) or 40), enc(frames), 1e-5)

@@ -57,8 +57,12 @@ def _opcheck_cases(device, dtype):
     out, lse = ops.attention_fwd(*nograd, 0.25)
     pout, plse = ops.packed_attention_fwd(qkv.detach(), ekv.detach(), 0.25)
     x = t(3, 7, 5)
+    # a seq-first query whose last dimension is not contiguous: the operator copies it (so the output
+    # is not seq-first), and its fake must say the same
+    q_strided = q.detach().permute(1, 0, 3, 2).contiguous().permute(1, 0, 3, 2).requires_grad_()
     return {
         "attention_fwd-extra": (ops.attention_fwd.default, (q, k, v, ek, ev, 0.25)),
+        "attention_fwd-strided": (ops.attention_fwd.default, (q_strided, k, v, ek, ev, 0.25)),
         "attention_fwd-plain": (ops.attention_fwd.default, (q, k, v, None, None, 0.25)),
         "attention_bwd": (ops.attention_bwd.default, (*nograd, out, lse, torch.randn_like(out), 0.25)),
         "packed_attention_fwd-extra": (ops.packed_attention_fwd.default, (qkv, ekv, 0.25)),
@@ -70,7 +74,8 @@ def _opcheck_cases(device, dtype):
     }
 
 
-OPCHECK_IDS = ["attention_fwd-extra", "attention_fwd-plain", "attention_bwd", "packed_attention_fwd-extra",
+OPCHECK_IDS = ["attention_fwd-extra", "attention_fwd-strided", "attention_fwd-plain", "attention_bwd",
+               "packed_attention_fwd-extra",
                "packed_attention_fwd-plain", "packed_attention_bwd", "quick_gelu", "quick_gelu_backward"]
 OPCHECK_DTYPES = [torch.float64, torch.float32] + ([torch.bfloat16] if CUDA else [])
 

@@ -187,11 +187,11 @@ def _encode(args) -> int:
         out = args.out or "embeddings.npy"
         E = encoder.config["embed_dim"]
         embeds = np.stack([ex.results[j.index][0] if j.index in ex.results else extract.nan_rows(E) for j in jobs])
-        extract._atomic_save(out, embeds)
+        extract.atomic_save(out, embeds)
         written = [out]
         if args.per_frame:
             frames_path = out[:-4] + "_frames.npy"
-            extract._atomic_save(frames_path, np.stack([ex.results[j.index][1] if j.index in ex.results
+            extract.atomic_save(frames_path, np.stack([ex.results[j.index][1] if j.index in ex.results
                                                         else extract.nan_rows((T, E)) for j in jobs]))
             written.append(frames_path)
         note = f" (rows of the {failed} failed video(s) are NaN)" if failed else ""

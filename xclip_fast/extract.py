@@ -29,7 +29,7 @@ import torch
 
 from xclip_fast.video import VIDEO_EXTENSIONS, VideoError, VideoReader, check_regular_file, preprocess
 
-__all__ = ["Job", "discover", "parse_span", "ClipSource", "Extractor", "INDEX"]
+__all__ = ["Job", "discover", "parse_span", "ClipSource", "Extractor", "atomic_save", "merge_index", "INDEX"]
 
 INDEX = "index.jsonl"
 DONE = ("ok", "truncated")  # statuses whose outputs are complete
@@ -165,7 +165,7 @@ class ClipSource(torch.utils.data.IterableDataset):
         return torch.stack([preprocess(f, self.size) for f in rgb])
 
 
-def _atomic_save(path: str, array: np.ndarray, tag: str = "0") -> None:
+def atomic_save(path: str, array: np.ndarray, tag: str = "0") -> None:
     """``array`` to ``path`` through a temporary file renamed at the end: a kill never leaves a half
     ``.npy`` under the final name (only ``<path>.tmp-<tag>.npy``, removed by the next run)."""
     tmp = f"{path}.tmp-{tag}.npy"
@@ -351,11 +351,11 @@ class Extractor:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         stem = path[:-4]
         if self.window is not None:
-            _atomic_save(stem + ".times.npy", np.asarray(rec["windows"], dtype=np.float64).reshape(-1, 2),
+            atomic_save(stem + ".times.npy", np.asarray(rec["windows"], dtype=np.float64).reshape(-1, 2),
                          str(self.rank))
         if self.per_frame:
-            _atomic_save(stem + ".frames.npy", per_frame, str(self.rank))
-        _atomic_save(path, embeds, str(self.rank))  # last: it (with the index line) marks the video complete
+            atomic_save(stem + ".frames.npy", per_frame, str(self.rank))
+        atomic_save(path, embeds, str(self.rank))  # last: it (with the index line) marks the video complete
 
 
 def _free_cpu_memory() -> int | None:

@@ -74,7 +74,8 @@ def _refuse_double_backward(name: str):
     def backward(ctx, *grads):
         raise RuntimeError(
             f"xclip_fast: second-order gradients through {name} are not supported (its backward is not "
-            "differentiable). For gradient penalties or other double backward, use backend='torch'.")
+            "differentiable). For gradient penalties, run the model with backend='reference' under "
+            "torch.nn.attention.sdpa_kernel(SDPBackend.MATH).")
 
     return backward
 
@@ -126,6 +127,7 @@ def _attention_fwd(q: Tensor, k: Tensor, v: Tensor, extra_k: Optional[Tensor], e
 
 
 def _attention_fwd_fake(q, k, v, extra_k, extra_v, scale):
+    q = _last_dim_contiguous(q)  # as the real implementation: the output's layout follows this q
     return empty_out(q), _empty_lse(q)
 
 

@@ -389,7 +389,8 @@ def _split(s: float):
 
 
 def _strides(t: torch.Tensor, n: int):
-    assert t.stride(-1) == 1, "last dimension must be contiguous"
+    # the kernels address the last dimension with stride 1; a size-1 last dimension is never strided
+    assert t.stride(-1) == 1 or t.shape[-1] == 1, "last dimension must be contiguous"
     return tuple(t.stride(i) for i in range(n))
 
 

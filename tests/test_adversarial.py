@@ -283,3 +283,95 @@ def _tiny(**kw):
 def test_bad_input_table(entry, call, exc, message):
     with pytest.raises(exc, match=message):
         call()
+
+
+# ------------------------------------------------------------------------------------------------
+# the registered operators check their own inputs (real and fake implementations)
+# ------------------------------------------------------------------------------------------------
+def _q(B=2, S=3, H=2, D=8, dtype=torch.float32):
+    return torch.randn(B, S, H, D).to(dtype)
+
+
+def _lse(B=2, H=2, S=3, dtype=torch.float32):
+    return torch.randn(B, H, S, dtype=dtype)
+
+
+OPS = torch.ops.xclip_fast if ops._lib is not None else None
+RAW_BAD_INPUTS = [
+    # (name, call on device tensors, message shared with the Python API (or None), python API call)
+    ("k-batch", lambda t: OPS.attention_fwd(t(_q()), t(_q(B=1)), t(_q(B=1)), None, None, 0.5),
+     r"k must be \(B=2, Sk, H=2, D=8\), got \(1, 3, 2, 8\)", lambda t: xclip_fast.attention(t(_q()), t(_q(B=1)),
+                                                                                             t(_q(B=1)))),
+    ("k-heads", lambda t: OPS.attention_fwd(t(_q()), t(_q(H=1)), t(_q(H=1)), None, None, 0.5),
+     r"k must be \(B=2, Sk, H=2, D=8\), got \(2, 3, 1, 8\)", None),
+    ("k-head-dim", lambda t: OPS.attention_fwd(t(_q()), t(_q(D=4)), t(_q(D=4)), None, None, 0.5),
+     r"k must be \(B=2, Sk, H=2, D=8\), got \(2, 3, 2, 4\)", None),
+    ("v-shorter", lambda t: OPS.attention_fwd(t(_q()), t(_q(S=5)), t(_q(S=4)), None, None, 0.5),
+     "k and v shapes differ", lambda t: xclip_fast.attention(t(_q()), t(_q(S=5)), t(_q(S=4)))),
+    ("extra-shape", lambda t: OPS.attention_fwd(t(_q()), t(_q()), t(_q()), t(_t(2, 2, 4)), t(_t(2, 2, 4)), 0.5),
+     r"extra_k must be \(B=2, H=2, D=8\), got \(2, 2, 4\)", None),
+    ("half-extra", lambda t: OPS.attention_fwd(t(_q()), t(_q()), t(_q()), t(_t(2, 2, 8)), None, 0.5),
+     "extra_k and extra_v must be given together", None),
+    ("integers", lambda t: OPS.attention_fwd(*(t(torch.ones(2, 3, 2, 8, dtype=torch.int32)),) * 3, None, None, 0.5),
+     "dtype must be one of", None),
+    ("mixed-dtypes", lambda t: OPS.attention_fwd(t(_q()), t(_q(dtype=torch.float64)), t(_q()), None, None, 0.5),
+     "dtypes differ", lambda t: xclip_fast.attention(t(_q()), t(_q(dtype=torch.float64)), t(_q()))),
+    ("empty-keys", lambda t: OPS.attention_fwd(t(_q()), t(_q(S=0)), t(_q(S=0)), None, None, 0.5),
+     "every dimension must be >= 1", lambda t: xclip_fast.attention(t(_q()), t(_q(S=0)), t(_q(S=0)))),
+    ("head-dim-over-128", lambda t: OPS.attention_fwd(*(t(_q(D=136)),) * 3, None, None, 0.5),
+     "head dim D=136 exceeds the triton kernels' maximum 128", None),
+    ("nan-scale", lambda t: OPS.attention_fwd(*(t(_q()),) * 3, None, None, math.nan),
+     "scale must be a finite real number", lambda t: xclip_fast.attention(*(t(_q()),) * 3, scale=math.nan)),
+    ("bwd-lse-dtype", lambda t: OPS.attention_bwd(*(t(_q()),) * 3, None, None, t(_q()), t(_lse(dtype=torch.float64)),
+                                                  t(_q()), 0.5),
+     "lse must be torch.float32 for torch.float32 inputs", None),
+    ("bwd-lse-shape", lambda t: OPS.attention_bwd(*(t(_q()),) * 3, None, None, t(_q()), t(_lse(S=2)), t(_q()), 0.5),
+     r"lse must be \(B=2, H=2, Sq=3\), got \(2, 2, 2\)", None),
+    ("bwd-grad-shape", lambda t: OPS.attention_bwd(*(t(_q()),) * 3, None, None, t(_q()), t(_lse()), t(_q(S=2)), 0.5),
+     r"grad must have the queries' shape \(2, 3, 2, 8\)", None),
+    ("packed-qkv", lambda t: OPS.packed_attention_fwd(t(_t(2, 3, 2, 2, 8)), None, 0.5),
+     r"qkv must be \(B, S, 3, H, D\), got \(2, 3, 2, 2, 8\)", lambda t: packed_attention(t(_t(2, 3, 2, 2, 8)))),
+    ("packed-extra", lambda t: OPS.packed_attention_fwd(t(_t(2, 3, 3, 2, 8)), t(_t(2, 2, 1, 8)), 0.5),
+     r"extra_kv must be \(B=2, 2, H=2, D=8\), got \(2, 2, 1, 8\)", None),
+    ("packed-bwd-out", lambda t: OPS.packed_attention_bwd(t(_t(2, 3, 3, 2, 8)), None, t(_q(S=4)), t(_lse()), t(_q()),
+                                                          0.5), r"out must have the queries' shape \(2, 3, 2, 8\)",
+     None),
+    ("quick-gelu-integers", lambda t: OPS.quick_gelu(t(torch.ones(4, dtype=torch.int64))), "dtype must be one of",
+     None),
+    ("quick-gelu-bwd-shape", lambda t: OPS.quick_gelu_backward(t(_t(4, 3)), t(_t(3, 4))),
+     r"grad must have the shape of x \(4, 3\)", None),
+]
+
+
+@needs_triton
+@pytest.mark.parametrize("where", ["real", "fake"])
+@pytest.mark.parametrize("name, call, message, api", RAW_BAD_INPUTS, ids=[c[0] for c in RAW_BAD_INPUTS])
+def test_raw_operators_validate_their_inputs(name, call, message, api, where, device):
+    """On a GPU these calls read out of bounds or return garbage; each is refused before any launch,
+    by the real implementation and by the fake one (meta tensors: what torch.compile traces)."""
+    move = (lambda x: x.to(device)) if where == "real" else (lambda x: x.to("meta"))
+    with pytest.raises(ValueError, match=message) as info:
+        call(move)
+    assert str(info.value).startswith("xclip_fast::")
+    if api is not None and where == "real":  # the Python API says the same
+        with pytest.raises(ValueError, match=message):
+            api(move)
+
+
+@needs_triton
+def test_head_dim_one_with_any_strides(device):
+    """A size-1 last dimension whose stride is not 1 counts as contiguous in PyTorch (and was
+    passed on as such to an assertion); any strides are documented as accepted."""
+    base = torch.randn(200, dtype=torch.float64, device=device)
+    # contiguous but for the stride of the size-1 last dim: .contiguous() keeps such a tensor as it is
+    q = torch.as_strided(base, (2, 5, 2, 1), (10, 2, 1, 7))
+    k = torch.as_strided(base, (2, 5, 2, 1), (10, 2, 1, 5), 100)
+    v = torch.as_strided(base, (2, 5, 2, 1), (1, 20, 10, 9), 60)
+    out, lse = torch.ops.xclip_fast.attention_fwd(q, k, v, None, None, 1.0)
+    assert_rel("output", out, attention_f64(q, k, v, scale=1.0), 1e-12)
+    grad = torch.as_strided(torch.randn(100, dtype=torch.float64, device=device), (2, 5, 2, 1), (10, 2, 1, 3))
+    dq, dk, dv, _, _ = torch.ops.xclip_fast.attention_bwd(q, k, v, None, None, out, lse, grad, 1.0)
+    ref = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    attention_f64(*ref, scale=1.0).backward(grad)
+    for n, g, r in zip("qkv", (dq, dk, dv), ref):
+        assert_rel(f"grad {n}", g, r.grad, 1e-12)

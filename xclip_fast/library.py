@@ -17,10 +17,23 @@ strides with a contiguous last dimension. ``out`` keeps the memory order of ``q`
 seq-first out); ``lse: (B, H, Sq)`` is fp32 (fp64 for fp64 inputs). Without the extra token the
 backward's ``dextra_*`` are empty ``(0,)`` tensors (an operator cannot return None).
 
-The forward operators carry their autograd formulas (``register_autograd``), so ``torch.compile``
-and ``torch.func`` see one differentiable operator each. The backward operators refuse to be
+The forward operators carry their autograd formulas (``register_autograd``), so autograd and
+``torch.compile`` see one differentiable operator each. The backward operators refuse to be
 differentiated: second-order gradients through these kernels are not supported, and a gradient
 penalty must fail loudly rather than drop its term.
+
+Checks. Every operator validates its inputs itself, in the real and in the fake implementation,
+before anything is allocated or launched: shapes (batch, heads and head dim of k/v, the extra
+token, the saved ``out``/``lse`` and the incoming gradient of the backward), one supported
+floating dtype, one device, a finite scale, head dim <= 128, and (real implementation) the device
+the kernels run on; the messages are those of the Python API (:mod:`xclip_fast.checks`).
+
+``torch.func`` and forward-mode AD. PyTorch runs a custom operator under forward-mode AD without any
+formula (the tangents would silently be zero), so every real implementation refuses to run while a
+dual level is open (``torch.autograd.forward_ad``, ``torch.func.jvp``/``jacfwd``/``hessian``). Under
+``torch.func.grad``/``vjp``/``jacrev`` PyTorch raises by itself (it builds the operator's autograd
+without ``setup_context``); ``vmap`` runs (PyTorch loops over the batch). The Python API
+(:mod:`xclip_fast.ops`) and the modules route all such calls to the torch backend.
 
 Registration. On a GPU the operators are ``torch.library.triton_op``: the body is traceable (its
 launches go through ``wrap_triton``) and is its own fake implementation, so Inductor sees and
@@ -44,10 +57,20 @@ import os
 from typing import Optional
 
 import torch
+import torch.autograd.forward_ad as _fwAD
 from torch import Tensor
 
+from xclip_fast.checks import (
+    attention_problems,
+    backward_problems,
+    elementwise_problems,
+    packed_problems,
+    raise_problems,
+    scale_problems,
+)
 from xclip_fast.kernels import acc_dtype
 from xclip_fast.kernels import attention as _kernels
+from xclip_fast.kernels.attention import MAX_HEAD_DIM
 from xclip_fast.kernels.attention import attention_bwd as _attention_bwd_launch
 from xclip_fast.kernels.attention import attention_fwd as _attention_fwd_launch
 from xclip_fast.kernels.quick_gelu import quick_gelu_bwd as _quick_gelu_bwd_launch
@@ -81,6 +104,62 @@ def _refuse_double_backward(name: str):
 
 
 # ------------------------------------------------------------------------------------------------
+# checks: every operator validates its inputs itself (the real and the fake implementation), with
+# the messages of the Python API, before anything is allocated or launched
+# ------------------------------------------------------------------------------------------------
+def _check_kernel_device(name: str, t: Tensor) -> None:
+    """The real implementations run where the kernels run: CUDA tensors, or CPU tensors under the
+    interpreter (a kernel given memory of another device would read out of bounds)."""
+    want = "cpu" if INTERPRETING else "cuda"
+    if t.device.type != want:
+        where = ("CPU tensors (Triton's interpreter, TRITON_INTERPRET=1)" if INTERPRETING else "CUDA tensors")
+        raise ValueError(f"xclip_fast::{name}: the kernels run on {where}; got {t.device.type} tensors")
+
+
+def _refuse_forward_ad(name: str) -> None:
+    """Forward-mode AD would silently drop the tangents of a custom operator (PyTorch runs it
+    without any formula): refuse it whenever a dual level is open, including inside
+    ``torch.func.jvp``/``jacfwd``, where the operator cannot see the tangents."""
+    if _fwAD._current_level >= 0:
+        raise RuntimeError(
+            f"xclip_fast::{name}: forward-mode AD (torch.func.jvp, jacfwd, hessian, torch.autograd.forward_ad) "
+            "is not supported by the Triton kernels. Call xclip_fast.attention / packed_attention / the modules with "
+            "backend='auto' or 'torch', which run such calls with plain PyTorch operations.")
+
+
+def _check_attention(name: str, q, k, v, extra_k, extra_v, scale) -> None:
+    problems = attention_problems(q, k, v, extra_k, extra_v, max_head_dim=MAX_HEAD_DIM)
+    raise_problems(scale_problems(scale, problems), f"xclip_fast::{name}")
+
+
+def _check_packed(name: str, qkv, extra_kv, scale) -> None:
+    problems = packed_problems(qkv, extra_kv, max_head_dim=MAX_HEAD_DIM)
+    raise_problems(scale_problems(scale, problems), f"xclip_fast::{name}")
+
+
+def _check_backward(name: str, q_shape: tuple, like: Tensor, out, lse, grad) -> None:
+    """``q_shape``: the queries' shape; ``like``: an input with the queries' dtype and device (no
+    tensor is made here: the checks also run while a graph is traced)."""
+    raise_problems(backward_problems(q_shape, like.dtype, like.device, out, lse, grad, acc_dtype(like.dtype)),
+                   f"xclip_fast::{name}")
+
+
+def _packed_q_shape(qkv: Tensor) -> tuple:
+    B, S, _, H, D = qkv.shape
+    return (B, S, H, D)
+
+
+def _check_elementwise(name: str, **named) -> None:
+    raise_problems(elementwise_problems(named), f"xclip_fast::{name}")
+
+
+def _enter(name: str, first: Tensor) -> None:
+    """What every real implementation checks on entry beyond the shapes: device and forward AD."""
+    _refuse_forward_ad(name)
+    _check_kernel_device(name, first)
+
+
+# ------------------------------------------------------------------------------------------------
 # allocation: shared by the real and the fake implementations, so their layouts cannot differ
 # ------------------------------------------------------------------------------------------------
 def empty_out(like: Tensor) -> Tensor:
@@ -108,7 +187,11 @@ def _no_extra(q: Tensor) -> Tensor:
 
 
 def _last_dim_contiguous(t: Optional[Tensor]) -> Optional[Tensor]:
-    return t if t is None or t.stride(-1) == 1 else t.contiguous()
+    """``t`` when its last dimension is contiguous (or of size 1, whose stride is never used), else a
+    contiguous copy. ``Tensor.contiguous`` alone is not enough: it keeps a size-1 dimension's stride."""
+    if t is None or t.stride(-1) == 1 or t.shape[-1] == 1:
+        return t
+    return t.contiguous()
 
 
 def _tf32() -> bool:
@@ -120,6 +203,8 @@ def _tf32() -> bool:
 # ------------------------------------------------------------------------------------------------
 def _attention_fwd(q: Tensor, k: Tensor, v: Tensor, extra_k: Optional[Tensor], extra_v: Optional[Tensor],
                    scale: float) -> tuple[Tensor, Tensor]:
+    _check_attention("attention_fwd", q, k, v, extra_k, extra_v, scale)
+    _enter("attention_fwd", q)
     q, k, v, extra_k, extra_v = (_last_dim_contiguous(t) for t in (q, k, v, extra_k, extra_v))
     out, lse = empty_out(q), _empty_lse(q)
     _attention_fwd_launch(q, k, v, extra_k, extra_v, out, lse, scale, _tf32())
@@ -127,6 +212,7 @@ def _attention_fwd(q: Tensor, k: Tensor, v: Tensor, extra_k: Optional[Tensor], e
 
 
 def _attention_fwd_fake(q, k, v, extra_k, extra_v, scale):
+    _check_attention("attention_fwd", q, k, v, extra_k, extra_v, scale)
     q = _last_dim_contiguous(q)  # as the real implementation: the output's layout follows this q
     return empty_out(q), _empty_lse(q)
 
@@ -134,7 +220,11 @@ def _attention_fwd_fake(q, k, v, extra_k, extra_v, scale):
 def _attention_bwd(q: Tensor, k: Tensor, v: Tensor, extra_k: Optional[Tensor], extra_v: Optional[Tensor],
                    out: Tensor, lse: Tensor, grad: Tensor, scale: float
                    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    _check_attention("attention_bwd", q, k, v, extra_k, extra_v, scale)
+    _check_backward("attention_bwd", tuple(q.shape), q, out, lse, grad)
+    _enter("attention_bwd", q)
     q, k, v, extra_k, extra_v, out, grad = (_last_dim_contiguous(t) for t in (q, k, v, extra_k, extra_v, out, grad))
+    lse = lse.contiguous()
     dq, dk, dv = _empty_grad(q), _empty_grad(k), _empty_grad(v)
     if extra_k is None:
         dek, dev = _no_extra(q), _no_extra(q)
@@ -146,6 +236,8 @@ def _attention_bwd(q: Tensor, k: Tensor, v: Tensor, extra_k: Optional[Tensor], e
 
 
 def _attention_bwd_fake(q, k, v, extra_k, extra_v, out, lse, grad, scale):
+    _check_attention("attention_bwd", q, k, v, extra_k, extra_v, scale)
+    _check_backward("attention_bwd", tuple(q.shape), q, out, lse, grad)
     q, k, v, extra_k, extra_v = (_last_dim_contiguous(t) for t in (q, k, v, extra_k, extra_v))
     if extra_k is None:
         return _empty_grad(q), _empty_grad(k), _empty_grad(v), _no_extra(q), _no_extra(q)
@@ -184,6 +276,8 @@ def _unbind_extra(extra_kv: Optional[Tensor]):
 
 
 def _packed_attention_fwd(qkv: Tensor, extra_kv: Optional[Tensor], scale: float) -> tuple[Tensor, Tensor]:
+    _check_packed("packed_attention_fwd", qkv, extra_kv, scale)
+    _enter("packed_attention_fwd", qkv)
     qkv, extra_kv = _last_dim_contiguous(qkv), _last_dim_contiguous(extra_kv)
     q, k, v = qkv.unbind(2)
     out, lse = empty_out(q), _empty_lse(q)
@@ -192,13 +286,18 @@ def _packed_attention_fwd(qkv: Tensor, extra_kv: Optional[Tensor], scale: float)
 
 
 def _packed_attention_fwd_fake(qkv, extra_kv, scale):
+    _check_packed("packed_attention_fwd", qkv, extra_kv, scale)
     q = _last_dim_contiguous(qkv).unbind(2)[0]
     return empty_out(q), _empty_lse(q)
 
 
 def _packed_attention_bwd(qkv: Tensor, extra_kv: Optional[Tensor], out: Tensor, lse: Tensor, grad: Tensor,
                           scale: float) -> tuple[Tensor, Tensor]:
+    _check_packed("packed_attention_bwd", qkv, extra_kv, scale)
+    _check_backward("packed_attention_bwd", _packed_q_shape(qkv), qkv, out, lse, grad)
+    _enter("packed_attention_bwd", qkv)
     qkv, extra_kv, out, grad = (_last_dim_contiguous(t) for t in (qkv, extra_kv, out, grad))
+    lse = lse.contiguous()
     dqkv = _empty_grad(qkv)
     dq, dk, dv = dqkv.unbind(2)
     if extra_kv is None:
@@ -212,6 +311,8 @@ def _packed_attention_bwd(qkv: Tensor, extra_kv: Optional[Tensor], out: Tensor, 
 
 
 def _packed_attention_bwd_fake(qkv, extra_kv, out, lse, grad, scale):
+    _check_packed("packed_attention_bwd", qkv, extra_kv, scale)
+    _check_backward("packed_attention_bwd", _packed_q_shape(qkv), qkv, out, lse, grad)
     qkv = _last_dim_contiguous(qkv)
     if extra_kv is None:
         return _empty_grad(qkv), _no_extra(qkv)
@@ -244,20 +345,26 @@ packed_attention_bwd.register_autograd(_refuse_double_backward("the triton atten
 # QuickGELU
 # ------------------------------------------------------------------------------------------------
 def _quick_gelu(x: Tensor) -> Tensor:
+    _check_elementwise("quick_gelu", x=x)
+    _enter("quick_gelu", x)
     x = x.contiguous()
     return _quick_gelu_fwd_launch(x, torch.empty(x.shape, dtype=x.dtype, device=x.device))
 
 
 def _quick_gelu_fake(x):
+    _check_elementwise("quick_gelu", x=x)
     return torch.empty(x.shape, dtype=x.dtype, device=x.device)
 
 
 def _quick_gelu_backward(x: Tensor, grad: Tensor) -> Tensor:
+    _check_elementwise("quick_gelu_backward", x=x, grad=grad)
+    _enter("quick_gelu_backward", x)
     x, grad = x.contiguous(), grad.contiguous()
     return _quick_gelu_bwd_launch(x, grad, torch.empty(x.shape, dtype=x.dtype, device=x.device))
 
 
 def _quick_gelu_backward_fake(x, grad):
+    _check_elementwise("quick_gelu_backward", x=x, grad=grad)
     return torch.empty(x.shape, dtype=x.dtype, device=x.device)
 
 

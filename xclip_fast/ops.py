@@ -19,9 +19,11 @@ fp64), and the ops run in that dtype, forward and backward; nothing saved for ba
 from __future__ import annotations
 
 import torch
+import torch.autograd.forward_ad as _fwAD
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
+from xclip_fast.checks import attention_problems, packed_problems, raise_problems, scale_problems
 from xclip_fast.dtypes import FLOAT_DTYPES
 
 __all__ = [
@@ -33,6 +35,8 @@ __all__ = [
     "triton_limits",
     "triton_status",
     "autocast_dtype",
+    "transforms_active",
+    "forward_ad_active",
     "ATTENTION_BACKENDS",
     "MODULE_BACKENDS",
 ]
@@ -48,8 +52,24 @@ except Exception as exc:  # pragma: no cover - depends on the platform
     _lib = _MAX_HEAD_DIM = None
     _import_error = f"{type(exc).__name__}: {exc}"
 
+
 def _interpreting() -> bool:
     return _lib is not None and _lib.INTERPRETING
+
+
+def forward_ad_active() -> bool:
+    """Whether forward-mode AD may be running: a ``torch.autograd.forward_ad.dual_level`` is open
+    (``torch.func.jvp``/``jacfwd``/``hessian`` open one too)."""
+    return _fwAD._current_level >= 0
+
+
+def transforms_active() -> bool:
+    """Whether a ``torch.func`` transform (``grad``, ``vjp``, ``jacrev``, ``jvp``, ``jacfwd``,
+    ``vmap``, ``hessian``) or forward-mode AD is running around this call. The registered
+    operators' autograd is not visible to ``torch.func`` (PyTorch builds it as an autograd.Function
+    without ``setup_context``) and has no forward-mode formula, so such calls run on the torch
+    backend, whose operations all support these transforms."""
+    return forward_ad_active() or torch._C._are_functorch_transforms_active()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -89,6 +109,9 @@ def triton_limits(device: torch.device, dtype: torch.dtype | None = None, head_d
         reasons.append("an attention mask is not supported by the triton kernels")
     if dropout:
         reasons.append("attention dropout is not supported by the triton kernels")
+    if transforms_active():
+        reasons.append("torch.func transforms (grad, jacrev, vmap, jvp, jacfwd, hessian) and forward-mode AD are "
+                       "not supported by the triton kernels; backend='torch' runs them")
     return reasons
 
 
@@ -98,7 +121,8 @@ def resolve_backend(backend: str, device: torch.device, *, dtype: torch.dtype | 
     """The backend that runs a call: the one place where ``"auto"`` is decided.
 
     ``"auto"`` gives ``"triton"`` for CUDA tensors when the kernels can run the call and ``"torch"``
-    otherwise (head dim over 128, a mask, attention dropout, no triton); an explicit ``"triton"``
+    otherwise (head dim over 128, a mask, attention dropout, a ``torch.func`` transform or
+    forward-mode AD, no triton); an explicit ``"triton"``
     that cannot run raises a ``ValueError`` listing every reason. ``dtype``/``head_dim`` omitted:
     not checked (the MLP has no head dim).
     """
@@ -137,30 +161,31 @@ def _cast(dtype: torch.dtype | None, *tensors):
 # attention
 # ------------------------------------------------------------------------------------------------
 def _sdpa(q, k, v, extra_k, extra_v, scale, attn_mask=None, dropout_p=0.0):
-    """SDPA on ``[B, S, H, D]`` tensors; the extra token is appended to the keys/values only."""
+    """SDPA on ``[B, S, H, D]`` tensors; the extra token is appended to the keys/values only.
+
+    Under forward-mode AD the attention is written out (``_math_attention``): PyTorch's fused SDPA
+    kernels (CPU flash, CUDA flash and efficient) have no forward-mode formula."""
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, S, D] views
     if extra_k is not None:
         k = torch.cat([k, extra_k.unsqueeze(2)], dim=2)
         v = torch.cat([v, extra_v.unsqueeze(2)], dim=2)
-    o = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, scale=scale)
+    if forward_ad_active():
+        o = _math_attention(q, k, v, scale, attn_mask, dropout_p)
+    else:
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, scale=scale)
     return o.transpose(1, 2)
 
 
-def _raise(problems: list, what: str) -> None:
-    if problems:
-        raise ValueError(f"{what}: " + "; ".join(problems))
-
-
-def _check_same(named: dict, problems: list) -> None:
-    dtypes = {name: t.dtype for name, t in named.items()}
-    if len(set(dtypes.values())) > 1:
-        problems.append(f"dtypes differ: {', '.join(f'{n}={d}' for n, d in dtypes.items())}")
-    first = next(iter(named.values()))
-    if first.dtype not in FLOAT_DTYPES:
-        problems.append(f"dtype must be one of {FLOAT_DTYPES}, got {first.dtype}")
-    devices = {name: t.device for name, t in named.items()}
-    if len(set(devices.values())) > 1:
-        problems.append(f"devices differ: {', '.join(f'{n}={d}' for n, d in devices.items())}")
+def _math_attention(q, k, v, scale, attn_mask=None, dropout_p=0.0):
+    """``softmax(scale q k^T + mask) v`` on ``[B, H, S, D]``, in plain differentiable operations
+    (what SDPA's math backend computes; every autograd mode and ``torch.func`` transform applies)."""
+    scores = torch.matmul(q, k.transpose(-2, -1)) * scale
+    if attn_mask is not None:
+        scores = scores + attn_mask
+    p = torch.softmax(scores, dim=-1)
+    if dropout_p > 0.0:
+        p = F.dropout(p, dropout_p)
+    return torch.matmul(p, v)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -184,46 +209,19 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     and fp64 (all inputs the same); fp32 runs exact fp32 dot products unless TF32 is enabled in
     PyTorch (``torch.set_float32_matmul_precision("high")``). Under ``torch.autocast`` the inputs
     are cast to the autocast dtype first. Sequences never see each other's values: a NaN in one
-    sequence leaves the others finite.
+    sequence leaves the others finite. ``torch.func`` transforms (``grad``, ``jacrev``, ``vmap``,
+    ``jvp``, ``jacfwd``) and forward-mode AD run on the torch backend (``"auto"`` picks it;
+    ``"triton"`` refuses them).
 
     Raises:
         ValueError: wrong ranks, mismatched shapes, dtypes or devices, only one of
-            ``extra_k``/``extra_v``, an unknown backend, or a call the chosen backend cannot run
-            (naming the values).
+            ``extra_k``/``extra_v``, a scale that is not finite, an unknown backend, or a call the
+            chosen backend cannot run (naming the values).
         TypeError: an argument that is not a tensor.
     """
-    problems = []
-    named = {"q": q, "k": k, "v": v}
-    if (extra_k is None) != (extra_v is None):
-        problems.append("extra_k and extra_v must be given together "
-                        f"(got extra_k={'a tensor' if extra_k is not None else None}, "
-                        f"extra_v={'a tensor' if extra_v is not None else None})")
-    elif extra_k is not None:
-        named.update(extra_k=extra_k, extra_v=extra_v)
-    for name, t in named.items():
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    for name in ("q", "k", "v"):
-        if named[name].dim() != 4:
-            problems.append(f"{name} must be 4-D (B, S, H, D), got shape {tuple(named[name].shape)}")
-    for name in ("extra_k", "extra_v"):
-        if name in named and named[name].dim() != 3:
-            problems.append(f"{name} must be 3-D (B, H, D), got shape {tuple(named[name].shape)}")
-    _raise(problems, "attention")
-
-    B, SQ, H, D = q.shape
-    if k.shape != v.shape:
-        problems.append(f"k and v shapes differ: {tuple(k.shape)} vs {tuple(v.shape)}")
-    if k.shape[0] != B or k.shape[2:] != (H, D):
-        problems.append(f"k must be (B={B}, Sk, H={H}, D={D}), got {tuple(k.shape)}")
-    for name in ("extra_k", "extra_v"):
-        if name in named and tuple(named[name].shape) != (B, H, D):
-            problems.append(f"{name} must be (B={B}, H={H}, D={D}), got {tuple(named[name].shape)}")
-    if min(q.shape) < 1 or min(k.shape) < 1:
-        problems.append(f"every dimension must be >= 1, got q {tuple(q.shape)}, k {tuple(k.shape)}")
-    _check_same(named, problems)
-    _raise(problems, "attention")
-
+    problems = attention_problems(q, k, v, extra_k, extra_v)
+    raise_problems(scale_problems(scale, problems), "attention")
+    D = q.shape[-1]
     cast = autocast_dtype(q.device)
     q, k, v, extra_k, extra_v = _cast(cast, q, k, v, extra_k, extra_v)
     backend = resolve_backend(backend, q.device, dtype=q.dtype, head_dim=D)
@@ -238,31 +236,19 @@ def packed_attention(qkv: torch.Tensor, extra_kv: torch.Tensor | None = None, *,
                      dropout_p: float = 0.0) -> torch.Tensor:
     """Self-attention over a packed in-projection output (the modules' entry point).
 
-    ``qkv: (B, S, 3, H, D)`` (any strides with a contiguous last dim; typically the seq-first GEMM
-    output ``(S, B, 3*d)`` viewed and transposed), ``extra_kv: (B, 2, H, D)`` one extra key/value
-    per sequence, or None. Returns ``(B, S, H, D)``; on the triton backend its memory follows
-    ``qkv`` (seq-first in, seq-first out) so the out-projection reads it without a copy, and the
-    gradient of ``qkv`` comes back as one buffer. ``attn_mask`` (additive, broadcastable to
-    ``(B, H, S, S[+1])``) and ``dropout_p`` are honoured by the torch backend; ``"auto"`` picks it
-    for them, ``"triton"`` refuses them.
+    ``qkv: (B, S, 3, H, D)`` (any strides; typically the seq-first GEMM output ``(S, B, 3*d)``
+    viewed and transposed), ``extra_kv: (B, 2, H, D)`` one extra key/value per sequence, or None.
+    Returns ``(B, S, H, D)``; on the triton backend its memory follows ``qkv`` (seq-first in,
+    seq-first out) so the out-projection reads it without a copy, and the gradient of ``qkv``
+    comes back as one buffer. ``attn_mask`` (additive, broadcastable to ``(B, H, S, S[+1])``) and
+    ``dropout_p`` are honoured by the torch backend; ``"auto"`` picks it for them, ``"triton"``
+    refuses them. Checks, dtypes, autocast and ``torch.func`` as in :func:`attention`.
     """
-    problems = []
-    if not isinstance(qkv, torch.Tensor) or qkv.dim() != 5 or qkv.shape[2] != 3:
-        shape = tuple(qkv.shape) if isinstance(qkv, torch.Tensor) else type(qkv).__name__
-        raise ValueError(f"packed_attention: qkv must be (B, S, 3, H, D), got {shape}")
-    B, S, _, H, D = qkv.shape
-    named = {"qkv": qkv}
-    if extra_kv is not None:
-        if not isinstance(extra_kv, torch.Tensor) or tuple(extra_kv.shape) != (B, 2, H, D):
-            shape = tuple(extra_kv.shape) if isinstance(extra_kv, torch.Tensor) else type(extra_kv).__name__
-            problems.append(f"extra_kv must be (B={B}, 2, H={H}, D={D}), got {shape}")
-        else:
-            named["extra_kv"] = extra_kv
-    if min(qkv.shape) < 1:
-        problems.append(f"every dimension must be >= 1, got qkv {tuple(qkv.shape)}")
-    _check_same(named, problems)
-    _raise(problems, "packed_attention")
-
+    if not isinstance(qkv, torch.Tensor):
+        raise TypeError(f"qkv must be a torch.Tensor, got {type(qkv).__name__}")
+    problems = packed_problems(qkv, extra_kv)
+    raise_problems(scale_problems(scale, problems), "packed_attention")
+    D = qkv.shape[-1]
     qkv, extra_kv = _cast(autocast_dtype(qkv.device), qkv, extra_kv)
     backend = resolve_backend(backend, qkv.device, dtype=qkv.dtype, head_dim=D, attn_mask=attn_mask is not None,
                               dropout=dropout_p > 0.0)
@@ -350,8 +336,15 @@ def quick_gelu_mlp(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w
     In training only ``x`` and the pre-activation are saved for backward (not the sigmoid and the
     activation); in inference the activation is computed in place where the backend allows. Under
     ``torch.autocast`` every tensor is cast to the autocast dtype (as ``linear`` would be) and the
-    whole MLP, forward and backward, runs in it. Second-order gradients raise.
+    whole MLP, forward and backward, runs in it. Second-order gradients raise. Under a
+    ``torch.func`` transform or forward-mode AD the MLP runs as plain operations (``linear``,
+    ``sigmoid``, ``linear``), which every transform supports.
     """
+    if transforms_active():
+        if backend == "triton":
+            resolve_backend(backend, x.device)  # raises, naming the reason
+        h = F.linear(x, w1, b1)
+        return F.linear(h * torch.sigmoid(_QG * h), w2, b2)
     cast = autocast_dtype(x.device)
     backend = resolve_backend(backend, x.device, dtype=cast or x.dtype)
     if cast is not None:

@@ -156,7 +156,9 @@ def test_torch_save_of_a_patched_model(tmp_path, device):
         assert_rel("reloaded", loaded.get_video_features(pixel_values=video).pooler_output,
                    model.get_video_features(pixel_values=video).pooler_output, 0.0)
     xclip_fast.unpatch_xclip(loaded)
-    assert type(loaded).__name__ == "XCLIPModel"
+    from transformers import XCLIPModel
+
+    assert type(loaded) is XCLIPModel  # (the patched class is named XCLIPModel too, for save_pretrained)
 
 
 def test_output_hidden_states_of_the_patched_model(device):

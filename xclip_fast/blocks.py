@@ -10,6 +10,8 @@ the original computation (``reference.py``).
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 
@@ -17,9 +19,10 @@ from xclip_fast import reference
 from xclip_fast.functional import FusedMLP, Parts, frame_path, message_path, no_drop, residual_path
 from xclip_fast.ops import MODULE_BACKENDS, autocast_dtype, resolve_backend
 from xclip_fast.reference import DropPath, QuickGELU, cross_frame_block_forward
+from xclip_fast.submodules import hook_reason, linear_reason, mha_reason, stock_reason
 
 __all__ = ["CrossFrameAttentionBlock", "CrossFramelAttentionBlock", "ResidualAttentionBlock", "BackendMixin",
-           "check_backend", "official_mlp", "is_int"]
+           "check_backend", "official_mlp", "is_int", "warn_original"]
 
 
 def check_backend(backend: str) -> str:
@@ -40,12 +43,33 @@ def _check_heads(d_model: int, n_head: int) -> None:
 
 
 def official_mlp(mlp: nn.Module):
-    """The official ``Sequential(c_fc, gelu, c_proj)`` with QuickGELU as a :class:`FusedMLP`; any other
-    module (a swapped activation, a user's own MLP) is returned as it is and simply called."""
-    if isinstance(mlp, nn.Sequential) and [n for n, _ in mlp.named_children()] == ["c_fc", "gelu", "c_proj"]:
-        if type(mlp.gelu) is QuickGELU and type(mlp.c_fc) is nn.Linear and type(mlp.c_proj) is nn.Linear:
+    """The official ``Sequential(c_fc, gelu, c_proj)`` with QuickGELU as a :class:`FusedMLP` when all
+    of it is plain (see :mod:`xclip_fast.submodules`); any other module (a swapped activation, a
+    user's own MLP, a LoRA-wrapped, pruned or hooked layer) is returned as it is and called."""
+    if type(mlp) is nn.Sequential and [n for n, _ in mlp.named_children()] == ["c_fc", "gelu", "c_proj"]:
+        plain = (hook_reason(mlp) is None and stock_reason(mlp.gelu, QuickGELU) is None
+                 and linear_reason(mlp.c_fc) is None and linear_reason(mlp.c_proj) is None)
+        if plain:
             return FusedMLP(mlp.c_fc, mlp.c_proj)
     return mlp
+
+
+def drop_path_reason(drop_path: nn.Module) -> str | None:
+    """None when the fast path may apply the drop path itself (the official ``DropPath``, drawing the
+    official random numbers, or ``nn.Identity``, both without hooks); else why not."""
+    if isinstance(drop_path, DropPath):
+        return stock_reason(drop_path, DropPath)
+    return stock_reason(drop_path, nn.Identity)
+
+
+def warn_original(what: str, reason: str) -> None:
+    """Say once per reason that a module runs its original computation (calling its sub-modules)
+    because the fast path could not honour ``reason``. Not while ``torch.compile`` traces."""
+    if torch.compiler.is_compiling():
+        return
+    warnings.warn(f"xclip_fast: {what} runs the original computation, calling its sub-modules, because {reason} "
+                  "(the fast path reads the parameters of plain modules only; see the README's 'Errors and "
+                  "limits')", stacklevel=3)
 
 
 def _drop_rows(drop_path: nn.Module, y: torch.Tensor, rows: int, dim: int) -> torch.Tensor:
@@ -160,11 +184,30 @@ class CrossFrameAttentionBlock(BackendMixin, reference.CrossFramelAttentionBlock
         if problems:
             raise ValueError("CrossFrameAttentionBlock: " + "; ".join(problems))
 
+    def original_reason(self) -> str | None:
+        """Why this block must run the original computation (a wrapped or hooked attention module or
+        drop path, see :mod:`xclip_fast.submodules`), or None when the fast path computes exactly
+        what its sub-modules would."""
+        for name in ("message_attn", "attn"):
+            reason = mha_reason(getattr(self, name))
+            if reason:
+                return f"{name} {reason}"
+        reason = drop_path_reason(self.drop_path)
+        return f"drop_path {reason}" if reason else None
+
+    def _runs_original(self) -> bool:
+        if self._backend == "reference":
+            return True
+        reason = self.original_reason()
+        if reason:
+            warn_original("CrossFrameAttentionBlock", reason)
+        return reason is not None
+
     def forward(self, x: torch.Tensor, T: int | None = None) -> torch.Tensor:
         """``x: (l, b*T, d) -> (l, b*T, d)``; ``T`` defaults to the constructor's."""
         T = self.T if T is None else T
         self.check_input(x, T)
-        if self._backend == "reference":
+        if self._runs_original():
             return cross_frame_block_forward(self, x, T)
         self._check_backend_can_run(x)
         msg = self.message_tokens(x, T)
@@ -189,10 +232,14 @@ class CrossFrameAttentionBlock(BackendMixin, reference.CrossFramelAttentionBlock
 
     def message_tokens(self, x: torch.Tensor, T: int) -> torch.Tensor:
         """The message tokens ``(b*T, d)`` of ``x: (l, b*T, d)`` (needs the class tokens only)."""
+        if self._runs_original():
+            return reference.message_tokens(self, x[0], T)
         return message_path(x[0], T, self.parts, self._backend, self._drops())
 
     def update_frames(self, x: torch.Tensor, msg: torch.Tensor) -> torch.Tensor:
         """Intra-frame attention and MLP of frames ``x: (l, n, d)`` given their message tokens ``(n, d)``."""
+        if self._runs_original():
+            return reference.update_frames(self, x, msg)
         mask = _sdpa_mask(self.attn_mask, x.dtype, x.shape[1], self.attn.num_heads, x.shape[0], x.shape[0] + 1)
         return frame_path(x, msg, self.parts, self._backend, attn_mask=mask, drop=self._drops())
 
@@ -220,6 +267,10 @@ class ResidualAttentionBlock(BackendMixin, reference.ResidualAttentionBlock):
             shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             raise ValueError(f"ResidualAttentionBlock: x must be (S, B, d={d}) with S, B >= 1, got {shape}")
         if self._backend == "reference":
+            return super().forward(x)
+        reason = mha_reason(self.attn)
+        if reason:
+            warn_original("ResidualAttentionBlock", f"attn {reason}")
             return super().forward(x)
         self._check_backend_can_run(x)
         S, B, _ = x.shape

@@ -16,6 +16,7 @@ from torch.utils.checkpoint import checkpoint
 
 from xclip_fast import reference
 from xclip_fast.blocks import BackendMixin, CrossFrameAttentionBlock, ResidualAttentionBlock, check_backend, is_int
+from xclip_fast.submodules import hook_reason
 from xclip_fast.video import MEAN, STD
 
 __all__ = [
@@ -105,6 +106,8 @@ class CrossFrameCommunicationTransformer(BackendMixin, reference.CrossFrameCommu
         ``progress`` (optional) is called once per block.
         """
         check_chunk_frames(chunk_frames)
+        refuse_hooks({"visual.transformer": self.transformer, "visual.transformer.resblocks": self.blocks},
+                     "the blocks are run one by one (each called as a module)")
         if chunk_frames is None:
             for block in self.blocks:
                 if self.use_checkpoint and self.training and torch.is_grad_enabled():
@@ -122,6 +125,11 @@ class CrossFrameCommunicationTransformer(BackendMixin, reference.CrossFrameCommu
             block.check_input(x, T)
             if block.backend == "reference":
                 raise ValueError("chunk_frames needs the 'torch' or 'triton' backend, not 'reference'")
+            if hook_reason(block):  # a hooked block is called whole, so that its hooks see what they expect
+                x = block(x, T)
+                if progress is not None:
+                    progress()
+                continue
             msg = block.message_tokens(x, T)
             for start in range(0, N, chunk_frames):
                 stop = min(start + chunk_frames, N)
@@ -180,6 +188,15 @@ def interpolate_frames(pos: torch.Tensor, frames: int) -> torch.Tensor:
     if pos.shape[1] == 1:
         return pos.expand(1, frames, pos.shape[2])
     return F.interpolate(pos.transpose(1, 2), size=frames, mode="linear", align_corners=True).transpose(1, 2)
+
+
+def refuse_hooks(containers: dict, why: str) -> None:
+    """A ``ValueError`` when a container module that is never called has hooks (they would not run)."""
+    for name, m in containers.items():
+        reason = hook_reason(m)
+        if reason:
+            raise ValueError(f"{name} {reason}, which would not run: {why}, not {name} as a whole. Register them on "
+                             "the blocks (encoder.visual.blocks[i]), encoder.mit or the encoder itself")
 
 
 def check_chunk_frames(chunk_frames) -> None:
@@ -358,6 +375,7 @@ class XCLIPVideoEncoder(BackendMixin, nn.Module):
         """
         video = self._check_video(video)
         check_chunk_frames(chunk_frames)
+        refuse_hooks({"visual": self.visual}, "the encoder runs the CCT's embedding, blocks and head itself")
         b, T = video.shape[:2]
         frames = video.flatten(0, 1)
         if chunk_frames is None:
@@ -397,6 +415,7 @@ class XCLIPVideoEncoder(BackendMixin, nn.Module):
         if not is_int(num_frames) or num_frames < 1:
             raise ValueError(f"num_frames must be an int >= 1, got {num_frames!r}")
         check_chunk_frames(chunk_frames)
+        refuse_hooks({"visual": self.visual}, "the encoder runs the CCT's embedding, blocks and head itself")
         step = chunk_frames or 1
         visual = self.visual
         w = visual.conv1.weight

@@ -24,9 +24,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from xclip_fast.ops import packed_attention, quick_gelu_mlp
+from xclip_fast.submodules import linear_reason
 
-__all__ = ["Parts", "FusedMLP", "in_projection", "run_mlp", "message_path", "frame_path", "residual_path",
-           "no_drop"]
+__all__ = ["Parts", "FusedMLP", "in_projection", "project_qkv", "project_kv", "run_mlp", "message_path",
+           "frame_path", "residual_path", "no_drop"]
 
 
 class FusedMLP(NamedTuple):
@@ -64,15 +65,40 @@ def no_drop(branch: str, y: torch.Tensor) -> torch.Tensor:
     return y
 
 
-def in_projection(attn: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-    """The packed ``(3d, d)`` in-projection weight and ``(3d,)`` bias of an attention module.
+def in_projection(attn: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """The packed ``(3d, d)`` in-projection weight and ``(3d,)`` bias (or None) of an attention
+    module, or None when its projections must be called as modules.
 
-    Separate q/k/v projections are concatenated on the fly (autograd reaches the originals)."""
+    ``nn.MultiheadAttention`` holds them packed (the modules check it is plain before the fast path
+    runs). Separate Hugging Face ``q_proj/k_proj/v_proj`` are concatenated on the fly (autograd
+    reaches the originals) when all three are plain ``nn.Linear`` with biases alike; a wrapped or
+    hooked projection (PEFT LoRA, ``prune``, a forward hook, see :mod:`xclip_fast.submodules`)
+    gives None: :func:`project_qkv` then calls each one."""
     if getattr(attn, "in_proj_weight", None) is not None:
         return attn.in_proj_weight, attn.in_proj_bias
-    w = torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight])
-    b = torch.cat([attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias])
+    projections = (attn.q_proj, attn.k_proj, attn.v_proj)
+    if any(linear_reason(p) for p in projections) or len({p.bias is None for p in projections}) > 1:
+        return None
+    w = torch.cat([p.weight for p in projections])
+    b = None if attn.q_proj.bias is None else torch.cat([p.bias for p in projections])
     return w, b
+
+
+def project_qkv(attn: nn.Module, packed, h: torch.Tensor) -> torch.Tensor:
+    """``[q; k; v]`` of ``h`` along the last dim: one GEMM with ``packed = in_projection(attn)``, or
+    the three projection modules called (``packed`` None) and concatenated in the same layout."""
+    if packed is not None:
+        return F.linear(h, *packed)
+    return torch.cat([attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)], dim=-1)
+
+
+def project_kv(attn: nn.Module, packed, h: torch.Tensor) -> torch.Tensor:
+    """``[k; v]`` of ``h`` only (the message token needs no query); see :func:`project_qkv`."""
+    if packed is not None:
+        w, b = packed
+        d = w.shape[1]
+        return F.linear(h, w[d:], b[d:] if b is not None else None)
+    return torch.cat([attn.k_proj(h), attn.v_proj(h)], dim=-1)
 
 
 def run_mlp(mlp: MLP, x: torch.Tensor, backend: str) -> torch.Tensor:
@@ -104,9 +130,8 @@ def message_path(cls: torch.Tensor, T: int, parts: Parts, backend: str, drop=no_
     b = N // T
     msg = parts.message_fc(cls).view(b, T, d)
     attn = parts.message_attn
-    w, bias = in_projection(attn)
     H, Dh = _heads(attn, d)
-    qkv = F.linear(parts.message_ln(msg), w, bias)
+    qkv = project_qkv(attn, in_projection(attn), parts.message_ln(msg))
     a = packed_attention(qkv.view(b, T, 3, H, Dh), backend=backend, dropout_p=_dropout(attn))
     a = attn.out_proj(a.reshape(b, T, d))
     return (msg + drop("message", a)).view(N, d)
@@ -119,13 +144,13 @@ def _self_attention(x: torch.Tensor, parts: Parts, backend: str, batch_first: bo
     S, B, d = (x.shape[1], x.shape[0], x.shape[2]) if batch_first else x.shape
     attn = parts.attn
     H, Dh = _heads(attn, d)
-    w, bias = in_projection(attn)
-    qkv = F.linear(parts.ln_1(x), w, bias)
+    packed = in_projection(attn)
+    qkv = project_qkv(attn, packed, parts.ln_1(x))
     qkv = qkv.view(B, S, 3, H, Dh) if batch_first else qkv.view(S, B, 3, H, Dh).transpose(0, 1)
     extra = None
     if msg is not None:
         # the original concatenates msg to x (promoting it to x's dtype under autocast) before ln_1
-        extra = F.linear(parts.ln_1(msg.to(x.dtype)), w[d:], bias[d:]).view(B, 2, H, Dh)  # its k, v only
+        extra = project_kv(attn, packed, parts.ln_1(msg.to(x.dtype))).view(B, 2, H, Dh)  # its k, v only
     o = packed_attention(qkv, extra, backend=backend, attn_mask=attn_mask, dropout_p=_dropout(attn))
     o = o.reshape(B, S, d) if batch_first else o.transpose(0, 1).reshape(S, B, d)
     return attn.out_proj(o)

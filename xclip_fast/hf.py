@@ -21,9 +21,10 @@ import functools
 import torch
 from torch import nn
 
-from xclip_fast.blocks import check_backend, is_int
+from xclip_fast.blocks import check_backend, is_int, warn_original
 from xclip_fast.encoder import interpolate_frames
 from xclip_fast.functional import FusedMLP, Parts, frame_path, message_path, residual_path
+from xclip_fast.submodules import hook_reason, linear_reason, stock_reason
 
 __all__ = ["patch_xclip", "unpatch_xclip", "is_patched", "set_backend"]
 
@@ -32,12 +33,81 @@ _CLASSES = ("FastXCLIPVisionEncoderLayer", "FastXCLIPEncoderLayer", "FastXCLIPMu
 
 
 def _hf_mlp(mlp: nn.Module):
-    """Hugging Face's ``XCLIPMLP`` with QuickGELU as a :class:`FusedMLP` (any hidden width); any
-    other activation or module is called as it is."""
+    """Hugging Face's ``XCLIPMLP`` with QuickGELU as a :class:`FusedMLP` (any hidden width) when all of
+    it is plain (see :mod:`xclip_fast.submodules`); any other activation or module, or a wrapped
+    (PEFT LoRA), pruned or hooked one, is called as it is."""
+    from transformers.activations import QuickGELUActivation
+    from transformers.models.x_clip import modeling_x_clip as hfx
+
     act = getattr(mlp, "activation_fn", None)
-    if type(mlp).__name__ == "XCLIPMLP" and type(act).__name__ == "QuickGELUActivation":
+    if stock_reason(mlp, hfx.XCLIPMLP) is None and type(act) is QuickGELUActivation and hook_reason(act) is None \
+            and linear_reason(mlp.fc1) is None and linear_reason(mlp.fc2) is None:
         return FusedMLP(mlp.fc1, mlp.fc2)
     return mlp
+
+
+# attention implementations that compute softmax attention as eager does (a function registered by
+# a user under another name may compute anything: layers using one run their original forward)
+_STANDARD_ATTENTION = ("eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention")
+
+
+def _attention_reason(attn: nn.Module) -> str | None:
+    """None when the fast path may replace this ``XCLIPAttention`` (plain: the stock class, no hooks
+    other than transformers' idle output capture, a standard attention implementation)."""
+    from transformers.models.x_clip import modeling_x_clip as hfx
+
+    reason = stock_reason(attn, hfx.XCLIPAttention)
+    if reason:
+        return reason
+    impl = getattr(attn.config, "_attn_implementation", None) or "eager"
+    if impl not in _STANDARD_ATTENTION:
+        return f"uses the attention implementation {impl!r}"
+    return None
+
+
+def _collecting_attentions(kwargs: dict) -> bool:
+    """Whether the running model call asked for attention weights (``output_attentions=True``, as
+    an argument or in the config): transformers collects them with hooks on the attention modules,
+    which only the original computation feeds."""
+    if kwargs.get("output_attentions"):
+        return True
+    try:
+        from transformers.utils.output_capturing import _active_collector
+    except ImportError:  # pragma: no cover - other transformers versions pass output_attentions
+        return False
+    if torch.compiler.is_compiling():  # torch.compile cannot trace ContextVar.get: transformers then keeps
+        collected = _active_collector.global_var if getattr(_active_collector, "compiling", False) else None
+    else:  # the collector in a plain variable (CompileableContextVar)
+        collected = _active_collector.get()
+    return bool(collected) and "attentions" in collected
+
+
+def _runs_original(layer: nn.Module, kwargs: dict, attention_names: tuple) -> bool:
+    """Whether ``layer`` runs its original computation this call: attention weights are asked for
+    (no warning: the fast path resumes for the other calls), or one of its attention modules is
+    not plain (said once, with the reason)."""
+    if _collecting_attentions(kwargs):
+        return True
+    for name in attention_names:
+        reason = _attention_reason(getattr(layer, name))
+        if reason:
+            warn_original(f"a patched {type(layer).__bases__[0].__name__}", f"{name} {reason}")
+            return True
+    return False
+
+
+def _original_vision_layer(layer: nn.Module, hidden_states: torch.Tensor, attention_mask, T: int, kwargs: dict):
+    """``XCLIPVisionEncoderLayer.forward`` as transformers writes it (every sub-module called), with
+    the frame count T given instead of read from the config."""
+    N, l, d = hidden_states.shape
+    msg_token = layer.message_fc(hidden_states[:, 0, :]).view(N // T, T, d)
+    msg_token = msg_token + layer.drop_path(layer.message_attn(layer.message_ln(msg_token), **kwargs)[0])
+    hidden_states = torch.cat([hidden_states, msg_token.view(-1, 1, d)], dim=1)
+    residual = hidden_states
+    hidden_states, _ = layer.self_attn(hidden_states=layer.layer_norm1(hidden_states), attention_mask=attention_mask,
+                                       **kwargs)
+    hidden_states = (residual + hidden_states)[:, :l, :]
+    return hidden_states + layer.mlp(layer.layer_norm2(hidden_states))
 
 
 def _check_backend_for_hf(backend: str) -> str:
@@ -69,6 +139,8 @@ def _classes() -> dict:
             N, l, d = hidden_states.shape
             if not is_int(T) or T < 1 or N % T != 0:
                 raise ValueError(f"{N} frames are not a whole number of videos of num_frames={T!r} frames")
+            if _runs_original(self, kwargs, ("message_attn", "self_attn")):
+                return _original_vision_layer(self, hidden_states, attention_mask, T, kwargs)
             parts = Parts(self.message_fc, self.message_ln, self.message_attn, self.layer_norm1, self.self_attn,
                           self.layer_norm2, _hf_mlp(self.mlp))
             msg = message_path(hidden_states[:, 0], T, parts, self.xclip_fast_backend, self._drop)
@@ -84,6 +156,8 @@ def _classes() -> dict:
                     **kwargs) -> torch.Tensor:
             if attention_mask is not None:
                 raise ValueError("patched X-CLIP MIT layers take no attention_mask (the MIT passes none)")
+            if _runs_original(self, kwargs, ("self_attn",)):
+                return super().forward(hidden_states, attention_mask, **kwargs)
             parts = Parts(None, None, None, self.layer_norm1, self.self_attn, self.layer_norm2, _hf_mlp(self.mlp))
             return residual_path(hidden_states, parts, self.xclip_fast_backend, batch_first=True)
 
@@ -94,9 +168,9 @@ def _classes() -> dict:
         def forward(self, hidden_states: torch.Tensor, **kwargs):
             residual = hidden_states
             hidden_states = hidden_states + interpolate_frames(self.position_embedding, hidden_states.shape[1])
-            for layer in self.encoder.layers:
-                hidden_states = layer(hidden_states, None)
-            last = hidden_states.type(residual.dtype) + residual
+            kwargs.pop("num_frames", None)  # the MIT's layers see T in their input
+            last = self.encoder(inputs_embeds=hidden_states, **kwargs)[0]  # as transformers calls it
+            last = last.type(hidden_states.dtype) + residual
             return BaseModelOutputWithPooling(last_hidden_state=last, pooler_output=last.mean(dim=1, keepdim=False))
 
     class PatchedXCLIPModel(hfx.XCLIPModel):
@@ -121,6 +195,9 @@ def _classes() -> dict:
                 PatchedXCLIPModel):
         cls.__module__, cls.__qualname__ = __name__, cls.__name__  # picklable as xclip_fast.hf.<name>
         built[cls.__name__] = cls
+    # save_pretrained writes the class name into config.json ("architectures"): the original's, so that
+    # the folder loads anywhere; pickling uses __qualname__, which stays PatchedXCLIPModel
+    PatchedXCLIPModel.__name__ = "XCLIPModel"
     return built
 
 
@@ -129,6 +206,12 @@ def __getattr__(name: str):
     if name in _CLASSES:
         return _classes()[name]
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The transformers model inside a PEFT ``PeftModel`` (``get_peft_model``), else ``model``."""
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) and type(model).__module__.startswith("peft.") else model
 
 
 def _swap(module: nn.Module, cls: type, backend: str | None) -> None:
@@ -141,6 +224,7 @@ def is_patched(model: nn.Module) -> bool:
     """Whether ``model`` (an ``XCLIPModel`` or ``XCLIPVisionModel``) is patched by :func:`patch_xclip`."""
     from transformers.models.x_clip import modeling_x_clip as hfx
 
+    model = _unwrap(model)
     vision = model.vision_model if isinstance(model, hfx.XCLIPModel) else model
     layers = getattr(getattr(vision, "encoder", None), "layers", [])
     return any(isinstance(layer, _classes()["FastXCLIPVisionEncoderLayer"]) for layer in layers)
@@ -158,11 +242,15 @@ def patch_xclip(model: nn.Module, backend: str = "auto") -> nn.Module:
     frames ``(b*T, C, H, W)`` and takes ``num_frames=T`` (default ``config.num_frames``). Any MLP
     width, activation (QuickGELU is fused, others run as they are) and LayerNorm epsilon. Attention
     dropout in training runs on the torch backend (``backend="auto"``; ``"triton"`` refuses it).
-    ``output_hidden_states`` works; ``output_attentions`` is not produced by the patched layers.
+    ``output_hidden_states`` works; ``output_attentions`` too: the layers run their original
+    computation for the calls that ask for attention weights. A PEFT model (``get_peft_model``) is
+    patched in place too (its base model); LoRA adapters and hooks on the sub-modules apply (see
+    :mod:`xclip_fast.submodules` and the README's "Errors and limits").
     """
     import transformers
     from transformers.models.x_clip import modeling_x_clip as hfx
 
+    outer, model = model, _unwrap(model)
     if int(transformers.__version__.split(".")[0]) < 5:
         raise ValueError(f"patch_xclip needs transformers >= 5, found {transformers.__version__}")
     _check_backend_for_hf(backend)
@@ -179,13 +267,14 @@ def patch_xclip(model: nn.Module, backend: str = "auto") -> nn.Module:
             _swap(layer, fast["FastXCLIPEncoderLayer"], backend)
         _swap(model.mit, fast["FastXCLIPMultiframeIntegrationTransformer"], None)
         _swap(model, fast["PatchedXCLIPModel"], None)
-    return model
+    return outer
 
 
 def unpatch_xclip(model: nn.Module) -> nn.Module:
     """Undo :func:`patch_xclip`: every patched module gets its original class back."""
     from transformers.models.x_clip import modeling_x_clip as hfx
 
+    outer, model = model, _unwrap(model)
     if not isinstance(model, (hfx.XCLIPModel, hfx.XCLIPVisionModel)) or not is_patched(model):
         raise ValueError("this model is not patched")
     vision = model.vision_model if isinstance(model, hfx.XCLIPModel) else model
@@ -197,7 +286,7 @@ def unpatch_xclip(model: nn.Module) -> nn.Module:
     for layer in layers:
         layer.__class__ = layer.__class__.__bases__[0]
         del layer.xclip_fast_backend
-    return model
+    return outer
 
 
 def set_backend(model: nn.Module, backend: str) -> None:

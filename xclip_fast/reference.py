@@ -24,6 +24,8 @@ __all__ = [
     "CrossFramelAttentionBlock",
     "ResidualAttentionBlock",
     "cross_frame_block_forward",
+    "message_tokens",
+    "update_frames",
     "CrossFrameCommunicationTransformer",
     "MultiframeIntegrationTransformer",
     "init_mit_weights",
@@ -127,23 +129,34 @@ def cross_frame_block_forward(block: nn.Module, x: torch.Tensor, T: int, attenti
     ``block`` is any module with the official attribute names (the reference block or the fast one).
     ``attention(mha, y, attn_mask)`` computes the self-attention of one ``nn.MultiheadAttention``
     on a seq-first ``y`` (default: the module itself); benchmarks pass another attention kernel
-    here to time the original dataflow around it.
+    here to time the original dataflow around it. The two halves are :func:`message_tokens` and
+    :func:`update_frames` (the official forward is exactly the one after the other).
     """
-    attention = attention or _mha_self
-    l, bt, d = x.size()
-    b = bt // T
-    x = x.view(l, b, T, d)
+    msg = message_tokens(block, x[0], T, attention)
+    return update_frames(block, x, msg, attention)
 
-    # cross-frame fusion attention over the T message tokens of each video
-    msg_token = block.message_fc(x[0, :, :, :])
+
+def message_tokens(block: nn.Module, cls: torch.Tensor, T: int, attention=None) -> torch.Tensor:
+    """The first half of the official forward: the message tokens ``(b*T, d)`` (video-major) of the
+    class tokens ``cls: (b*T, d)``, computed as the official code computes them (``message_fc``,
+    cross-frame attention over the T tokens of each video, drop path, residual)."""
+    attention = attention or _mha_self
+    bt, d = cls.shape
+    b = bt // T
+    msg_token = block.message_fc(cls.view(b, T, d))
     msg_token = msg_token.view(b, T, 1, d)
     msg_token = msg_token.permute(1, 2, 0, 3).view(T, b, d)
     msg_token = msg_token + block.drop_path(attention(block.message_attn, block.message_ln(msg_token), None))
-    msg_token = msg_token.view(T, 1, b, d).permute(1, 2, 0, 3)
+    return msg_token.view(T, 1, b, d).permute(1, 2, 0, 3).reshape(bt, d)
 
-    # intra-frame diffusion attention over [frame tokens; message token]
-    x = torch.cat([x, msg_token], dim=0)
-    x = x.view(l + 1, -1, d)
+
+def update_frames(block: nn.Module, x: torch.Tensor, msg: torch.Tensor, attention=None) -> torch.Tensor:
+    """The second half of the official forward: frames ``x: (l, n, d)`` with their message tokens
+    ``msg: (n, d)`` appended, intra-frame attention over ``l + 1`` tokens, the message token dropped,
+    then the MLP (frames are independent here: any subset of frames can be updated alone)."""
+    attention = attention or _mha_self
+    l = x.shape[0]
+    x = torch.cat([x, msg[None]], dim=0)  # promotes as the official cat does (autocast: msg may be fp16)
     x = x + block.drop_path(attention(block.attn, block.ln_1(x), block.attn_mask))
     x = x[:l, :, :]
     x = x + block.drop_path(block.mlp(block.ln_2(x)))

@@ -1,0 +1,80 @@
+"""When may the fast path read a sub-module's parameters instead of calling it?
+
+The fast dataflow (:mod:`xclip_fast.functional`) calls most sub-modules as modules (LayerNorms,
+``message_fc``, ``out_proj`` of Hugging Face attention, a non-fused MLP), so whatever wraps or hooks
+them applies. A few it does not call: it reads the packed in-projection of an attention module and
+the two linear layers of CLIP's MLP, and replaces the attention module and the drop path by its
+own computation. Reading parameters is exact only for a *plain* module: the stock class (or a
+subclass that keeps its ``forward``, as ``torch.nn.utils.parametrize`` makes, whose parameters
+read through the parametrization) with no forward, pre-forward or backward hooks. Anything else
+(a PEFT LoRA wrapper, ``prune`` or the old ``weight_norm``, which recompute the weight in a
+pre-forward hook, a user's hook, a subclass with its own forward, an ``nn.MultiheadAttention``
+with ``add_bias_kv``...) is called as a module instead: the projections and the MLP one by one,
+an attention module or drop path by running the original computation of the block.
+
+Each function returns None for a plain module, else the reason in words (for warnings). Global
+hooks (``torch.nn.modules.module.register_module_forward_hook``) are not looked at: they observe
+the modules that are called; the fast path calls fewer modules than the original.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+__all__ = ["hook_reason", "linear_reason", "mha_reason", "stock_reason", "transformers_capture_hook"]
+
+_HOOK_DICTS = (("_forward_pre_hooks", "forward pre-hooks"), ("_forward_hooks", "forward hooks"),
+               ("_backward_pre_hooks", "backward pre-hooks"), ("_backward_hooks", "backward hooks"))
+
+
+def transformers_capture_hook(fn) -> bool:
+    """A hook that transformers installs to collect ``output_attentions``/``output_hidden_states``:
+    it does nothing unless such outputs are being collected (the patched layers check that)."""
+    return getattr(fn, "__name__", "") == "output_capturing_hook" and \
+        getattr(fn, "__module__", "").startswith("transformers.")
+
+
+def hook_reason(m: nn.Module) -> str | None:
+    """The kinds of hooks registered on ``m`` (transformers' idle output-capture hooks excepted)."""
+    kinds = []
+    for attr, what in _HOOK_DICTS:
+        hooks = getattr(m, attr, None) or {}
+        if any(not transformers_capture_hook(h) for h in hooks.values()):
+            kinds.append(what)
+    return f"has {' and '.join(kinds)}" if kinds else None
+
+
+def stock_reason(m: nn.Module, cls: type) -> str | None:
+    """None when ``m`` runs ``cls.forward`` (``cls`` itself, or a subclass that keeps its forward,
+    e.g. a parametrized module) and has no hooks; else why not."""
+    if not isinstance(m, cls):
+        return f"is a {type(m).__name__}, not a {cls.__name__}"
+    if type(m).forward is not cls.forward:
+        return f"is a {type(m).__name__} with its own forward"
+    return hook_reason(m)
+
+
+def linear_reason(m: nn.Module) -> str | None:
+    """None for a plain ``nn.Linear`` (its ``weight``/``bias`` give exactly what calling it gives)."""
+    return stock_reason(m, nn.Linear)
+
+
+def mha_reason(m: nn.Module) -> str | None:
+    """None for an ``nn.MultiheadAttention`` whose packed in-projection and ``out_proj`` the fast path
+    may use in its place: plain, one packed ``in_proj_weight``, no ``bias_k``/``bias_v``, no
+    ``add_zero_attn``, seq-first (what the original blocks call it with), and a plain ``out_proj``
+    (the module reads ``out_proj.weight`` itself, never calling it, so hooks there would not apply
+    in the original either)."""
+    reason = stock_reason(m, nn.MultiheadAttention)
+    if reason:
+        return reason
+    if not m._qkv_same_embed_dim or m.in_proj_weight is None:
+        return "has separate q/k/v projection weights (kdim/vdim)"
+    if m.bias_k is not None or m.bias_v is not None:
+        return "has add_bias_kv"
+    if m.add_zero_attn:
+        return "has add_zero_attn"
+    if m.batch_first:
+        return "is batch_first"
+    out = linear_reason(m.out_proj)
+    return f"has an out_proj that {out}" if out else None

@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from xclip_fast.cli import main
 
@@ -41,6 +42,32 @@ def test_check_passes_and_prints_errors(capsys):
     assert "torch    ok  : output" in out and "grad x" in out
 
 
-def test_check_rejects_unknown_backend():
-    with pytest.raises(ValueError, match="backend must be one of"):
-        main(["check", "--backends", "nope", "--tokens", "3", "--frames", "2", "--width", "64"])
+CUDA_MISSING = [] if torch.cuda.is_available() else [
+    (["check", "--device", "cuda"], "argument --device: device 'cuda': CUDA is not available"),
+    (["bench", "--device", "cuda"], "argument --device: device 'cuda': CUDA is not available"),
+]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["check", "--backends", "nope"], "argument --backends: expected a comma list of torch,triton, got 'nope'"),
+    (["check", "--device", "meta"], "argument --device: device 'meta' is not supported"),
+    (["check", "--device", "bogus"], "argument --device: unknown device 'bogus'"),
+    (["bench", "--frames", "0"], "argument --frames: every frame count must be >= 1, got 0"),
+    (["bench", "--frames", "abc"], "argument --frames: expected a comma list of ints >= 1, got 'abc'"),
+    (["bench", "--frames", "4,-2"], "argument --frames: every frame count must be >= 1, got -2"),
+    (["bench", "--batch", "0"], "argument --batch: must be >= 1, got 0"),
+    *CUDA_MISSING,
+])
+def test_options_are_refused_before_any_work(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_bench_out_must_be_a_folder(tmp_path, capsys):
+    out = tmp_path / "results.csv"
+    out.write_text("a file")
+    assert main(["bench", "--out", str(out), "--level", "attention", "--quick"]) == 2
+    assert "exists and is not a folder" in capsys.readouterr().err
+    assert out.read_text() == "a file"

@@ -69,8 +69,11 @@ def test_folders_and_lists_in_a_stable_order(dataset, tmp_path):
     assert [os.path.relpath(j.path, dataset) for j in jobs] == ["a/one.mp4", "a/three.mkv", "b/two.avi"]
     assert [j.name for j in jobs] == ["a/one.npy", "a/three.npy", "b/two.npy"]
     listing = tmp_path / "videos.txt"
-    listing.write_text(f"# a comment\n{dataset / 'b' / 'two.avi'}\n\n{dataset / 'a' / 'one.mp4'}\n")
-    assert [os.path.basename(j.path) for j in extract.discover([], str(listing))] == ["two.avi", "one.mp4"]
+    listing.write_text(f"{dataset / 'b' / 'two.avi'}\n\n  {dataset / 'a' / 'one.mp4'}  \n#take1.mp4\n")
+    jobs = extract.discover([], str(listing))
+    # every non-blank line is a video (no comment syntax: '#take1.mp4' is a file name, here a missing one)
+    assert [os.path.basename(j.path) for j in jobs] == ["two.avi", "one.mp4", "#take1.mp4"]
+    assert "no such file" in jobs[2].error and not jobs[0].error
 
 
 def test_out_dir_per_video_embeddings_equal_the_encoder(dataset, tmp_path):
@@ -156,22 +159,26 @@ def test_truncated_video_is_encoded_with_a_warning(tmp_path, capsys):
 
 
 def test_resume_after_a_killed_run(dataset, tmp_path):
-    """A kill leaves completed videos (their file and their line in the per-rank index) and perhaps a
-    temporary file; the rerun encodes only the rest, removes the leftovers and merges one index."""
+    """A kill leaves completed videos (their file and their line in the per-rank log) and perhaps a
+    temporary file; the rerun encodes only the rest, removes its own leftovers (and nothing else)
+    and merges one index."""
     _, weights = _weights(tmp_path)
     out = tmp_path / "out"
     done = dataset / "a" / "one.mp4"
     assert _encode(done, "--weights", weights, "--trust-weights", "--out-dir", out, "--workers", 0) == 0
-    os.rename(out / "index.jsonl", out / "index.rank0.jsonl")  # killed before the index was merged
+    state = out / extract.STATE
+    os.rename(out / "index.jsonl", state / "index.rank0.jsonl")  # killed before the index was merged
+    (state / "tmp" / f"rank0-{'ab' * 16}.npy").write_bytes(b"half a file")
     (out / "b").mkdir()
-    (out / "b" / "two.npy.tmp-0.npy").write_bytes(b"half a file")
+    (out / "b" / "notes.tmp-v2.txt").write_text("the user's")  # not ours: must survive
     before = os.stat(out / "one.npy").st_mtime_ns
     assert _encode(dataset, "--weights", weights, "--trust-weights", "--out-dir", out, "--workers", 2) == 0
     index = _index(out)
     assert set(index) == {"one.mp4", "three.mkv", "two.avi"} and all(r["status"] == "ok" for r in index.values())
     assert os.stat(out / "one.npy").st_mtime_ns == before, "the video done before the kill was encoded again"
     assert (out / "b" / "two.npy").exists() and (out / "a" / "three.npy").exists()
-    leftovers = [f for _, _, files in os.walk(out) for f in files if ".tmp-" in f or f.startswith("index.rank")]
+    assert (out / "b" / "notes.tmp-v2.txt").read_text() == "the user's"
+    leftovers = [f for _, _, files in os.walk(state) for f in files]
     assert not leftovers, leftovers
 
 
@@ -234,3 +241,235 @@ def test_long_windows_are_chunked_when_memory_is_short(tmp_path, monkeypatch):
     frames = torch.randn(1, 40, 3, 32, 32)
     with torch.no_grad():  # the chunked forward gives the unchunked embedding
         assert_rel("chunked", enc(frames, chunk_frames=ex._chunk(40) or 40), enc(frames), 1e-5)
+
+
+# ------------------------------------------------------------------------------------------------
+# reruns never reuse a stale or cut result, never delete what they did not write, never collide
+# ------------------------------------------------------------------------------------------------
+def _other_weights(tmp_path):
+    torch.manual_seed(1)
+    enc = XCLIPVideoEncoder(input_resolution=32, patch_size=16, width=128, layers=1, heads=2, embed_dim=64,
+                            num_frames=4, mit_heads=1, backend="torch").eval()
+    path = tmp_path / "other.pth"
+    torch.save({"model": enc.state_dict()}, path)
+    return enc, str(path)
+
+
+def _expected(enc, video, frames, dtype=torch.float32):
+    with VideoReader(str(video)) as reader:
+        _, rgb = reader.sample(frames)
+    with torch.no_grad():
+        return enc.to(dtype)(torch.stack([preprocess(f, 32) for f in rgb])[None].to(dtype))[0].float()
+
+
+@pytest.mark.parametrize("change", ["frames", "weights", "dtype", "per-frame"])
+def test_rerun_with_other_settings_encodes_again(change, dataset, tmp_path, capsys):
+    enc, weights = _weights(tmp_path)
+    video = dataset / "a" / "one.mp4"
+    out = tmp_path / "out"
+    assert _encode(video, "--weights", weights, "--trust-weights", "--frames", 4, "--out-dir", out, "--workers", 0) == 0
+    capsys.readouterr()
+    argv = ["--weights", weights, "--trust-weights", "--frames", 4]
+    if change == "frames":
+        argv[-1], want = 2, _expected(enc, video, 2)
+    elif change == "weights":
+        other, argv[1] = _other_weights(tmp_path)
+        want = _expected(other, video, 4)
+    elif change == "dtype":
+        argv += ["--dtype", "float64"]
+        want = _expected(enc, video, 4, torch.float64)
+    else:
+        argv += ["--per-frame"]
+        want = _expected(enc, video, 4)
+    assert _encode(video, *argv, "--out-dir", out, "--workers", 0) == 0
+    captured = capsys.readouterr()
+    assert "already done" in captured.out and "0 already done" in captured.out
+    assert "encoded again: made with other settings" in captured.err
+    assert_rel(f"after changing {change}", torch.from_numpy(np.load(out / "one.npy"))[None], want[None], 1e-5)
+    rec = _index(out)["one.mp4"]
+    if change == "per-frame":
+        assert rec["frames_output"] == "one.frames.npy" and np.load(out / "one.frames.npy").shape == (4, 64)
+    # and a third run with the same settings reuses it
+    assert _encode(video, *argv, "--out-dir", out, "--workers", 0) == 0
+    assert "1 already done" in capsys.readouterr().out
+
+
+def test_rerun_with_other_windows_encodes_again(dataset, tmp_path, capsys):
+    _, weights = _weights(tmp_path)
+    video = dataset / "a" / "one.mp4"
+    out = tmp_path / "out"
+    for stride, windows in ((4, 10), (8, 5)):
+        assert _encode(video, "--weights", weights, "--trust-weights", "--window", 8, "--stride", stride,
+                       "--out-dir", out, "--workers", 0) == 0
+        assert np.load(out / "one.npy").shape == (windows, 64) and np.load(out / "one.times.npy").shape == (windows, 2)
+        assert len(_index(out)["one.mp4"]["windows"]) == windows
+    assert "stride '4' -> '8'" in capsys.readouterr().err
+
+
+def test_cut_or_missing_outputs_are_encoded_again(dataset, tmp_path, capsys):
+    _, weights = _weights(tmp_path)
+    out = tmp_path / "out"
+    argv = [dataset / "a" / "one.mp4", dataset / "b" / "two.avi", "--weights", weights, "--trust-weights",
+            "--out-dir", out, "--workers", 0]
+    assert _encode(*argv) == 0
+    good = np.load(out / "one.npy")
+    data = (out / "one.npy").read_bytes()
+    (out / "one.npy").write_bytes(data[: len(data) - 10])  # cut, still marked ok in the index
+    os.remove(out / "b" / "two.npy") if (out / "b").exists() else os.remove(out / "two.npy")
+    capsys.readouterr()
+    assert _encode(*argv) == 0
+    captured = capsys.readouterr()
+    assert "0 already done" in captured.out and "missing or incomplete" in captured.err
+    assert np.array_equal(np.load(out / "one.npy"), good) and (out / "two.npy").exists()
+
+
+def test_only_its_own_temporary_files_are_removed(tmp_path):
+    _, weights = _weights(tmp_path)
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    write_video(videos / "clip.tmp-0.mp4", n=20)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.tmp-v2.txt").write_text("keep me")
+    (out / extract.STATE).mkdir()
+    (out / extract.STATE / "tmp").mkdir()
+    (out / extract.STATE / "tmp" / "rank0-mine.npy").write_text("not named as the run names its files")
+    for _ in range(2):
+        assert _encode(videos, "--weights", weights, "--trust-weights", "--out-dir", out, "--workers", 0) == 0
+        assert (out / "clip.tmp-0.npy").exists(), "the output of clip.tmp-0.mp4 was deleted"
+    assert (out / "notes.tmp-v2.txt").read_text() == "keep me"
+    assert (out / extract.STATE / "tmp" / "rank0-mine.npy").exists()
+
+
+def test_every_output_file_is_unique_per_video_and_kind(tmp_path):
+    enc, weights = _weights(tmp_path)
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    for i, name in enumerate(["x.mp4", "x.frames.mp4", "x.times.mp4", "X.mkv"]):
+        write_video(videos / name, n=20 + 5 * i, rate=10)
+    out = tmp_path / "out"
+    assert _encode(videos, "--weights", weights, "--trust-weights", "--window", 8, "--per-frame", "--out-dir", out,
+                   "--workers", 0) == 0
+    index = _index(out)
+    files = [rec[k] for rec in index.values() for k in ("output", "frames_output", "times_output")]
+    assert len(set(f.casefold() for f in files)) == len(files) == 12, files
+    for name, rec in index.items():  # each file holds its own video's result
+        n = 20 + 5 * ["x.mp4", "x.frames.mp4", "x.times.mp4", "X.mkv"].index(name)
+        windows = (n - 8) // 8 + 1  # the stride defaults to the window
+        assert np.load(out / rec["output"]).shape == (windows, 64), name
+        assert np.load(out / rec["frames_output"]).shape == (windows, 8, 64), name
+        assert np.load(out / rec["times_output"]).shape == (windows, 2), name
+
+
+def test_out_naming_a_folder_is_refused_before_work(dataset, tmp_path, capsys):
+    video = dataset / "b" / "two.avi"
+    (tmp_path / "emb.npy").mkdir()
+    assert _encode(video, "--out", tmp_path / "emb.npy") == 2
+    assert "is a folder" in capsys.readouterr().err
+    (tmp_path / "e_frames.npy").mkdir()
+    assert _encode(video, "--out", tmp_path / "e.npy", "--per-frame") == 2
+    assert "e_frames.npy is a folder" in capsys.readouterr().err
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "index.jsonl").mkdir()
+    assert _encode(video, "--out-dir", tmp_path / "d") == 2
+    assert "index.jsonl exists and is not a file" in capsys.readouterr().err
+    (tmp_path / "f").write_text("a file")
+    assert _encode(video, "--out-dir", tmp_path / "f") == 2
+    assert "exists and is not a folder" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--window", "8", "--fps", "-2"], "argument --fps: must be a finite number > 0"),
+    (["--window", "8", "--fps", "inf"], "argument --fps: must be a finite number > 0"),
+    (["--window", "8", "--fps", "nan"], "argument --fps: must be a finite number > 0"),
+    (["--window", "8", "--fps", "0"], "argument --fps: must be a finite number > 0"),
+    (["--window", "inf"], "argument --window: expected a number of frames (16) or seconds (4s)"),
+    (["--window", "infs"], "argument --window: must be a finite number > 0"),
+    (["--window", "8", "--stride", "0"], "argument --stride: must be a finite number > 0"),
+    (["--timeout", "0"], "argument --timeout: must be a finite number > 0"),
+    (["--timeout", "nan"], "argument --timeout: must be a finite number > 0"),
+    (["--device", "meta"], "argument --device: device 'meta' is not supported"),
+    (["--device", "bogus"], "argument --device: unknown device 'bogus'"),
+])
+def test_encode_options_are_validated_before_work(argv, message, dataset, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        _encode(dataset / "b" / "two.avi", "--out-dir", tmp_path / "o", *argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_fps_without_window_is_an_error(dataset, tmp_path, capsys):
+    assert _encode(dataset / "b" / "two.avi", "--fps", 4, "--out-dir", tmp_path / "o") == 2
+    assert "--fps sets the frame rate of --window" in capsys.readouterr().err
+
+
+def _write_vfr(path, n=40):
+    """A variable-frame-rate video: 10 frames 33 ms apart, 10 frames 100 ms apart, and so on."""
+    from fractions import Fraction
+
+    container = av.open(str(path), "w")
+    stream = container.add_stream("mpeg4", rate=30)
+    stream.width, stream.height, stream.pix_fmt = 48, 40, "yuv420p"
+    stream.codec_context.time_base = Fraction(1, 1000)
+    stream.codec_context.gop_size = 5
+    t = 0
+    for i in range(n):
+        img = np.zeros((40, 48, 3), np.uint8)
+        img[:, :, 0] = (6 * i) % 256
+        frame = av.VideoFrame.from_ndarray(img, format="rgb24")
+        frame.pts, frame.time_base = t, Fraction(1, 1000)
+        t += 33 if (i // 10) % 2 == 0 else 100
+        for packet in stream.encode(frame):
+            container.mux(packet)
+    for packet in stream.encode():
+        container.mux(packet)
+    container.close()
+    return str(path)
+
+
+def test_variable_frame_rate_videos_are_sampled_by_position(tmp_path):
+    path = _write_vfr(tmp_path / "phone.mp4", n=40)
+    with VideoReader(path) as full:
+        every = [f.to_ndarray(format="rgb24") for _, f in full._decode_from(None)]
+    assert len(every) == 40
+    with VideoReader(path) as reader:
+        indices, frames = reader.sample(8)
+        assert not reader.truncated
+    assert indices == [2, 7, 12, 17, 22, 27, 32, 37]
+    for i, frame in zip(indices, frames):
+        assert np.array_equal(frame, every[i]), f"frame {i}"
+    with VideoReader(path) as reader:  # seeking far ahead, by position
+        got = reader.frames([39, 33, 5], seek=True)
+    for i, frame in zip([39, 33, 5], got):
+        assert np.array_equal(frame, every[i]), f"frame {i}"
+    _, weights = _weights(tmp_path)
+    assert _encode(path, "--weights", weights, "--trust-weights", "--out", tmp_path / "e.npy", "--workers", 0) == 0
+
+
+def test_a_corrupt_index_is_read_around(dataset, tmp_path, capsys):
+    _, weights = _weights(tmp_path)
+    out = tmp_path / "out"
+    argv = [dataset / "a" / "one.mp4", "--weights", weights, "--trust-weights", "--out-dir", out, "--workers", 0]
+    assert _encode(*argv) == 0
+    with open(out / "index.jsonl", "ab") as f:
+        f.write(b'[1, 2]\n"a string"\n{"path": 3}\n\xff\xfe not utf-8\n{"cut by a kill": \n')
+    capsys.readouterr()
+    assert _encode(*argv) == 0
+    captured = capsys.readouterr()
+    assert "1 already done" in captured.out and "5 line(s)" in captured.err
+    lines = (out / "index.jsonl").read_text().splitlines()
+    assert len(lines) == 1 and json.loads(lines[0])["status"] == "ok"
+
+
+def test_symlinked_folders_are_followed_once(tmp_path):
+    root = tmp_path / "root"
+    (root / "real").mkdir(parents=True)
+    write_video(root / "real" / "a.mp4", n=10)
+    other = tmp_path / "elsewhere"
+    other.mkdir()
+    write_video(other / "b.mp4", n=10)
+    os.symlink(other, root / "linked")
+    os.symlink(root, root / "real" / "loop")  # a cycle: searched once
+    jobs = extract.discover([str(root)])
+    assert sorted(os.path.relpath(j.path, root) for j in jobs) == ["linked/b.mp4", "real/a.mp4"]

@@ -12,6 +12,7 @@ import sys
 
 import torch
 
+from xclip_fast.argtypes import device_arg, fast_backends, parse_device, positive_float, positive_int, span
 from xclip_fast.dtypes import BY_NAME as _DTYPES
 from xclip_fast.testing import TOLERANCES, rel_err
 
@@ -21,7 +22,7 @@ def _check(args) -> int:
     from xclip_fast.blocks import CrossFrameAttentionBlock
     from xclip_fast.ops import triton_limits
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = parse_device(args.device)
     dtype = _DTYPES[args.dtype]
     backends = args.backends.split(",") if args.backends else ["torch", "triton"]
     torch.manual_seed(args.seed)
@@ -95,29 +96,52 @@ def _check_outputs(args) -> str | None:
     """Every problem with the output options, found before any work (None when they are fine)."""
     import os
 
+    from xclip_fast.extract import check_out_dir
+
     if args.out is not None and args.out_dir is not None:
         return "give --out or --out-dir, not both"
     if args.window is not None and args.out_dir is None:
         return "--window writes one (windows, E) array per video: give --out-dir"
     if args.stride is not None and args.window is None:
         return "--stride needs --window"
+    if args.fps is not None and args.window is None:
+        return "--fps sets the frame rate of --window: give --window (one embedding per video samples T frames)"
     if args.out_dir is not None:
+        if os.path.lexists(args.out_dir) and not os.path.isdir(args.out_dir):
+            return f"--out-dir {args.out_dir}: exists and is not a folder"
         try:
             os.makedirs(args.out_dir, exist_ok=True)
         except OSError as exc:
             return f"--out-dir {args.out_dir}: cannot create it ({exc.strerror or exc})"
         if not os.access(args.out_dir, os.W_OK):
             return f"--out-dir {args.out_dir}: not writable"
-        return None
+        return check_out_dir(args.out_dir)
     out = args.out or "embeddings.npy"
     if not out.endswith(".npy"):
         return f"--out {out}: the file must end in .npy (it holds one numpy array)"
+    for path in [out] + ([out[:-4] + "_frames.npy"] if args.per_frame else []):
+        if os.path.isdir(path):
+            return f"--out {out}: {path} is a folder (the run writes a file there)"
+        if os.path.lexists(path) and not os.path.isfile(path):
+            return f"--out {out}: {path} exists and is not a regular file"
     folder = os.path.dirname(os.path.abspath(out))
     if not os.path.isdir(folder):
         return f"--out {out}: the folder {folder} does not exist"
     if not os.access(folder, os.W_OK):
         return f"--out {out}: the folder {folder} is not writable"
     return None
+
+
+def run_settings(args, encoder, dtype: torch.dtype, T: int) -> dict:
+    """What decides the results of ``encode``: a rerun into the same ``--out-dir`` reuses a video's
+    outputs only when these are the same (the weights by a digest of their values, so random weights
+    are never reused)."""
+    from xclip_fast import extract
+
+    cfg = encoder.config
+    return dict(frames=T, window=args.window, stride=args.stride, fps=args.fps, per_frame=bool(args.per_frame),
+                size=cfg["input_resolution"], dtype=str(dtype).removeprefix("torch."),
+                weights=extract.weights_digest(encoder))
 
 
 def _encode(args) -> int:
@@ -131,18 +155,18 @@ def _encode(args) -> int:
     world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
     if problem is None and world > 1 and args.out_dir is None:
         problem = "under torchrun, give --out-dir (each rank writes its own videos)"
-    window = stride = None
-    try:
-        window = extract.parse_span(args.window) if args.window is not None else None
-        stride = extract.parse_span(args.stride) if args.stride is not None else None
-    except ValueError as exc:
-        problem = problem or f"--window/--stride: {exc}"
+    window = extract.parse_span(args.window) if args.window is not None else None  # checked by argparse
+    stride = extract.parse_span(args.stride) if args.stride is not None else None
     if args.workers < 0:
         problem = problem or f"--workers must be >= 0, got {args.workers}"
     if problem is None:
-        jobs = extract.discover(args.videos, args.list)
-        if not jobs:
-            problem = "no videos given (files, folders or --list)"
+        try:
+            jobs = extract.discover(args.videos, args.list)
+        except ValueError as exc:
+            problem = str(exc)
+        else:
+            if not jobs:
+                problem = "no videos given (files, folders or --list)"
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         return 2
@@ -156,8 +180,7 @@ def _encode(args) -> int:
                   "the embeddings are meaningless except for trying the pipeline out")
         print(banner)
         print(banner, file=sys.stderr)
-    cuda = torch.cuda.is_available() and args.device != "cpu"
-    device = torch.device(args.device or ("cuda" if cuda else "cpu"))
+    device = parse_device(args.device)
     if device.type == "cuda" and device.index is None and world > 1:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     if world > 1:
@@ -165,13 +188,15 @@ def _encode(args) -> int:
 
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     dtype = _DTYPES[args.dtype or ("float16" if device.type == "cuda" else "float32")]
+    T = args.frames or encoder.config["num_frames"]
+    settings = run_settings(args, encoder, dtype, T) if args.out_dir is not None else {}
     encoder = encoder.to(device, dtype).eval()
     encoder.backend = args.backend
-    T = args.frames or encoder.config["num_frames"]
     ex = extract.Extractor(
         encoder, device, dtype, T, encoder.config["input_resolution"], out_dir=args.out_dir, window=window,
         stride=stride, fps=args.fps, chunk_frames=args.chunk_frames, batch=args.batch, workers=args.workers,
-        per_frame=args.per_frame, timeout=args.timeout, rank=rank, world=world, progress=not args.quiet)
+        per_frame=args.per_frame, timeout=args.timeout, rank=rank, world=world, progress=not args.quiet,
+        settings=settings)
     ex.run(jobs[rank::world])
     failed = ex.stats["failed"]
     if world > 1:
@@ -205,30 +230,21 @@ def _encode(args) -> int:
     return 1 if failed else 0
 
 
-def _positive(text: str) -> int:
-    """argparse type: an int >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="xclip-fast", description="Fast, lean X-CLIP video encoder.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     check = sub.add_parser("check", help="compare the fast block with the reference on random data")
-    check.add_argument("--backends", default=None, help="comma list of torch,triton (default: both)")
-    check.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    check.add_argument("--backends", type=fast_backends, default=None,
+                       help="comma list of torch,triton (default: both)")
+    check.add_argument("--device", type=device_arg, default=None, help="cpu or cuda[:i] (default: cuda when "
+                       "available)")
     check.add_argument("--dtype", default="float64", choices=sorted(_DTYPES))
-    check.add_argument("--tokens", type=_positive, default=50, help="tokens per frame l (default 50)")
-    check.add_argument("--batch", type=_positive, default=2, help="videos b (default 2)")
-    check.add_argument("--frames", type=_positive, default=8, help="frames per video T (default 8)")
-    check.add_argument("--width", type=_positive, default=128, help="width d (default 128)")
-    check.add_argument("--heads", type=_positive, default=2, help="heads, dividing --width (default 2)")
+    check.add_argument("--tokens", type=positive_int, default=50, help="tokens per frame l (default 50)")
+    check.add_argument("--batch", type=positive_int, default=2, help="videos b (default 2)")
+    check.add_argument("--frames", type=positive_int, default=8, help="frames per video T (default 8)")
+    check.add_argument("--width", type=positive_int, default=128, help="width d (default 128)")
+    check.add_argument("--heads", type=positive_int, default=2, help="heads, dividing --width (default 2)")
     check.add_argument("--seed", type=int, default=0)
     check.set_defaults(func=_check)
 
@@ -253,10 +269,12 @@ def build_parser() -> argparse.ArgumentParser:
                      "(default b32)")
     enc.add_argument("--trust-weights", action="store_true", help="allow pickled objects in --weights (official "
                      "files pickle their training config); only for files you trust")
-    enc.add_argument("--frames", type=_positive, default=None, help="frames T sampled per video (default: the model's)")
-    enc.add_argument("--chunk-frames", type=_positive, default=None, help="embed and run intra-frame layers over "
+    enc.add_argument("--frames", type=positive_int, default=None,
+                     help="frames T sampled per video (default: the model's)")
+    enc.add_argument("--chunk-frames", type=positive_int, default=None, help="embed and run intra-frame layers over "
                      "chunks of this many frames (bounded memory for long clips)")
-    enc.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    enc.add_argument("--device", type=device_arg, default=None, help="cpu or cuda[:i] (default: cuda when "
+                     "available)")
     enc.add_argument("--dtype", default=None, choices=sorted(_DTYPES), help="default float16 on CUDA, float32 on CPU")
     enc.add_argument("--backend", default="auto", choices=["auto", "triton", "torch"])
     enc.add_argument("--out", default=None, help="one .npy file (the name must end in .npy) holding (videos, E) in "
@@ -265,15 +283,17 @@ def build_parser() -> argparse.ArgumentParser:
                      "fps, duration, windows, error); a rerun skips the videos already done")
     enc.add_argument("--per-frame", action="store_true", help="also write per-frame embeddings (<out>_frames.npy, or "
                      "<name>.frames.npy per video)")
-    enc.add_argument("--window", default=None, help="sliding windows: frames per window (16) or seconds (4s); "
-                     "each video gives (windows, E) and <name>.times.npy with start/end seconds")
-    enc.add_argument("--stride", default=None, help="window stride in frames or seconds (default: the window)")
-    enc.add_argument("--fps", type=float, default=None, help="with --window: take frames at this rate (default: "
-                     "every frame of the video)")
+    enc.add_argument("--window", type=span, default=None, help="sliding windows: frames per window (16) or seconds "
+                     "(4s); each video gives (windows, E) and <name>.times.npy with start/end seconds")
+    enc.add_argument("--stride", type=span, default=None, help="window stride in frames or seconds (default: the "
+                     "window)")
+    enc.add_argument("--fps", type=positive_float, default=None, help="with --window: take frames at this rate "
+                     "(default: every frame of the video)")
     enc.add_argument("--workers", type=int, default=2, help="decoding processes (default 2; 0 decodes in the main "
                      "process)")
-    enc.add_argument("--batch", type=_positive, default=1, help="clips or windows encoded together (default 1)")
-    enc.add_argument("--timeout", type=float, default=10.0, help="seconds FFmpeg may wait for data (default 10)")
+    enc.add_argument("--batch", type=positive_int, default=1, help="clips or windows encoded together (default 1)")
+    enc.add_argument("--timeout", type=positive_float, default=10.0, help="seconds FFmpeg may wait for data "
+                     "(default 10)")
     enc.add_argument("--quiet", action="store_true", help="no progress bar")
     enc.set_defaults(func=_encode)
     return parser

@@ -6,8 +6,10 @@
 - Two modes: one embedding per video (the official test-mode sampling of T frames), or sliding
   windows (``window`` frames every ``stride`` frames, at the video's rate or a chosen ``fps``), one
   embedding per window with its start and end time.
-- Outputs survive interruption: one ``.npy`` per video, written to a temporary name and renamed,
-  and an index (``index.jsonl``) that a rerun reads to skip what is complete.
+- Outputs survive interruption: one ``.npy`` per video, written to a temporary file in the run's
+  own folder (``<out-dir>/.xclip-fast/``) and renamed into place, and an index (``index.jsonl``)
+  that a rerun reads to skip what is complete: a video is skipped only when its record was made
+  with the same settings and weights (``settings_id``) and its files are whole.
 - Failures are recorded and the run goes on; truncated videos are encoded from their readable
   frames with a warning.
 - Under ``torchrun``, rank r takes videos r, r + K, r + 2K, ... of the list; rank 0 shows the
@@ -20,8 +22,10 @@ import hashlib
 import json
 import math
 import os
+import re
 import sys
 import time
+import uuid
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -29,10 +33,15 @@ import torch
 
 from xclip_fast.video import VIDEO_EXTENSIONS, VideoError, VideoReader, check_regular_file, preprocess
 
-__all__ = ["Job", "discover", "parse_span", "ClipSource", "Extractor", "atomic_save", "merge_index", "INDEX"]
+__all__ = ["Job", "discover", "parse_span", "ClipSource", "Extractor", "atomic_save", "merge_index", "INDEX",
+           "STATE", "settings_id", "weights_digest", "check_out_dir"]
 
 INDEX = "index.jsonl"
+STATE = ".xclip-fast"  # the run's own folder inside --out-dir: per-rank logs and temporary files, nothing else
 DONE = ("ok", "truncated")  # statuses whose outputs are complete
+KINDS = (".frames", ".times")  # the suffixes of a video's other outputs (<stem>.frames.npy, <stem>.times.npy)
+_TMP = re.compile(r"rank(\d+)-[0-9a-f]{32}\.(npy|jsonl)")  # exactly the temporary files this module writes
+_RANK_LOG = re.compile(r"index\.rank(\d+)\.jsonl")
 
 
 @dataclass(frozen=True)
@@ -50,37 +59,66 @@ def _is_video(name: str) -> bool:
     return name.lower().endswith(VIDEO_EXTENSIONS)
 
 
-def discover(inputs: list[str], list_file: str | None = None) -> list[Job]:
-    """The jobs of a run, in a stable order: the inputs in the order given (a list file's lines in
-    their order), each folder's videos sorted by relative path; a video given twice is a job twice
-    (rows of ``--out`` follow the inputs). Output names: the path relative to its folder, or the
-    file name, with ``.npy`` for the video suffix; two videos with one name get a short hash of the
-    full path. Missing paths and non-files become jobs that fail with their reason."""
-    entries: list[tuple[str, str]] = []  # (path, output name before the suffix)
-    paths = list(inputs)
-    if list_file is not None:
-        base = os.path.dirname(os.path.abspath(list_file))
+def _walk(folder: str) -> list[str]:
+    """Video files under ``folder``, following symlinked folders (each real folder once)."""
+    found, seen = [], set()
+    for root, dirs, files in os.walk(folder, followlinks=True):
+        real = os.path.realpath(root)
+        if real in seen:  # a link back to a folder already searched (a cycle): not again
+            dirs[:] = []
+            continue
+        seen.add(real)
+        dirs.sort()
+        found += [os.path.join(root, f) for f in files if _is_video(f)]
+    return found
+
+
+def read_list(list_file: str) -> list[str]:
+    """The paths of a list file: every line that is not blank, surrounding whitespace removed,
+    relative paths taken relative to the list's folder. There is no comment syntax (a video may be
+    called ``#take1.mp4``): the jobs, and the rows of ``--out``, follow the non-blank lines."""
+    base = os.path.dirname(os.path.abspath(list_file))
+    try:
         with open(list_file, encoding="utf-8") as f:
-            for line in f:
-                line = line.strip()
-                if line and not line.startswith("#"):
-                    paths.append(line if os.path.isabs(line) or "://" in line else os.path.join(base, line))
+            lines = f.read().splitlines()
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"--list {list_file}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except OSError as exc:
+        raise ValueError(f"--list {list_file}: cannot read it ({exc.strerror or exc})") from None
+    paths = []
+    for line in lines:
+        line = line.strip()
+        if line:
+            paths.append(line if os.path.isabs(line) or "://" in line else os.path.join(base, line))
+    return paths
+
+
+def discover(inputs: list[str], list_file: str | None = None) -> list[Job]:
+    """The jobs of a run, in a stable order: the inputs in the order given (a list file's non-blank
+    lines in their order), each folder's videos sorted by relative path (symlinked folders
+    followed); a video given twice is a job twice (rows of ``--out`` follow the inputs). Output
+    names: the path relative to its folder, or the file name, with ``.npy`` for the video suffix.
+    Every output file is unique per video and kind: two different videos with one name (compared
+    without case, for case-insensitive file systems), and a name ending in ``.frames`` or ``.times``
+    (which another video's per-frame or times output would take), get a short hash of the full
+    path. Missing paths and non-files become jobs that fail with their reason."""
+    entries: list[tuple[str, str]] = []  # (path, output name before the suffix)
+    paths = list(inputs) + (read_list(list_file) if list_file is not None else [])
     for path in paths:
         if os.path.isdir(path):
-            found = []
-            for root, dirs, files in os.walk(path):
-                dirs.sort()
-                found += [os.path.join(root, f) for f in files if _is_video(f)]
-            for video in sorted(found, key=lambda p: os.path.relpath(p, path)):
+            for video in sorted(_walk(path), key=lambda p: os.path.relpath(p, path)):
                 entries.append((video, os.path.splitext(os.path.relpath(video, path))[0]))
         else:
             entries.append((path, os.path.splitext(os.path.basename(path.rstrip("/")))[0] or "video"))
     jobs, names = [], {}
     for path, name in entries:
         key = os.path.abspath(path) if "://" not in path else path
-        if names.get(name, key) != key:  # two different videos with one name: tell them apart
-            name = f"{name}-{hashlib.sha1(key.encode()).hexdigest()[:8]}"
-        names[name] = key
+        tag = hashlib.sha1(key.encode()).hexdigest()[:8]
+        if name.lower().endswith(KINDS):  # x.frames.mp4 would write x.frames.npy, x.mp4's per-frame output
+            name = f"{name}-{tag}"
+        if names.get(name.casefold(), key) != key:  # two different videos with one name: tell them apart
+            name = f"{name}-{tag}"
+        names[name.casefold()] = key
         error = ""
         try:
             check_regular_file(path)
@@ -100,8 +138,8 @@ def parse_span(text: str) -> tuple[float, str]:
             value, unit = int(text), "frames"
     except ValueError:
         raise ValueError(f"expected a number of frames (16) or seconds (4s), got {text!r}") from None
-    if not value > 0:
-        raise ValueError(f"must be > 0, got {text!r}")
+    if not (value > 0 and math.isfinite(value)):
+        raise ValueError(f"must be a finite number > 0, got {text!r}")
     return value, unit
 
 
@@ -165,43 +203,124 @@ class ClipSource(torch.utils.data.IterableDataset):
         return torch.stack([preprocess(f, self.size) for f in rgb])
 
 
-def atomic_save(path: str, array: np.ndarray, tag: str = "0") -> None:
+def atomic_save(path: str, array: np.ndarray, tmp_dir: str | None = None, rank: int = 0) -> str:
     """``array`` to ``path`` through a temporary file renamed at the end: a kill never leaves a half
-    ``.npy`` under the final name (only ``<path>.tmp-<tag>.npy``, removed by the next run)."""
-    tmp = f"{path}.tmp-{tag}.npy"
-    np.save(tmp, array)
-    os.replace(tmp, path)
+    ``.npy`` under the final name. The temporary file is ``rank<r>-<random>.npy`` in ``tmp_dir`` (the
+    run's own folder, see :func:`remove_leftovers`), or ``<path>.xclip-fast-tmp-<random>.npy`` beside
+    ``path`` when no folder is given. Returns ``path``."""
+    if tmp_dir is None:
+        tmp = f"{path}.xclip-fast-tmp-{uuid.uuid4().hex}.npy"
+    else:
+        os.makedirs(tmp_dir, exist_ok=True)
+        tmp = os.path.join(tmp_dir, f"rank{rank}-{uuid.uuid4().hex}.npy")
+    try:
+        np.save(tmp, array)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    return path
+
+
+def state_dir(out_dir: str) -> str:
+    """The run's own folder inside ``out_dir``: per-rank index logs and ``tmp/``."""
+    return os.path.join(out_dir, STATE)
+
+
+def tmp_dir(out_dir: str) -> str:
+    """Where temporary files are written before they are renamed into place."""
+    return os.path.join(out_dir, STATE, "tmp")
 
 
 def remove_leftovers(out_dir: str, rank: int, world: int) -> None:
-    """Temporary files of an interrupted run: this rank's, and rank 0 also those of ranks >= world."""
-    for root, _, files in os.walk(out_dir):
-        for name in files:
-            if ".tmp-" not in name:
-                continue
-            tag = name.rsplit(".tmp-", 1)[1].removesuffix(".npy")
-            owner = int(tag) if tag.isdigit() else -1
-            if owner == rank or (rank == 0 and (owner >= world or owner < 0)):
-                os.remove(os.path.join(root, name))
-
-
-def read_index(out_dir: str) -> dict:
-    """path -> the last record of each video in ``index.jsonl`` and any per-rank index files left by
-    an interrupted run (records are appended, so later ones win)."""
-    records = {}
-    files = [INDEX] + sorted(f for f in os.listdir(out_dir) if f.startswith("index.rank") and f.endswith(".jsonl"))
-    for name in files:
-        path = os.path.join(out_dir, name)
-        if not os.path.exists(path):
+    """Temporary files of an interrupted run: this rank's, and rank 0 also those of ranks >= world.
+    Only files in the run's own folder (``<out-dir>/.xclip-fast/tmp``) named exactly as
+    :func:`atomic_save` names them are ever removed; nothing else under ``--out-dir`` is touched."""
+    folder = tmp_dir(out_dir)
+    if not os.path.isdir(folder):
+        return
+    for name in os.listdir(folder):
+        match = _TMP.fullmatch(name)
+        path = os.path.join(folder, name)
+        if match is None or not os.path.isfile(path) or os.path.islink(path):
             continue
-        with open(path, encoding="utf-8") as f:
-            for line in f:
+        owner = int(match.group(1))
+        if owner == rank or (rank == 0 and owner >= world):
+            os.remove(path)
+
+
+def _rank_logs(out_dir: str) -> list[str]:
+    folder = state_dir(out_dir)
+    if not os.path.isdir(folder):
+        return []
+    return [os.path.join(folder, f) for f in sorted(os.listdir(folder)) if _RANK_LOG.fullmatch(f)]
+
+
+def _is_record(rec) -> bool:
+    return isinstance(rec, dict) and isinstance(rec.get("path"), str) and isinstance(rec.get("output"), str) \
+        and isinstance(rec.get("status"), str)
+
+
+def read_index(out_dir: str, problems: list | None = None) -> dict:
+    """path -> the last record of each video in ``index.jsonl`` and the per-rank logs left by an
+    interrupted run (records are appended, so later ones win). Lines that are not records (cut by
+    a kill, edited, not UTF-8) are skipped and counted in ``problems``."""
+    records, bad = {}, 0
+    for path in [os.path.join(out_dir, INDEX)] + _rank_logs(out_dir):
+        if not os.path.isfile(path):
+            continue
+        with open(path, "rb") as f:
+            for raw in f:
+                if not raw.strip():
+                    continue
                 try:
-                    rec = json.loads(line)
-                except ValueError:
-                    continue  # a line cut by a kill
+                    rec = json.loads(raw.decode("utf-8"))
+                except ValueError:  # UnicodeDecodeError is a ValueError
+                    rec = None
+                if not _is_record(rec):
+                    bad += 1
+                    continue
                 records[rec["path"]] = rec
+    if bad and problems is not None:
+        problems.append(f"{bad} line(s) of {os.path.join(out_dir, INDEX)} (or its per-rank logs) are not index records "
+                        "and were ignored")
     return records
+
+
+def check_out_dir(out_dir: str) -> str | None:
+    """What stops ``--out-dir`` from holding a run's outputs (None when it can): checked before work."""
+    for name, kind in ((INDEX, "a file"), (STATE, "a folder")):
+        path = os.path.join(out_dir, name)
+        if os.path.lexists(path) and not (os.path.isfile(path) if kind == "a file" else os.path.isdir(path)):
+            return f"--out-dir {out_dir}: {path} exists and is not {kind} (the run writes it)"
+    return None
+
+
+def weights_digest(module: torch.nn.Module) -> str:
+    """A digest of every parameter and buffer of ``module`` (names, dtypes, shapes, values): the
+    identity of the weights a result was made with, whatever file or hub name they came from."""
+    h = hashlib.sha1()
+    for name, t in sorted(module.state_dict().items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def settings_id(settings: dict) -> str:
+    """A short digest of the settings that decide a result (sorted JSON)."""
+    return hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _whole(path: str, rows: int | None) -> bool:
+    """``path`` is a complete ``.npy`` file (its header and all its data are there) of float arrays,
+    with ``rows`` rows when given."""
+    try:
+        arr = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError):
+        return False
+    return arr.dtype.kind == "f" and (rows is None or (arr.ndim >= 1 and arr.shape[0] == rows))
 
 
 @dataclass
@@ -225,22 +344,35 @@ class Extractor:
     rank: int = 0
     world: int = 1
     progress: bool = True
+    # what decides a result (frames, window, stride, fps, per-frame, weights digest, dtype, ...): a
+    # rerun into the same --out-dir reuses a video's outputs only when its record has the same
+    settings: dict = field(default_factory=dict)
     results: dict = field(default_factory=dict)  # job index -> (embedding, per-frame) for --out
     stats: dict = field(default_factory=lambda: dict(videos=0, failed=0, truncated=0, skipped=0, frames=0,
-                                                     decode_s=0.0, encode_s=0.0))
+                                                     decode_s=0.0, encode_s=0.0, redone=0))
 
     def run(self, jobs: list[Job]) -> list[dict]:
-        """Encode ``jobs`` (already this rank's share); returns their index records."""
+        """Encode ``jobs`` (already this rank's share); returns their index records. With an
+        ``out_dir``, a job whose complete result is there (same settings, whole files) is skipped;
+        one done with other settings, or whose files are missing or cut, is encoded again (the
+        reasons are printed)."""
+        problems, redo = [], {}
         if self.out_dir:
             remove_leftovers(self.out_dir, self.rank, self.world)
-        done = read_index(self.out_dir) if self.out_dir else {}
+        done = read_index(self.out_dir, problems) if self.out_dir else {}
         todo = []
         for job in jobs:
             rec = done.get(job.path)
-            if rec and rec.get("status") in DONE and os.path.exists(os.path.join(self.out_dir, rec["output"])):
+            why = self._stale(job, rec) if rec is not None and rec.get("status") in DONE else "new"
+            if why is None:
                 self.stats["skipped"] += 1
                 continue
+            if why != "new":
+                redo[why] = redo.get(why, 0) + 1
             todo.append(job)
+        self.stats["redone"] = sum(redo.values())
+        for line in problems + [f"{n} video(s) done before are encoded again: {why}" for why, n in redo.items()]:
+            print(f"note: {line}", file=sys.stderr)
         by_index = {job.index: job for job in todo}
         source = ClipSource(todo, self.frames, self.size, self.window, self.stride, self.fps, self.timeout)
         loader = torch.utils.data.DataLoader(source, batch_size=None, num_workers=min(self.workers, len(todo)),
@@ -273,6 +405,36 @@ class Extractor:
             bar.close()
         self.stats["wall_s"] = time.perf_counter() - start
         return records
+
+    @property
+    def settings_id(self) -> str:
+        return settings_id(self.settings)
+
+    def _outputs(self, job: Job) -> dict:
+        """The files of one video's result, by kind (relative to ``out_dir``)."""
+        stem = job.name[:-4]
+        files = {"output": job.name}
+        if self.per_frame:
+            files["frames_output"] = stem + ".frames.npy"
+        if self.window is not None:
+            files["times_output"] = stem + ".times.npy"
+        return files
+
+    def _stale(self, job: Job, rec: dict) -> str | None:
+        """Why the complete record ``rec`` of ``job`` cannot be reused (None when it can)."""
+        if rec.get("settings_id") != self.settings_id:
+            old = rec.get("settings") if isinstance(rec.get("settings"), dict) else None
+            if old is None:
+                return "their records do not say which settings made them"
+            changed = [f"{k} {old.get(k)!r} -> {v!r}" for k, v in self.settings.items() if old.get(k) != v]
+            return "made with other settings (" + ", ".join(changed or ["settings differ"]) + ")"
+        rows = len(rec["windows"]) if self.window is not None and isinstance(rec.get("windows"), list) else None
+        for kind, name in self._outputs(job).items():
+            if rec.get(kind) != name:
+                return f"their {kind.replace('_', ' ')} is not {name} (output names changed)"
+            if not _whole(os.path.join(self.out_dir, name), rows):
+                return f"their {kind.replace('_', ' ')} file is missing or incomplete"
+        return None
 
     def _bar(self, total):
         if not self.progress or self.rank != 0:
@@ -318,6 +480,7 @@ class Extractor:
     def _finish(self, job: Job, meta: dict, clips: list) -> dict:
         clips.sort(key=lambda c: c[0])
         rec = dict(path=job.path, output=job.name, **{k: v for k, v in meta.items() if k != "sampled"})
+        rec.update(settings=self.settings, settings_id=self.settings_id)
         self.stats["decode_s"] += meta.get("decode_s", 0.0)
         if meta["status"] in DONE and not clips:
             rec.update(status="failed", error="no frames were decoded")
@@ -340,22 +503,28 @@ class Extractor:
             else:
                 self.results[job.index] = (embeds, per_frame)
         if self.out_dir:
-            with open(os.path.join(self.out_dir, f"index.rank{self.rank}.jsonl"), "a", encoding="utf-8") as f:
+            os.makedirs(state_dir(self.out_dir), exist_ok=True)
+            log = os.path.join(state_dir(self.out_dir), f"index.rank{self.rank}.jsonl")
+            with open(log, "a", encoding="utf-8") as f:
                 f.write(json.dumps(rec) + "\n")
                 f.flush()
                 os.fsync(f.fileno())
         return rec
 
     def _write(self, job: Job, embeds, per_frame, rec) -> None:
-        path = os.path.join(self.out_dir, job.name)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        stem = path[:-4]
-        if self.window is not None:
-            atomic_save(stem + ".times.npy", np.asarray(rec["windows"], dtype=np.float64).reshape(-1, 2),
-                         str(self.rank))
-        if self.per_frame:
-            atomic_save(stem + ".frames.npy", per_frame, str(self.rank))
-        atomic_save(path, embeds, str(self.rank))  # last: it (with the index line) marks the video complete
+        """The video's files, each through a temporary file of the run's own folder; the record then
+        names every one of them (``output``, ``frames_output``, ``times_output``)."""
+        files = self._outputs(job)
+        tmp = tmp_dir(self.out_dir)
+        os.makedirs(os.path.dirname(os.path.join(self.out_dir, job.name)), exist_ok=True)
+        if "times_output" in files:
+            atomic_save(os.path.join(self.out_dir, files["times_output"]),
+                        np.asarray(rec["windows"], dtype=np.float64).reshape(-1, 2), tmp, self.rank)
+        if "frames_output" in files:
+            atomic_save(os.path.join(self.out_dir, files["frames_output"]), per_frame, tmp, self.rank)
+        # last: it (with the index line) marks the video complete
+        atomic_save(os.path.join(self.out_dir, job.name), embeds, tmp, self.rank)
+        rec.update(files)
 
 
 def _free_cpu_memory() -> int | None:
@@ -371,16 +540,17 @@ def _free_cpu_memory() -> int | None:
 
 def merge_index(out_dir: str, world: int) -> list[dict]:
     """Rank 0 at the end: every rank's records and the earlier index in one ``index.jsonl`` (one line
-    per video, the latest record of each), written atomically; the per-rank files are removed."""
+    per video, the latest record of each), written atomically; the per-rank logs are removed."""
     records = read_index(out_dir)
-    tmp = os.path.join(out_dir, f"{INDEX}.tmp-index")
+    folder = tmp_dir(out_dir)
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f"rank0-{uuid.uuid4().hex}.jsonl")
     with open(tmp, "w", encoding="utf-8") as f:
         for rec in records.values():
             f.write(json.dumps(rec) + "\n")
     os.replace(tmp, os.path.join(out_dir, INDEX))
-    for name in os.listdir(out_dir):
-        if name.startswith("index.rank") and name.endswith(".jsonl"):
-            os.remove(os.path.join(out_dir, name))
+    for path in _rank_logs(out_dir):
+        os.remove(path)
     return list(records.values())
 
 

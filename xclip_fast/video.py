@@ -7,7 +7,10 @@ short side to ``int(256 / 224 * size)`` keeping the aspect ratio (bilinear), ``C
 
 :class:`VideoReader` opens a file once: the frame count comes from the container (or, when it does
 not say, from counting packets, which needs no decoding), and sampled frames are reached by seeking
-to the key frame before each one instead of decoding everything before it. A video that holds
+to the key frame before each one instead of decoding everything before it. Frames are numbered by
+their position in the video, as the official code numbers them, never by their timestamps, so
+variable-frame-rate videos (phones) sample the same frames: a seek target's timestamp is looked up
+in the table of every packet's timestamp (read from the container without decoding). A video that holds
 fewer decodable frames than it announces is *truncated*: the reader notices, samples from what it
 can read, and says so. Only regular files are opened (a FIFO, a device or a stream address would
 block), and FFmpeg's reads time out.
@@ -15,6 +18,7 @@ block), and FFmpeg's reads time out.
 
 from __future__ import annotations
 
+import math
 import os
 import stat
 from collections import deque
@@ -37,6 +41,10 @@ SEEK_GAP = 48  # frames: a target further ahead than this is reached by seeking,
 
 class VideoError(ValueError):
     """A video that cannot be read or sampled (unreadable file, no video stream, no frames)."""
+
+
+class _NoTimestamps(Exception):
+    """A decoded frame whose timestamp is not in the packet table: positions must be counted."""
 
 
 def sample_indices(total: int, num_frames: int) -> list[int]:
@@ -120,6 +128,8 @@ class VideoReader:
         self.decoded = 0  # frames decoded by this reader (for throughput reports)
         self._readable = None  # set when the end of the decodable frames was reached
         self._count = None
+        self._table = None  # sorted packet timestamps (position -> pts), False when unusable
+        self._moved = False  # demuxed or decoded since opened or rewound
 
     # -- metadata ------------------------------------------------------------------------------
     def announced_frames(self) -> int:
@@ -132,6 +142,9 @@ class VideoReader:
         return self._count
 
     def _count_packets(self) -> int:
+        if self._moved:
+            self._rewind()
+        self._moved = True
         try:
             n = sum(1 for p in self.container.demux(self.stream) if p.size)
         except Exception as exc:
@@ -165,47 +178,80 @@ class VideoReader:
         return self._readable
 
     # -- decoding ------------------------------------------------------------------------------
-    def _index(self, frame) -> int:
-        if frame.pts is None or not self.fps:
-            return -1
-        return int(round(float((frame.pts - self.start_pts) * self.time_base) * self.fps))
+    def _timestamps(self) -> list[int] | None:
+        """Every video packet's presentation timestamp in presentation order (position i -> pts), read
+        from the container without decoding, once; None when some packet has no timestamp or two share
+        one (positions are then counted by decoding from the start)."""
+        if self._table is None:
+            pts = []
+            if self._moved:  # a decode is under way: the table starts at the first packet
+                self._rewind()
+            self._moved = True
+            try:
+                for packet in self.container.demux(self.stream):
+                    if not packet.size:
+                        continue
+                    if packet.pts is None:
+                        pts = None
+                        break
+                    pts.append(packet.pts)
+            except Exception as exc:
+                raise VideoError(f"cannot read {self.path}: {type(exc).__name__}: {exc}") from None
+            if pts:
+                self._rewind()
+            self._table = sorted(pts) if pts and len(set(pts)) == len(pts) else False
+        return self._table or None
 
     def _rewind(self) -> None:
         try:
             self.container.seek(0, stream=self.stream, backward=True, any_frame=False)
         except Exception as exc:
             raise VideoError(f"cannot rewind {self.path}: {type(exc).__name__}: {exc}") from None
+        self._moved = False
 
     def _decode_from(self, target: int | None) -> Iterator[tuple[int, object]]:
-        """(index, frame) pairs from the key frame before ``target`` (None: from the start) onwards."""
+        """(position, frame) pairs from the key frame before position ``target`` (None: from the start)
+        onwards. From the start, positions are counted; after a seek they are looked up in the packet
+        table (raises ``_NoTimestamps`` for a frame it does not hold)."""
+        table = None
         if target is None or target <= 0:
             self._rewind()
         else:
-            pts = self.start_pts + int(target / self.fps / self.time_base)
-            self.container.seek(pts, stream=self.stream, backward=True, any_frame=False)
-        counter = None
+            table = self._timestamps()
+            if table is None or target >= len(table):
+                raise _NoTimestamps()
+            self.container.seek(table[target], stream=self.stream, backward=True, any_frame=False)
+        position = {pts: i for i, pts in enumerate(table)} if table is not None else None
+        self._moved = True
+        counter = -1
         try:
             for frame in self.container.decode(self.stream):
-                index = self._index(frame)
-                if index < 0:  # no usable timestamps: count frames from the start instead
-                    if counter is None:
-                        if target not in (None, 0):
-                            raise VideoError("no frame timestamps to seek by")
-                        counter = -1
-                    counter += 1
+                counter += 1
+                if position is None:
                     index = counter
+                elif frame.pts in position:
+                    index = position[frame.pts]
+                else:
+                    raise _NoTimestamps()
                 self.decoded += 1
                 yield index, frame
-        except VideoError:
+        except (VideoError, _NoTimestamps):
             raise
         except Exception as exc:
             raise VideoError(f"cannot decode {self.path}: {type(exc).__name__}: {exc}") from None
 
     def frames(self, indices: list[int], seek: bool = True) -> list[np.ndarray]:
-        """The frames at ``indices`` (any order, repeats allowed) as RGB arrays. With ``seek``, a
-        target more than ``SEEK_GAP`` frames ahead is reached by seeking; otherwise every frame up
-        to the last target is decoded. Raises ``VideoError`` if a target lies past the readable end
-        (see :meth:`sample`, which resamples then)."""
+        """The frames at positions ``indices`` (any order, repeats allowed) as RGB arrays. With
+        ``seek``, a target more than ``SEEK_GAP`` frames ahead is reached by seeking; otherwise (or
+        when the video's timestamps cannot place a frame) every frame up to the last target is
+        decoded. Raises ``VideoError`` if a target lies past the readable end (see :meth:`sample`,
+        which resamples then)."""
+        try:
+            return self._frames(indices, seek)
+        except _NoTimestamps:
+            return self._frames(indices, False)
+
+    def _frames(self, indices: list[int], seek: bool) -> list[np.ndarray]:
         wanted = set(indices)
         got: dict[int, np.ndarray] = {}
         it, position = None, -1
@@ -259,6 +305,10 @@ class VideoReader:
         (default: every frame of the video; a higher rate repeats frames), decoded once in order:
         yields ``(start s, end s, frames)``. A video shorter than one window gives one window of
         repeated frames (the official sampling)."""
+        if fps is not None and not (math.isfinite(fps) and fps > 0):
+            raise ValueError(f"fps must be a finite number > 0, got {fps!r}")
+        if not (isinstance(window, int) and isinstance(stride, int) and window >= 1 and stride >= 1):
+            raise ValueError(f"window and stride must be ints >= 1, got {window!r}, {stride!r}")
         rate = fps or self.fps
         if not rate:
             raise VideoError(f"{self.path}: unknown frame rate (give --fps)")

@@ -6,6 +6,7 @@ import sys
 
 import torch
 
+from xclip_fast.argtypes import device_arg, frame_list, positive_int
 from xclip_fast.bench.cases import LEVELS, MODES, build_cases
 from xclip_fast.bench.measure import copy_bandwidth, cpu_memory, cuda_memory, free, time_interleaved, time_ms
 from xclip_fast.bench.results import Result, environment, table, write_outputs
@@ -155,6 +156,12 @@ def _progress(total):
 
 def main(args) -> int:
     """``xclip-fast bench``: see ``xclip-fast bench --help``."""
+    import os
+
+    if os.path.lexists(args.out) and not os.path.isdir(args.out):
+        print(f"error: --out {args.out}: exists and is not a folder (results are written into a folder)",
+              file=sys.stderr)
+        return 2
     cuda = torch.cuda.is_available() and args.device != "cpu"
     device = torch.device("cuda" if cuda else "cpu")
     dtype = BY_NAME[args.dtype or ("bfloat16" if cuda else "float32")]
@@ -163,7 +170,7 @@ def main(args) -> int:
                          "anyone runs X-CLIP on)")
     levels = LEVELS if args.level == "all" else (args.level,)
     model = args.model or ("b16" if cuda else "b32")
-    frames = [int(t) for t in args.frames.split(",")] if args.frames else None
+    frames = args.frames  # a list of ints >= 1 (checked by argparse), or None
     batch = args.batch or (8 if cuda else 1)
     modes = MODES if args.mode == "both" else (args.mode,)
     wanted = args.providers.split(",") if args.providers else None
@@ -206,13 +213,14 @@ def main(args) -> int:
 def add_arguments(p) -> None:
     p.add_argument("--level", default="all", choices=[*LEVELS, "all"])
     p.add_argument("--model", default=None, choices=sorted(PRESETS), help="default b16 on CUDA, b32 on CPU")
-    p.add_argument("--frames", default=None, help="comma list of T for the block and encoder levels (default: "
-                   "8,16,32 and long clips up to 512 for blocks, 8 to 1024 for the encoder on CUDA)")
-    p.add_argument("--batch", type=int, default=None, help="videos b at the block level for T <= 32 (default 8 on "
-                   "CUDA, 1 on CPU; long clips run one video)")
+    p.add_argument("--frames", type=frame_list, default=None, help="comma list of T for the block and encoder "
+                   "levels (default: 8,16,32 and long clips up to 512 for blocks, 8 to 1024 for the encoder on CUDA)")
+    p.add_argument("--batch", type=positive_int, default=None, help="videos b at the block level for T <= 32 "
+                   "(default 8 on CUDA, 1 on CPU; long clips run one video)")
     p.add_argument("--dtype", default=None, choices=sorted(BY_NAME), help="default bfloat16 on CUDA, float32 on CPU")
     p.add_argument("--mode", default="both", choices=[*MODES, "both"])
     p.add_argument("--providers", default=None, help=f"comma list from {', '.join(ALL_PROVIDERS)}")
-    p.add_argument("--device", default=None, choices=["cpu", "cuda"], help="default: cuda when available")
+    p.add_argument("--device", type=device_arg, default=None, choices=["cpu", "cuda"],
+                   help="default: cuda when available")
     p.add_argument("--out", default="bench-results", help="folder for results.csv/.jsonl, run JSON and the plot")
     p.add_argument("--quick", action="store_true", help="small sizes and few repeats (under 2 minutes on 2 CPU cores)")

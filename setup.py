@@ -27,8 +27,9 @@ setup(
         "triton>=3.0; platform_system == 'Linux' and platform_machine == 'x86_64'",
     ],
     extras_require={
-        # the tests also run the benchmark runner (plot, progress bar) and write/read real videos
-        "test": ["pytest>=7", "transformers>=5", "safetensors", "av>=11", "matplotlib", "tqdm"],
+        # the tests also run the benchmark runner (plot, progress bar), write/read real videos and
+        # fine-tune with PEFT LoRA
+        "test": ["pytest>=7", "transformers>=5", "safetensors", "av>=11", "matplotlib", "tqdm", "peft"],
         "bench": ["pytest-benchmark", "matplotlib", "tqdm"],
         # xformers wheels pin exact torch versions: opt in explicitly
         "xformers": ["xformers"],

@@ -12,7 +12,7 @@
 import pytest
 import torch
 import torch.autograd.forward_ad as fwAD
-from _helpers import assert_rel, attention_f64, needs_triton
+from _helpers import assert_grads_close, assert_rel, attention_f64, needs_triton
 from torch.func import functional_call, grad, jacfwd, jacrev, jvp, vmap
 
 import xclip_fast
@@ -111,8 +111,9 @@ def test_fast_block_under_every_transform(backend):
     grads = grad(lambda p: functional_call(fast, p, (x,)).square().sum())(params)
     ref.zero_grad()
     ref(x).square().sum().backward()
-    for name, p in ref.named_parameters():
-        assert_rel(f"grad {name}", grads[name], p.grad, 1e-9)
+    names = [n for n, _ in ref.named_parameters()]
+    # (some of these are zero in exact arithmetic, e.g. key biases: assert_grads_close floors them)
+    assert_grads_close(names, [grads[n] for n in names], [p.grad for _, p in ref.named_parameters()], F64_TOL)
     # per-video gradients: vmap over the 2 videos of x (l, b*T, d) = (3, 2*3, 16)
     videos = x.view(3, 2, 3, 16)
     per_video = vmap(grad(lambda p, t: functional_call(fast, p, (t,)).square().sum()), in_dims=(None, 1))(params,
@@ -120,8 +121,8 @@ def test_fast_block_under_every_transform(backend):
     for i in range(2):
         ref.zero_grad()
         ref(videos[:, i]).square().sum().backward()
-        for name in ("mlp.c_fc.weight", "attn.in_proj_weight", "message_attn.in_proj_weight"):
-            assert_rel(f"video {i} grad {name}", per_video[name][i], ref.get_parameter(name).grad, 1e-9)
+        assert_grads_close(names, [per_video[n][i] for n in names], [p.grad for _, p in ref.named_parameters()],
+                           F64_TOL)
 
 
 def test_mit_block_jvp():

@@ -210,8 +210,8 @@ class CrossFrameAttentionBlock(BackendMixin, reference.CrossFramelAttentionBlock
         if self._runs_original():
             return cross_frame_block_forward(self, x, T)
         self._check_backend_can_run(x)
-        msg = self.message_tokens(x, T)
-        return self.update_frames(x, msg)
+        parts = self.parts
+        return self._fast_frames(x, self._fast_message(x, T, parts), parts)
 
     @property
     def parts(self) -> Parts:
@@ -234,14 +234,20 @@ class CrossFrameAttentionBlock(BackendMixin, reference.CrossFramelAttentionBlock
         """The message tokens ``(b*T, d)`` of ``x: (l, b*T, d)`` (needs the class tokens only)."""
         if self._runs_original():
             return reference.message_tokens(self, x[0], T)
-        return message_path(x[0], T, self.parts, self._backend, self._drops())
+        return self._fast_message(x, T, self.parts)
 
     def update_frames(self, x: torch.Tensor, msg: torch.Tensor) -> torch.Tensor:
         """Intra-frame attention and MLP of frames ``x: (l, n, d)`` given their message tokens ``(n, d)``."""
         if self._runs_original():
             return reference.update_frames(self, x, msg)
+        return self._fast_frames(x, msg, self.parts)
+
+    def _fast_message(self, x: torch.Tensor, T: int, parts: Parts) -> torch.Tensor:
+        return message_path(x[0], T, parts, self._backend, self._drops())
+
+    def _fast_frames(self, x: torch.Tensor, msg: torch.Tensor, parts: Parts) -> torch.Tensor:
         mask = _sdpa_mask(self.attn_mask, x.dtype, x.shape[1], self.attn.num_heads, x.shape[0], x.shape[0] + 1)
-        return frame_path(x, msg, self.parts, self._backend, attn_mask=mask, drop=self._drops())
+        return frame_path(x, msg, parts, self._backend, attn_mask=mask, drop=self._drops())
 
 
 CrossFramelAttentionBlock = CrossFrameAttentionBlock  # the official spelling

@@ -19,10 +19,6 @@ __all__ = ["attention_problems", "packed_problems", "backward_problems", "same_p
            "elementwise_problems", "raise_problems", "require_tensors"]
 
 
-def _shape(t) -> tuple | str:
-    return tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
-
-
 def require_tensors(named: dict, optional: tuple = ()) -> None:
     """A ``TypeError`` naming the first argument that is not a tensor (``optional`` ones may be None)."""
     for name, t in named.items():

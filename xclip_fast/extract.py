@@ -349,7 +349,7 @@ class Extractor:
     settings: dict = field(default_factory=dict)
     results: dict = field(default_factory=dict)  # job index -> (embedding, per-frame) for --out
     stats: dict = field(default_factory=lambda: dict(videos=0, failed=0, truncated=0, skipped=0, frames=0,
-                                                     decode_s=0.0, encode_s=0.0, redone=0))
+                                                     decode_s=0.0, encode_s=0.0))
 
     def run(self, jobs: list[Job]) -> list[dict]:
         """Encode ``jobs`` (already this rank's share); returns their index records. With an
@@ -370,7 +370,6 @@ class Extractor:
             if why != "new":
                 redo[why] = redo.get(why, 0) + 1
             todo.append(job)
-        self.stats["redone"] = sum(redo.values())
         for line in problems + [f"{n} video(s) done before are encoded again: {why}" for why, n in redo.items()]:
             print(f"note: {line}", file=sys.stderr)
         by_index = {job.index: job for job in todo}

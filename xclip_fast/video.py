@@ -124,11 +124,11 @@ class VideoReader:
         rate = self.stream.average_rate or self.stream.guessed_rate or self.stream.base_rate
         self.fps = float(rate) if rate else 0.0
         self.time_base = self.stream.time_base or Fraction(1, 1)
-        self.start_pts = self.stream.start_time or 0
         self.decoded = 0  # frames decoded by this reader (for throughput reports)
         self._readable = None  # set when the end of the decodable frames was reached
         self._count = None
-        self._table = None  # sorted packet timestamps (position -> pts), False when unusable
+        self._packets = None  # (count, sorted pts or None), from one demux pass (see _scan)
+        self._positions = None  # pts -> position, built once from the sorted pts
         self._moved = False  # demuxed or decoded since opened or rewound
 
     # -- metadata ------------------------------------------------------------------------------
@@ -142,16 +142,32 @@ class VideoReader:
         return self._count
 
     def _count_packets(self) -> int:
-        if self._moved:
-            self._rewind()
-        self._moved = True
-        try:
-            n = sum(1 for p in self.container.demux(self.stream) if p.size)
-        except Exception as exc:
-            raise VideoError(f"cannot read {self.path}: {type(exc).__name__}: {exc}") from None
-        if n:
-            self._rewind()
-        return n
+        return self._scan()[0]
+
+    def _scan(self) -> tuple[int, list[int] | None]:
+        """One pass over the video packets without decoding, once: their count, and their
+        presentation timestamps in presentation order (position i -> pts), or None when some packet
+        has no timestamp or two share one (positions are then counted by decoding from the start)."""
+        if self._packets is None:
+            if self._moved:  # a decode is under way: the scan starts at the first packet
+                self._rewind()
+            self._moved = True
+            n, pts = 0, []
+            try:
+                for packet in self.container.demux(self.stream):
+                    if not packet.size:
+                        continue
+                    n += 1
+                    if packet.pts is None:
+                        pts = None
+                    elif pts is not None:
+                        pts.append(packet.pts)
+            except Exception as exc:
+                raise VideoError(f"cannot read {self.path}: {type(exc).__name__}: {exc}") from None
+            if n:
+                self._rewind()
+            self._packets = (n, sorted(pts) if pts and len(set(pts)) == len(pts) else None)
+        return self._packets
 
     def duration(self) -> float | None:
         if self.stream.duration is not None:
@@ -178,30 +194,6 @@ class VideoReader:
         return self._readable
 
     # -- decoding ------------------------------------------------------------------------------
-    def _timestamps(self) -> list[int] | None:
-        """Every video packet's presentation timestamp in presentation order (position i -> pts), read
-        from the container without decoding, once; None when some packet has no timestamp or two share
-        one (positions are then counted by decoding from the start)."""
-        if self._table is None:
-            pts = []
-            if self._moved:  # a decode is under way: the table starts at the first packet
-                self._rewind()
-            self._moved = True
-            try:
-                for packet in self.container.demux(self.stream):
-                    if not packet.size:
-                        continue
-                    if packet.pts is None:
-                        pts = None
-                        break
-                    pts.append(packet.pts)
-            except Exception as exc:
-                raise VideoError(f"cannot read {self.path}: {type(exc).__name__}: {exc}") from None
-            if pts:
-                self._rewind()
-            self._table = sorted(pts) if pts and len(set(pts)) == len(pts) else False
-        return self._table or None
-
     def _rewind(self) -> None:
         try:
             self.container.seek(0, stream=self.stream, backward=True, any_frame=False)
@@ -213,15 +205,17 @@ class VideoReader:
         """(position, frame) pairs from the key frame before position ``target`` (None: from the start)
         onwards. From the start, positions are counted; after a seek they are looked up in the packet
         table (raises ``_NoTimestamps`` for a frame it does not hold)."""
-        table = None
+        position = None
         if target is None or target <= 0:
             self._rewind()
         else:
-            table = self._timestamps()
+            table = self._scan()[1]
             if table is None or target >= len(table):
                 raise _NoTimestamps()
+            if self._positions is None:
+                self._positions = {pts: i for i, pts in enumerate(table)}
+            position = self._positions
             self.container.seek(table[target], stream=self.stream, backward=True, any_frame=False)
-        position = {pts: i for i, pts in enumerate(table)} if table is not None else None
         self._moved = True
         counter = -1
         try:

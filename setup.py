@@ -14,17 +14,20 @@ setup(
     long_description=README.read_text(encoding="utf-8") if README.exists() else "",
     long_description_content_type="text/markdown",
     license="MIT",
-    python_requires=">=3.9",
+    python_requires=">=3.10",  # as torch 2.11
     # kernels/ sits at the top of the repository (kernels only, no PyTorch modules) but installs as
     # xclip_fast.kernels: a top-level import name `kernels` would clash with an existing PyPI package.
     packages=["xclip_fast", "xclip_fast.bench", "xclip_fast.kernels"],
     package_dir={"xclip_fast": "xclip_fast", "xclip_fast.kernels": "kernels"},
     # the tuned tile sizes that launch_plan reads (kernels/tuning.py)
     package_data={"xclip_fast.kernels": ["tuned.json"]},
+    # The supported range is what CI runs the test suite on (xclip_fast/versions.py, .ci/run): torch 2.11
+    # with its triton 3.6 (the oldest pair) and the newest releases. No upper bound: newer releases are
+    # allowed (capping torch would make pip downgrade it), older ones are refused here and at import.
     install_requires=[
-        "torch>=2.4",
+        "torch>=2.11",
         "numpy",
-        "triton>=3.0; platform_system == 'Linux' and platform_machine == 'x86_64'",
+        "triton>=3.6; platform_system == 'Linux' and platform_machine == 'x86_64'",
     ],
     extras_require={
         # the tests also run the benchmark runner (plot, progress bar), write/read real videos and

@@ -6,11 +6,7 @@ registration, autograd, input checks and backend dispatch are in ``xclip_fast``.
 
 import torch
 import triton.language as tl
-
-try:
-    from torch.library import wrap_triton as _torch_wrap_triton
-except ImportError:  # pragma: no cover - torch < 2.6
-    _torch_wrap_triton = None
+from torch.library import wrap_triton as _torch_wrap_triton
 
 _TL = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32, torch.float64: tl.float64}
 
@@ -28,7 +24,7 @@ def tl_dtype(dtype: torch.dtype):
 def wrap_triton(kernel):
     """``torch.library.wrap_triton(kernel)`` where it applies: launches inside a ``triton_op`` that
     ``torch.compile`` traces become graph nodes, eager launches go straight to the kernel. Kernels of
-    Triton's interpreter (``TRITON_INTERPRET=1``) and older torch launch as they are."""
-    if _torch_wrap_triton is None or type(kernel).__name__ == "InterpretedFunction":
+    Triton's interpreter (``TRITON_INTERPRET=1``) launch as they are."""
+    if type(kernel).__name__ == "InterpretedFunction":
         return kernel
     return _torch_wrap_triton(kernel)

@@ -79,10 +79,7 @@ def _ptxas(arch):
     try:
         from triton.backends.nvidia.compiler import get_ptxas
 
-        try:
-            return get_ptxas(arch).path
-        except TypeError:  # older triton: no arch argument
-            return get_ptxas().path
+        return get_ptxas(arch).path
     except Exception:
         return _tool("ptxas")
 

@@ -9,6 +9,11 @@ import importlib.util as _ilu
 import os as _os
 import sys as _sys
 
+from xclip_fast.versions import check_versions as _check_versions
+
+# before anything uses torch or triton: older releases than supported are refused here, clearly
+_check_versions()
+
 
 def _map_checkout_kernels() -> None:
     # setup.py installs the top-level folder kernels/ as the subpackage xclip_fast.kernels

@@ -32,15 +32,20 @@ _CLASSES = ("FastXCLIPVisionEncoderLayer", "FastXCLIPEncoderLayer", "FastXCLIPMu
             "PatchedXCLIPModel")
 
 
+# transformers' X-CLIP modeling module and its QuickGELU class, set when the fast classes are built
+# (before any patched forward can run). The forwards read them here instead of importing them: torch
+# 2.11's dynamo cannot trace an import through transformers' lazy modules (torch.compile stops with
+# "Bad import result ... _LazyModule"); torch 2.13's can.
+_hfx = None
+_QuickGELU = None
+
+
 def _hf_mlp(mlp: nn.Module):
     """Hugging Face's ``XCLIPMLP`` with QuickGELU as a :class:`FusedMLP` (any hidden width) when all of
     it is plain (see :mod:`xclip_fast.submodules`); any other activation or module, or a wrapped
     (PEFT LoRA), pruned or hooked one, is called as it is."""
-    from transformers.activations import QuickGELUActivation
-    from transformers.models.x_clip import modeling_x_clip as hfx
-
     act = getattr(mlp, "activation_fn", None)
-    if stock_reason(mlp, hfx.XCLIPMLP) is None and type(act) is QuickGELUActivation and hook_reason(act) is None \
+    if stock_reason(mlp, _hfx.XCLIPMLP) is None and type(act) is _QuickGELU and hook_reason(act) is None \
             and linear_reason(mlp.fc1) is None and linear_reason(mlp.fc2) is None:
         return FusedMLP(mlp.fc1, mlp.fc2)
     return mlp
@@ -54,9 +59,7 @@ _STANDARD_ATTENTION = ("eager", "sdpa", "flash_attention_2", "flash_attention_3"
 def _attention_reason(attn: nn.Module) -> str | None:
     """None when the fast path may replace this ``XCLIPAttention`` (plain: the stock class, no hooks
     other than transformers' idle output capture, a standard attention implementation)."""
-    from transformers.models.x_clip import modeling_x_clip as hfx
-
-    reason = stock_reason(attn, hfx.XCLIPAttention)
+    reason = stock_reason(attn, _hfx.XCLIPAttention)
     if reason:
         return reason
     impl = getattr(attn.config, "_attn_implementation", None) or "eager"
@@ -121,8 +124,12 @@ def _check_backend_for_hf(backend: str) -> str:
 @functools.lru_cache(maxsize=1)
 def _classes() -> dict:
     """The fast classes, built on first use (transformers is an optional dependency)."""
+    global _hfx, _QuickGELU
+    from transformers.activations import QuickGELUActivation
     from transformers.modeling_outputs import BaseModelOutputWithPooling
     from transformers.models.x_clip import modeling_x_clip as hfx
+
+    _hfx, _QuickGELU = hfx, QuickGELUActivation
 
     class FastXCLIPVisionEncoderLayer(hfx.XCLIPVisionEncoderLayer):
         """An ``XCLIPVisionEncoderLayer`` whose forward is the fast dataflow (batch-first).

@@ -25,6 +25,7 @@ from torch.autograd.function import once_differentiable
 
 from xclip_fast.checks import attention_problems, packed_problems, raise_problems, scale_problems
 from xclip_fast.dtypes import FLOAT_DTYPES
+from xclip_fast.versions import compiled_cpu_fp64_sdpa_is_broken
 
 __all__ = [
     "attention",
@@ -164,12 +165,14 @@ def _sdpa(q, k, v, extra_k, extra_v, scale, attn_mask=None, dropout_p=0.0):
     """SDPA on ``[B, S, H, D]`` tensors; the extra token is appended to the keys/values only.
 
     Under forward-mode AD the attention is written out (``_math_attention``): PyTorch's fused SDPA
-    kernels (CPU flash, CUDA flash and efficient) have no forward-mode formula."""
+    kernels (CPU flash, CUDA flash and efficient) have no forward-mode formula. So it is for float64 on
+    the CPU under ``torch.compile`` with torch < 2.13 (a bug of those releases, see
+    :func:`xclip_fast.versions.compiled_cpu_fp64_sdpa_is_broken`)."""
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, S, D] views
     if extra_k is not None:
         k = torch.cat([k, extra_k.unsqueeze(2)], dim=2)
         v = torch.cat([v, extra_v.unsqueeze(2)], dim=2)
-    if forward_ad_active():
+    if forward_ad_active() or compiled_cpu_fp64_sdpa_is_broken(q):
         o = _math_attention(q, k, v, scale, attn_mask, dropout_p)
     else:
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, scale=scale)

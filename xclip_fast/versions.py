@@ -32,8 +32,10 @@ def release(version: str) -> tuple[int, int]:
     return int(match.group(1)), int(match.group(2))
 
 
-def _tested(name: str) -> str:
-    return " and ".join(TESTED[name])
+def _too_old(name: str, found: str, minimum: tuple[int, int], hint: str = "") -> str:
+    need = ".".join(map(str, minimum))
+    return (f"xclip-fast needs {name} >= {need} (tested with {name} {' and '.join(TESTED[name])}); this "
+            f"environment has {name} {found}. Upgrade it: pip install '{name}>={need}'{hint}")
 
 
 def version_problems(torch_version: str, triton_version: str | None) -> list[str]:
@@ -41,15 +43,10 @@ def version_problems(torch_version: str, triton_version: str | None) -> list[str
     where triton is not installed: the torch backend still runs (triton_status says why not triton)."""
     problems = []
     if release(torch_version) < TORCH_MIN:
-        problems.append(
-            f"xclip-fast needs torch >= {'.'.join(map(str, TORCH_MIN))} (tested with torch {_tested('torch')}); "
-            f"this environment has torch {torch_version}. Upgrade it: pip install 'torch>="
-            f"{'.'.join(map(str, TORCH_MIN))}'")
+        problems.append(_too_old("torch", torch_version, TORCH_MIN))
     if triton_version is not None and release(triton_version) < TRITON_MIN:
-        problems.append(
-            f"xclip-fast needs triton >= {'.'.join(map(str, TRITON_MIN))} (tested with triton {_tested('triton')}); "
-            f"this environment has triton {triton_version}. Upgrade it: pip install 'triton>="
-            f"{'.'.join(map(str, TRITON_MIN))}' (or upgrade torch: its CUDA wheels pin their triton)")
+        problems.append(_too_old("triton", triton_version, TRITON_MIN,
+                                 " (or upgrade torch: its CUDA wheels pin their triton)"))
     return problems
 
 

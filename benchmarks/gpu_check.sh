@@ -9,8 +9,8 @@
 # Steps, in order of value: device facts; the test suite on CUDA (bf16, opcheck and torch.compile
 # through the kernels included); attention and block benchmarks (bf16, against SDPA, xformers when
 # carried; then torch.compile of the block); the tile-tuning sweep (writes tune/tuned.json: copy it to
-# kernels/tuned.json); the long-clip encoder. Results land in $OUT/gpu-check.tar.gz with
-# $OUT/summary.txt beside it, also when a step fails or runs out of time. Environment: PYTHON
+# kernels/tuned.json); the long-clip encoder; training steps at the recompute levels. Results land
+# in $OUT/gpu-check.tar.gz with $OUT/summary.txt beside it, also when a step fails or runs out of time. Environment: PYTHON
 # (default python3), XCLIP_FAST_COMMIT (the commit, where the copy has no .git), GPU_CHECK_BUDGET
 # (seconds for all steps, default 450), GPU_CHECK_KEEP (keep the working folder after packing).
 set -uo pipefail
@@ -83,6 +83,7 @@ if [ $DRY -eq 1 ]; then
   step tune 120 $PY benchmarks/tune.py --dry-run --out "$WORK/tune"
   step bench-encoder 120 $BENCH --device cpu --quick --level encoder --frames 2 \
     --providers xclip-fast-torch,xclip-fast-torch-chunked
+  step bench-train 120 $BENCH --device cpu --quick --level train --frames 2 --providers xclip-fast-lean
   exit $((FAILED > 0))
 fi
 
@@ -104,4 +105,7 @@ step tune 70 $PY benchmarks/tune.py --out "$WORK/tune" --budget 50
 # 5. long clips: the encoder against T, unchunked and chunked
 step bench-encoder 45 $BENCH --level encoder --model b16 --frames 8,128,1024 --dtype bfloat16 \
   --providers xclip-fast-triton,xclip-fast-triton-chunked
+# 6. training steps (bf16 autocast) at the recompute levels against the original with selective checkpointing
+step bench-train 45 $BENCH --level train --model b16 --frames 8 --batch 1 \
+  --providers reference-sac,xclip-fast-none,xclip-fast-lean,xclip-fast-min
 exit $((FAILED > 0))

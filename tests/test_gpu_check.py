@@ -21,11 +21,12 @@ def test_dry_run_walks_every_step_and_packs_one_archive(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert sorted(os.listdir(tmp_path)) == ["gpu-check.tar.gz", "summary.txt"]  # the device returns <= 8 files
     summary = (tmp_path / "summary.txt").read_text()
-    for step in ("tests", "bench-attention", "bench-block", "bench-block-compiled", "tune", "bench-encoder"):
+    for step in ("tests", "bench-attention", "bench-block", "bench-block-compiled", "tune", "bench-encoder",
+                 "bench-train"):
         assert f"== {step} (limit" in summary, step
-    assert summary.count("rc=0 in") == 6 and "0 step(s) failed, dry=1, commit test" in summary
+    assert summary.count("rc=0 in") == 7 and "0 step(s) failed, dry=1, commit test" in summary
     with tarfile.open(tmp_path / "gpu-check.tar.gz") as tar:
         names = {n.removeprefix("./") for n in tar.getnames()}
     for name in ("device.txt", "summary.txt", "tests.log", "junit.xml", "bench/results.csv", "tune/tuned.json",
-                 "tune/tune.csv", "bench-encoder.log"):
+                 "tune/tune.csv", "bench-encoder.log", "bench-train.log"):
         assert name in names, name

@@ -10,19 +10,33 @@ the original computation (``reference.py``).
 
 from __future__ import annotations
 
+import functools
 import warnings
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from xclip_fast import reference
-from xclip_fast.functional import FusedMLP, Parts, frame_path, message_path, no_drop, residual_path
+from xclip_fast.functional import (
+    FusedMLP,
+    Parts,
+    check_recompute,
+    frame_branches,
+    frame_path,
+    message_path,
+    mlp_width,
+    no_drop,
+    recompute_level,
+    residual_path,
+    run_recomputed,
+)
 from xclip_fast.ops import MODULE_BACKENDS, autocast_dtype, resolve_backend
 from xclip_fast.reference import DropPath, QuickGELU, cross_frame_block_forward
 from xclip_fast.submodules import hook_reason, linear_reason, mha_reason, stock_reason
 
 __all__ = ["CrossFrameAttentionBlock", "CrossFramelAttentionBlock", "ResidualAttentionBlock", "BackendMixin",
-           "check_backend", "official_mlp", "is_int", "warn_original"]
+           "RecomputeMixin", "check_backend", "official_mlp", "is_int", "warn_original"]
 
 
 def check_backend(backend: str) -> str:
@@ -130,7 +144,39 @@ class BackendMixin:
                             attn_mask=self.attn_mask is not None)
 
 
-class CrossFrameAttentionBlock(BackendMixin, reference.CrossFramelAttentionBlock):
+class RecomputeMixin:
+    """The ``recompute`` attribute of every fast module: what a block keeps for its backward and
+    recomputes in it (:data:`xclip_fast.functional.RECOMPUTE_LEVELS`), validated when set and passed
+    on to every fast sub-module (an encoder's blocks).
+
+    - ``"lean"`` (default): keeps the attention's q/k/v (the in-projection output), its output and
+      log-sum-exp, and the MLP pre-activation (8 d-wide rows per token at the released MLP width);
+      recomputes the LayerNorms, QuickGELU and the out-projection. About 3% more matmul FLOPs.
+    - ``"min"``: keeps q/k/v and the attention output only (4 rows per token) and also recomputes
+      the MLP's first GEMM: about 14% more matmul FLOPs.
+    - ``"none"``: keeps everything the fast backward uses (11 rows per token), recomputes nothing.
+    - ``"block"``: keeps nothing inside the block (whole-block activation checkpointing).
+
+    It applies only while autograd records the block (inference keeps nothing whatever the level).
+    ``"lean"`` and ``"min"`` need the fast path: a block that runs its original computation (the
+    ``"reference"`` backend, wrapped or hooked sub-modules) keeps what its modules keep under both,
+    and is checkpointed whole under ``"block"``.
+    """
+
+    @property
+    def recompute(self) -> str:
+        """``"lean"``, ``"min"``, ``"none"`` or ``"block"``; may be changed at any time."""
+        return self._recompute
+
+    @recompute.setter
+    def recompute(self, value: str) -> None:
+        check_recompute(value)
+        for m in self.modules():
+            if isinstance(m, RecomputeMixin):
+                m._recompute = value
+
+
+class CrossFrameAttentionBlock(RecomputeMixin, BackendMixin, reference.CrossFramelAttentionBlock):
     """Drop-in replacement for X-CLIP's ``CrossFramelAttentionBlock``.
 
     Args:
@@ -145,6 +191,8 @@ class CrossFrameAttentionBlock(BackendMixin, reference.CrossFramelAttentionBlock
         T: frames per video; may be overridden per call (``forward(x, T=...)``).
         backend: ``"auto"`` (triton for CUDA tensors, torch otherwise), ``"triton"``, ``"torch"`` or
             ``"reference"``; also settable later through the ``backend`` attribute.
+        recompute: what the block keeps for its backward, ``"lean"`` (default), ``"min"``, ``"none"``
+            or ``"block"`` (see :class:`RecomputeMixin`); also settable later.
         mlp_width, hidden_act, layer_norm_eps: keyword-only, for non-released configurations (any
             Hugging Face config): the MLP's hidden width (default ``4 * d_model``), its activation
             (default ``"quick_gelu"``, which is fused; others run as modules) and the LayerNorm epsilon.
@@ -156,14 +204,16 @@ class CrossFrameAttentionBlock(BackendMixin, reference.CrossFramelAttentionBlock
     """
 
     def __init__(self, d_model: int, n_head: int, attn_mask: torch.Tensor = None, droppath=0.0, T=0,
-                 *, backend: str = "auto", mlp_width: int | None = None, hidden_act: str = "quick_gelu",
-                 layer_norm_eps: float = 1e-5):
+                 *, backend: str = "auto", recompute: str = "lean", mlp_width: int | None = None,
+                 hidden_act: str = "quick_gelu", layer_norm_eps: float = 1e-5):
         _check_heads(d_model, n_head)
         if not is_int(T) or T < 0:
             raise ValueError(f"T must be an int >= 0 (0: given per call), got T={T!r}")
+        check_recompute(recompute)
         super().__init__(d_model, n_head, attn_mask, droppath, T, mlp_width=mlp_width, hidden_act=hidden_act,
                          layer_norm_eps=layer_norm_eps)
         self.backend = backend
+        self.recompute = recompute
 
     def check_input(self, x: torch.Tensor, T) -> None:
         """A ``ValueError`` (``TypeError``) naming the values when ``x``/``T`` are not a valid input."""
@@ -207,11 +257,24 @@ class CrossFrameAttentionBlock(BackendMixin, reference.CrossFramelAttentionBlock
         """``x: (l, b*T, d) -> (l, b*T, d)``; ``T`` defaults to the constructor's."""
         T = self.T if T is None else T
         self.check_input(x, T)
+        level = recompute_level(self._recompute, x, self)
         if self._runs_original():
+            if level == "block":
+                return checkpoint(cross_frame_block_forward, self, x, T, use_reentrant=False)
             return cross_frame_block_forward(self, x, T)
         self._check_backend_can_run(x)
         parts = self.parts
-        return self._fast_frames(x, self._fast_message(x, T, parts), parts)
+        if level == "none":
+            return self._fast_frames(x, self._fast_message(x, T, parts), parts)
+        body = functools.partial(self._fast_branches, T=T, parts=parts)
+        x1, y = run_recomputed(level, body, x, d=x.shape[-1], hidden=mlp_width(parts.mlp))
+        return x1 + self._drops()("mlp", y)
+
+    def _fast_branches(self, x: torch.Tensor, T: int, parts: Parts) -> tuple[torch.Tensor, torch.Tensor]:
+        """The recomputed region of a block: message path, attention branch, MLP up to its output."""
+        msg = self._fast_message(x, T, parts)
+        return frame_branches(x, msg, parts, self._backend, attn_mask=self._mask(x), drop=self._drops(),
+                              recomputed=True)
 
     @property
     def parts(self) -> Parts:
@@ -245,41 +308,49 @@ class CrossFrameAttentionBlock(BackendMixin, reference.CrossFramelAttentionBlock
     def _fast_message(self, x: torch.Tensor, T: int, parts: Parts) -> torch.Tensor:
         return message_path(x[0], T, parts, self._backend, self._drops())
 
+    def _mask(self, x: torch.Tensor) -> torch.Tensor | None:
+        return _sdpa_mask(self.attn_mask, x.dtype, x.shape[1], self.attn.num_heads, x.shape[0], x.shape[0] + 1)
+
     def _fast_frames(self, x: torch.Tensor, msg: torch.Tensor, parts: Parts) -> torch.Tensor:
-        mask = _sdpa_mask(self.attn_mask, x.dtype, x.shape[1], self.attn.num_heads, x.shape[0], x.shape[0] + 1)
-        return frame_path(x, msg, parts, self._backend, attn_mask=mask, drop=self._drops())
+        return frame_path(x, msg, parts, self._backend, attn_mask=self._mask(x), drop=self._drops())
 
 
 CrossFramelAttentionBlock = CrossFrameAttentionBlock  # the official spelling
 
 
-class ResidualAttentionBlock(BackendMixin, reference.ResidualAttentionBlock):
+class ResidualAttentionBlock(RecomputeMixin, BackendMixin, reference.ResidualAttentionBlock):
     """Drop-in replacement for the MIT's ``ResidualAttentionBlock`` (pre-LN self-attention + MLP).
 
     ``forward(x)`` takes ``x: (S, B, d)`` seq-first and returns the same shape. ``attn_mask``:
     additive ``(S, S)`` or ``(B*n_head, S, S)``, honoured by the torch and reference backends.
+    ``recompute``: as for :class:`CrossFrameAttentionBlock` (see :class:`RecomputeMixin`).
     """
 
     def __init__(self, d_model: int, n_head: int, attn_mask: torch.Tensor = None, *, backend: str = "auto",
-                 mlp_width: int | None = None, hidden_act: str = "quick_gelu", layer_norm_eps: float = 1e-5):
+                 recompute: str = "lean", mlp_width: int | None = None, hidden_act: str = "quick_gelu",
+                 layer_norm_eps: float = 1e-5):
         _check_heads(d_model, n_head)
+        check_recompute(recompute)
         super().__init__(d_model, n_head, attn_mask, mlp_width=mlp_width, hidden_act=hidden_act,
                          layer_norm_eps=layer_norm_eps)
         self.backend = backend
+        self.recompute = recompute
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         d = self.ln_1.normalized_shape[0]
         if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != d or min(x.shape) < 1:
             shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             raise ValueError(f"ResidualAttentionBlock: x must be (S, B, d={d}) with S, B >= 1, got {shape}")
-        if self._backend == "reference":
-            return super().forward(x)
-        reason = mha_reason(self.attn)
+        level = recompute_level(self._recompute, x, self)
+        reason = None if self._backend == "reference" else mha_reason(self.attn)
         if reason:
             warn_original("ResidualAttentionBlock", f"attn {reason}")
+        if reason or self._backend == "reference":
+            if level == "block":
+                return checkpoint(reference.ResidualAttentionBlock.forward, self, x, use_reentrant=False)
             return super().forward(x)
         self._check_backend_can_run(x)
         S, B, _ = x.shape
         mask = _sdpa_mask(self.attn_mask, x.dtype, B, self.attn.num_heads, S, S)
         parts = Parts(None, None, None, self.ln_1, self.attn, self.ln_2, official_mlp(self.mlp))
-        return residual_path(x, parts, self._backend, attn_mask=mask)
+        return residual_path(x, parts, self._backend, attn_mask=mask, recompute=level)

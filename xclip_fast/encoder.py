@@ -12,10 +12,17 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from xclip_fast import reference
-from xclip_fast.blocks import BackendMixin, CrossFrameAttentionBlock, ResidualAttentionBlock, check_backend, is_int
+from xclip_fast.blocks import (
+    BackendMixin,
+    CrossFrameAttentionBlock,
+    RecomputeMixin,
+    ResidualAttentionBlock,
+    check_backend,
+    is_int,
+)
+from xclip_fast.functional import check_recompute
 from xclip_fast.submodules import hook_reason
 from xclip_fast.video import MEAN, STD
 
@@ -41,11 +48,40 @@ PRESETS = {
 }
 
 
-class CrossFrameCommunicationTransformer(BackendMixin, reference.CrossFrameCommunicationTransformer):
+def _level(recompute: str | None, use_checkpoint: bool) -> str:
+    """The recompute level of ``recompute`` and the official ``use_checkpoint`` (an alias of "block")."""
+    if use_checkpoint:
+        if recompute not in (None, "block"):
+            raise ValueError(f"use_checkpoint=True means recompute='block', got recompute={recompute!r} as well")
+        return "block"
+    return check_recompute("lean" if recompute is None else recompute)
+
+
+class CheckpointAlias(RecomputeMixin):
+    """``use_checkpoint``, the official name of whole-block checkpointing, as an alias of
+    ``recompute == "block"``: setting it True selects ``"block"``; False turns ``"block"`` back into
+    the default ``"lean"`` (any other level is kept)."""
+
+    @property
+    def use_checkpoint(self) -> bool:
+        """Whether the blocks are checkpointed whole (``recompute == "block"``)."""
+        return self._recompute == "block"
+
+    @use_checkpoint.setter
+    def use_checkpoint(self, value: bool) -> None:
+        if value:
+            self.recompute = "block"
+        elif self._recompute == "block":
+            self.recompute = "lean"
+
+
+class CrossFrameCommunicationTransformer(CheckpointAlias, BackendMixin, reference.CrossFrameCommunicationTransformer):
     """The CCT vision backbone (official ``models/cct.py``) on fast blocks.
 
     Same constructor, parameters and keys as the reference (which builds them, with
-    ``block_class``), plus ``use_checkpoint`` and ``backend``. ``forward(x: (b*T, 3, H, W), T)``
+    ``block_class``), plus ``recompute`` (what each block keeps for its backward, see
+    :class:`xclip_fast.blocks.RecomputeMixin`; ``use_checkpoint=True`` is ``recompute="block"``) and
+    ``backend``. ``forward(x: (b*T, 3, H, W), T)``
     returns the projected class token of every frame ``(b*T, E)`` and the patch tokens
     ``(b*T, l-1, d)``, as the official one does. Frames are stacked video-major.
     """
@@ -54,10 +90,11 @@ class CrossFrameCommunicationTransformer(BackendMixin, reference.CrossFrameCommu
 
     def __init__(self, input_resolution: int, patch_size: int, width: int, layers: int, heads: int,
                  output_dim: int, droppath=None, T: int = 8, use_checkpoint: bool = False, *,
-                 backend: str = "auto", block_kwargs: dict | None = None):
+                 backend: str = "auto", recompute: str | None = None, block_kwargs: dict | None = None):
+        level = _level(recompute, use_checkpoint)
         super().__init__(input_resolution, patch_size, width, layers, heads, output_dim, droppath, T,
                          block_kwargs=block_kwargs)
-        self.use_checkpoint = use_checkpoint
+        self.recompute = level
         self.backend = backend
 
     @property
@@ -110,16 +147,13 @@ class CrossFrameCommunicationTransformer(BackendMixin, reference.CrossFrameCommu
                      "the blocks are run one by one (each called as a module)")
         if chunk_frames is None:
             for block in self.blocks:
-                if self.use_checkpoint and self.training and torch.is_grad_enabled():
-                    x = checkpoint(block, x, T, use_reentrant=False)
-                else:
-                    x = block(x, T)
+                x = block(x, T)  # each block applies its recompute level
                 if progress is not None:
                     progress()
             return x
         if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters())):
             raise ValueError("chunk_frames is for inference: run under torch.no_grad() or torch.inference_mode() "
-                             "(for training on long clips use use_checkpoint=True)")
+                             "(for training on long clips use recompute='min' or 'block')")
         N = x.shape[1]
         for block in self.blocks:
             block.check_input(x, T)
@@ -146,7 +180,7 @@ class CrossFrameCommunicationTransformer(BackendMixin, reference.CrossFrameCommu
         return self.head(h), h[1:].transpose(0, 1)
 
 
-class MultiframeIntegrationTransformer(BackendMixin, reference.MultiframeIntegrationTransformer):
+class MultiframeIntegrationTransformer(RecomputeMixin, BackendMixin, reference.MultiframeIntegrationTransformer):
     """The MIT (official ``models/mit.py``): ``(b, T, E) -> (b, E)`` on fast blocks.
 
     Official constructor ``(T, embed_dim=512, layers=1)`` plus ``heads`` (official: ``embed_dim // 64``)
@@ -160,11 +194,13 @@ class MultiframeIntegrationTransformer(BackendMixin, reference.MultiframeIntegra
     block_class = ResidualAttentionBlock
 
     def __init__(self, T: int, embed_dim: int = 512, layers: int = 1, heads: int | None = None, *,
-                 backend: str = "auto", block_kwargs: dict | None = None):
+                 backend: str = "auto", recompute: str = "lean", block_kwargs: dict | None = None):
         if not is_int(T) or T < 1:
             raise ValueError(f"T must be an int >= 1 (the frames the position embedding is trained for), got {T!r}")
+        check_recompute(recompute)
         super().__init__(T, embed_dim, layers, heads, block_kwargs=block_kwargs)
         self.backend = backend
+        self.recompute = recompute
 
     def position_embedding(self, frames: int) -> torch.Tensor:
         """The frame position embedding for ``frames`` frames, ``(1, frames, E)`` (see the class doc)."""
@@ -236,7 +272,7 @@ class VideoFeatures(NamedTuple):
     last_hidden_state: torch.Tensor
 
 
-class XCLIPVideoEncoder(BackendMixin, nn.Module):
+class XCLIPVideoEncoder(CheckpointAlias, BackendMixin, nn.Module):
     """The X-CLIP video encoder: CCT over every frame, then the MIT over the frames of each video.
 
     ``forward(video)`` with ``video: (b, T, 3, H, W)`` returns the video embedding ``(b, E)``
@@ -251,8 +287,12 @@ class XCLIPVideoEncoder(BackendMixin, nn.Module):
         mit_layers, mit_heads: the MIT (official: 1 layer, ``embed_dim // 64`` heads; at least 1).
         droppath: drop-path rate of the last block; block i gets ``linspace(0, droppath, layers)[i]``
             as in the official code.
-        use_checkpoint: activation checkpointing per block in training (recomputes each block in
-            backward; composes with the fast backward).
+        recompute: what every block (CCT and MIT) keeps for its backward: ``"lean"`` (default: q/k/v,
+            the attention output and the MLP pre-activation; about 3% more matmul FLOPs), ``"min"``
+            (q/k/v and the attention output; about 14% more), ``"none"`` (everything, the fastest) or
+            ``"block"`` (nothing: whole-block checkpointing). Applies while autograd records only;
+            settable later (see :class:`xclip_fast.blocks.RecomputeMixin`).
+        use_checkpoint: ``True`` is ``recompute="block"`` (the official argument, kept as an alias).
         layer_norm_eps: epsilon of every LayerNorm (1e-5 in every released model).
         intermediate_size, mit_intermediate_size: hidden width of the MLPs of the vision blocks and
             of the MIT (default 4 x width, 4 x embed_dim as released; Hugging Face configs may differ).
@@ -269,7 +309,7 @@ class XCLIPVideoEncoder(BackendMixin, nn.Module):
     def __init__(self, *, input_resolution: int = 224, patch_size: int = 32, width: int = 768, layers: int = 12,
                  heads: int = 12, embed_dim: int = 512, num_frames: int = 8, mit_layers: int = 1,
                  mit_heads: int | None = None, droppath: float = 0.0, use_checkpoint: bool = False,
-                 layer_norm_eps: float = 1e-5, intermediate_size: int | None = None,
+                 recompute: str | None = None, layer_norm_eps: float = 1e-5, intermediate_size: int | None = None,
                  mit_intermediate_size: int | None = None, hidden_act: str = "quick_gelu", backend: str = "auto"):
         super().__init__()
         check_backend(backend)
@@ -290,6 +330,10 @@ class XCLIPVideoEncoder(BackendMixin, nn.Module):
                 problems.append(f"embed_dim={embed_dim} must be divisible by mit_heads={mit_heads}")
         if not 0.0 <= droppath < 1.0:
             problems.append(f"droppath={droppath!r} must be in [0, 1)")
+        try:
+            level = _level(recompute, use_checkpoint)
+        except ValueError as exc:
+            problems.append(str(exc))
         if not layer_norm_eps > 0:
             problems.append(f"layer_norm_eps={layer_norm_eps!r} must be > 0")
         if problems:
@@ -298,7 +342,7 @@ class XCLIPVideoEncoder(BackendMixin, nn.Module):
         dpr = [x.item() for x in torch.linspace(0, droppath, layers)] if droppath > 0.0 else None
         self.visual = CrossFrameCommunicationTransformer(
             input_resolution, patch_size, width, layers, heads, embed_dim, droppath=dpr, T=num_frames,
-            use_checkpoint=use_checkpoint, backend=backend, block_kwargs=dict(block, mlp_width=intermediate_size),
+            recompute=level, backend=backend, block_kwargs=dict(block, mlp_width=intermediate_size),
         )
         self.mit = MultiframeIntegrationTransformer(num_frames, embed_dim, mit_layers, mit_heads, backend=backend,
                                                     block_kwargs=dict(block, mlp_width=mit_intermediate_size))
@@ -306,6 +350,7 @@ class XCLIPVideoEncoder(BackendMixin, nn.Module):
             if isinstance(m, nn.LayerNorm):
                 m.eps = layer_norm_eps
         self.backend = backend
+        self.recompute = level
         self.config = dict(input_resolution=input_resolution, patch_size=patch_size, width=width, layers=layers,
                            heads=heads, embed_dim=embed_dim, num_frames=num_frames, mit_layers=mit_layers,
                            mit_heads=mit_heads, droppath=droppath, layer_norm_eps=layer_norm_eps,

@@ -17,17 +17,22 @@ One cross-frame layer, ``x: (l, N, d)`` seq-first (or ``(N, l, d)`` batch-first)
 
 from __future__ import annotations
 
+import functools
 from typing import Callable, NamedTuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
-from xclip_fast.ops import packed_attention, quick_gelu_mlp
+from xclip_fast.ops import packed_attention, quick_gelu, quick_gelu_mlp, transforms_active
 from xclip_fast.submodules import linear_reason
 
 __all__ = ["Parts", "FusedMLP", "in_projection", "project_qkv", "project_kv", "run_mlp", "message_path",
-           "frame_path", "residual_path", "no_drop"]
+           "frame_path", "frame_branches", "residual_path", "no_drop", "RECOMPUTE_LEVELS", "check_recompute",
+           "recompute_level", "run_recomputed", "mlp_width"]
+
+RECOMPUTE_LEVELS = ("lean", "min", "none", "block")
 
 
 class FusedMLP(NamedTuple):
@@ -101,11 +106,94 @@ def project_kv(attn: nn.Module, packed, h: torch.Tensor) -> torch.Tensor:
     return torch.cat([attn.k_proj(h), attn.v_proj(h)], dim=-1)
 
 
-def run_mlp(mlp: MLP, x: torch.Tensor, backend: str) -> torch.Tensor:
-    """The MLP of ``parts`` on ``x``: fused for a :class:`FusedMLP`, else the module is called."""
+def run_mlp(mlp: MLP, x: torch.Tensor, backend: str, *, recomputed: bool = False) -> torch.Tensor:
+    """The MLP of ``parts`` on ``x``: fused for a :class:`FusedMLP`, else the module is called.
+
+    ``recomputed``: the MLP runs inside a recomputed region (:func:`run_recomputed`), as separate
+    operations (the second GEMM last), so that the recomputation in backward stops before the second
+    GEMM: the fused op saves its tensors only after its forward, which would run that GEMM again."""
     if isinstance(mlp, FusedMLP):
+        if recomputed:
+            return F.linear(quick_gelu(F.linear(x, mlp.fc1.weight, mlp.fc1.bias), backend, grad=True),
+                            mlp.fc2.weight, mlp.fc2.bias)
         return quick_gelu_mlp(x, mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight, mlp.fc2.bias, backend=backend)
     return mlp(x)
+
+
+def mlp_width(mlp: MLP) -> int | None:
+    """The hidden width of a :class:`FusedMLP` (the pre-activation the lean level keeps), else None."""
+    return mlp.fc1.out_features if isinstance(mlp, FusedMLP) else None
+
+
+# ------------------------------------------------------------------------------------------------
+# recomputation: what a layer keeps for its backward
+# ------------------------------------------------------------------------------------------------
+def check_recompute(level) -> str:
+    """``level`` if it is one of :data:`RECOMPUTE_LEVELS`, else a ``ValueError``."""
+    if level not in RECOMPUTE_LEVELS:
+        raise ValueError(f"recompute must be one of {RECOMPUTE_LEVELS}, got {level!r}")
+    return level
+
+
+def recompute_level(level: str, x: torch.Tensor, module: nn.Module) -> str:
+    """The level that applies to this call: ``level`` while autograd records the call (grad mode
+    on and ``x`` or a parameter of ``module`` requiring grad), ``"none"`` otherwise (inference keeps
+    nothing whatever the level) and under ``torch.func`` transforms or forward-mode AD (PyTorch's
+    checkpoint does not support them)."""
+    if level == "none" or not torch.is_grad_enabled() or transforms_active():
+        return "none"
+    if x.requires_grad or any(p.requires_grad for p in module.parameters()):
+        return level
+    return "none"
+
+
+# outputs kept by the lean and min levels: the attention (out and log-sum-exp; recomputing it costs
+# as much as its forward); every level keeps random numbers (drop path, dropout: reused when recomputed)
+_ATTENTION_OPS = frozenset({
+    "aten::_scaled_dot_product_flash_attention_for_cpu", "aten::_scaled_dot_product_flash_attention",
+    "aten::_scaled_dot_product_efficient_attention", "aten::_scaled_dot_product_cudnn_attention",
+    "aten::_flash_attention_forward", "aten::_efficient_attention_forward",
+    "xclip_fast::packed_attention_fwd", "xclip_fast::attention_fwd",
+})
+_GEMMS = frozenset({"aten::mm", "aten::addmm"})
+
+
+def _policy(attention: bool, widths: tuple):
+    """The selective-checkpoint policy keeping random numbers, the attention (if ``attention``) and
+    the outputs of the GEMMs whose output width is in ``widths`` (the in-projection 3d; the MLP's
+    hidden width)."""
+
+    def policy(ctx, op, *args, **kwargs):
+        name = op.name() if hasattr(op, "name") else ""
+        if name in _ATTENTION_OPS:  # (tagged random too, for their dropout: replayed by the RNG state)
+            return CheckpointPolicy.MUST_SAVE if attention else CheckpointPolicy.PREFER_RECOMPUTE
+        if torch.Tag.nondeterministic_seeded in getattr(op, "tags", ()):
+            return CheckpointPolicy.MUST_SAVE
+        if name in _GEMMS and args[-1].shape[-1] in widths:
+            return CheckpointPolicy.MUST_SAVE
+        return CheckpointPolicy.PREFER_RECOMPUTE
+
+    return policy
+
+
+def run_recomputed(level: str, body: Callable, *args, d: int, hidden: int | None):
+    """``body(*args)`` for the backward at ``level`` (not ``"none"``): PyTorch's (selective)
+    activation checkpointing, non-reentrant, keeping
+
+    - ``"lean"``: the attention (out, log-sum-exp), the in-projection output (width ``3 * d``) and
+      the MLP pre-activation (width ``hidden``); LayerNorms, QuickGELU and the out-projection
+      (the residual after attention) are recomputed in backward;
+    - ``"min"``: the attention and the in-projection output; the MLP's first GEMM is recomputed too;
+    - ``"block"``: nothing but random numbers (the whole body is recomputed).
+
+    ``body`` must end with the MLP's second GEMM (its output returned, the residual added outside):
+    the recomputation stops at the last tensor the backward needs, before that GEMM. Random numbers
+    drawn inside are kept, so drop path and dropout see the same values when recomputed.
+    """
+    widths = {"lean": (3 * d, hidden), "min": (3 * d,), "block": ()}[level]
+    policy = _policy(level != "block", widths)
+    context = functools.partial(create_selective_checkpoint_contexts, policy)
+    return checkpoint(body, *args, use_reentrant=False, context_fn=context)
 
 
 def _heads(attn: nn.Module, d: int) -> tuple[int, int]:
@@ -167,12 +255,28 @@ def frame_path(x: torch.Tensor, msg: torch.Tensor, parts: Parts, backend: str, *
     ``drop(branch, y)`` with branch ``"attention"`` (``y`` has l token rows of the l+1 the official
     code drew for) or ``"mlp"``.
     """
+    x, y = frame_branches(x, msg, parts, backend, batch_first=batch_first, attn_mask=attn_mask, drop=drop)
+    return x + drop("mlp", y)
+
+
+def frame_branches(x: torch.Tensor, msg: torch.Tensor | None, parts: Parts, backend: str, *,
+                   batch_first: bool = False, attn_mask: torch.Tensor | None = None, drop=no_drop,
+                   recomputed: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x1, y)``: the residual after attention ``x1 = x + drop(attention)`` and the MLP's output
+    ``y = mlp(ln_2(x1))`` before its drop path and residual (the layer returns ``x1 + drop(y)``).
+    ``msg`` None: plain self-attention (the MIT). ``recomputed``: see :func:`run_mlp`."""
     x = x + drop("attention", _self_attention(x, parts, backend, batch_first, attn_mask, msg))
-    return x + drop("mlp", run_mlp(parts.mlp, parts.ln_2(x), backend))
+    return x, run_mlp(parts.mlp, parts.ln_2(x), backend, recomputed=recomputed)
 
 
 def residual_path(x: torch.Tensor, parts: Parts, backend: str, *, batch_first: bool = False,
-                  attn_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Pre-LN self-attention + MLP (the MIT's block) on ``(S, B, d)`` or batch-first ``(B, S, d)``."""
-    x = x + _self_attention(x, parts, backend, batch_first, attn_mask)
-    return x + run_mlp(parts.mlp, parts.ln_2(x), backend)
+                  attn_mask: torch.Tensor | None = None, recompute: str = "none") -> torch.Tensor:
+    """Pre-LN self-attention + MLP (the MIT's block) on ``(S, B, d)`` or batch-first ``(B, S, d)``;
+    ``recompute``: the level that applies to this call (see :func:`run_recomputed`)."""
+    if recompute == "none":
+        x, y = frame_branches(x, None, parts, backend, batch_first=batch_first, attn_mask=attn_mask)
+    else:
+        body = functools.partial(frame_branches, parts=parts, backend=backend, batch_first=batch_first,
+                                 attn_mask=attn_mask, recomputed=True)
+        x, y = run_recomputed(recompute, body, x, None, d=x.shape[-1], hidden=mlp_width(parts.mlp))
+    return x + y

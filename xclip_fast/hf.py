@@ -20,13 +20,25 @@ import functools
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from xclip_fast.blocks import check_backend, is_int, warn_original
 from xclip_fast.encoder import interpolate_frames
-from xclip_fast.functional import FusedMLP, Parts, frame_path, message_path, residual_path
+from xclip_fast.functional import (
+    FusedMLP,
+    Parts,
+    check_recompute,
+    frame_branches,
+    frame_path,
+    message_path,
+    mlp_width,
+    recompute_level,
+    residual_path,
+    run_recomputed,
+)
 from xclip_fast.submodules import hook_reason, linear_reason, stock_reason
 
-__all__ = ["patch_xclip", "unpatch_xclip", "is_patched", "set_backend"]
+__all__ = ["patch_xclip", "unpatch_xclip", "is_patched", "set_backend", "set_recompute"]
 
 _CLASSES = ("FastXCLIPVisionEncoderLayer", "FastXCLIPEncoderLayer", "FastXCLIPMultiframeIntegrationTransformer",
             "PatchedXCLIPModel")
@@ -121,6 +133,14 @@ def _check_backend_for_hf(backend: str) -> str:
     return backend
 
 
+def _level(layer: nn.Module, x: torch.Tensor) -> str:
+    """The recompute level of a patched layer for this call: ``"none"`` when Hugging Face's own
+    gradient checkpointing already recomputes the whole layer (``gradient_checkpointing_enable()``)."""
+    if getattr(layer, "gradient_checkpointing", False) and layer.training:
+        return "none"
+    return recompute_level(layer.xclip_fast_recompute, x, layer)
+
+
 @functools.lru_cache(maxsize=1)
 def _classes() -> dict:
     """The fast classes, built on first use (transformers is an optional dependency)."""
@@ -146,12 +166,26 @@ def _classes() -> dict:
             N, l, d = hidden_states.shape
             if not is_int(T) or T < 1 or N % T != 0:
                 raise ValueError(f"{N} frames are not a whole number of videos of num_frames={T!r} frames")
+            level = _level(self, hidden_states)
             if _runs_original(self, kwargs, ("message_attn", "self_attn")):
+                if level == "block":
+                    return checkpoint(_original_vision_layer, self, hidden_states, attention_mask, T, kwargs,
+                                      use_reentrant=False)
                 return _original_vision_layer(self, hidden_states, attention_mask, T, kwargs)
             parts = Parts(self.message_fc, self.message_ln, self.message_attn, self.layer_norm1, self.self_attn,
                           self.layer_norm2, _hf_mlp(self.mlp))
-            msg = message_path(hidden_states[:, 0], T, parts, self.xclip_fast_backend, self._drop)
-            return frame_path(hidden_states, msg, parts, self.xclip_fast_backend, batch_first=True, drop=self._drop)
+            if level == "none":
+                msg = message_path(hidden_states[:, 0], T, parts, self.xclip_fast_backend, self._drop)
+                return frame_path(hidden_states, msg, parts, self.xclip_fast_backend, batch_first=True,
+                                  drop=self._drop)
+            body = functools.partial(self._branches, T=T, parts=parts)
+            x1, y = run_recomputed(level, body, hidden_states, d=d, hidden=mlp_width(parts.mlp))
+            return x1 + y
+
+        def _branches(self, x: torch.Tensor, T: int, parts: Parts):
+            msg = message_path(x[:, 0], T, parts, self.xclip_fast_backend, self._drop)
+            return frame_branches(x, msg, parts, self.xclip_fast_backend, batch_first=True, drop=self._drop,
+                                  recomputed=True)
 
         def _drop(self, branch: str, y: torch.Tensor) -> torch.Tensor:
             return self.drop_path(y) if branch == "message" else y
@@ -163,10 +197,13 @@ def _classes() -> dict:
                     **kwargs) -> torch.Tensor:
             if attention_mask is not None:
                 raise ValueError("patched X-CLIP MIT layers take no attention_mask (the MIT passes none)")
+            level = _level(self, hidden_states)
             if _runs_original(self, kwargs, ("self_attn",)):
+                if level == "block":
+                    return checkpoint(super().forward, hidden_states, attention_mask, use_reentrant=False, **kwargs)
                 return super().forward(hidden_states, attention_mask, **kwargs)
             parts = Parts(None, None, None, self.layer_norm1, self.self_attn, self.layer_norm2, _hf_mlp(self.mlp))
-            return residual_path(hidden_states, parts, self.xclip_fast_backend, batch_first=True)
+            return residual_path(hidden_states, parts, self.xclip_fast_backend, batch_first=True, recompute=level)
 
     class FastXCLIPMultiframeIntegrationTransformer(hfx.XCLIPMultiframeIntegrationTransformer):
         """The MIT for any frame count: the frame position embedding is interpolated linearly over
@@ -221,10 +258,11 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return get_base() if callable(get_base) and type(model).__module__.startswith("peft.") else model
 
 
-def _swap(module: nn.Module, cls: type, backend: str | None) -> None:
+def _swap(module: nn.Module, cls: type, backend: str | None, recompute: str | None = None) -> None:
     module.__class__ = cls
     if backend is not None:
         module.xclip_fast_backend = backend
+        module.xclip_fast_recompute = recompute
 
 
 def is_patched(model: nn.Module) -> bool:
@@ -237,7 +275,7 @@ def is_patched(model: nn.Module) -> bool:
     return any(isinstance(layer, _classes()["FastXCLIPVisionEncoderLayer"]) for layer in layers)
 
 
-def patch_xclip(model: nn.Module, backend: str = "auto") -> nn.Module:
+def patch_xclip(model: nn.Module, backend: str = "auto", recompute: str = "lean") -> nn.Module:
     """Make the vision encoder layers (and the MIT) of a transformers X-CLIP model fast, in place.
     Returns ``model``.
 
@@ -253,6 +291,11 @@ def patch_xclip(model: nn.Module, backend: str = "auto") -> nn.Module:
     computation for the calls that ask for attention weights. A PEFT model (``get_peft_model``) is
     patched in place too (its base model); LoRA adapters and hooks on the sub-modules apply (see
     :mod:`xclip_fast.submodules` and the README's "Errors and limits").
+
+    ``recompute``: what each patched layer keeps for its backward, as for the fast blocks (``"lean"``,
+    ``"min"``, ``"none"``, ``"block"``; see :class:`xclip_fast.blocks.RecomputeMixin`); change it
+    later with :func:`set_recompute`. A layer under Hugging Face's own gradient checkpointing
+    (``model.gradient_checkpointing_enable()``) is recomputed whole by it and keeps nothing more.
     """
     import transformers
     from transformers.models.x_clip import modeling_x_clip as hfx
@@ -261,6 +304,7 @@ def patch_xclip(model: nn.Module, backend: str = "auto") -> nn.Module:
     if int(transformers.__version__.split(".")[0]) < 5:
         raise ValueError(f"patch_xclip needs transformers >= 5, found {transformers.__version__}")
     _check_backend_for_hf(backend)
+    check_recompute(recompute)
     if not isinstance(model, (hfx.XCLIPModel, hfx.XCLIPVisionModel)):
         raise ValueError(f"expected a transformers XCLIPModel or XCLIPVisionModel, got {type(model).__name__}")
     if is_patched(model):
@@ -268,10 +312,10 @@ def patch_xclip(model: nn.Module, backend: str = "auto") -> nn.Module:
     fast = _classes()
     vision = model.vision_model if isinstance(model, hfx.XCLIPModel) else model
     for layer in vision.encoder.layers:
-        _swap(layer, fast["FastXCLIPVisionEncoderLayer"], backend)
+        _swap(layer, fast["FastXCLIPVisionEncoderLayer"], backend, recompute)
     if isinstance(model, hfx.XCLIPModel):
         for layer in model.mit.encoder.layers:
-            _swap(layer, fast["FastXCLIPEncoderLayer"], backend)
+            _swap(layer, fast["FastXCLIPEncoderLayer"], backend, recompute)
         _swap(model.mit, fast["FastXCLIPMultiframeIntegrationTransformer"], None)
         _swap(model, fast["PatchedXCLIPModel"], None)
     return outer
@@ -292,7 +336,7 @@ def unpatch_xclip(model: nn.Module) -> nn.Module:
         model.__class__ = hfx.XCLIPModel
     for layer in layers:
         layer.__class__ = layer.__class__.__bases__[0]
-        del layer.xclip_fast_backend
+        del layer.xclip_fast_backend, layer.xclip_fast_recompute
     return outer
 
 
@@ -302,3 +346,11 @@ def set_backend(model: nn.Module, backend: str) -> None:
     for m in model.modules():
         if hasattr(m, "xclip_fast_backend"):
             m.xclip_fast_backend = backend
+
+
+def set_recompute(model: nn.Module, recompute: str) -> None:
+    """Change what every patched layer of ``model`` keeps for its backward (see :func:`patch_xclip`)."""
+    check_recompute(recompute)
+    for m in model.modules():
+        if hasattr(m, "xclip_fast_recompute"):
+            m.xclip_fast_recompute = recompute

@@ -271,25 +271,45 @@ def packed_attention(qkv: torch.Tensor, extra_kv: torch.Tensor | None = None, *,
 _QG = 1.702
 
 
-def quick_gelu(h: torch.Tensor, backend: str = "auto", *, inplace: bool = False) -> torch.Tensor:
+def quick_gelu(h: torch.Tensor, backend: str = "auto", *, inplace: bool = False, grad: bool = False) -> torch.Tensor:
     """``h * sigmoid(1.702 h)`` (QuickGELU), one pass on the triton backend; ``inplace`` writes into
-    ``h`` on the torch backend (the triton operator always returns a new tensor)."""
+    ``h`` on the torch backend (the triton operator always returns a new tensor). ``grad``: autograd
+    records it (differentiable operations on the torch backend; the triton operator always is)."""
     backend = resolve_backend(backend, h.device, dtype=h.dtype)
     if backend == "triton":
         return torch.ops.xclip_fast.quick_gelu(h)
+    if grad:
+        return _QuickGELUFunction.apply(h)
     if inplace:
         return h.mul_(torch.mul(h, _QG).sigmoid_())
     return torch.mul(h, _QG).sigmoid_().mul_(h)
 
 
-def _quick_gelu_backward(h: torch.Tensor, dg: torch.Tensor, backend: str) -> torch.Tensor:
-    """d/dh of QuickGELU times ``dg`` (the sigmoid is recomputed from ``h``; torch writes into ``dg``)."""
+def _quick_gelu_backward(h: torch.Tensor, dg: torch.Tensor, backend: str, inplace: bool = True) -> torch.Tensor:
+    """d/dh of QuickGELU times ``dg`` (the sigmoid is recomputed from ``h``; torch writes into ``dg``
+    unless ``inplace`` is False)."""
     if backend == "triton":
         return torch.ops.xclip_fast.quick_gelu_backward(h, dg)
     s = torch.mul(h, _QG).sigmoid_()
     # s + 1.702 h s (1 - s)
     slope = torch.sub(1.0, s).mul_(s).mul_(h).mul_(_QG).add_(s)
-    return dg.mul_(slope)
+    return dg.mul_(slope) if inplace else slope.mul_(dg)
+
+
+class _QuickGELUFunction(torch.autograd.Function):
+    """QuickGELU on the torch backend saving its input only (autograd on the formula would keep the
+    sigmoid too); the backward recomputes the sigmoid. The triton operator does the same in one pass."""
+
+    @staticmethod
+    def forward(ctx, h):
+        ctx.save_for_backward(h)
+        return torch.mul(h, _QG).sigmoid_().mul_(h)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dg):
+        (h,) = ctx.saved_tensors
+        return _quick_gelu_backward(h, dg, "torch", inplace=False)
 
 
 class QuickGELUMLPFunction(torch.autograd.Function):

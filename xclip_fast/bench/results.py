@@ -104,6 +104,10 @@ def table(rows: list[Result], env: dict) -> str:
              "inputs and weights during the call (CUDA) / resident-memory growth in a fresh process (CPU)"]
     header = f"{'case':38s} {'dtype':8s} {'mode':6s} {'provider':26s} {'time ms':>22s} {'speedup':>8s} " \
              f"{'mem MiB':>9s} {'mem x':>6s} {'TFLOP/s':>8s} {'GB/s':>7s} {'%copy':>6s} {'error':>8s}"
+    if any(r.level == "train" for r in rows):
+        lines.append("train: one forward + backward + AdamW step of the encoder; mem: MiB held after the forward "
+                     "for the backward (CPU; the compiled original: saved by its graph) / peak above the weights "
+                     "and optimizer state (CUDA); TFLOP/s: the original's matmul FLOPs per second")
     lines += [header, "-" * len(header)]
     last = None
     for r in rows:

@@ -10,6 +10,7 @@ from xclip_fast.argtypes import device_arg, frame_list, positive_int
 from xclip_fast.bench.cases import LEVELS, MODES, build_cases
 from xclip_fast.bench.measure import copy_bandwidth, cpu_memory, cuda_memory, free, time_interleaved, time_ms
 from xclip_fast.bench.results import Result, environment, table, write_outputs
+from xclip_fast.bench.train import TRAIN_PROVIDERS, train_rows
 from xclip_fast.bench.workloads import ALL_PROVIDERS, PROVIDERS, Skip, Workload, grad_out
 from xclip_fast.dtypes import BY_NAME, dtype_name
 from xclip_fast.encoder import PRESETS
@@ -154,6 +155,14 @@ def _progress(total):
         return _Plain()
 
 
+def _train_providers(wanted, quick: bool, cuda: bool):
+    """The training level's providers: those asked for (the original always), else all of them; a
+    quick CPU run leaves the compiled original out (compiling its backward takes minutes on 2 cores)."""
+    if wanted:
+        return ["reference", *[p for p in TRAIN_PROVIDERS if p in wanted and p != "reference"]]
+    return [p for p in TRAIN_PROVIDERS if not (quick and not cuda and p == "reference-compiled")]
+
+
 def main(args) -> int:
     """``xclip-fast bench``: see ``xclip-fast bench --help``."""
     import os
@@ -168,16 +177,20 @@ def main(args) -> int:
     if device.type == "cpu" and dtype in (torch.float16, torch.bfloat16):
         raise ValueError(f"--dtype {args.dtype} on CPU: use float32 (half-precision CPU kernels are not what "
                          "anyone runs X-CLIP on)")
-    levels = LEVELS if args.level == "all" else (args.level,)
+    levels = (*LEVELS, "train") if args.level == "all" else (args.level,)
+    quick = args.quick or (not cuda and not args.full)
+    if quick and not args.quick:
+        print("CPU run: small sizes and few repeats (about 5 minutes on 2 cores; --full runs the full sweep).")
     model = args.model or ("b16" if cuda else "b32")
     frames = args.frames  # a list of ints >= 1 (checked by argparse), or None
     batch = args.batch or (8 if cuda else 1)
     modes = MODES if args.mode == "both" else (args.mode,)
     wanted = args.providers.split(",") if args.providers else None
     if wanted:
-        unknown = sorted(set(wanted) - set(ALL_PROVIDERS))
+        known = sorted({*ALL_PROVIDERS, *TRAIN_PROVIDERS})
+        unknown = sorted(set(wanted) - set(known))
         if unknown:
-            raise ValueError(f"unknown providers {unknown}; choose from {ALL_PROVIDERS}")
+            raise ValueError(f"unknown providers {unknown}; choose from {known}")
         if "reference" not in wanted:
             wanted = ["reference", *wanted]  # every ratio is against the reference
     if not cuda:
@@ -185,17 +198,24 @@ def main(args) -> int:
               "interpreter, which checks correctness and is not for timing).")
     if device.type == "cuda" and dtype == torch.float32:
         torch.backends.cuda.matmul.allow_tf32 = False
-    cases = build_cases(levels, model, frames, batch, args.quick, cuda)
+    cases = build_cases(levels, model, frames, batch, quick, cuda)
     env = environment(device)
     copy_bw = copy_bandwidth(device)
     plan = [(c, m, [p for p in PROVIDERS[c.level] if not wanted or p in wanted])
             for c in cases for m in modes if not (c.level == "encoder" and m == "fwdbwd")]
-    bar = _progress(sum(len(ps) for _, _, ps in plan))
+    train_frames = (frames or ([8] if quick else [8, 32])) if "train" in levels else []
+    train_providers = _train_providers(wanted, quick, cuda)
+    # the bar counts cases (one case: every provider of one size and mode), not provider runs
+    bar = _progress(len(plan) + len(train_frames))
     rows = []
     for case, mode, provs in plan:
         bar.set_description(f"{case.label} {mode}")
-        rows += run_case(case, dtype, mode, provs, device, args.quick, copy_bw, env)
-        bar.update(len(provs))
+        rows += run_case(case, dtype, mode, provs, device, quick, copy_bw, env)
+        bar.update(1)
+    for T in train_frames:
+        bar.set_description(f"train {model} b={batch} T={T}")
+        rows += train_rows(model, [T], batch, device, quick, env, train_providers)
+        bar.update(1)
     bar.close()
     print(table(rows, env))
     print(f"copy bandwidth: {copy_bw:.0f} GB/s (read + write)")
@@ -211,7 +231,9 @@ def main(args) -> int:
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--level", default="all", choices=[*LEVELS, "all"])
+    p.add_argument("--level", default="all", choices=[*LEVELS, "train", "all"],
+                   help="train: the encoder's forward + backward + AdamW step at every recompute level against the "
+                   "original, the original with selective checkpointing and the original compiled")
     p.add_argument("--model", default=None, choices=sorted(PRESETS), help="default b16 on CUDA, b32 on CPU")
     p.add_argument("--frames", type=frame_list, default=None, help="comma list of T for the block and encoder "
                    "levels (default: 8,16,32 and long clips up to 512 for blocks, 8 to 1024 for the encoder on CUDA)")
@@ -223,4 +245,6 @@ def add_arguments(p) -> None:
     p.add_argument("--device", type=device_arg, default=None, choices=["cpu", "cuda"],
                    help="default: cuda when available")
     p.add_argument("--out", default="bench-results", help="folder for results.csv/.jsonl, run JSON and the plot")
-    p.add_argument("--quick", action="store_true", help="small sizes and few repeats (under 2 minutes on 2 CPU cores)")
+    p.add_argument("--quick", action="store_true", help="small sizes and few repeats (the default on CPU)")
+    p.add_argument("--full", action="store_true", help="on CPU: the full sweep (larger sizes, more repeats, "
+                   "the compiled original in the training level; 10 minutes or more on 2 cores)")

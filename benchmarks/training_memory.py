@@ -1,0 +1,200 @@
+"""What training keeps for the backward: held bytes and matmul FLOPs of one CCT block and of the
+encoder at every recompute level against the original (eager, with selective checkpointing,
+compiled), the CPU time of a block, and the longest clip that trains in 80 and 141 GB.
+
+    python benchmarks/training_memory.py [--out DIR] [--quick]
+
+Held bytes: the tensor storages created by the forward and still alive after it (the output,
+inputs and weights excluded), counted operator by operator (``xclip_fast.bench.memory``); for the
+compiled original, the unique storages its graph saves for the backward. FLOPs: forward + backward
+with ``FlopCounterMode``. Longest clip: batch 1, bf16 autocast (the GPU training setting, run here on
+the CPU): bytes per frame from the held bytes at two frame counts plus one block's working set in
+backward, and ``T_max = (capacity - 18 bytes x parameters) / bytes per frame`` (see
+``longest_clip``). An extrapolation: no GPU ran it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+from torch.utils.checkpoint import checkpoint, create_selective_checkpoint_contexts
+
+from xclip_fast import reference
+from xclip_fast.bench.memory import held_bytes, matmul_flops, saved_bytes
+from xclip_fast.bench.train import _save_matmuls, _Trainer
+from xclip_fast.blocks import CrossFrameAttentionBlock
+from xclip_fast.encoder import XCLIPVideoEncoder
+from xclip_fast.functional import RECOMPUTE_LEVELS
+
+MIB = 2**20
+FAST = [f"xclip-fast-{level}" for level in RECOMPUTE_LEVELS]
+
+
+def _step(fn):
+    def run(x):
+        y = fn(x)
+        y.float().sum().backward()
+    return run
+
+
+def _median_ms(fns: dict, rounds: int) -> dict:
+    times = {k: [] for k in fns}
+    for fn in fns.values():
+        fn()
+    for _ in range(rounds):
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[k].append((time.perf_counter() - t0) * 1e3)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def block_table(l: int, rounds: int) -> list[dict]:
+    torch.manual_seed(0)
+    T, d, h = 8, 768, 12
+    ref = reference.CrossFramelAttentionBlock(d, h, None, 0.0, T).train()
+    fast = CrossFrameAttentionBlock(d, h, None, 0.0, T, backend="torch").train()
+    fast.load_state_dict(ref.state_dict())
+    x = torch.randn(l, T, d, requires_grad=True)
+    sac = functools.partial(create_selective_checkpoint_contexts, _save_matmuls)
+    compiled = torch.compile(ref)
+
+    def level(name):
+        def run(x):
+            fast.recompute = name
+            return fast(x)
+        return run
+
+    variants = {"original": ref,
+                "original + selective checkpointing": lambda x: checkpoint(ref, x, use_reentrant=False, context_fn=sac),
+                "original, torch.compile": compiled,
+                **{f"fast, recompute={k}": level(k) for k in RECOMPUTE_LEVELS}}
+    rows = []
+    for name, fn in variants.items():
+        measure = saved_bytes if "compile" in name else held_bytes
+        out, held = measure(fn, x, keep=[ref, fast])
+        del out
+        flops = None if "compile" in name else matmul_flops(_step(fn), x)
+        rows.append(dict(variant=name, held_mib=held / MIB, flops=flops))
+    x.grad = None
+    times = _median_ms({r["variant"]: functools.partial(_step(variants[r["variant"]]), x) for r in rows
+                        if r["variant"].startswith("fast")}, rounds)
+    base = rows[0]
+    for r in rows:
+        r["held_x"] = r["held_mib"] / base["held_mib"]
+        r["flops_x"] = r["flops"] / base["flops"] if r["flops"] else None
+        r["time_ms"] = times.get(r["variant"])
+        r["time_x_none"] = r["time_ms"] / times["fast, recompute=none"] if r["time_ms"] else None
+    return rows
+
+
+def _trainers(model: str, T: int, amp: bool, names):
+    torch.manual_seed(0)
+    enc = XCLIPVideoEncoder.from_config(model, num_frames=T)
+    return enc, {n: _Trainer(n, enc, torch.device("cpu"), amp) for n in names}
+
+
+def encoder_table(model: str, T: int) -> list[dict]:
+    names = ["reference", "reference-sac", *FAST]
+    enc, trainers = _trainers(model, T, False, names)
+    r = enc.config["input_resolution"]
+    video = torch.randn(1, T, 3, r, r)
+    rows = []
+    for name, tr in trainers.items():
+        out, held = held_bytes(tr.loss, video, keep=[tr.modules])
+        del out
+        rows.append(dict(variant=name, held_mib=held / MIB, flops=matmul_flops(tr.fwd_bwd, video)))
+    for row in rows:
+        row["held_x"] = row["held_mib"] / rows[0]["held_mib"]
+        row["flops_x"] = row["flops"] / rows[0]["flops"]
+    return rows
+
+
+def longest_clip(model: str, frames=(2, 4)) -> list[dict]:
+    """Bytes per frame (bf16 autocast, batch 1) and the longest T that trains in 80 and 141 GB.
+
+    Per frame: the slope of the bytes held after the forward between two frame counts (weights and
+    their bf16 copies cancel out), plus the backward's working set: one original block's activations
+    (what the recomputation of one block re-creates at most), the original's slope over its layers.
+    Static: 18 bytes per parameter (fp32 weights, gradients, two AdamW states, the bf16 copies)."""
+    names = ["reference", "reference-sac", *FAST]
+    held = {n: [] for n in names}
+    params = layers = None
+    for T in frames:
+        enc, trainers = _trainers(model, T, True, names)
+        params, layers = sum(p.numel() for p in enc.parameters()), enc.config["layers"]
+        r = enc.config["input_resolution"]
+        video = torch.randn(1, T, 3, r, r)
+        for name, tr in trainers.items():
+            out, nbytes = held_bytes(tr.loss, video, keep=[tr.modules])
+            del out
+            held[name].append(nbytes)
+        del enc, trainers
+    slope = {n: (b2 - b1) / (frames[1] - frames[0]) for n, (b1, b2) in held.items()}
+    working = slope["reference"] / layers
+    rows = []
+    for name in names:
+        per_frame = slope[name] + working
+        row = dict(variant=name, model=model, held_mib_per_frame=slope[name] / MIB, mib_per_frame=per_frame / MIB)
+        for gb in (80, 141):
+            row[f"T_max_{gb}GB"] = int((gb * 1e9 - 18 * params) // per_frame)
+        rows.append(row)
+    for row in rows:
+        row["x_original"] = row["T_max_80GB"] / rows[0]["T_max_80GB"]
+        row["x_selective"] = row["T_max_80GB"] / rows[1]["T_max_80GB"]
+    return rows
+
+
+def _md(rows, cols) -> str:
+    def fmt(v):
+        if v is None:
+            return "-"
+        return f"{v:.3f}" if isinstance(v, float) else str(v)
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(fmt(r.get(c)) for c in cols) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", default=None, help="folder for results.md and results.json")
+    p.add_argument("--quick", action="store_true", help="B/32 only, fewer timing rounds")
+    args = p.parse_args(argv)
+    torch.set_num_threads(torch.get_num_threads())
+    out = {"torch": torch.__version__, "threads": torch.get_num_threads(), "blocks": {}, "encoders": {},
+           "longest_clip": {}}
+    md = [f"torch {torch.__version__}, CPU, {torch.get_num_threads()} threads, float32 unless stated", ""]
+    for tag, l in [("B/32", 50)] + ([] if args.quick else [("B/16", 197)]):
+        rows = block_table(l, rounds=5 if args.quick else 15)
+        out["blocks"][tag] = rows
+        md += [f"### One CCT block, {tag} sizes (l={l}, T=8, d=768, 12 heads)", "",
+               _md(rows, ["variant", "held_mib", "held_x", "flops_x", "time_ms", "time_x_none"]), ""]
+    rows = encoder_table("b32", 8)
+    out["encoders"]["b32"] = rows
+    md += ["### Whole encoder, B/32, T=8, batch 1", "", _md(rows, ["variant", "held_mib", "held_x", "flops_x"]), ""]
+    for model in ["b16"] + ([] if args.quick else ["l14"]):
+        rows = longest_clip(model)
+        out["longest_clip"][model] = rows
+        md += [f"### Longest trainable clip, {model}, batch 1, bf16 autocast (extrapolated from CPU)", "",
+               _md(rows, ["variant", "held_mib_per_frame", "mib_per_frame", "T_max_80GB", "T_max_141GB",
+                          "x_original", "x_selective"]), ""]
+    text = "\n".join(md)
+    print(text)
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "results.md"), "w") as f:
+            f.write(text + "\n")
+        with open(os.path.join(args.out, "results.json"), "w") as f:
+            json.dump(out, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,113 @@
+"""What a training forward keeps for its backward, and what forward + backward cost, on any device.
+
+``held_bytes`` counts the bytes of every tensor storage created during a forward that is still
+alive when it returns (the output and pre-existing tensors such as weights and inputs excluded):
+what autograd and any checkpoint cache keep for the backward. It follows the operators through a
+``TorchDispatchMode``, so it is exact on the CPU too (no allocator statistics needed) and sees the
+selective-checkpoint cache that ``saved_tensors_hooks`` cannot. ``peak_bytes`` is the highest sum
+of such live storages over a whole call (forward and backward). Both see eager operators only: a
+``torch.compile``-d callable allocates inside its kernels, where ``saved_bytes`` (the unique storages
+autograd saves, through ``saved_tensors_hooks``) measures it instead.
+
+``matmul_flops`` counts forward + backward FLOPs with ``torch.utils.flop_counter.FlopCounterMode``
+(matrix products and attention; recomputed products count again).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+from torch.utils.flop_counter import FlopCounterMode
+
+__all__ = ["StorageTracker", "held_bytes", "peak_bytes", "saved_bytes", "matmul_flops"]
+
+
+def _key(t: torch.Tensor) -> int:
+    return StorageWeakRef(t.untyped_storage()).cdata
+
+
+class StorageTracker(TorchDispatchMode):
+    """Records every storage an operator returns while active; ``live(exclude)`` sums the bytes of
+    those still alive, ``peak`` the highest such sum seen after any operator (when ``track_peak``)."""
+
+    def __init__(self, track_peak: bool = False):
+        super().__init__()
+        self.storages: dict[int, tuple[StorageWeakRef, int]] = {}
+        self.dtypes: dict[int, torch.dtype] = {}  # the dtype of the first tensor seen on each storage
+        self.track_peak = track_peak
+        self.peak = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.device.type != "meta":
+                ref = StorageWeakRef(t.untyped_storage())
+                if ref.cdata not in self.storages:
+                    self.storages[ref.cdata] = (ref, t.untyped_storage().nbytes())
+                    self.dtypes[ref.cdata] = t.dtype
+        if self.track_peak:
+            self.storages = {k: v for k, v in self.storages.items() if not v[0].expired()}
+            self.peak = max(self.peak, sum(n for _, n in self.storages.values()))
+        return out
+
+    def live(self, exclude=(), dtype: torch.dtype | None = None) -> int:
+        """Bytes of the recorded storages still alive, except those of ``exclude``'s tensors; only
+        those first seen with ``dtype`` when given."""
+        skip = {_key(t) for t in exclude if isinstance(t, torch.Tensor)}
+        return sum(n for k, (ref, n) in self.storages.items()
+                   if not ref.expired() and k not in skip and (dtype is None or self.dtypes.get(k) == dtype))
+
+
+def _tensors(*objs):
+    """Every tensor in ``objs`` (nested lists, tuples and dicts; a module gives its parameters and buffers)."""
+    out = []
+    for leaf in tree_leaves(objs, is_leaf=lambda o: isinstance(o, torch.nn.Module)):
+        if isinstance(leaf, torch.nn.Module):
+            out += list(leaf.parameters()) + list(leaf.buffers())
+        elif isinstance(leaf, torch.Tensor):
+            out.append(leaf)
+    return out
+
+
+def held_bytes(fn, *args, keep=()) -> tuple[object, int]:
+    """``(out, bytes)``: run ``fn(*args)`` and count the bytes it created that are still alive after
+    it returns, excluding the output, the arguments and ``keep`` (modules: their parameters and
+    buffers; tensors). Keep ``out`` alive while the count matters (its graph holds the bytes)."""
+    tracker = StorageTracker()
+    with tracker:
+        out = fn(*args)
+    return out, tracker.live(_tensors(out, args, keep))
+
+
+def peak_bytes(fn, *args) -> int:
+    """The highest sum of live storages created during ``fn(*args)`` (forward and backward when
+    ``fn`` runs both), parameter gradients included."""
+    tracker = StorageTracker(track_peak=True)
+    with tracker:
+        fn(*args)
+    return tracker.peak
+
+
+def saved_bytes(fn, *args, keep=()) -> tuple[object, int]:
+    """``(out, bytes)``: the unique storages autograd saves for the backward of ``fn(*args)``
+    (through ``saved_tensors_hooks``), excluding those of the arguments and ``keep``. Works for
+    compiled callables; a checkpoint inside ``fn`` hides what its own cache keeps."""
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        seen.setdefault(_key(t), t.untyped_storage().nbytes())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn(*args)
+    skip = {_key(t) for t in _tensors(args, keep)}
+    return out, sum(n for k, n in seen.items() if k not in skip)
+
+
+def matmul_flops(fn, *args) -> int:
+    """FLOPs counted by ``FlopCounterMode`` while ``fn(*args)`` runs (make it run forward and backward)."""
+    with FlopCounterMode(display=False) as counter:
+        fn(*args)
+    return counter.get_total_flops()

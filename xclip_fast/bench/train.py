@@ -1,0 +1,206 @@
+"""The training level of ``xclip-fast bench``: the whole encoder, forward + backward + AdamW step.
+
+Providers: the original modules eager (``reference``), with PyTorch's selective activation
+checkpointing keeping matmul and attention outputs per block (``reference-sac``), compiled
+(``reference-compiled``), and the fast encoder at each recompute level (``xclip-fast-<level>``,
+backend ``"auto"``: triton on CUDA, torch on CPU). Under bf16 autocast on CUDA, float32 on CPU.
+
+Columns: time per step; memory: on CUDA the allocator's peak above the weights, gradients and
+optimizer state, on CPU the bytes held after the forward (:func:`xclip_fast.bench.memory.held_bytes`;
+for the compiled original the bytes its graph saves, :func:`~xclip_fast.bench.memory.saved_bytes`);
+matmul FLOPs of forward + backward (``FlopCounterMode``, eager providers); on CUDA the model FLOP
+utilisation: the original's FLOPs per second over the measured dense bf16 matmul rate. Every
+provider's loss and gradients are checked against the original's first step.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+
+import torch
+
+from xclip_fast import reference
+from xclip_fast.bench.cases import Case, model_dims
+from xclip_fast.bench.measure import MIB, cuda_memory, free, time_interleaved, time_ms
+from xclip_fast.bench.memory import held_bytes, matmul_flops, saved_bytes
+from xclip_fast.bench.results import Result
+from xclip_fast.checkpoints import split_encoder_state_dict
+from xclip_fast.encoder import XCLIPVideoEncoder
+from xclip_fast.functional import RECOMPUTE_LEVELS
+from xclip_fast.testing import TOLERANCES, rel_err
+
+__all__ = ["TRAIN_PROVIDERS", "train_rows", "dense_bf16_tflops"]
+
+TRAIN_PROVIDERS = ["reference", "reference-sac", "reference-compiled",
+                   *[f"xclip-fast-{level}" for level in RECOMPUTE_LEVELS]]
+
+_SAVE = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_scaled_dot_product_flash_attention_for_cpu",
+         "aten::_scaled_dot_product_flash_attention", "aten::_scaled_dot_product_efficient_attention",
+         "aten::_scaled_dot_product_cudnn_attention")
+
+
+def _save_matmuls(ctx, op, *args, **kwargs):
+    """Stock selective checkpointing: keep matmul and attention outputs, recompute the rest."""
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    name = op.name() if hasattr(op, "name") else ""
+    return CheckpointPolicy.MUST_SAVE if name in _SAVE else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+class _SACBlocks(torch.nn.Module):
+    """The original CCT's blocks, each under selective checkpointing (what a user writes in five lines)."""
+
+    def __init__(self, resblocks):
+        super().__init__()
+        self.resblocks = resblocks
+
+    def forward(self, x):
+        from torch.utils.checkpoint import checkpoint, create_selective_checkpoint_contexts
+
+        context = functools.partial(create_selective_checkpoint_contexts, _save_matmuls)
+        for block in self.resblocks:
+            x = checkpoint(block, x, use_reentrant=False, context_fn=context)
+        return x
+
+
+def dense_bf16_tflops(device) -> float:
+    """The measured dense bf16 matmul rate of ``device`` (8192^3 products), TFLOP/s."""
+    n = 8192
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    ms = time_ms(lambda: a @ b, device, quick=True)[0]
+    return 2 * n**3 / (ms * 1e-3) / 1e12
+
+
+class _Trainer:
+    """One provider: its own copy of the weights and its own AdamW."""
+
+    def __init__(self, name, enc, device, amp):
+        self.name, self.device, self.amp = name, device, amp
+        if name.startswith("reference"):
+            cfg = enc.config
+            visual = reference.CrossFrameCommunicationTransformer(
+                cfg["input_resolution"], cfg["patch_size"], cfg["width"], cfg["layers"], cfg["heads"],
+                cfg["embed_dim"], T=cfg["num_frames"])
+            mit = reference.MultiframeIntegrationTransformer(cfg["num_frames"], cfg["embed_dim"], cfg["mit_layers"],
+                                                             cfg["mit_heads"])
+            visual_sd, mit_sd = split_encoder_state_dict(enc.state_dict())
+            visual.load_state_dict(visual_sd)
+            mit.load_state_dict(mit_sd)
+            if name == "reference-sac":
+                visual.transformer.resblocks = _SACBlocks(visual.transformer.resblocks)
+            self.modules = torch.nn.ModuleList([visual, mit]).to(device).train()
+
+            def forward(video):
+                n, t = video.shape[:2]
+                return mit(visual(video.flatten(0, 1))[0].view(n, t, -1))
+            self.forward = torch.compile(forward) if name == "reference-compiled" else forward
+        else:
+            fast = copy.deepcopy(enc).to(device).train()
+            fast.recompute = name.removeprefix("xclip-fast-")
+            self.modules = fast
+            self.forward = fast
+        self.params = list(self.modules.parameters())
+        self.opt = torch.optim.AdamW(self.params, lr=1e-6, foreach=False)
+
+    def loss(self, video):
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+            out = self.forward(video)
+        return out.float().square().mean()
+
+    def grads(self, video):
+        """Loss and flattened gradients of one forward + backward (no step)."""
+        for p in self.params:
+            p.grad = None
+        loss = self.loss(video)
+        loss.backward()
+        g = torch.cat([p.grad.float().flatten() for p in self.params])
+        for p in self.params:
+            p.grad = None
+        return loss.detach().float(), g
+
+    def step(self, video):
+        self.opt.zero_grad(set_to_none=True)
+        self.loss(video).backward()
+        self.opt.step()
+
+    def fwd_bwd(self, video):
+        self.loss(video).backward()
+        for p in self.params:
+            p.grad = None
+
+
+def train_rows(model: str, frames: list[int], batch: int, device: torch.device, quick: bool, env: dict,
+               providers=None) -> list[Result]:
+    """Rows of the training level for each T of ``frames`` (``batch`` videos)."""
+    cuda = device.type == "cuda"
+    width, heads, tokens = model_dims(model)
+    dtype = "bfloat16-amp" if cuda else "float32"
+    peak_rate = dense_bf16_tflops(device) if cuda else None
+    rows = []
+    for T in frames:
+        case = Case("train", "train", model, batch, T, tokens, width, heads)
+        torch.manual_seed(0)
+        enc = XCLIPVideoEncoder.from_config(model, num_frames=T)
+        r = enc.config["input_resolution"]
+        video = torch.randn(batch, T, 3, r, r, generator=torch.Generator().manual_seed(1)).to(device)
+        names = [p for p in TRAIN_PROVIDERS if providers is None or p in providers]
+        truth = None
+        timed, by_name = {}, {}
+        for name in names:
+            row = Result.make(env, case, dtype, "step", name, checked_against="reference")
+            rows.append(row)
+            by_name[name] = row
+            try:
+                tr = _Trainer(name, enc, device, cuda)
+                loss, g = tr.grads(video)
+                if truth is None:
+                    truth = (loss, g)
+                tol = TOLERANCES[torch.bfloat16 if cuda else torch.float32]
+                row.error, row.tolerance = max(rel_err(loss, truth[0]), rel_err(g, truth[1])), tol
+                del g
+                if not row.error <= row.tolerance:
+                    row.status, row.reason = "mismatch", f"loss/gradients: error {row.error:.2e} > {tol:.1e}"
+                    continue
+                if cuda:
+                    row.median_ms, row.p20_ms, row.p80_ms = time_ms(functools.partial(tr.step, video), device, quick)
+                    base = torch.cuda.memory_allocated(device)
+                    row.peak_mib, _ = cuda_memory(functools.partial(tr.step, video), device)
+                    row.extra_mib = row.peak_mib - base / MIB
+                else:
+                    timed[name] = functools.partial(tr.step, video)
+                    measure = saved_bytes if name == "reference-compiled" else held_bytes
+                    out, held = measure(tr.loss, video, keep=[tr.modules])
+                    del out
+                    row.extra_mib = held / MIB
+                    row.extras["memory"] = "saved by autograd" if name == "reference-compiled" else "held"
+                if name != "reference-compiled":
+                    row.extras["flops"] = matmul_flops(tr.fwd_bwd, video)
+            except Exception as exc:  # one provider failing does not stop the others
+                row.status = "oom" if "out of memory" in str(exc).lower() else "error"
+                row.reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:200]
+            finally:
+                free(device)
+        if timed:
+            for name, (med, p20, p80) in time_interleaved(timed, quick).items():
+                by_name[name].median_ms, by_name[name].p20_ms, by_name[name].p80_ms = med, p20, p80
+        ref = by_name.get("reference")
+        for row in by_name.values():
+            if row.status != "ok" or row.median_ms is None:
+                continue
+            if ref is not None and ref.status == "ok" and ref.median_ms:
+                row.speedup = ref.median_ms / row.median_ms
+                if row.extra_mib and ref.extra_mib:
+                    row.memory_ratio = row.extra_mib / ref.extra_mib
+            flops = row.extras.get("flops")
+            if ref is not None and ref.extras.get("flops"):
+                row.extras["flops_x"] = flops / ref.extras["flops"] if flops else None
+                # model FLOPs: the original's, whatever a provider recomputes
+                row.tflops = ref.extras["flops"] / (row.median_ms * 1e-3) / 1e12
+                if peak_rate:
+                    row.extras["mfu"] = row.tflops / peak_rate
+                    row.extras["dense_bf16_tflops"] = peak_rate
+        del enc, video
+        free(device)
+    return rows

@@ -39,13 +39,13 @@ def time_ms(fn, device, quick: bool):
     return time_interleaved({"fn": fn}, quick)["fn"]
 
 
-def time_interleaved(fns: dict, quick: bool) -> dict:
+def time_interleaved(fns: dict, quick: bool, rounds: int | None = None) -> dict:
     """CPU timing of several callables in alternating rounds (A B C A B C ...), so that drifts of a
     shared machine (other load, clocks) hit every provider alike. Returns name -> (median, p20, p80)."""
     for fn in fns.values():
         fn()  # warm-up
     times = {name: [] for name in fns}
-    rounds = 5 if quick else 15
+    rounds = rounds or (5 if quick else 15)
     budget = (0.6 if quick else 4.0) / max(1, len(fns))  # seconds per provider per run
     for _ in range(rounds):
         for name, fn in fns.items():

@@ -15,15 +15,17 @@ provider's loss and gradients are checked against the original's first step.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from xclip_fast import reference
 from xclip_fast.bench.cases import Case, model_dims
 from xclip_fast.bench.measure import MIB, cuda_memory, free, time_interleaved, time_ms
-from xclip_fast.bench.memory import held_bytes, matmul_flops, saved_bytes
+from xclip_fast.bench.memory import held_bytes, saved_bytes
 from xclip_fast.bench.results import Result
 from xclip_fast.checkpoints import split_encoder_state_dict
 from xclip_fast.encoder import XCLIPVideoEncoder
@@ -154,7 +156,12 @@ def train_rows(model: str, frames: list[int], batch: int, device: torch.device, 
             by_name[name] = row
             try:
                 tr = _Trainer(name, enc, device, cuda)
-                loss, g = tr.grads(video)
+                # the counter does not see inside compiled graphs (nor should it be active while compiling)
+                counter = FlopCounterMode(display=False) if name != "reference-compiled" else None
+                with counter or contextlib.nullcontext():
+                    loss, g = tr.grads(video)
+                if counter is not None:
+                    row.extras["flops"] = counter.get_total_flops()
                 if truth is None:
                     truth = (loss, g)
                 tol = TOLERANCES[torch.bfloat16 if cuda else torch.float32]
@@ -175,15 +182,14 @@ def train_rows(model: str, frames: list[int], batch: int, device: torch.device, 
                     del out
                     row.extra_mib = held / MIB
                     row.extras["memory"] = "saved by autograd" if name == "reference-compiled" else "held"
-                if name != "reference-compiled":
-                    row.extras["flops"] = matmul_flops(tr.fwd_bwd, video)
             except Exception as exc:  # one provider failing does not stop the others
                 row.status = "oom" if "out of memory" in str(exc).lower() else "error"
                 row.reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:200]
             finally:
                 free(device)
         if timed:
-            for name, (med, p20, p80) in time_interleaved(timed, quick).items():
+            # a step takes seconds on a CPU: the quick run times three rounds
+            for name, (med, p20, p80) in time_interleaved(timed, quick, rounds=3 if quick else None).items():
                 by_name[name].median_ms, by_name[name].p20_ms, by_name[name].p80_ms = med, p20, p80
         ref = by_name.get("reference")
         for row in by_name.values():

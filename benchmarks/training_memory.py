@@ -28,7 +28,7 @@ from torch.utils.checkpoint import checkpoint, create_selective_checkpoint_conte
 
 from xclip_fast import reference
 from xclip_fast.bench.memory import held_bytes, matmul_flops, saved_bytes
-from xclip_fast.bench.train import _save_matmuls, _Trainer
+from xclip_fast.bench.train import Trainer, save_matmuls
 from xclip_fast.blocks import CrossFrameAttentionBlock
 from xclip_fast.encoder import XCLIPVideoEncoder
 from xclip_fast.functional import RECOMPUTE_LEVELS
@@ -63,7 +63,7 @@ def block_table(l: int, rounds: int) -> list[dict]:
     fast = CrossFrameAttentionBlock(d, h, None, 0.0, T, backend="torch").train()
     fast.load_state_dict(ref.state_dict())
     x = torch.randn(l, T, d, requires_grad=True)
-    sac = functools.partial(create_selective_checkpoint_contexts, _save_matmuls)
+    sac = functools.partial(create_selective_checkpoint_contexts, save_matmuls)
     compiled = torch.compile(ref)
 
     def level(name):
@@ -98,7 +98,7 @@ def block_table(l: int, rounds: int) -> list[dict]:
 def _trainers(model: str, T: int, amp: bool, names):
     torch.manual_seed(0)
     enc = XCLIPVideoEncoder.from_config(model, num_frames=T)
-    return enc, {n: _Trainer(n, enc, torch.device("cpu"), amp) for n in names}
+    return enc, {n: Trainer(n, enc, torch.device("cpu"), amp) for n in names}
 
 
 def encoder_table(model: str, T: int) -> list[dict]:

@@ -8,11 +8,12 @@ import functools
 import pytest
 import torch
 from _helpers import BACKENDS, assert_grads_close, assert_rel, tiny_xclip
-from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
+from torch.utils.checkpoint import checkpoint, create_selective_checkpoint_contexts
 
 import xclip_fast
 from xclip_fast import reference
 from xclip_fast.bench.memory import StorageTracker, held_bytes, matmul_flops
+from xclip_fast.bench.train import save_matmuls
 from xclip_fast.blocks import CrossFrameAttentionBlock, ResidualAttentionBlock
 from xclip_fast.checkpoints import split_encoder_state_dict
 from xclip_fast.encoder import XCLIPVideoEncoder
@@ -117,6 +118,26 @@ def test_knob_validation_and_the_checkpoint_alias():
         enc.recompute = None
 
 
+def test_hooks_on_sub_modules_are_called_once_unless_the_whole_block_is_checkpointed():
+    """A forward hook on a sub-module the fast path calls (ln_1: on the frame tokens and on the
+    message token) sees the calls of one forward per training step at lean and min (they keep
+    everything then, rather than calling it again in backward); "block" is whole-module
+    checkpointing, which calls it again, as PyTorch's checkpoint does."""
+    block = CrossFrameAttentionBlock(32, 2, T=2, backend="torch").double().train()
+    seen = []
+    block.ln_1.register_forward_hook(lambda m, args, out: seen.append(tuple(out.shape)))
+    x = torch.randn(5, 4, 32, dtype=torch.float64, requires_grad=True)
+    calls = {}
+    for level in LEVELS:
+        block.recompute = level
+        seen.clear()
+        block(x).sum().backward()
+        calls[level] = list(seen)
+    assert calls["none"] == [(5, 4, 32), (4, 32)], calls
+    assert calls["lean"] == calls["min"] == calls["none"], calls
+    assert calls["block"] == calls["none"] * 2, calls
+
+
 def test_inference_keeps_nothing_whatever_the_level():
     """Under no_grad (and for frozen weights with an input that needs no grad) no level checkpoints:
     the forward is the plain one and keeps nothing."""
@@ -151,10 +172,12 @@ def test_autocast_keeps_the_autocast_dtype(level, device):
             y = block(x)
         y_plain = plain(x)
     keep = [x, y, *block.parameters()]
-    big = l * b * T * d  # elements of one d-wide row per token: q/k/v and the pre-activation are larger
+    row = l * b * T * d  # elements of one d-wide row per token
     kept_fp32 = tracker.live(keep, dtype=torch.float32)
-    assert tracker.live(keep, dtype=torch.bfloat16) >= 4 * big * 2, "the bf16 q/k/v were not kept"
-    assert kept_fp32 < big * 4 / 4, f"{kept_fp32} bytes kept in float32 (an upcast d-wide tensor?)"
+    # q/k/v and the attention output alone are 4 rows (bf16: 2 bytes each)
+    assert tracker.live(keep, dtype=torch.bfloat16) >= 4 * row * 2, "the bf16 q/k/v were not kept"
+    # float32 may hold only the message path's few tokens (b*T of them, against l*b*T frame tokens)
+    assert kept_fp32 < row, f"{kept_fp32} bytes kept in float32 (an upcast d-wide tensor?)"
     tol = TOLERANCES[torch.bfloat16]
     assert_rel("output", y.float(), y_plain.float(), tol)
     g = torch.randn_like(y.float())
@@ -229,15 +252,6 @@ def test_patched_hf_levels_equal_the_unpatched_model(level):
 # ------------------------------------------------------------------------------------------------
 # the targets: held bytes and matmul FLOPs of one B/32 block against the original, in one run
 # ------------------------------------------------------------------------------------------------
-_SAVE_MATMULS = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default,
-                 torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default}
-
-
-def _save_matmuls(ctx, op, *args, **kwargs):
-    """Stock selective checkpointing as PyTorch documents it: keep matmul and attention outputs."""
-    return CheckpointPolicy.MUST_SAVE if op in _SAVE_MATMULS else CheckpointPolicy.PREFER_RECOMPUTE
-
-
 def _cost(fn, x, keep):
     out, held = held_bytes(fn, x, keep=keep)
     del out
@@ -259,7 +273,7 @@ def test_held_bytes_and_flops_meet_the_targets():
     fast.load_state_dict(ref.state_dict())
     x = torch.randn(l, T, d, requires_grad=True)
     keep = [ref, fast]
-    sac = functools.partial(create_selective_checkpoint_contexts, _save_matmuls)
+    sac = functools.partial(create_selective_checkpoint_contexts, save_matmuls)
     held0, flops0 = _cost(ref, x, keep)
     held_sac, flops_sac = _cost(lambda x: checkpoint(ref, x, use_reentrant=False, context_fn=sac), x, keep)
     costs = {}

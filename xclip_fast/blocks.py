@@ -15,13 +15,13 @@ import warnings
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from xclip_fast import reference
 from xclip_fast.functional import (
     FusedMLP,
     Parts,
     check_recompute,
+    checkpointed,
     frame_branches,
     frame_path,
     message_path,
@@ -158,9 +158,10 @@ class RecomputeMixin:
     - ``"block"``: keeps nothing inside the block (whole-block activation checkpointing).
 
     It applies only while autograd records the block (inference keeps nothing whatever the level).
-    ``"lean"`` and ``"min"`` need the fast path: a block that runs its original computation (the
-    ``"reference"`` backend, wrapped or hooked sub-modules) keeps what its modules keep under both,
-    and is checkpointed whole under ``"block"``.
+    ``"lean"`` and ``"min"`` need the fast path and no hooks on sub-modules (the recomputation would
+    call a hook again in backward): a block that runs its original computation (the ``"reference"``
+    backend, wrapped or hooked attention) or has hooked sub-modules keeps what ``"none"`` keeps under
+    both. ``"block"`` checkpoints any block whole, calling its sub-modules' hooks again in backward.
     """
 
     @property
@@ -259,9 +260,7 @@ class CrossFrameAttentionBlock(RecomputeMixin, BackendMixin, reference.CrossFram
         self.check_input(x, T)
         level = recompute_level(self._recompute, x, self)
         if self._runs_original():
-            if level == "block":
-                return checkpoint(cross_frame_block_forward, self, x, T, use_reentrant=False)
-            return cross_frame_block_forward(self, x, T)
+            return checkpointed(level, cross_frame_block_forward, self, x, T)
         self._check_backend_can_run(x)
         parts = self.parts
         if level == "none":
@@ -346,9 +345,7 @@ class ResidualAttentionBlock(RecomputeMixin, BackendMixin, reference.ResidualAtt
         if reason:
             warn_original("ResidualAttentionBlock", f"attn {reason}")
         if reason or self._backend == "reference":
-            if level == "block":
-                return checkpoint(reference.ResidualAttentionBlock.forward, self, x, use_reentrant=False)
-            return super().forward(x)
+            return checkpointed(level, super().forward, x)
         self._check_backend_can_run(x)
         S, B, _ = x.shape
         mask = _sdpa_mask(self.attn_mask, x.dtype, B, self.attn.num_heads, S, S)

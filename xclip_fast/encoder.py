@@ -22,7 +22,7 @@ from xclip_fast.blocks import (
     check_backend,
     is_int,
 )
-from xclip_fast.functional import check_recompute
+from xclip_fast.functional import check_recompute, records_autograd
 from xclip_fast.submodules import hook_reason
 from xclip_fast.video import MEAN, STD
 
@@ -151,7 +151,7 @@ class CrossFrameCommunicationTransformer(CheckpointAlias, BackendMixin, referenc
                 if progress is not None:
                     progress()
             return x
-        if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters())):
+        if records_autograd(x, self):
             raise ValueError("chunk_frames is for inference: run under torch.no_grad() or torch.inference_mode() "
                              "(for training on long clips use recompute='min' or 'block')")
         N = x.shape[1]

@@ -26,11 +26,11 @@ from torch import nn
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from xclip_fast.ops import packed_attention, quick_gelu, quick_gelu_mlp, transforms_active
-from xclip_fast.submodules import linear_reason
+from xclip_fast.submodules import hook_reason, linear_reason
 
 __all__ = ["Parts", "FusedMLP", "in_projection", "project_qkv", "project_kv", "run_mlp", "message_path",
            "frame_path", "frame_branches", "residual_path", "no_drop", "RECOMPUTE_LEVELS", "check_recompute",
-           "recompute_level", "run_recomputed", "mlp_width"]
+           "recompute_level", "records_autograd", "checkpointed", "run_recomputed", "mlp_width"]
 
 RECOMPUTE_LEVELS = ("lean", "min", "none", "block")
 
@@ -114,8 +114,8 @@ def run_mlp(mlp: MLP, x: torch.Tensor, backend: str, *, recomputed: bool = False
     GEMM: the fused op saves its tensors only after its forward, which would run that GEMM again."""
     if isinstance(mlp, FusedMLP):
         if recomputed:
-            return F.linear(quick_gelu(F.linear(x, mlp.fc1.weight, mlp.fc1.bias), backend, grad=True),
-                            mlp.fc2.weight, mlp.fc2.bias)
+            return F.linear(quick_gelu(F.linear(x, mlp.fc1.weight, mlp.fc1.bias), backend), mlp.fc2.weight,
+                            mlp.fc2.bias)
         return quick_gelu_mlp(x, mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight, mlp.fc2.bias, backend=backend)
     return mlp(x)
 
@@ -135,16 +135,30 @@ def check_recompute(level) -> str:
     return level
 
 
+def records_autograd(x: torch.Tensor, module: nn.Module) -> bool:
+    """Whether autograd records ``module`` on ``x``: grad mode on and ``x`` or a parameter requiring grad."""
+    return torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in module.parameters()))
+
+
 def recompute_level(level: str, x: torch.Tensor, module: nn.Module) -> str:
-    """The level that applies to this call: ``level`` while autograd records the call (grad mode
-    on and ``x`` or a parameter of ``module`` requiring grad), ``"none"`` otherwise (inference keeps
-    nothing whatever the level) and under ``torch.func`` transforms or forward-mode AD (PyTorch's
-    checkpoint does not support them)."""
-    if level == "none" or not torch.is_grad_enabled() or transforms_active():
+    """The level that applies to this call of ``module``: ``level`` while autograd records it,
+    ``"none"`` otherwise (inference keeps nothing whatever the level), under ``torch.func``
+    transforms or forward-mode AD (PyTorch's checkpoint does not support them), and for ``"lean"``
+    and ``"min"`` when a sub-module has hooks (the recomputation would call them a second time, in
+    backward; ``"block"`` does, as any whole-module checkpointing does)."""
+    if level == "none" or transforms_active() or not records_autograd(x, module):
         return "none"
-    if x.requires_grad or any(p.requires_grad for p in module.parameters()):
-        return level
-    return "none"
+    if level != "block" and any(hook_reason(m) for m in module.modules() if m is not module):
+        return "none"
+    return level
+
+
+def checkpointed(level: str, fn: Callable, *args, **kwargs):
+    """``fn(*args, **kwargs)``, checkpointed whole when ``level`` is ``"block"`` (the original
+    computation of a module, which keeps what its sub-modules keep at the other levels)."""
+    if level == "block":
+        return checkpoint(fn, *args, use_reentrant=False, **kwargs)
+    return fn(*args, **kwargs)
 
 
 # outputs kept by the lean and min levels: the attention (out and log-sum-exp; recomputing it costs

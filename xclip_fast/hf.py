@@ -20,7 +20,6 @@ import functools
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from xclip_fast.blocks import check_backend, is_int, warn_original
 from xclip_fast.encoder import interpolate_frames
@@ -28,6 +27,7 @@ from xclip_fast.functional import (
     FusedMLP,
     Parts,
     check_recompute,
+    checkpointed,
     frame_branches,
     frame_path,
     message_path,
@@ -168,10 +168,7 @@ def _classes() -> dict:
                 raise ValueError(f"{N} frames are not a whole number of videos of num_frames={T!r} frames")
             level = _level(self, hidden_states)
             if _runs_original(self, kwargs, ("message_attn", "self_attn")):
-                if level == "block":
-                    return checkpoint(_original_vision_layer, self, hidden_states, attention_mask, T, kwargs,
-                                      use_reentrant=False)
-                return _original_vision_layer(self, hidden_states, attention_mask, T, kwargs)
+                return checkpointed(level, _original_vision_layer, self, hidden_states, attention_mask, T, kwargs)
             parts = Parts(self.message_fc, self.message_ln, self.message_attn, self.layer_norm1, self.self_attn,
                           self.layer_norm2, _hf_mlp(self.mlp))
             if level == "none":
@@ -199,9 +196,7 @@ def _classes() -> dict:
                 raise ValueError("patched X-CLIP MIT layers take no attention_mask (the MIT passes none)")
             level = _level(self, hidden_states)
             if _runs_original(self, kwargs, ("self_attn",)):
-                if level == "block":
-                    return checkpoint(super().forward, hidden_states, attention_mask, use_reentrant=False, **kwargs)
-                return super().forward(hidden_states, attention_mask, **kwargs)
+                return checkpointed(level, super().forward, hidden_states, attention_mask, **kwargs)
             parts = Parts(None, None, None, self.layer_norm1, self.self_attn, self.layer_norm2, _hf_mlp(self.mlp))
             return residual_path(hidden_states, parts, self.xclip_fast_backend, batch_first=True, recompute=level)
 

@@ -271,14 +271,14 @@ def packed_attention(qkv: torch.Tensor, extra_kv: torch.Tensor | None = None, *,
 _QG = 1.702
 
 
-def quick_gelu(h: torch.Tensor, backend: str = "auto", *, inplace: bool = False, grad: bool = False) -> torch.Tensor:
+def quick_gelu(h: torch.Tensor, backend: str = "auto", *, inplace: bool = False) -> torch.Tensor:
     """``h * sigmoid(1.702 h)`` (QuickGELU), one pass on the triton backend; ``inplace`` writes into
-    ``h`` on the torch backend (the triton operator always returns a new tensor). ``grad``: autograd
-    records it (differentiable operations on the torch backend; the triton operator always is)."""
+    ``h`` on the torch backend (the triton operator always returns a new tensor). Differentiable:
+    while autograd records ``h`` it saves ``h`` only (never in place)."""
     backend = resolve_backend(backend, h.device, dtype=h.dtype)
     if backend == "triton":
         return torch.ops.xclip_fast.quick_gelu(h)
-    if grad:
+    if torch.is_grad_enabled() and h.requires_grad:
         return _QuickGELUFunction.apply(h)
     if inplace:
         return h.mul_(torch.mul(h, _QG).sigmoid_())
@@ -303,7 +303,7 @@ class _QuickGELUFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h):
         ctx.save_for_backward(h)
-        return torch.mul(h, _QG).sigmoid_().mul_(h)
+        return quick_gelu(h, "torch")  # autograd does not record inside forward
 
     @staticmethod
     @once_differentiable

@@ -4,8 +4,7 @@
 alive when it returns (the output and pre-existing tensors such as weights and inputs excluded):
 what autograd and any checkpoint cache keep for the backward. It follows the operators through a
 ``TorchDispatchMode``, so it is exact on the CPU too (no allocator statistics needed) and sees the
-selective-checkpoint cache that ``saved_tensors_hooks`` cannot. ``peak_bytes`` is the highest sum
-of such live storages over a whole call (forward and backward). Both see eager operators only: a
+selective-checkpoint cache that ``saved_tensors_hooks`` cannot. It sees eager operators only: a
 ``torch.compile``-d callable allocates inside its kernels, where ``saved_bytes`` (the unique storages
 autograd saves, through ``saved_tensors_hooks``) measures it instead.
 
@@ -21,7 +20,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import FlopCounterMode
 
-__all__ = ["StorageTracker", "held_bytes", "peak_bytes", "saved_bytes", "matmul_flops"]
+__all__ = ["StorageTracker", "held_bytes", "saved_bytes", "matmul_flops"]
 
 
 def _key(t: torch.Tensor) -> int:
@@ -30,14 +29,12 @@ def _key(t: torch.Tensor) -> int:
 
 class StorageTracker(TorchDispatchMode):
     """Records every storage an operator returns while active; ``live(exclude)`` sums the bytes of
-    those still alive, ``peak`` the highest such sum seen after any operator (when ``track_peak``)."""
+    those still alive."""
 
-    def __init__(self, track_peak: bool = False):
+    def __init__(self):
         super().__init__()
         self.storages: dict[int, tuple[StorageWeakRef, int]] = {}
         self.dtypes: dict[int, torch.dtype] = {}  # the dtype of the first tensor seen on each storage
-        self.track_peak = track_peak
-        self.peak = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
@@ -47,9 +44,6 @@ class StorageTracker(TorchDispatchMode):
                 if ref.cdata not in self.storages:
                     self.storages[ref.cdata] = (ref, t.untyped_storage().nbytes())
                     self.dtypes[ref.cdata] = t.dtype
-        if self.track_peak:
-            self.storages = {k: v for k, v in self.storages.items() if not v[0].expired()}
-            self.peak = max(self.peak, sum(n for _, n in self.storages.values()))
         return out
 
     def live(self, exclude=(), dtype: torch.dtype | None = None) -> int:
@@ -79,15 +73,6 @@ def held_bytes(fn, *args, keep=()) -> tuple[object, int]:
     with tracker:
         out = fn(*args)
     return out, tracker.live(_tensors(out, args, keep))
-
-
-def peak_bytes(fn, *args) -> int:
-    """The highest sum of live storages created during ``fn(*args)`` (forward and backward when
-    ``fn`` runs both), parameter gradients included."""
-    tracker = StorageTracker(track_peak=True)
-    with tracker:
-        fn(*args)
-    return tracker.peak
 
 
 def saved_bytes(fn, *args, keep=()) -> tuple[object, int]:

@@ -32,7 +32,7 @@ from xclip_fast.encoder import XCLIPVideoEncoder
 from xclip_fast.functional import RECOMPUTE_LEVELS
 from xclip_fast.testing import TOLERANCES, rel_err
 
-__all__ = ["TRAIN_PROVIDERS", "train_rows", "dense_bf16_tflops"]
+__all__ = ["TRAIN_PROVIDERS", "train_rows", "dense_bf16_tflops", "save_matmuls", "SACBlocks", "Trainer"]
 
 TRAIN_PROVIDERS = ["reference", "reference-sac", "reference-compiled",
                    *[f"xclip-fast-{level}" for level in RECOMPUTE_LEVELS]]
@@ -42,7 +42,7 @@ _SAVE = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_scaled
          "aten::_scaled_dot_product_cudnn_attention")
 
 
-def _save_matmuls(ctx, op, *args, **kwargs):
+def save_matmuls(ctx, op, *args, **kwargs):
     """Stock selective checkpointing: keep matmul and attention outputs, recompute the rest."""
     from torch.utils.checkpoint import CheckpointPolicy
 
@@ -50,7 +50,7 @@ def _save_matmuls(ctx, op, *args, **kwargs):
     return CheckpointPolicy.MUST_SAVE if name in _SAVE else CheckpointPolicy.PREFER_RECOMPUTE
 
 
-class _SACBlocks(torch.nn.Module):
+class SACBlocks(torch.nn.Module):
     """The original CCT's blocks, each under selective checkpointing (what a user writes in five lines)."""
 
     def __init__(self, resblocks):
@@ -60,7 +60,7 @@ class _SACBlocks(torch.nn.Module):
     def forward(self, x):
         from torch.utils.checkpoint import checkpoint, create_selective_checkpoint_contexts
 
-        context = functools.partial(create_selective_checkpoint_contexts, _save_matmuls)
+        context = functools.partial(create_selective_checkpoint_contexts, save_matmuls)
         for block in self.resblocks:
             x = checkpoint(block, x, use_reentrant=False, context_fn=context)
         return x
@@ -75,7 +75,7 @@ def dense_bf16_tflops(device) -> float:
     return 2 * n**3 / (ms * 1e-3) / 1e12
 
 
-class _Trainer:
+class Trainer:
     """One provider: its own copy of the weights and its own AdamW."""
 
     def __init__(self, name, enc, device, amp):
@@ -91,7 +91,7 @@ class _Trainer:
             visual.load_state_dict(visual_sd)
             mit.load_state_dict(mit_sd)
             if name == "reference-sac":
-                visual.transformer.resblocks = _SACBlocks(visual.transformer.resblocks)
+                visual.transformer.resblocks = SACBlocks(visual.transformer.resblocks)
             self.modules = torch.nn.ModuleList([visual, mit]).to(device).train()
 
             def forward(video):
@@ -155,7 +155,7 @@ def train_rows(model: str, frames: list[int], batch: int, device: torch.device, 
             rows.append(row)
             by_name[name] = row
             try:
-                tr = _Trainer(name, enc, device, cuda)
+                tr = Trainer(name, enc, device, cuda)
                 # the counter does not see inside compiled graphs (nor should it be active while compiling)
                 counter = FlopCounterMode(display=False) if name != "reference-compiled" else None
                 with counter or contextlib.nullcontext():
@@ -172,9 +172,7 @@ def train_rows(model: str, frames: list[int], batch: int, device: torch.device, 
                     continue
                 if cuda:
                     row.median_ms, row.p20_ms, row.p80_ms = time_ms(functools.partial(tr.step, video), device, quick)
-                    base = torch.cuda.memory_allocated(device)
-                    row.peak_mib, _ = cuda_memory(functools.partial(tr.step, video), device)
-                    row.extra_mib = row.peak_mib - base / MIB
+                    row.peak_mib, row.extra_mib = cuda_memory(functools.partial(tr.step, video), device)
                 else:
                     timed[name] = functools.partial(tr.step, video)
                     measure = saved_bytes if name == "reference-compiled" else held_bytes

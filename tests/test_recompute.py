@@ -138,6 +138,25 @@ def test_hooks_on_sub_modules_are_called_once_unless_the_whole_block_is_checkpoi
     assert calls["block"] == calls["none"] * 2, calls
 
 
+def test_lean_keeps_the_pre_activation_of_an_unfused_mlp():
+    """A block whose MLP runs as its module (hidden_act="gelu", not fused) still keeps its
+    pre-activation at lean: only the out-projection is recomputed, as for the fused MLP."""
+    l, b, T, d, h = 9, 2, 2, 64, 2
+    block = CrossFrameAttentionBlock(d, h, T=T, backend="torch", hidden_act="gelu").double().train()
+    x = torch.randn(l, b * T, d, dtype=torch.float64, requires_grad=True)
+    flops = {}
+    for level in ("none", "lean", "min"):
+        block.recompute = level
+        flops[level] = matmul_flops(lambda x: block(x).sum().backward(), x)
+    frames, tokens = b * T, l * b * T
+    out_proj, fc1 = 2 * d * d * tokens, 2 * d * 4 * d * tokens
+    # d-wide GEMMs of the message path (one token per frame): message_fc, the message attention's
+    # out-projection, and the message token's key/value in the frame attention (2d wide)
+    message = 2 * (d * d + d * d + d * 2 * d) * frames
+    assert flops["lean"] - flops["none"] == out_proj + message, flops
+    assert flops["min"] - flops["lean"] == fc1, flops
+
+
 def test_inference_keeps_nothing_whatever_the_level():
     """Under no_grad (and for frozen weights with an input that needs no grad) no level checkpoints:
     the forward is the plain one and keeps nothing."""

@@ -121,8 +121,12 @@ def run_mlp(mlp: MLP, x: torch.Tensor, backend: str, *, recomputed: bool = False
 
 
 def mlp_width(mlp: MLP) -> int | None:
-    """The hidden width of a :class:`FusedMLP` (the pre-activation the lean level keeps), else None."""
-    return mlp.fc1.out_features if isinstance(mlp, FusedMLP) else None
+    """The hidden width of an MLP (the pre-activation the lean level keeps): a :class:`FusedMLP`'s, or
+    the ``out_features`` of an MLP module's first layer (official ``c_fc``, Hugging Face ``fc1``, also
+    when wrapped by PEFT); None when it cannot be told (then its first GEMM is recomputed)."""
+    first = mlp.fc1 if isinstance(mlp, FusedMLP) else getattr(mlp, "c_fc", None) or getattr(mlp, "fc1", None)
+    width = getattr(first, "out_features", None)
+    return width if isinstance(width, int) else None
 
 
 # ------------------------------------------------------------------------------------------------

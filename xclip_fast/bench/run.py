@@ -180,7 +180,7 @@ def main(args) -> int:
     levels = (*LEVELS, "train") if args.level == "all" else (args.level,)
     quick = args.quick or (not cuda and not args.full)
     if quick and not args.quick:
-        print("CPU run: small sizes and few repeats (about 5 minutes on 2 cores; --full runs the full sweep).")
+        print("CPU run: small sizes and few repeats (under 3 minutes on 2 cores; --full runs the full sweep).")
     model = args.model or ("b16" if cuda else "b32")
     frames = args.frames  # a list of ints >= 1 (checked by argparse), or None
     batch = args.batch or (8 if cuda else 1)

@@ -280,9 +280,14 @@ def quick_gelu(h: torch.Tensor, backend: str = "auto", *, inplace: bool = False)
         return torch.ops.xclip_fast.quick_gelu(h)
     if torch.is_grad_enabled() and h.requires_grad:
         return _QuickGELUFunction.apply(h)
+    if torch.compiler.is_compiling():
+        # Out of place when traced: Inductor fuses it into one pass anyway, and torch 2.11 computes
+        # wrong gradients for in-place ops inside an autograd.Function's forward within a
+        # selectively checkpointed region (the recompute levels), which torch 2.13 gets right.
+        return torch.sigmoid(h * _QG) * h
     if inplace:
         return h.mul_(torch.mul(h, _QG).sigmoid_())
-    return torch.mul(h, _QG).sigmoid_().mul_(h)
+    return torch.mul(h, _QG).sigmoid_().mul_(h)  # eager: one hidden-wide temporary, not two
 
 
 def _quick_gelu_backward(h: torch.Tensor, dg: torch.Tensor, backend: str, inplace: bool = True) -> torch.Tensor:

@@ -272,8 +272,9 @@ _QG = 1.702
 
 
 def quick_gelu(h: torch.Tensor, backend: str = "auto", *, inplace: bool = False) -> torch.Tensor:
-    """``h * sigmoid(1.702 h)`` (QuickGELU), one pass on the triton backend; ``inplace`` writes into
-    ``h`` on the torch backend (the triton operator always returns a new tensor). Differentiable:
+    """``h * sigmoid(1.702 h)`` (QuickGELU), one pass on the triton backend; ``inplace`` lets the torch
+    backend write into ``h`` in eager mode (use the result: under torch.compile and on the triton
+    backend a new tensor comes back). Differentiable:
     while autograd records ``h`` it saves ``h`` only (never in place)."""
     backend = resolve_backend(backend, h.device, dtype=h.dtype)
     if backend == "triton":

@@ -10,7 +10,6 @@ the original computation (``reference.py``).
 
 from __future__ import annotations
 
-import functools
 import warnings
 
 import torch
@@ -22,14 +21,12 @@ from xclip_fast.functional import (
     Parts,
     check_recompute,
     checkpointed,
-    frame_branches,
+    cross_frame_path,
     frame_path,
     message_path,
-    mlp_width,
     no_drop,
     recompute_level,
     residual_path,
-    run_recomputed,
 )
 from xclip_fast.ops import MODULE_BACKENDS, autocast_dtype, resolve_backend
 from xclip_fast.reference import DropPath, QuickGELU, cross_frame_block_forward
@@ -262,18 +259,8 @@ class CrossFrameAttentionBlock(RecomputeMixin, BackendMixin, reference.CrossFram
         if self._runs_original():
             return checkpointed(level, cross_frame_block_forward, self, x, T)
         self._check_backend_can_run(x)
-        parts = self.parts
-        if level == "none":
-            return self._fast_frames(x, self._fast_message(x, T, parts), parts)
-        body = functools.partial(self._fast_branches, T=T, parts=parts)
-        x1, y = run_recomputed(level, body, x, d=x.shape[-1], hidden=mlp_width(parts.mlp))
-        return x1 + self._drops()("mlp", y)
-
-    def _fast_branches(self, x: torch.Tensor, T: int, parts: Parts) -> tuple[torch.Tensor, torch.Tensor]:
-        """The recomputed region of a block: message path, attention branch, MLP up to its output."""
-        msg = self._fast_message(x, T, parts)
-        return frame_branches(x, msg, parts, self._backend, attn_mask=self._mask(x), drop=self._drops(),
-                              recomputed=True)
+        return cross_frame_path(x, T, self.parts, self._backend, attn_mask=self._mask(x), drop=self._drops(),
+                                recompute=level)
 
     @property
     def parts(self) -> Parts:

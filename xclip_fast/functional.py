@@ -287,14 +287,37 @@ def frame_branches(x: torch.Tensor, msg: torch.Tensor | None, parts: Parts, back
     return x, run_mlp(parts.mlp, parts.ln_2(x), backend, recomputed=recomputed)
 
 
+def cross_frame_path(x: torch.Tensor, T: int, parts: Parts, backend: str, *, batch_first: bool = False,
+                     attn_mask: torch.Tensor | None = None, drop=no_drop, recompute: str = "none") -> torch.Tensor:
+    """A whole CCT layer on ``x: (l, b*T, d)`` (or ``(b*T, l, d)`` with ``batch_first``): the message
+    path on the class tokens, then :func:`frame_path`; ``recompute``: the level that applies to
+    this call (see :func:`run_recomputed`)."""
+    body = functools.partial(_cross_frame_branches, T=T, parts=parts, backend=backend, batch_first=batch_first,
+                             attn_mask=attn_mask, drop=drop)
+    return _layer(body, x, parts, recompute, drop)
+
+
+def _cross_frame_branches(x: torch.Tensor, T: int, parts: Parts, backend: str, batch_first: bool, attn_mask,
+                          drop, recomputed: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    msg = message_path(x[:, 0] if batch_first else x[0], T, parts, backend, drop)
+    return frame_branches(x, msg, parts, backend, batch_first=batch_first, attn_mask=attn_mask, drop=drop,
+                          recomputed=recomputed)
+
+
 def residual_path(x: torch.Tensor, parts: Parts, backend: str, *, batch_first: bool = False,
                   attn_mask: torch.Tensor | None = None, recompute: str = "none") -> torch.Tensor:
     """Pre-LN self-attention + MLP (the MIT's block) on ``(S, B, d)`` or batch-first ``(B, S, d)``;
     ``recompute``: the level that applies to this call (see :func:`run_recomputed`)."""
+    body = functools.partial(frame_branches, msg=None, parts=parts, backend=backend, batch_first=batch_first,
+                             attn_mask=attn_mask)
+    return _layer(body, x, parts, recompute, no_drop)
+
+
+def _layer(branches: Callable, x: torch.Tensor, parts: Parts, recompute: str, drop) -> torch.Tensor:
+    """``x1 + drop("mlp", y)`` of ``(x1, y) = branches(x, recomputed=...)``, run at ``recompute``."""
     if recompute == "none":
-        x, y = frame_branches(x, None, parts, backend, batch_first=batch_first, attn_mask=attn_mask)
+        x1, y = branches(x, recomputed=False)
     else:
-        body = functools.partial(frame_branches, parts=parts, backend=backend, batch_first=batch_first,
-                                 attn_mask=attn_mask, recomputed=True)
-        x, y = run_recomputed(recompute, body, x, None, d=x.shape[-1], hidden=mlp_width(parts.mlp))
-    return x + y
+        body = functools.partial(branches, recomputed=True)
+        x1, y = run_recomputed(recompute, body, x, d=x.shape[-1], hidden=mlp_width(parts.mlp))
+    return x1 + drop("mlp", y)

@@ -28,13 +28,9 @@ from xclip_fast.functional import (
     Parts,
     check_recompute,
     checkpointed,
-    frame_branches,
-    frame_path,
-    message_path,
-    mlp_width,
+    cross_frame_path,
     recompute_level,
     residual_path,
-    run_recomputed,
 )
 from xclip_fast.submodules import hook_reason, linear_reason, stock_reason
 
@@ -163,7 +159,7 @@ def _classes() -> dict:
             if attention_mask is not None:
                 raise ValueError("patched X-CLIP vision layers take no attention_mask (the vision encoder passes none)")
             T = self.num_frames if num_frames is None else num_frames
-            N, l, d = hidden_states.shape
+            N = hidden_states.shape[0]
             if not is_int(T) or T < 1 or N % T != 0:
                 raise ValueError(f"{N} frames are not a whole number of videos of num_frames={T!r} frames")
             level = _level(self, hidden_states)
@@ -171,18 +167,8 @@ def _classes() -> dict:
                 return checkpointed(level, _original_vision_layer, self, hidden_states, attention_mask, T, kwargs)
             parts = Parts(self.message_fc, self.message_ln, self.message_attn, self.layer_norm1, self.self_attn,
                           self.layer_norm2, _hf_mlp(self.mlp))
-            if level == "none":
-                msg = message_path(hidden_states[:, 0], T, parts, self.xclip_fast_backend, self._drop)
-                return frame_path(hidden_states, msg, parts, self.xclip_fast_backend, batch_first=True,
-                                  drop=self._drop)
-            body = functools.partial(self._branches, T=T, parts=parts)
-            x1, y = run_recomputed(level, body, hidden_states, d=d, hidden=mlp_width(parts.mlp))
-            return x1 + y
-
-        def _branches(self, x: torch.Tensor, T: int, parts: Parts):
-            msg = message_path(x[:, 0], T, parts, self.xclip_fast_backend, self._drop)
-            return frame_branches(x, msg, parts, self.xclip_fast_backend, batch_first=True, drop=self._drop,
-                                  recomputed=True)
+            return cross_frame_path(hidden_states, T, parts, self.xclip_fast_backend, batch_first=True,
+                                    drop=self._drop, recompute=level)
 
         def _drop(self, branch: str, y: torch.Tensor) -> torch.Tensor:
             return self.drop_path(y) if branch == "message" else y

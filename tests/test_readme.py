@@ -20,11 +20,10 @@ def _section_code(title: str) -> str:
     return blocks[0]
 
 
-@pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed/gloo")
-def test_training_script_runs_under_torchrun(tmp_path):
-    """The Training section's script: autocast, GradScaler, torch.compile and DDP on 2 processes."""
-    script = tmp_path / "train.py"
-    script.write_text(_section_code("Training"))
+def _torchrun(section: str, tmp_path) -> str:
+    """The section's script run as written on 2 CPU processes (gloo); its standard output."""
+    script = tmp_path / "script.py"
+    script.write_text(_section_code(section))
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["CUDA_VISIBLE_DEVICES"] = ""  # CPU and gloo, as CI runs it
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", str(script)],
@@ -32,3 +31,21 @@ def test_training_script_runs_under_torchrun(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     losses = [float(x) for x in re.findall(r"step \d+: loss ([0-9.]+)", proc.stdout)]
     assert len(losses) == 3 and all(x == x for x in losses), proc.stdout
+    return proc.stdout
+
+
+needs_gloo = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
+                                reason="needs torch.distributed/gloo")
+
+
+@needs_gloo
+def test_training_script_runs_under_torchrun(tmp_path):
+    """The Training section's script: autocast, GradScaler, torch.compile and DDP on 2 processes."""
+    _torchrun("Training", tmp_path)
+
+
+@needs_gloo
+def test_frame_parallel_script_runs_under_torchrun(tmp_path):
+    """The Frame parallelism section's script: training under DDP and a long clip's inference."""
+    out = _torchrun("Frame parallelism", tmp_path)
+    assert re.search(r"long clip: frames 0-31 here, embedding norm [0-9.]+", out), out

@@ -1,8 +1,9 @@
 """xclip-fast: fast, lean, drop-in X-CLIP video encoder modules on Triton kernels.
 
 Public API: :func:`attention`, :class:`CrossFrameAttentionBlock` (also exported under the official
-spelling ``CrossFramelAttentionBlock``), :class:`ResidualAttentionBlock`; ``xclip_fast.reference``
-holds the original modules, the ground truth of the tests.
+spelling ``CrossFramelAttentionBlock``), :class:`ResidualAttentionBlock`, :class:`XCLIPVideoEncoder`,
+:class:`FrameParallel` (one clip's frames over several processes); ``xclip_fast.reference`` holds the
+original modules, the ground truth of the tests.
 """
 
 import importlib.util as _ilu
@@ -40,6 +41,7 @@ from xclip_fast.blocks import (  # noqa: E402
 from xclip_fast.encoder import XCLIPVideoEncoder  # noqa: E402
 from xclip_fast.hf import patch_xclip, unpatch_xclip  # noqa: E402
 from xclip_fast.ops import attention, triton_status  # noqa: E402
+from xclip_fast.parallel import FrameParallel  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -50,6 +52,7 @@ __all__ = [
     "CrossFramelAttentionBlock",
     "ResidualAttentionBlock",
     "XCLIPVideoEncoder",
+    "FrameParallel",
     "patch_xclip",
     "unpatch_xclip",
 ]

@@ -243,24 +243,40 @@ class CrossFrameAttentionBlock(RecomputeMixin, BackendMixin, reference.CrossFram
         reason = drop_path_reason(self.drop_path)
         return f"drop_path {reason}" if reason else None
 
-    def _runs_original(self) -> bool:
-        if self._backend == "reference":
-            return True
-        reason = self.original_reason()
-        if reason:
+    def _runs_original(self, frame_parallel=None) -> bool:
+        """Whether the original computation runs (said once per reason); a ``ValueError`` if it
+        must but frame parallelism is asked for (the original cannot exchange frames)."""
+        reason = "backend='reference'" if self._backend == "reference" else self.original_reason()
+        if reason and frame_parallel is not None:
+            raise ValueError("CrossFrameAttentionBlock: frame parallelism needs the fast path, but this block runs "
+                             f"the original computation because {reason}")
+        if reason and self._backend != "reference":
             warn_original("CrossFrameAttentionBlock", reason)
         return reason is not None
 
-    def forward(self, x: torch.Tensor, T: int | None = None) -> torch.Tensor:
-        """``x: (l, b*T, d) -> (l, b*T, d)``; ``T`` defaults to the constructor's."""
-        T = self.T if T is None else T
+    def forward(self, x: torch.Tensor, T: int | None = None, *, frame_parallel=None) -> torch.Tensor:
+        """``x: (l, b*T, d) -> (l, b*T, d)``; ``T`` defaults to the constructor's.
+
+        ``frame_parallel``: a :class:`xclip_fast.parallel.FrameParallel` when the clip's frames are spread
+        over processes: ``x`` then holds this process's frames of each video (``T`` defaults to
+        their count) and the message attention sees the whole clip (one exchange of the message
+        tokens' inputs). Needs the fast path (not the ``"reference"`` backend, nor wrapped attention)."""
+        T = self._frames_per_video(T, frame_parallel)
         self.check_input(x, T)
         level = recompute_level(self._recompute, x, self)
-        if self._runs_original():
+        if self._runs_original(frame_parallel):
             return checkpointed(level, cross_frame_block_forward, self, x, T)
         self._check_backend_can_run(x)
         return cross_frame_path(x, T, self.parts, self._backend, attn_mask=self._mask(x), drop=self._drops(),
-                                recompute=level)
+                                recompute=level, frame_parallel=frame_parallel)
+
+    def _frames_per_video(self, T, frame_parallel) -> int:
+        if frame_parallel is None:
+            return self.T if T is None else T
+        if T is not None and T != frame_parallel.local_frames:
+            raise ValueError(f"CrossFrameAttentionBlock: T={T} but {frame_parallel!r} gives this process "
+                             f"{frame_parallel.local_frames} frames per video")
+        return frame_parallel.local_frames
 
     @property
     def parts(self) -> Parts:
@@ -279,20 +295,18 @@ class CrossFrameAttentionBlock(RecomputeMixin, BackendMixin, reference.CrossFram
     def _drops(self):
         return self._drop if isinstance(self.drop_path, DropPath) and self.training else no_drop
 
-    def message_tokens(self, x: torch.Tensor, T: int) -> torch.Tensor:
-        """The message tokens ``(b*T, d)`` of ``x: (l, b*T, d)`` (needs the class tokens only)."""
-        if self._runs_original():
+    def message_tokens(self, x: torch.Tensor, T: int, frame_parallel=None) -> torch.Tensor:
+        """The message tokens ``(b*T, d)`` of ``x: (l, b*T, d)`` (needs the class tokens only);
+        ``frame_parallel``: see :meth:`forward`."""
+        if self._runs_original(frame_parallel):
             return reference.message_tokens(self, x[0], T)
-        return self._fast_message(x, T, self.parts)
+        return message_path(x[0], T, self.parts, self._backend, self._drops(), frame_parallel)
 
     def update_frames(self, x: torch.Tensor, msg: torch.Tensor) -> torch.Tensor:
         """Intra-frame attention and MLP of frames ``x: (l, n, d)`` given their message tokens ``(n, d)``."""
         if self._runs_original():
             return reference.update_frames(self, x, msg)
         return self._fast_frames(x, msg, self.parts)
-
-    def _fast_message(self, x: torch.Tensor, T: int, parts: Parts) -> torch.Tensor:
-        return message_path(x[0], T, parts, self._backend, self._drops())
 
     def _mask(self, x: torch.Tensor) -> torch.Tensor | None:
         return _sdpa_mask(self.attn_mask, x.dtype, x.shape[1], self.attn.num_heads, x.shape[0], x.shape[0] + 1)

@@ -133,21 +133,23 @@ class CrossFrameCommunicationTransformer(CheckpointAlias, BackendMixin, referenc
         """``ln_post`` on the class tokens of ``x: (l, N, d)`` and the projection: ``(N, E)``."""
         return self.ln_post(x[0]) @ self.proj
 
-    def run_blocks(self, x: torch.Tensor, T: int, chunk_frames: int | None = None, progress=None) -> torch.Tensor:
+    def run_blocks(self, x: torch.Tensor, T: int, chunk_frames: int | None = None, progress=None, *,
+                   frame_parallel=None) -> torch.Tensor:
         """All blocks over ``x: (l, b*T, d)``.
 
         ``chunk_frames=k`` (inference only): layer by layer, the message path sees the whole clip
         (one token per frame) and the intra-frame attention and MLP run over chunks of k frames,
         updating ``x`` in place, so peak memory stays near one activation tensor plus the
         intermediates of one chunk. Results equal the unchunked forward to rounding.
-        ``progress`` (optional) is called once per block.
+        ``progress`` (optional) is called once per block. ``frame_parallel``: ``x`` holds this
+        process's T frames of each video (see :class:`xclip_fast.parallel.FrameParallel`).
         """
         check_chunk_frames(chunk_frames)
         refuse_hooks({"visual.transformer": self.transformer, "visual.transformer.resblocks": self.blocks},
                      "the blocks are run one by one (each called as a module)")
         if chunk_frames is None:
             for block in self.blocks:
-                x = block(x, T)  # each block applies its recompute level
+                x = block(x, T, frame_parallel=frame_parallel)  # each block applies its recompute level
                 if progress is not None:
                     progress()
             return x
@@ -160,11 +162,11 @@ class CrossFrameCommunicationTransformer(CheckpointAlias, BackendMixin, referenc
             if block.backend == "reference":
                 raise ValueError("chunk_frames needs the 'torch' or 'triton' backend, not 'reference'")
             if hook_reason(block):  # a hooked block is called whole, so that its hooks see what they expect
-                x = block(x, T)
+                x = block(x, T, frame_parallel=frame_parallel)
                 if progress is not None:
                     progress()
                 continue
-            msg = block.message_tokens(x, T)
+            msg = block.message_tokens(x, T, frame_parallel)
             for start in range(0, N, chunk_frames):
                 stop = min(start + chunk_frames, N)
                 x[:, start:stop] = block.update_frames(x[:, start:stop], msg[start:stop])
@@ -172,11 +174,18 @@ class CrossFrameCommunicationTransformer(CheckpointAlias, BackendMixin, referenc
                 progress()
         return x
 
-    def forward(self, x: torch.Tensor, T: int | None = None, chunk_frames: int | None = None):
+    def forward(self, x: torch.Tensor, T: int | None = None, chunk_frames: int | None = None, *,
+                frame_parallel=None):
+        """``x: (b*T, 3, H, W)`` -> ``((b*T, E), (b*T, l-1, d))``; with ``frame_parallel`` (see
+        :class:`xclip_fast.parallel.FrameParallel`) ``x`` holds this process's frames of each
+        video (``T`` defaults to their count) and the outputs are those of its frames."""
+        if frame_parallel is not None:
+            T = frame_parallel.local_frames if T is None else T
+            frame_parallel.check_local(T, "CrossFrameCommunicationTransformer input")
         T = self.T if T is None else T
         self.check_frames(x)
         h = self.embed(x)
-        h = self.run_blocks(h, T, chunk_frames)
+        h = self.run_blocks(h, T, chunk_frames, frame_parallel=frame_parallel)
         return self.head(h), h[1:].transpose(0, 1)
 
 
@@ -408,7 +417,8 @@ class XCLIPVideoEncoder(CheckpointAlias, BackendMixin, nn.Module):
         self.visual.check_frames(video.flatten(0, 1), what=f"video frames (video shape {tuple(video.shape)})")
         return video
 
-    def forward_features(self, video: torch.Tensor, chunk_frames: int | None = None) -> VideoFeatures:
+    def forward_features(self, video: torch.Tensor, chunk_frames: int | None = None, *,
+                         frame_parallel=None) -> VideoFeatures:
         """Video embedding, per-frame embeddings and last hidden tokens of ``video: (b, T, 3, H, W)``.
 
         ``chunk_frames=k`` (inference only) bounds peak memory: the patch embedding and, in every
@@ -417,8 +427,17 @@ class XCLIPVideoEncoder(CheckpointAlias, BackendMixin, nn.Module):
 
         ``video`` holds normalised frames (floating point) or raw ``uint8`` RGB frames, which get
         the official normalisation first (ImageNet mean/std on 0-255).
+
+        ``frame_parallel`` (a :class:`xclip_fast.parallel.FrameParallel`): the clip's frames are
+        spread over the processes of a group and ``video`` holds this process's frames
+        ``(b, T_own, 3, H, W)`` (``video[:, fp.frames]`` of the whole clip). Every process returns
+        the same ``video_embeds`` and the whole clip's ``frame_embeds`` ``(b, T, E)``;
+        ``last_hidden_state`` holds its own frames. Gradients are made for averaging over the
+        frame group (see :mod:`xclip_fast.parallel`).
         """
         video = self._check_video(video)
+        if frame_parallel is not None:
+            frame_parallel.check_local(video.shape[1], "video")
         check_chunk_frames(chunk_frames)
         refuse_hooks({"visual": self.visual}, "the encoder runs the CCT's embedding, blocks and head itself")
         b, T = video.shape[:2]
@@ -434,17 +453,21 @@ class XCLIPVideoEncoder(CheckpointAlias, BackendMixin, nn.Module):
                     x = torch.empty(l, b * T, self.visual.conv1.out_channels, device=video.device,
                                     dtype=self.visual.conv1.weight.dtype)
                 self.visual.embed(part, out=x[:, start:start + part.shape[0]])
-        x = self.visual.run_blocks(x, T, chunk_frames)
+        x = self.visual.run_blocks(x, T, chunk_frames, frame_parallel=frame_parallel)
         frame_embeds = self.visual.head(x).view(b, T, -1)
+        if frame_parallel is not None:
+            frame_embeds = frame_parallel.gather(frame_embeds, 1)
         video_embeds = self.mit(frame_embeds)
         return VideoFeatures(video_embeds, frame_embeds, x.transpose(0, 1).unflatten(0, (b, T)))
 
-    def forward(self, video: torch.Tensor, chunk_frames: int | None = None) -> torch.Tensor:
-        """``video: (b, T, 3, H, W) -> (b, E)``; see :meth:`forward_features` for ``chunk_frames``."""
-        return self.forward_features(video, chunk_frames).video_embeds
+    def forward(self, video: torch.Tensor, chunk_frames: int | None = None, *, frame_parallel=None) -> torch.Tensor:
+        """``video: (b, T, 3, H, W) -> (b, E)``; see :meth:`forward_features` for ``chunk_frames``
+        and ``frame_parallel``."""
+        return self.forward_features(video, chunk_frames, frame_parallel=frame_parallel).video_embeds
 
     @torch.no_grad()
-    def encode_frames(self, frames, num_frames: int, chunk_frames: int | None = None, progress=None) -> VideoFeatures:
+    def encode_frames(self, frames, num_frames: int, chunk_frames: int | None = None, progress=None, *,
+                      frame_parallel=None) -> VideoFeatures:
         """Encode one video whose frames arrive from an iterable (e.g. a decoder), inference only.
 
         ``frames`` yields ``(3, H, W)`` frames or ``(n, 3, H, W)`` groups (tensors or numpy arrays;
@@ -456,7 +479,14 @@ class XCLIPVideoEncoder(CheckpointAlias, BackendMixin, nn.Module):
         because the first layer's message attention needs the class token of every frame before
         any frame's tokens can go through that layer, and so on for every layer. Decoded frames are
         never all held at once: at most ``chunk_frames`` of them. ``progress`` is called per block.
+
+        ``frame_parallel`` (a :class:`xclip_fast.parallel.FrameParallel`): a long video's frames
+        over several processes; each one decodes and passes only its own frames
+        (``num_frames == fp.local_frames``, frames ``fp.frames`` of the clip), and every process
+        returns the same video embedding (and the whole clip's frame embeddings).
         """
+        if frame_parallel is not None:
+            frame_parallel.check_local(num_frames, "encode_frames (num_frames)")
         if not is_int(num_frames) or num_frames < 1:
             raise ValueError(f"num_frames must be an int >= 1, got {num_frames!r}")
         check_chunk_frames(chunk_frames)
@@ -489,7 +519,9 @@ class XCLIPVideoEncoder(CheckpointAlias, BackendMixin, nn.Module):
         flush()
         if filled != num_frames:
             raise ValueError(f"expected num_frames={num_frames} frames, got {filled}")
-        x = visual.run_blocks(x, num_frames, chunk_frames, progress=progress)
+        x = visual.run_blocks(x, num_frames, chunk_frames, progress=progress, frame_parallel=frame_parallel)
         frame_embeds = visual.head(x)[None]
+        if frame_parallel is not None:
+            frame_embeds = frame_parallel.gather(frame_embeds, 1)
         return VideoFeatures(self.mit(frame_embeds), frame_embeds, x.transpose(0, 1)[None])
 

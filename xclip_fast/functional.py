@@ -29,8 +29,9 @@ from xclip_fast.ops import packed_attention, quick_gelu, quick_gelu_mlp, transfo
 from xclip_fast.submodules import hook_reason, linear_reason
 
 __all__ = ["Parts", "FusedMLP", "in_projection", "project_qkv", "project_kv", "run_mlp", "message_path",
-           "frame_path", "frame_branches", "residual_path", "no_drop", "RECOMPUTE_LEVELS", "check_recompute",
-           "recompute_level", "records_autograd", "checkpointed", "run_recomputed", "mlp_width"]
+           "message_inputs", "message_attention", "frame_path", "frame_branches", "cross_frame_path",
+           "residual_path", "no_drop", "RECOMPUTE_LEVELS", "check_recompute", "recompute_level",
+           "records_autograd", "checkpointed", "run_recomputed", "mlp_width"]
 
 RECOMPUTE_LEVELS = ("lean", "min", "none", "block")
 
@@ -226,21 +227,45 @@ def _dropout(attn: nn.Module) -> float:
     return float(p) if attn.training and isinstance(p, (int, float)) else 0.0
 
 
-def message_path(cls: torch.Tensor, T: int, parts: Parts, backend: str, drop=no_drop) -> torch.Tensor:
+def message_path(cls: torch.Tensor, T: int, parts: Parts, backend: str, drop=no_drop, frame_parallel=None, *,
+                 recomputed: bool = False) -> torch.Tensor:
     """Cross-frame fusion attention: ``cls: (b*T, d)`` class tokens -> ``(b*T, d)`` message tokens.
 
     Runs batch-first over videos ``(b, T, d)``; ``drop("message", y)`` applies the drop path of the
-    message branch. This is the only part of a layer that needs every frame of a video at once.
+    message branch. This is the only part of a layer that needs every frame of a video at once:
+    with ``frame_parallel`` (a :class:`xclip_fast.parallel.FrameParallel`), ``cls`` holds this
+    process's T frames of each video, the message-token inputs of the whole clip are gathered, the
+    message attention runs over all of them and a copy of this process's rows is returned (so the
+    whole clip's are freed). ``recomputed`` (frame parallel): the message attention, which every
+    process runs for the whole clip, is checkpointed whole and keeps its gathered input only (one
+    row per frame of the clip instead of five; recomputing it costs about 1/l of a layer's FLOPs).
     """
     N, d = cls.shape
-    b = N // T
-    msg = parts.message_fc(cls).view(b, T, d)
+    msg = message_inputs(cls, T, parts)
+    if frame_parallel is None:
+        return message_attention(msg, parts, backend, drop).view(N, d)
+    attend = functools.partial(message_attention, parts=parts, backend=backend, drop=drop)
+    full = frame_parallel.gather(msg, 1)
+    full = checkpoint(attend, full, use_reentrant=False) if recomputed else attend(full)
+    return frame_parallel.own(full, 1).clone(memory_format=torch.contiguous_format).view(N, d)
+
+
+def message_inputs(cls: torch.Tensor, T: int, parts: Parts) -> torch.Tensor:
+    """``message_fc`` of the class tokens ``cls: (b*T, d)`` as ``(b, T, d)`` (frame-local)."""
+    N, d = cls.shape
+    return parts.message_fc(cls).view(N // T, T, d)
+
+
+def message_attention(msg: torch.Tensor, parts: Parts, backend: str, drop=no_drop) -> torch.Tensor:
+    """The message tokens ``(b, T, d)`` after attention among the T message tokens of each video
+    (pre-LN, residual, drop path of the message branch)."""
+    b, T, d = msg.shape
     attn = parts.message_attn
     H, Dh = _heads(attn, d)
     qkv = project_qkv(attn, in_projection(attn), parts.message_ln(msg))
     a = packed_attention(qkv.view(b, T, 3, H, Dh), backend=backend, dropout_p=_dropout(attn))
     a = attn.out_proj(a.reshape(b, T, d))
-    return (msg + drop("message", a)).view(N, d)
+    return msg + drop("message", a)
 
 
 def _self_attention(x: torch.Tensor, parts: Parts, backend: str, batch_first: bool, attn_mask, msg=None):
@@ -288,13 +313,26 @@ def frame_branches(x: torch.Tensor, msg: torch.Tensor | None, parts: Parts, back
 
 
 def cross_frame_path(x: torch.Tensor, T: int, parts: Parts, backend: str, *, batch_first: bool = False,
-                     attn_mask: torch.Tensor | None = None, drop=no_drop, recompute: str = "none") -> torch.Tensor:
+                     attn_mask: torch.Tensor | None = None, drop=no_drop, recompute: str = "none",
+                     frame_parallel=None) -> torch.Tensor:
     """A whole CCT layer on ``x: (l, b*T, d)`` (or ``(b*T, l, d)`` with ``batch_first``): the message
     path on the class tokens, then :func:`frame_path`; ``recompute``: the level that applies to
-    this call (see :func:`run_recomputed`)."""
-    body = functools.partial(_cross_frame_branches, T=T, parts=parts, backend=backend, batch_first=batch_first,
+    this call (see :func:`run_recomputed`).
+
+    ``frame_parallel`` (a :class:`xclip_fast.parallel.FrameParallel`): ``x`` holds this process's T
+    frames of each video. The message path (with its exchange) runs before the recomputed region,
+    which gets this process's message tokens as an input, so a recomputation never repeats a
+    collective; at every level but ``"none"`` it keeps only its gathered input (see
+    :func:`message_path`)."""
+    if frame_parallel is None:
+        body = functools.partial(_cross_frame_branches, T=T, parts=parts, backend=backend, batch_first=batch_first,
+                                 attn_mask=attn_mask, drop=drop)
+        return _layer(body, x, parts, recompute, drop)
+    msg = message_path(x[:, 0] if batch_first else x[0], T, parts, backend, drop, frame_parallel,
+                       recomputed=recompute != "none")
+    body = functools.partial(frame_branches, parts=parts, backend=backend, batch_first=batch_first,
                              attn_mask=attn_mask, drop=drop)
-    return _layer(body, x, parts, recompute, drop)
+    return _layer(body, x, parts, recompute, drop, msg)
 
 
 def _cross_frame_branches(x: torch.Tensor, T: int, parts: Parts, backend: str, batch_first: bool, attn_mask,
@@ -313,11 +351,11 @@ def residual_path(x: torch.Tensor, parts: Parts, backend: str, *, batch_first: b
     return _layer(body, x, parts, recompute, no_drop)
 
 
-def _layer(branches: Callable, x: torch.Tensor, parts: Parts, recompute: str, drop) -> torch.Tensor:
-    """``x1 + drop("mlp", y)`` of ``(x1, y) = branches(x, recomputed=...)``, run at ``recompute``."""
+def _layer(branches: Callable, x: torch.Tensor, parts: Parts, recompute: str, drop, *inputs) -> torch.Tensor:
+    """``x1 + drop("mlp", y)`` of ``(x1, y) = branches(x, *inputs, recomputed=...)``, run at ``recompute``."""
     if recompute == "none":
-        x1, y = branches(x, recomputed=False)
+        x1, y = branches(x, *inputs, recomputed=False)
     else:
         body = functools.partial(branches, recomputed=True)
-        x1, y = run_recomputed(recompute, body, x, d=x.shape[-1], hidden=mlp_width(parts.mlp))
+        x1, y = run_recomputed(recompute, body, x, *inputs, d=x.shape[-1], hidden=mlp_width(parts.mlp))
     return x1 + drop("mlp", y)

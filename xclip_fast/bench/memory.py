@@ -20,7 +20,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import FlopCounterMode
 
-__all__ = ["StorageTracker", "held_bytes", "saved_bytes", "matmul_flops"]
+__all__ = ["StorageTracker", "CollectiveCounter", "held_bytes", "saved_bytes", "matmul_flops"]
 
 
 def _key(t: torch.Tensor) -> int:
@@ -96,3 +96,23 @@ def matmul_flops(fn, *args) -> int:
     with FlopCounterMode(display=False) as counter:
         fn(*args)
     return counter.get_total_flops()
+
+
+class CollectiveCounter(TorchDispatchMode):
+    """Counts the functional collectives (``_c10d_functional``) that run while active, forward and
+    backward: ``calls[name]`` and ``bytes[name]``, the bytes of each call's input tensor (what one
+    process puts in: an all-gather's own rows, a reduce-scatter's whole gradient)."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls: dict[str, int] = {}
+        self.bytes: dict[str, int] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.name() if hasattr(func, "name") else ""
+        op = name.split("::", 1)[-1]
+        if name.startswith("_c10d_functional::") and not op.startswith("_") and op != "wait_tensor" and args \
+                and isinstance(args[0], torch.Tensor):
+            self.calls[op] = self.calls.get(op, 0) + 1
+            self.bytes[op] = self.bytes.get(op, 0) + args[0].numel() * args[0].element_size()
+        return func(*args, **(kwargs or {}))

@@ -1,0 +1,146 @@
+"""Frame parallelism on 2 and 4 CPU processes (gloo): the video embedding and every parameter
+gradient, after the data-parallel reduction, equal to one process on the whole clip (float64,
+1e-10), with uneven slices, every recompute level, both fast backends, autocast, torch.compile,
+FSDP2, a 2 x 2 (videos x frames) mesh under DDP, and inference (chunked and streamed frames)."""
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from _frame_parallel_worker import CONFIG, clip, loss_of, make_encoder, scenarios, worker
+from _helpers import assert_grads_close, assert_rel
+
+from xclip_fast.ops import triton_status
+from xclip_fast.parallel import FrameParallel, _group_of, frame_sizes
+from xclip_fast.testing import rel_err
+
+TRITON_OK, TRITON_WHY = triton_status("cpu")
+pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
+                                reason="torch.distributed with gloo is not available")
+# float64 on both sides: the same operations on the same values, only GEMMs over fewer rows and the
+# order of the gradient reduction differ
+F64 = 1e-10
+
+
+def _spawn(world: int, tmp_path_factory) -> dict:
+    folder = tmp_path_factory.mktemp(f"fp{world}")
+    out = folder / "results.pt"
+    mp.spawn(worker, args=(world, str(folder / "store"), str(out), TRITON_OK), nprocs=world, join=True)
+    return torch.load(out)
+
+
+@pytest.fixture(scope="module")
+def two(tmp_path_factory):
+    return _spawn(2, tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def four(tmp_path_factory):
+    return _spawn(4, tmp_path_factory)
+
+
+def _one_process(sc: dict, b: int = 2, video=None):
+    """The video embedding and gradients of one process over the whole clip."""
+    dtype = torch.float32 if sc["autocast"] else torch.float64
+    enc = make_encoder(sc["backend"], sc["recompute"], sc["droppath"], dtype)
+    torch.manual_seed(7)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=sc["autocast"]):
+        out = enc(clip(b, sc["T"], dtype=dtype) if video is None else video)
+    loss_of(out.double()).backward()
+    return out.detach().double(), enc
+
+
+def _check(res: dict, out, enc, tol: float) -> None:
+    assert_rel("video embedding", res["out"], out, tol)
+    names = [n for n, _ in enc.named_parameters()]
+    assert sorted(res["grads"]) == sorted(names)
+    assert_grads_close(names, [res["grads"][n] for n in names], [p.grad for p in enc.parameters()], tol)
+
+
+@pytest.mark.parametrize("name", [n for n in scenarios(2) if n != "autocast"])
+def test_two_processes_equal_one(two, name):
+    """Drop path 0.2 in training mode throughout: the same random numbers as one process."""
+    sc = scenarios(2)[name]
+    if sc["backend"] == "triton" and not TRITON_OK:
+        pytest.skip(TRITON_WHY)
+    _check(two[name], *_one_process(sc), F64)
+
+
+def test_two_processes_autocast(two):
+    """bfloat16 autocast on a float32 model, against the float64 truth: frame parallelism is as
+    accurate as one process under the same autocast (its error at most 2x one process's, plus
+    2^-9 for gradients one bf16 rounding away from zero)."""
+    sc = scenarios(2)["autocast"]
+    res = two["autocast"]
+    out16, enc16 = _one_process(sc)
+    out64, enc64 = _one_process(dict(sc, autocast=False))
+    pairs = [("video embedding", res["out"], out16, out64)]
+    pairs += [(n, res["grads"][n], p.grad, q.grad)
+              for (n, p), q in zip(enc16.named_parameters(), enc64.parameters()) if q.grad.norm() > 0]
+    for name, fp, one, truth in pairs:
+        assert rel_err(fp, truth) <= 2 * rel_err(one, truth) + 2 ** -9, name
+
+
+def test_four_processes_uneven_slices_equal_one(four):
+    assert frame_sizes(6, 4) == (2, 2, 1, 1)
+    _check(four["lean-uneven"], *_one_process(scenarios(4)["lean-uneven"]), F64)
+
+
+def test_videos_by_frames_mesh_under_ddp_equals_one_process(four):
+    """DDP over all four processes of a 2 x 2 mesh; one process over the four videos of both groups
+    (equal-sized local means: the DDP average is the global mean)."""
+    res = four["mesh"]
+    out, enc = _one_process(dict(scenarios(4)["lean-uneven"], T=5), b=4)
+    g = res["group"]
+    assert g == 0  # rank 0 holds video group 0
+    _check(dict(res, out=res["out"]), out[2 * g:2 * g + 2], enc, F64)
+
+
+def test_inference_chunked_and_streamed(four):
+    enc = make_encoder("torch", "lean", droppath=0.0).eval()
+    with torch.no_grad():
+        ref = enc.forward_features(clip(1, 6))
+    res = four["inference"]
+    for key in ("plain", "chunked", "streamed"):
+        assert_rel(key, res[key], ref.video_embeds, F64)
+    assert_rel("frame embeddings", res["frame_embeds"], ref.frame_embeds, F64)
+
+
+@pytest.mark.parametrize("name", ["lean-uneven", "none-even"])
+def test_one_exchange_per_layer_and_its_bytes(two, name):
+    """Counted: one all-gather forward and one reduce-scatter backward per CCT layer, and one each
+    for the MIT input; an all-gather puts in this process's (b, T_own, d) rows, padded to the
+    widest slice, a reduce-scatter the whole clip's gradient."""
+    res, sc = two[name], scenarios(2)[name]
+    widest = frame_sizes(sc["T"], 2)[0]
+    layers, d, E, b, item = CONFIG["layers"], CONFIG["width"], CONFIG["embed_dim"], 2, 8
+    assert res["calls"] == {"all_gather_into_tensor": layers + 1, "reduce_scatter_tensor": layers + 1}
+    gathered = b * widest * (layers * d + E) * item
+    assert res["bytes"] == {"all_gather_into_tensor": gathered, "reduce_scatter_tensor": 2 * gathered}
+
+
+def test_refusals(two):
+    msgs = two["refusals"]
+    assert "frame parallelism needs the fast path" in msgs["reference"]
+    assert "pass video[:, fp.frames]" in msgs["wrong-slice"]
+    assert "needs num_frames >= 2" in msgs["too-few-frames"]
+    assert "T=4 but" in msgs["block-T"]
+
+
+def test_frame_sizes():
+    assert frame_sizes(8, 4) == (2, 2, 2, 2)
+    assert frame_sizes(7, 3) == (3, 2, 2)
+    assert frame_sizes(3, 3) == (1, 1, 1)
+    assert [len(s) for s in torch.arange(7).tensor_split(3)] == list(frame_sizes(7, 3))
+    for bad in (0, 2.0, True):
+        with pytest.raises(ValueError, match="num_frames must be an int"):
+            frame_sizes(bad, 2)
+
+
+def test_needs_initialised_distributed_and_a_group():
+    if dist.is_initialized():
+        pytest.skip("a process group is initialised in this process")
+    with pytest.raises(RuntimeError, match="needs torch.distributed initialised"):
+        FrameParallel(8)
+    with pytest.raises(TypeError, match="group must be a torch.distributed ProcessGroup"):
+        _group_of("frames")

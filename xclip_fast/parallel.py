@@ -156,12 +156,6 @@ class FrameParallel:
             raise ValueError(f"expected {self.num_frames} frames along dim {dim}, got shape {tuple(full.shape)}")
         return full.narrow(dim, self.start, self.local_frames)
 
-    def collective_bytes(self, b: int, d: int, itemsize: int) -> int:
-        """Bytes one process sends into one exchange of ``(b, T, d)`` values of ``itemsize`` bytes
-        (the all-gather's input, padded to the largest slice; the backward's reduce-scatter moves
-        the gathered size ``W`` times that)."""
-        return b * self.sizes[0] * d * itemsize
-
     @torch.no_grad()
     def average_gradients(self, module: nn.Module) -> None:
         """Average the gradients of ``module``'s parameters over the frame group (all-reduce), for

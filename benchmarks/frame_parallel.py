@@ -34,6 +34,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from xclip_fast.bench.memory import CollectiveCounter, held_bytes
+from xclip_fast.bench.results import markdown_table
 from xclip_fast.encoder import XCLIPVideoEncoder
 from xclip_fast.parallel import FrameParallel
 
@@ -79,11 +80,11 @@ def measure(fp: FrameParallel | None, quick: bool) -> dict:
             out["slopes"][model, level] = [_held(enc, _video(enc, T), _scaled(fp, T), amp=True) for T in (2, 4)]
     if fp is not None:
         enc = _encoder("b16")
-        video = _video(enc, 8)
+        video = _video(enc, fp.num_frames)
         counter = CollectiveCounter()
         with counter, torch.autocast("cpu", dtype=torch.bfloat16):
-            enc(video[:, _scaled(fp, 8).frames], frame_parallel=_scaled(fp, 8)).float().square().sum().backward()
-        out["collectives"] = dict(calls=counter.calls, bytes=counter.bytes, T=8, b=1)
+            enc(video[:, fp.frames], frame_parallel=fp).float().square().sum().backward()
+        out["collectives"] = dict(calls=counter.calls, bytes=counter.bytes, T=fp.num_frames, b=1)
     return out
 
 
@@ -147,18 +148,10 @@ def longest_table(rows: list[dict], original_per_frame: dict, layers: dict, widt
     return out
 
 
-def _md(rows, cols) -> str:
-    def fmt(v):
-        return "-" if v is None else (f"{v:.3f}" if isinstance(v, float) else str(v))
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(fmt(r.get(c)) for c in cols) + " |" for r in rows]
-    return "\n".join(lines)
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default=None, help="folder for results.md and results.json")
-    p.add_argument("--quick", action="store_true", help="B/32 and B/16 only, W = 2 only")
+    p.add_argument("--quick", action="store_true", help="held bytes of B/32, clip lengths of B/16, W = 2 only")
     p.add_argument("--training-memory", default=os.path.join(os.path.dirname(__file__), "results",
                                                                "cpu-training-memory-2026-11-30", "results.json"),
                    help="training_memory.py's results.json (the original's bytes per frame)")
@@ -173,12 +166,12 @@ def main(argv=None) -> int:
     longest = longest_table([r for r in t["longest"] if r["model"] in original], original, layers)
     md = [f"torch {torch.__version__}, CPU, gloo, one thread per process; batch 1", "",
           "### Held bytes per process after the forward (float32, recompute=lean, T=8)", "",
-          _md(t["held"], ["model", "W", "held_mib", "one_process_over_W_mib", "ratio"]), "",
+          markdown_table(t["held"], ["model", "W", "held_mib", "one_process_over_W_mib", "ratio"]), "",
           "### Collectives of one forward + backward (B/16, bf16 autocast, counted on process 0)", "",
-          _md(t["comm"], ["W", "model", "T", "b", "all_gathers", "all_gather_bytes", "reduce_scatters",
+          markdown_table(t["comm"], ["W", "model", "T", "b", "all_gathers", "all_gather_bytes", "reduce_scatters",
                           "reduce_scatter_bytes"]), "",
           "### Longest trainable clip per 80 GB GPU, batch 1, bf16 autocast (extrapolated from CPU)", "",
-          _md(longest, ["model", "variant", "held_mib_per_frame", "every_process_mib_per_frame",
+          markdown_table(longest, ["model", "variant", "held_mib_per_frame", "every_process_mib_per_frame",
                         "T_max_80GB_W1", "T_max_80GB_W2", "T_max_80GB_W8"]), ""]
     text = "\n".join(md)
     print(text)

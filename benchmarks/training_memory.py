@@ -28,6 +28,7 @@ from torch.utils.checkpoint import checkpoint, create_selective_checkpoint_conte
 
 from xclip_fast import reference
 from xclip_fast.bench.memory import held_bytes, matmul_flops, saved_bytes
+from xclip_fast.bench.results import markdown_table
 from xclip_fast.bench.train import Trainer, save_matmuls
 from xclip_fast.blocks import CrossFrameAttentionBlock
 from xclip_fast.encoder import XCLIPVideoEncoder
@@ -152,16 +153,6 @@ def longest_clip(model: str, frames=(2, 4)) -> list[dict]:
     return rows
 
 
-def _md(rows, cols) -> str:
-    def fmt(v):
-        if v is None:
-            return "-"
-        return f"{v:.3f}" if isinstance(v, float) else str(v)
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(fmt(r.get(c)) for c in cols) + " |" for r in rows]
-    return "\n".join(lines)
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default=None, help="folder for results.md and results.json")
@@ -175,15 +166,16 @@ def main(argv=None) -> int:
         rows = block_table(l, rounds=5 if args.quick else 15)
         out["blocks"][tag] = rows
         md += [f"### One CCT block, {tag} sizes (l={l}, T=8, d=768, 12 heads)", "",
-               _md(rows, ["variant", "held_mib", "held_x", "flops_x", "time_ms", "time_x_none"]), ""]
+               markdown_table(rows, ["variant", "held_mib", "held_x", "flops_x", "time_ms", "time_x_none"]), ""]
     rows = encoder_table("b32", 8)
     out["encoders"]["b32"] = rows
-    md += ["### Whole encoder, B/32, T=8, batch 1", "", _md(rows, ["variant", "held_mib", "held_x", "flops_x"]), ""]
+    md += ["### Whole encoder, B/32, T=8, batch 1", "",
+           markdown_table(rows, ["variant", "held_mib", "held_x", "flops_x"]), ""]
     for model in ["b16"] + ([] if args.quick else ["l14"]):
         rows = longest_clip(model)
         out["longest_clip"][model] = rows
         md += [f"### Longest trainable clip, {model}, batch 1, bf16 autocast (extrapolated from CPU)", "",
-               _md(rows, ["variant", "held_mib_per_frame", "mib_per_frame", "T_max_80GB", "T_max_141GB",
+               markdown_table(rows, ["variant", "held_mib_per_frame", "mib_per_frame", "T_max_80GB", "T_max_141GB",
                           "x_original", "x_selective"]), ""]
     text = "\n".join(md)
     print(text)

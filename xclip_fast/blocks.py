@@ -261,7 +261,10 @@ class CrossFrameAttentionBlock(RecomputeMixin, BackendMixin, reference.CrossFram
         over processes: ``x`` then holds this process's frames of each video (``T`` defaults to
         their count) and the message attention sees the whole clip (one exchange of the message
         tokens' inputs). Needs the fast path (not the ``"reference"`` backend, nor wrapped attention)."""
-        T = self._frames_per_video(T, frame_parallel)
+        if frame_parallel is not None:
+            T = frame_parallel.local_frames if T is None else T
+            frame_parallel.check_local(T, "CrossFrameAttentionBlock's T")
+        T = self.T if T is None else T
         self.check_input(x, T)
         level = recompute_level(self._recompute, x, self)
         if self._runs_original(frame_parallel):
@@ -269,14 +272,6 @@ class CrossFrameAttentionBlock(RecomputeMixin, BackendMixin, reference.CrossFram
         self._check_backend_can_run(x)
         return cross_frame_path(x, T, self.parts, self._backend, attn_mask=self._mask(x), drop=self._drops(),
                                 recompute=level, frame_parallel=frame_parallel)
-
-    def _frames_per_video(self, T, frame_parallel) -> int:
-        if frame_parallel is None:
-            return self.T if T is None else T
-        if T is not None and T != frame_parallel.local_frames:
-            raise ValueError(f"CrossFrameAttentionBlock: T={T} but {frame_parallel!r} gives this process "
-                             f"{frame_parallel.local_frames} frames per video")
-        return frame_parallel.local_frames
 
     @property
     def parts(self) -> Parts:

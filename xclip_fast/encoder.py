@@ -179,9 +179,8 @@ class CrossFrameCommunicationTransformer(CheckpointAlias, BackendMixin, referenc
         """``x: (b*T, 3, H, W)`` -> ``((b*T, E), (b*T, l-1, d))``; with ``frame_parallel`` (see
         :class:`xclip_fast.parallel.FrameParallel`) ``x`` holds this process's frames of each
         video (``T`` defaults to their count) and the outputs are those of its frames."""
-        if frame_parallel is not None:
-            T = frame_parallel.local_frames if T is None else T
-            frame_parallel.check_local(T, "CrossFrameCommunicationTransformer input")
+        if frame_parallel is not None and T is None:
+            T = frame_parallel.local_frames  # (each block checks it against the process's slice)
         T = self.T if T is None else T
         self.check_frames(x)
         h = self.embed(x)

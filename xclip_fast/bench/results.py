@@ -126,6 +126,15 @@ def table(rows: list[Result], env: dict) -> str:
     return "\n".join(lines)
 
 
+def markdown_table(rows: list[dict], cols: list[str]) -> str:
+    """A Markdown table of ``rows`` (dicts) over ``cols``: floats with 3 decimals, missing as ``-``."""
+    def fmt(v):
+        return "-" if v is None else (f"{v:.3f}" if isinstance(v, float) else str(v))
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(fmt(r.get(c)) for c in cols) + " |" for r in rows]
+    return "\n".join(lines)
+
+
 def write_outputs(rows: list[Result], env: dict, out_dir: str, copy_bw: float) -> dict:
     """Append to ``results.csv`` / ``results.jsonl``, write ``run-<time>.json`` and the plot."""
     from xclip_fast.bench.plot import plot

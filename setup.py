@@ -30,9 +30,14 @@ setup(
         "triton>=3.6; platform_system == 'Linux' and platform_machine == 'x86_64'",
     ],
     extras_require={
-        # the tests also run the benchmark runner (plot, progress bar), write/read real videos and
+        # the tests also run the benchmark runner (plot, progress bar), write/read real videos,
         # fine-tune with PEFT LoRA
-        "test": ["pytest>=7", "transformers>=5", "safetensors", "av>=11", "matplotlib", "tqdm", "peft"],
+        # ... and export to ONNX and run it in ONNX Runtime
+        "test": ["pytest>=7", "transformers>=5", "safetensors", "av>=11", "matplotlib", "tqdm", "peft", "onnx",
+                 "onnxscript", "onnxruntime"],
+        # ONNX export (the dynamo exporter needs onnx and onnxscript) and ONNX Runtime for the bench;
+        # the .pt2 package needs nothing beyond torch
+        "export": ["onnx", "onnxscript", "onnxruntime"],
         "bench": ["pytest-benchmark", "matplotlib", "tqdm"],
         # xformers wheels pin exact torch versions: opt in explicitly
         "xformers": ["xformers"],

@@ -107,3 +107,39 @@ def test_compiled_providers_match_the_reference(level):
     with pytest.raises(bench.Skip, match="--quick: torch.compile warm-up"):
         bench.Workload(case, torch.float64, torch.device("cpu"), grad=False, quick=True).provider(
             "xclip-fast-torch-compiled")
+
+
+def test_inference_level_checks_every_provider_against_the_original(tmp_path):
+    """The inference level on a tiny model: each provider's output checked against the float32
+    original before it is timed; a wrong provider is a mismatch, not a row of timings."""
+    from xclip_fast.bench import inference
+    from xclip_fast.bench.results import environment
+
+    pytest.importorskip("onnxruntime", reason="onnxruntime is in the test extra")
+    tiny = dict(input_resolution=32, patch_size=16, width=128, layers=1, heads=2, embed_dim=64, num_frames=4,
+                mit_heads=1)
+    cpu = torch.device("cpu")
+    rows = inference.inference_rows(["b32"], [3], [2], torch.float32, cpu, True, environment(cpu), str(tmp_path),
+                                    providers=["reference", "xclip-fast", "onnxruntime"], overrides=tiny, memory=False)
+    assert [(r.provider, r.status) for r in rows] == [("reference", "ok"), ("xclip-fast", "ok"), ("onnxruntime", "ok")]
+    for r in rows:
+        assert r.error <= 1e-5 and r.extras["p90_ms"] >= r.median_ms > 0
+        assert r.extras["videos_per_s"] == pytest.approx(2 / (r.median_ms * 1e-3))
+    assert "| b32 | 3 | 2 | float32 | onnxruntime |" in inference.inference_table(rows, environment(cpu))
+    # a provider computing something else is caught: the fast encoder with one weight changed
+    real = inference._Providers.build
+
+    def wrong(self, name, T):
+        fn = real(self, name, T)
+        if name == "xclip-fast":
+            with torch.no_grad():
+                fn.visual.proj.mul_(1.01)
+        return fn
+
+    inference._Providers.build = wrong
+    try:
+        rows = inference.inference_rows(["b32"], [3], [1], torch.float32, cpu, True, environment(cpu), str(tmp_path),
+                                        providers=["reference", "xclip-fast"], overrides=tiny, memory=False)
+    finally:
+        inference._Providers.build = real
+    assert rows[1].status == "mismatch" and rows[1].median_ms is None

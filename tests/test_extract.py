@@ -34,7 +34,7 @@ def _weights(tmp_path, frames=4):
 
 
 def _encode(*argv):
-    return main(["encode", "--device", "cpu", "--quiet", *map(str, argv)])
+    return main(["encode", "--device", "cpu", "--dtype", "float32", "--quiet", *map(str, argv)])
 
 
 def _index(out_dir):

@@ -73,7 +73,8 @@ def test_read_frames_returns_the_sampled_frames_in_order(video):
 @pytest.mark.parametrize("chunk", [None, 3], ids=["unchunked", "chunk3"])
 def test_encode_command_matches_the_in_memory_encoder(video, hf_folder, tmp_path, chunk):
     out = tmp_path / "emb.npy"
-    argv = ["encode", video, video, "--weights", hf_folder, "--frames", "4", "--device", "cpu", "--backend", "torch",
+    argv = ["encode", video, video, "--weights", hf_folder, "--frames", "4", "--device", "cpu", "--dtype", "float32",
+            "--backend", "torch",
             "--out", str(out), "--per-frame"]
     if chunk:
         argv += ["--chunk-frames", str(chunk)]
@@ -97,7 +98,8 @@ def test_encode_command_with_an_official_checkpoint(video, tmp_path):
     path = tmp_path / "official.pth"
     torch.save({"model": enc.state_dict(), "epoch": 1}, path)
     out = tmp_path / "o.npy"
-    assert main(["encode", video, "--weights", str(path), "--frames", "4", "--device", "cpu", "--out", str(out)]) == 0
+    assert main(["encode", video, "--weights", str(path), "--frames", "4", "--device", "cpu", "--dtype", "float32",
+                 "--out", str(out)]) == 0
     with torch.no_grad():
         expected = enc(load_video(video, 4, 32))
     assert_rel("video embedding", torch.from_numpy(np.load(out)), expected, 1e-5)

@@ -8,7 +8,8 @@ import math
 
 import torch
 
-__all__ = ["parse_device", "device_arg", "positive_int", "positive_float", "frame_list", "span", "fast_backends"]
+__all__ = ["parse_device", "device_arg", "positive_int", "positive_float", "frame_list", "span", "fast_backends",
+           "int_range"]
 
 
 def parse_device(text: str | None) -> torch.device:
@@ -91,3 +92,15 @@ def frame_list(text: str) -> list[int]:
             raise argparse.ArgumentTypeError(f"every frame count must be >= 1, got {value} in {text!r}")
         values.append(value)
     return values
+
+
+def int_range(text: str) -> tuple[int, int]:
+    """argparse type: ``MIN:MAX`` (or one value N, meaning N:N), ints with 1 <= MIN <= MAX."""
+    parts = text.split(":")
+    try:
+        low, high = (int(parts[0]), int(parts[-1])) if len(parts) in (1, 2) else (None, None)
+    except ValueError:
+        low = high = None
+    if low is None or not 1 <= low <= high:
+        raise argparse.ArgumentTypeError(f"expected MIN:MAX with 1 <= MIN <= MAX (or one int >= 1), got {text!r}")
+    return low, high

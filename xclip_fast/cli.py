@@ -3,6 +3,7 @@
     xclip-fast check     the fast block against the reference on random data (errors per tensor)
     xclip-fast bench     speed and peak memory against the reference and other attention paths
     xclip-fast encode    video files -> X-CLIP video embeddings (.npy)
+    xclip-fast export    the video encoder as one deployable file (.pt2 package or ONNX)
 """
 
 from __future__ import annotations
@@ -12,7 +13,15 @@ import sys
 
 import torch
 
-from xclip_fast.argtypes import device_arg, fast_backends, parse_device, positive_float, positive_int, span
+from xclip_fast.argtypes import (
+    device_arg,
+    fast_backends,
+    int_range,
+    parse_device,
+    positive_float,
+    positive_int,
+    span,
+)
 from xclip_fast.dtypes import BY_NAME as _DTYPES
 from xclip_fast.testing import TOLERANCES, rel_err
 
@@ -144,6 +153,65 @@ def run_settings(args, encoder, dtype: torch.dtype, T: int) -> dict:
                 weights=extract.weights_digest(encoder))
 
 
+def _default_dtype(name: str | None, device: torch.device, announce: bool = True) -> torch.dtype:
+    """``--dtype`` if given, else the default of inference on ``device``
+    (:func:`xclip_fast.dtypes.inference_dtype`), announced when it is bf16 on a CPU."""
+    from xclip_fast.dtypes import inference_dtype
+
+    if name is not None:
+        return _DTYPES[name]
+    dtype, why = inference_dtype(device)
+    if announce and device.type == "cpu" and dtype != torch.float32:
+        print(f"dtype: {why}")
+    return dtype
+
+
+def _export(args) -> int:
+    import os
+
+    from xclip_fast.export import export_encoder, format_of
+
+    problem = None
+    try:
+        fmt = format_of(args.out, args.format)
+    except ValueError as exc:
+        problem = str(exc)
+    if problem is None and os.path.isdir(args.out):
+        problem = f"--out {args.out}: is a folder (the export writes one file)"
+    if problem is None and not os.path.isdir(os.path.dirname(os.path.abspath(args.out))):
+        problem = f"--out {args.out}: the folder {os.path.dirname(os.path.abspath(args.out))} does not exist"
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
+    try:
+        encoder, random_weights = load_encoder(args.weights, args.preset, args.num_frames, args.trust_weights)
+    except (ValueError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if random_weights:
+        print(f"WARNING: no --weights given: the {args.preset or 'b32'} preset with RANDOM weights is exported")
+    device = parse_device(args.device or "cpu")
+    if fmt == "onnx" and args.dtype is None:
+        dtype = torch.float32  # ONNX Runtime's CPU provider has no bf16 kernels
+    else:
+        dtype = _default_dtype(args.dtype, device)
+    encoder.backend = args.backend
+    try:
+        done = export_encoder(encoder, args.out, format=fmt, dtype=dtype, input=args.input, batch=args.batch,
+                              frames=args.frames, device=device)
+    except (ValueError, ImportError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    meta = done.metadata
+    print(f"wrote {done.path}: {fmt}, {meta['xclip_fast.weights_dtype']} weights, {done.bytes / 2**20:.1f} MiB; "
+          f"input video ({meta['xclip_fast.batch']}, {meta['xclip_fast.frames']}, 3, {meta['xclip_fast.resolution']}, "
+          f"{meta['xclip_fast.resolution']}) {meta['xclip_fast.input_dtype']}"
+          f"{' RGB 0-255' if args.input == 'uint8' else ' normalised'} -> {meta['xclip_fast.output']}")
+    if fmt == "pt2":
+        print("load: torch._inductor.aoti_load_package(path), with AOTI_RUNTIME_CHECK_INPUTS=1 set for input checks")
+    return 0
+
+
 def _encode(args) -> int:
     import os
 
@@ -187,7 +255,7 @@ def _encode(args) -> int:
         import torch.distributed as dist
 
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    dtype = _DTYPES[args.dtype or ("float16" if device.type == "cuda" else "float32")]
+    dtype = _default_dtype(args.dtype, device, announce=rank == 0)
     T = args.frames or encoder.config["num_frames"]
     settings = run_settings(args, encoder, dtype, T) if args.out_dir is not None else {}
     encoder = encoder.to(device, dtype).eval()
@@ -275,7 +343,8 @@ def build_parser() -> argparse.ArgumentParser:
                      "chunks of this many frames (bounded memory for long clips)")
     enc.add_argument("--device", type=device_arg, default=None, help="cpu or cuda[:i] (default: cuda when "
                      "available)")
-    enc.add_argument("--dtype", default=None, choices=sorted(_DTYPES), help="default float16 on CUDA, float32 on CPU")
+    enc.add_argument("--dtype", default=None, choices=sorted(_DTYPES), help="default float16 on CUDA; on CPU bfloat16 "
+                     "where the CPU has native bf16 (AVX512-BF16, AMX), else float32")
     enc.add_argument("--backend", default="auto", choices=["auto", "triton", "torch"])
     enc.add_argument("--out", default=None, help="one .npy file (the name must end in .npy) holding (videos, E) in "
                      "input order, NaN rows for failed videos (default embeddings.npy when --out-dir is not given)")
@@ -296,6 +365,32 @@ def build_parser() -> argparse.ArgumentParser:
                      "(default 10)")
     enc.add_argument("--quiet", action="store_true", help="no progress bar")
     enc.set_defaults(func=_encode)
+
+    exp = sub.add_parser("export", help="the video encoder as one deployable file: a PyTorch 2 package (.pt2) or "
+                         "ONNX", description="Export the video encoder (video -> video embedding) with a dynamic "
+                         "batch and frame count. A .pt2 package loads with torch alone "
+                         "(torch._inductor.aoti_load_package); an .onnx model runs in ONNX Runtime.")
+    exp.add_argument("--out", required=True, help="the file: *.pt2 or *.onnx")
+    exp.add_argument("--format", default=None, choices=["pt2", "onnx"], help="default: from the --out name")
+    exp.add_argument("--weights", default=None, help="as for encode; without it a preset with random weights")
+    exp.add_argument("--preset", default=None, choices=sorted(PRESETS), help="architecture without --weights "
+                     "(default b32)")
+    exp.add_argument("--trust-weights", action="store_true", help="allow pickled objects in --weights")
+    exp.add_argument("--num-frames", type=positive_int, default=None, help="without --weights: the frames the "
+                     "random MIT is built for (default: the preset's)")
+    exp.add_argument("--frames", type=int_range, default=(1, 256), help="the frame counts the artifact takes, "
+                     "MIN:MAX (default 1:256)")
+    exp.add_argument("--batch", type=int_range, default=(1, 64), help="the batch sizes, MIN:MAX (default 1:64)")
+    exp.add_argument("--input", default="float", choices=["float", "uint8"], help="float: normalised float32 "
+                     "frames (default); uint8: raw RGB 0-255, normalised inside the artifact")
+    exp.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
+                     help="the weights' dtype: default bfloat16 for a .pt2 on a CPU with native bf16, else "
+                     "float32 (ONNX: float32; ONNX Runtime's CPU provider has no bf16)")
+    exp.add_argument("--device", type=device_arg, default=None, help=".pt2: the device it is compiled for (cpu "
+                     "or cuda; default cpu)")
+    exp.add_argument("--backend", default="auto", choices=["auto", "triton", "torch"],
+                     help="the backend traced (CPU and ONNX: torch; CUDA: the Triton kernels by default)")
+    exp.set_defaults(func=_export)
     return parser
 
 

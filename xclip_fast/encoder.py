@@ -10,7 +10,6 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from xclip_fast import reference
@@ -225,13 +224,24 @@ class MultiframeIntegrationTransformer(RecomputeMixin, BackendMixin, reference.M
         return x.mean(dim=1, keepdim=False)
 
 
-def interpolate_frames(pos: torch.Tensor, frames: int) -> torch.Tensor:
-    """Linear interpolation of a ``(1, T, E)`` frame embedding to ``frames`` points over time."""
-    if pos.shape[1] == frames:
+def interpolate_frames(pos: torch.Tensor, frames) -> torch.Tensor:
+    """Linear interpolation of a ``(1, T, E)`` frame embedding to ``frames`` points over time.
+
+    ``align_corners`` semantics: point i sits at ``i * (T - 1) / (frames - 1)`` on the trained grid,
+    so the first and last embeddings are kept (one point: the first). Written with plain tensor ops
+    rather than ``F.interpolate`` so that ``frames`` may be symbolic (``torch.export`` with a dynamic
+    T): the exported decomposition of ``upsample_linear1d`` divides by ``frames - 1`` and gives NaN
+    at one frame, and a test of ``frames == T`` would pin T to the trained length."""
+    T = pos.shape[1]
+    if isinstance(frames, int) and frames == T:
         return pos
-    if pos.shape[1] == 1:
+    if T == 1:
         return pos.expand(1, frames, pos.shape[2])
-    return F.interpolate(pos.transpose(1, 2), size=frames, mode="linear", align_corners=True).transpose(1, 2)
+    where = torch.arange(frames, device=pos.device, dtype=torch.float64 if pos.dtype == torch.float64
+                         else torch.float32) * ((T - 1) / torch.sym_max(frames - 1, 1))  # (linspace guards on frames)
+    lo = where.floor().long().clamp(max=T - 2)  # the left neighbour; the last point uses (T-2, T-1)
+    w = (where - lo).to(pos.dtype)[None, :, None]
+    return pos[:, lo] * (1 - w) + pos[:, lo + 1] * w
 
 
 def refuse_hooks(containers: dict, why: str) -> None:

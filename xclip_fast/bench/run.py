@@ -173,6 +173,8 @@ def main(args) -> int:
         return 2
     cuda = torch.cuda.is_available() and args.device != "cpu"
     device = torch.device("cuda" if cuda else "cpu")
+    if args.level == "inference":
+        return _inference(args, device)
     dtype = BY_NAME[args.dtype or ("bfloat16" if cuda else "float32")]
     if device.type == "cpu" and dtype in (torch.float16, torch.bfloat16):
         raise ValueError(f"--dtype {args.dtype} on CPU: use float32 (half-precision CPU kernels are not what "
@@ -230,15 +232,56 @@ def main(args) -> int:
     return 0
 
 
+def _inference(args, device) -> int:
+    """``--level inference``: the providers of :mod:`xclip_fast.bench.inference` (not part of ``all``:
+    it compiles and exports, minutes per model on a CPU)."""
+    import os
+
+    from xclip_fast.bench.inference import INFERENCE_PROVIDERS, inference_rows, inference_table
+    from xclip_fast.dtypes import inference_dtype
+
+    cuda = device.type == "cuda"
+    quick = args.quick or (not cuda and not args.full)
+    if args.dtype is None:
+        dtype, why = inference_dtype(device)
+        print(f"dtype: {why}")
+    else:
+        dtype = BY_NAME[args.dtype]
+    wanted = args.providers.split(",") if args.providers else None
+    if wanted:
+        unknown = sorted(set(wanted) - set(INFERENCE_PROVIDERS))
+        if unknown:
+            raise ValueError(f"unknown inference providers {unknown}; choose from {INFERENCE_PROVIDERS}")
+        wanted = ["reference", *[p for p in wanted if p != "reference"]]  # every ratio is against the reference
+    models = [args.model] if args.model else (["b32"] if quick else ["b32", "b16"])
+    frames = args.frames or ([8] if quick else [8, 32])
+    batches = [args.batch] if args.batch else ([1] if quick else [1, 8])
+    if quick and not args.quick:
+        print("CPU run: B/32, T=8, batch 1 (--full: B/32 and B/16, T=8 and 32, batch 1 and 8; long on a CPU).")
+    env = environment(device)
+    rows = inference_rows(models, frames, batches, dtype, device, quick, env, os.path.join(args.out, "artifacts"),
+                          providers=wanted)
+    print(inference_table(rows, env))
+    paths = write_outputs(rows, env, args.out, copy_bandwidth(device))
+    print("wrote " + ", ".join(paths.values()))
+    bad = [r for r in rows if r.status in ("mismatch", "error")]
+    for r in bad:
+        print(f"  {r.case} {r.dtype} {r.provider}: {r.status}: {r.reason}", file=sys.stderr)
+    return 1 if bad else 0
+
+
 def add_arguments(p) -> None:
-    p.add_argument("--level", default="all", choices=[*LEVELS, "train", "all"],
+    p.add_argument("--level", default="all", choices=[*LEVELS, "train", "inference", "all"],
                    help="train: the encoder's forward + backward + AdamW step at every recompute level against the "
-                   "original, the original with selective checkpointing and the original compiled")
+                   "original, the original with selective checkpointing and the original compiled; inference "
+                   "(not in all): the original and the fast encoder eager and compiled, the exported .pt2 package "
+                   "and ONNX Runtime, per video (default dtype: bf16 on CPUs with native bf16)")
     p.add_argument("--model", default=None, choices=sorted(PRESETS), help="default b16 on CUDA, b32 on CPU")
     p.add_argument("--frames", type=frame_list, default=None, help="comma list of T for the block and encoder "
                    "levels (default: 8,16,32 and long clips up to 512 for blocks, 8 to 1024 for the encoder on CUDA)")
     p.add_argument("--batch", type=positive_int, default=None, help="videos b at the block level for T <= 32 "
-                   "(default 8 on CUDA, 1 on CPU; long clips run one video)")
+                   "(default 8 on CUDA, 1 on CPU; long clips run one video); the inference level's batch "
+                   "(default 1 and 8; quick: 1)")
     p.add_argument("--dtype", default=None, choices=sorted(BY_NAME), help="default bfloat16 on CUDA, float32 on CPU")
     p.add_argument("--mode", default="both", choices=[*MODES, "both"])
     p.add_argument("--providers", default=None, help=f"comma list from {', '.join(ALL_PROVIDERS)}")

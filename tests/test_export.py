@@ -1,0 +1,201 @@
+"""Deployable artifacts (``xclip_fast.export``, ``xclip-fast export``): a ``.pt2`` package and an ONNX
+model of the video encoder against the Python encoder in float64, at several batch sizes and frame
+counts of one artifact, their metadata, their refusal of inputs outside the exported shapes, and the
+package loading with torch alone."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from _helpers import assert_rel
+
+from xclip_fast import XCLIPVideoEncoder
+from xclip_fast.cli import _default_dtype, main
+from xclip_fast.encoder import as_frames
+from xclip_fast.export import export_encoder, read_metadata
+from xclip_fast.video import MEAN, STD
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+# float32 artifacts against the encoder in float64: the issue's bar; what remains is float32 rounding
+# in another order of operations (measured around 2e-7)
+FP32_TOL = 1e-5
+
+
+def _encoder():
+    torch.manual_seed(0)
+    # 64-wide heads: official files carry no head count and the loader assumes width // 64
+    return XCLIPVideoEncoder(input_resolution=32, patch_size=16, width=128, layers=1, heads=2, embed_dim=64,
+                             num_frames=4, mit_heads=1, backend="torch").eval()
+
+
+def _truth(enc, video):
+    """The Python encoder's output in float64 (uint8 frames normalised as the encoder does)."""
+    ref = _encoder()
+    ref.load_state_dict(enc.state_dict())
+    with torch.no_grad():
+        return ref.double()(as_frames(video).double())
+
+
+def _video(b, T, r=32, dtype=torch.float32):
+    g = torch.Generator().manual_seed(b * 100 + T)
+    if dtype == torch.uint8:
+        return torch.randint(0, 256, (b, T, 3, r, r), generator=g, dtype=torch.uint8)
+    return torch.randn(b, T, 3, r, r, generator=g).to(dtype)
+
+
+@pytest.fixture(scope="module")
+def package(tmp_path_factory):
+    """``xclip-fast export`` of official-format weights into a float32 .pt2 (batch 1..8, T 1..16)."""
+    folder = tmp_path_factory.mktemp("pt2")
+    enc = _encoder()
+    weights = folder / "w.pth"
+    torch.save({"model": enc.state_dict()}, weights)
+    path = folder / "encoder.pt2"
+    assert main(["export", "--weights", str(weights), "--out", str(path), "--dtype", "float32",
+                 "--frames", "1:16", "--batch", "1:8"]) == 0
+    return enc, path
+
+
+def test_pt2_package_matches_the_encoder_and_loads_with_torch_alone(package, tmp_path):
+    enc, path = package
+    shapes = [(1, 1), (1, 4), (3, 7), (8, 16)]  # batch 1 and one frame, the trained T, others, the maxima
+    inputs = [_video(b, T) for b, T in shapes]
+    bad = [_video(2, 17), _video(9, 2), _video(1, 4, r=64), _video(1, 4).half(), _video(1, 4, dtype=torch.uint8)]
+    torch.save(inputs + bad, tmp_path / "in.pt")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, os.path.join(HERE, "export_load.py"), str(path), str(tmp_path / "in.pt"),
+                           str(tmp_path / "out.pt")], capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = torch.load(tmp_path / "out.pt")
+    assert res["xclip_fast_loaded"] == []
+    outs = res["outputs"]
+    for (b, T), x, y in zip(shapes, inputs, outs):
+        assert isinstance(y, torch.Tensor), f"b={b} T={T}: {y}"
+        assert y.dtype == torch.float32 and y.shape == (b, 64)
+        assert_rel(f".pt2 b={b} T={T}", y, _truth(enc, x), FP32_TOL)
+    errors = outs[len(shapes):]
+    assert all(isinstance(e, str) for e in errors), errors
+    # the reason is in the exception (torch >= 2.13) or printed by the runtime on stderr (torch 2.11)
+    said = "\n".join(errors) + proc.stderr
+    assert "too large at 1, expected to be <= 16" in said  # frames beyond the exported range
+    assert "too large at 0, expected to be <= 8" in said  # batch beyond it
+    assert "unmatched dim value at 3, expected: 32" in said  # another resolution
+    assert said.count("unmatched dtype") >= 2  # half and uint8 frames for a float32 model
+    meta = res["metadata"]
+    assert meta["xclip_fast.frames"] == "1..16" and meta["xclip_fast.batch"] == "1..8"
+    assert meta["xclip_fast.resolution"] == "32" and meta["xclip_fast.input_dtype"] == "float32"
+    assert meta["xclip_fast.normalised_inside"] == "no"
+    assert json.loads(meta["xclip_fast.mean"]) == list(MEAN) and json.loads(meta["xclip_fast.std"]) == list(STD)
+    assert json.loads(meta["xclip_fast.config"]) == json.loads(json.dumps(enc.config, sort_keys=True))
+    assert meta["xclip_fast.weights_dtype"] == "float32"
+    assert read_metadata(str(path)) == {k: v for k, v in meta.items() if k.startswith("xclip_fast.")}
+
+
+def test_pt2_package_in_bfloat16_with_uint8_input(tmp_path):
+    """bf16 weights, raw uint8 frames normalised inside: error against float64 no more than twice
+    the Python encoder's own in bf16 (bf16 keeps 8 bits: about 4e-3 per rounding)."""
+    enc = _encoder()
+    done = export_encoder(enc, str(tmp_path / "bf16.pt2"), dtype=torch.bfloat16, input="uint8", batch=(1, 4),
+                          frames=(2, 8))
+    assert done.format == "pt2" and done.metadata["xclip_fast.weights_dtype"] == "bfloat16"
+    assert done.metadata["xclip_fast.input_dtype"] == "uint8" and done.metadata["xclip_fast.normalised_inside"] == "yes"
+    assert next(enc.parameters()).dtype == torch.float32  # the encoder itself is left as it was
+    model = torch._inductor.aoti_load_package(done.path)
+    python_bf16 = _encoder().to(torch.bfloat16)
+    python_bf16.load_state_dict(enc.state_dict())
+    for b, T in [(1, 2), (3, 5)]:
+        x = _video(b, T, dtype=torch.uint8)
+        truth = _truth(enc, x)
+        with torch.no_grad():
+            own = (python_bf16(x).double() - truth).norm() / truth.norm()
+        y = model(x)
+        assert y.dtype == torch.float32
+        assert_rel(f"bf16 .pt2 b={b} T={T}", y, truth, max(2 * own.item(), 1e-3))
+
+
+onnx = pytest.importorskip("onnxruntime", reason="onnxruntime is in the test extra")
+
+
+def _session(path):
+    return onnx.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+def test_onnx_model_matches_the_encoder_at_several_shapes(tmp_path):
+    enc = _encoder()
+    path = tmp_path / "encoder.onnx"
+    assert main(["export", "--out", str(path), "--preset", "b32", "--dtype", "bfloat16"]) == 2  # no bf16 in ORT
+    done = export_encoder(enc, str(path), batch=(1, 8), frames=(1, 16))
+    sess = _session(path)
+    (inp,) = sess.get_inputs()
+    assert inp.name == "video" and inp.shape[2:] == [3, 32, 32] and all(isinstance(d, str) for d in inp.shape[:2])
+    for b, T in [(1, 1), (3, 7), (8, 16)]:
+        x = _video(b, T)
+        (y,) = sess.run(None, {"video": x.numpy()})
+        assert_rel(f"onnx b={b} T={T}", torch.from_numpy(y), _truth(enc, x), FP32_TOL)
+    meta = sess.get_modelmeta().custom_metadata_map
+    assert {k: v for k, v in meta.items() if k.startswith("xclip_fast.")} == done.metadata
+    assert read_metadata(str(path)) == done.metadata
+    with pytest.raises(Exception, match="invalid dimensions"):
+        sess.run(None, {"video": _video(1, 4, r=64).numpy()})
+
+
+def test_onnx_float16_weights_with_uint8_input(tmp_path):
+    """fp16 weights are half the file; error against float64 within twice the Python encoder's own
+    in fp16 (10 bits: about 5e-4 per rounding)."""
+    enc = _encoder()
+    full = export_encoder(enc, str(tmp_path / "fp32.onnx"), batch=(1, 4), frames=(1, 8))
+    half = export_encoder(enc, str(tmp_path / "fp16.onnx"), dtype=torch.float16, input="uint8", batch=(1, 4),
+                          frames=(1, 8))
+    assert half.bytes < 0.6 * full.bytes
+    python_fp16 = _encoder().half()
+    python_fp16.load_state_dict(enc.state_dict())
+    sess = _session(half.path)
+    x = _video(2, 5, dtype=torch.uint8)
+    truth = _truth(enc, x)
+    with torch.no_grad():
+        own = ((python_fp16(x).double() - truth).norm() / truth.norm()).item()
+    (y,) = sess.run(None, {"video": x.numpy()})
+    assert y.dtype.name == "float32"
+    assert_rel("fp16 onnx", torch.from_numpy(y), truth, max(2 * own, 1e-3))
+
+
+def test_export_refuses_what_it_cannot_write(tmp_path):
+    enc = _encoder()
+    cases = [
+        (dict(path=str(tmp_path / "a.txt")), "cannot tell the format"),
+        (dict(path=str(tmp_path / "a.onnx"), dtype=torch.bfloat16), "no bf16 kernels"),
+        (dict(path=str(tmp_path / "a.pt2"), dtype=torch.float64), "float32, float16 or bfloat16"),
+        (dict(path=str(tmp_path / "a.pt2"), frames=(0, 8)), "frames must be"),
+        (dict(path=str(tmp_path / "a.pt2"), batch=(4, 2)), "batch must be"),
+        (dict(path=str(tmp_path / "a.pt2"), input="rgb"), "input must be"),
+        (dict(path=str(tmp_path / "a.onnx"), device="meta"), "ONNX exports"),
+    ]
+    for kwargs, match in cases:
+        with pytest.raises(ValueError, match=match):
+            export_encoder(enc, **kwargs)
+    enc.backend = "reference"
+    with pytest.raises(ValueError, match="reference"):
+        export_encoder(enc, str(tmp_path / "a.pt2"))
+    with pytest.raises(ValueError, match="XCLIPVideoEncoder"):
+        export_encoder(torch.nn.Linear(2, 2), str(tmp_path / "a.pt2"))
+    assert main(["export", "--out", str(tmp_path / "a.txt")]) == 2
+    assert main(["export", "--out", str(tmp_path / "missing" / "a.pt2")]) == 2
+    with pytest.raises(SystemExit):
+        main(["export", "--out", str(tmp_path / "a.pt2"), "--frames", "8:2"])
+    assert not [f for f in os.listdir(tmp_path)]  # nothing written
+
+
+def test_inference_dtype_is_bf16_on_cpus_with_native_bf16(monkeypatch, capsys):
+    import xclip_fast.dtypes as dtypes
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(dtypes, "cpu_native_bf16", lambda: "AVX512-BF16")
+    assert _default_dtype(None, cpu) == torch.bfloat16
+    assert "native bf16 (AVX512-BF16)" in capsys.readouterr().out  # announced
+    assert _default_dtype("float32", cpu) == torch.float32  # one option away
+    monkeypatch.setattr(dtypes, "cpu_native_bf16", lambda: None)
+    assert _default_dtype(None, cpu) == torch.float32
+    assert dtypes.inference_dtype("cuda")[0] == torch.float16

@@ -1,0 +1,327 @@
+"""The inference level of ``xclip-fast bench``: what one would serve the video encoder with, side by side.
+
+Providers, on the same weights and inputs (``video (b, T, 3, H, W) -> (b, E)``):
+
+- ``reference``: the original modules, eager; ``reference-compiled``: the same under ``torch.compile``;
+- ``xclip-fast``: the fast encoder, eager (backend ``auto``); ``xclip-fast-compiled``: under ``torch.compile``;
+- ``pt2``: the ``.pt2`` package of :func:`xclip_fast.export.export_encoder` (AOTInductor), loaded with
+  ``torch._inductor.aoti_load_package``, one package per model and dtype for every batch and T;
+- ``onnxruntime``: the ONNX model in ONNX Runtime (CUDA execution provider when present, else CPU;
+  float32 or float16 weights: ONNX Runtime's CPU provider has no bf16 kernels).
+
+Columns: latency p50 and p90 (ms), videos per second (batch / p50), memory: on CPU the peak resident
+growth of one call in a fresh process (the weights and the loaded artifact do not count), on CUDA the
+allocator's peak above what is allocated before the call (ONNX Runtime's own allocator is not seen:
+no figure). Every provider is checked against the original in float32 (the truth): the allowed error
+is the float32 tolerance in float32, and in lower precision twice the original's own error in it.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import statistics
+import time
+
+import torch
+
+from xclip_fast import reference
+from xclip_fast.bench.cases import Case, model_dims
+from xclip_fast.bench.measure import MIB, free
+from xclip_fast.bench.results import Result
+from xclip_fast.checkpoints import split_encoder_state_dict
+from xclip_fast.dtypes import dtype_name
+from xclip_fast.encoder import XCLIPVideoEncoder
+from xclip_fast.testing import TOLERANCES, rel_err
+
+__all__ = ["INFERENCE_PROVIDERS", "inference_rows", "inference_cases", "inference_table"]
+
+INFERENCE_PROVIDERS = ["reference", "reference-compiled", "xclip-fast", "xclip-fast-compiled", "pt2", "onnxruntime"]
+
+
+def inference_cases(models, frames, batches) -> list[tuple[str, int, int]]:
+    """(model, T, batch) of every combination."""
+    return [(m, T, b) for m in models for T in frames for b in batches]
+
+
+def _original(enc: XCLIPVideoEncoder, T: int):
+    """The original CCT + MIT with ``enc``'s weights, built for T frames (as the official code is);
+    the MIT's frame position embedding is the encoder's for T frames (interpolated when T differs
+    from the trained length), so that every provider computes the same function."""
+    cfg = enc.config
+    visual = reference.CrossFrameCommunicationTransformer(cfg["input_resolution"], cfg["patch_size"], cfg["width"],
+                                                          cfg["layers"], cfg["heads"], cfg["embed_dim"], T=T)
+    mit = reference.MultiframeIntegrationTransformer(T, cfg["embed_dim"], cfg["mit_layers"], cfg["mit_heads"])
+    visual_sd, mit_sd = split_encoder_state_dict(enc.state_dict())
+    mit_sd["positional_embedding"] = enc.mit.position_embedding(T).detach()
+    visual.load_state_dict(visual_sd)
+    mit.load_state_dict(mit_sd)
+    return visual, mit
+
+
+class _Providers:
+    """The providers of one model and dtype; artifacts are written once into ``workdir`` and serve
+    every case of the model (their batch and T are dynamic)."""
+
+    def __init__(self, model: str, overrides: dict, dtype, device, workdir: str, max_batch: int, max_frames: int):
+        self.model, self.overrides, self.dtype, self.device = model, overrides, dtype, device
+        self.workdir, self.max_batch, self.max_frames = workdir, max_batch, max_frames
+        torch.manual_seed(0)
+        self.enc = XCLIPVideoEncoder.from_config(model, **overrides).eval()  # float32 CPU: the source of weights
+        self.artifacts = {}
+
+    def artifact(self, fmt: str) -> str:
+        from xclip_fast.export import export_encoder
+
+        if fmt not in self.artifacts:
+            path = os.path.join(self.workdir, f"{self.model}-{dtype_name(self.dtype)}.{fmt}")
+            export_encoder(self.enc, path, dtype=self.dtype, batch=(1, self.max_batch), frames=(1, self.max_frames),
+                           device=self.device if fmt == "pt2" else "cpu")
+            self.artifacts[fmt] = path
+        return self.artifacts[fmt]
+
+    def build(self, name: str, T: int):
+        """A callable ``video -> (b, E)`` for provider ``name`` (compiling or loading as needed)."""
+        dev, dt = self.device, self.dtype
+        if name in ("reference", "reference-compiled"):
+            visual, mit = (m.to(dev, dt).eval().requires_grad_(False) for m in _original(self.enc, T))
+
+            def original(video):
+                b = video.shape[0]
+                return mit(visual(video.flatten(0, 1))[0].view(b, T, -1))
+            return torch.compile(original) if name == "reference-compiled" else original
+        if name in ("xclip-fast", "xclip-fast-compiled"):
+            enc = XCLIPVideoEncoder.from_config(self.model, **self.overrides)
+            enc.load_state_dict(self.enc.state_dict())
+            enc = enc.to(dev, dt).eval().requires_grad_(False)
+            return torch.compile(enc) if name == "xclip-fast-compiled" else enc
+        if name == "pt2":
+            package = torch._inductor.aoti_load_package(self.artifact("pt2"))
+            return package
+        if name == "onnxruntime":
+            try:
+                import onnxruntime as ort
+            except ImportError:
+                raise _Skip("onnxruntime is not installed (pip install 'xclip-fast[export]')") from None
+            if dt == torch.bfloat16:
+                raise _Skip("ONNX Runtime's CPU provider has no bf16 kernels")
+            providers = ["CUDAExecutionProvider"] if dev.type == "cuda" else []
+            providers = [p for p in providers if p in ort.get_available_providers()] + ["CPUExecutionProvider"]
+            session = ort.InferenceSession(self.artifact("onnx"), providers=providers)
+
+            def run(video):
+                (y,) = session.run(None, {"video": video.cpu().numpy()})
+                return torch.from_numpy(y)
+            return run
+        raise ValueError(f"unknown inference provider {name!r}; choose from {INFERENCE_PROVIDERS}")
+
+
+class _Skip(Exception):
+    pass
+
+
+def _call(fn, video):
+    """One call of a provider (``fn(video)``; ``fn()`` when ``video`` is None) under inference mode,
+    finished on the device when it returns."""
+    with torch.inference_mode():
+        out = fn(video) if video is not None else fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return out
+
+
+def _latencies(fns: dict, quick: bool) -> dict:
+    """Per provider, call times in ms, taken in alternating rounds (drifts of a shared machine hit all)."""
+    times = {name: [] for name in fns}
+    rounds = 3 if quick else 7
+    budget = 1.0 if quick else 6.0  # seconds per provider per round, at least one call
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            while True:
+                t0 = time.perf_counter()
+                _call(fn, None)
+                times[name].append((time.perf_counter() - t0) * 1e3)
+                if time.perf_counter() - start > budget / rounds:
+                    break
+    return times
+
+
+def _percentile(ts, q):
+    if len(ts) == 1:
+        return ts[0]
+    return statistics.quantiles(ts, n=100, method="inclusive")[q - 1]
+
+
+def _probe(model, overrides, dtype, name, T, batch, workdir, artifacts):
+    """Runs in a fresh process: the resident growth (bytes) of one call after a warm-up call."""
+    from xclip_fast.bench.measure import _proc_status
+
+    p = _Providers(model, overrides, dtype, torch.device("cpu"), workdir, 1, 1)
+    p.artifacts = artifacts
+    fn = p.build(name, T)
+    r = p.enc.config["input_resolution"]
+    video = torch.randn(batch, T, 3, r, r)
+    del p.enc
+    _call(fn, video)
+    gc.collect()
+    base = _proc_status("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    _call(fn, video)
+    return _proc_status("VmHWM") - base
+
+
+def _cpu_peak(model, overrides, dtype, name, T, batch, workdir, artifacts):
+    """:func:`_probe` in a fresh interpreter (``python -m xclip_fast.bench.inference``), with glibc
+    returning freed memory at once so that resident memory follows live memory (as in
+    :func:`xclip_fast.bench.measure.cpu_memory`)."""
+    import json
+    import subprocess
+    import sys
+
+    if not os.path.exists("/proc/self/clear_refs"):
+        return None
+    spec = dict(model=model, overrides=overrides, dtype=dtype_name(dtype), name=name, T=T, batch=batch,
+                workdir=workdir, artifacts=artifacts)
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(128 * 1024)}
+    proc = subprocess.run([sys.executable, "-m", "xclip_fast.bench.inference", json.dumps(spec)], env=env,
+                          capture_output=True, text=True, timeout=1800)
+    if proc.returncode != 0:
+        raise RuntimeError(f"memory probe of {name} failed: {proc.stderr.strip().splitlines()[-1:]}")
+    return int(proc.stdout.strip().splitlines()[-1]) / MIB
+
+
+def inference_rows(models, frames, batches, dtype: torch.dtype, device: torch.device, quick: bool, env: dict,
+                   workdir: str, providers=None, overrides: dict | None = None, memory: bool = True) -> list[Result]:
+    """Rows of the inference level: every provider on every (model, T, batch).
+
+    ``overrides``: constructor arguments for every model (tests use tiny ones); ``memory=False``
+    leaves out the fresh-process memory probes.
+    """
+    names = [p for p in INFERENCE_PROVIDERS if providers is None or p in providers]
+    overrides = dict(overrides or {})
+    label = dtype_name(dtype)
+    rows = []
+    os.makedirs(workdir, exist_ok=True)
+    for model in models:
+        prov = _Providers(model, overrides, dtype, device, workdir, max(batches), max(frames))
+        width, heads, tokens = model_dims(model) if not overrides else (
+            prov.enc.config["width"], prov.enc.config["heads"],
+            (prov.enc.config["input_resolution"] // prov.enc.config["patch_size"]) ** 2 + 1)
+        r = prov.enc.config["input_resolution"]
+        for T in frames:
+            for batch in batches:
+                case = Case("inference", "encoder", model, batch, T, tokens, width, heads)
+                video = torch.randn(batch, T, 3, r, r, generator=torch.Generator().manual_seed(T * 1000 + batch))
+                truth_fn = prov.build("reference", T) if dtype == torch.float32 else None
+                if truth_fn is None:  # the float32 original on the same device
+                    visual, mit = (m.to(device).eval() for m in _original(prov.enc, T))
+
+                    def truth_fn(v, visual=visual, mit=mit, T=T):
+                        return mit(visual(v.flatten(0, 1))[0].view(v.shape[0], T, -1))
+                truth = _call(truth_fn, video.to(device)).float().cpu()
+                del truth_fn
+                x = video.to(device, dtype if dtype != torch.float32 else torch.float32)
+                fns, by_name, ref_err = {}, {}, None
+                for name in names:
+                    row = Result.make(env, case, label, "fwd", name, checked_against="reference float32")
+                    rows.append(row)
+                    by_name[name] = row
+                    try:
+                        fn = prov.build(name, T)
+                        t0 = time.perf_counter()
+                        out = _call(fn, x if name in ("reference", "reference-compiled", "xclip-fast",
+                                                      "xclip-fast-compiled") else video.to(device))
+                        row.extras["first_call_s"] = time.perf_counter() - t0  # compiles on the first call
+                        row.error = rel_err(out.float().cpu(), truth)
+                        if name == "reference":
+                            ref_err = row.error
+                        tol = TOLERANCES[torch.float32]
+                        row.tolerance = tol if dtype == torch.float32 or ref_err is None else max(2 * ref_err, tol)
+                        if not row.error <= row.tolerance:
+                            row.status, row.reason = "mismatch", f"error {row.error:.2e} > {row.tolerance:.1e}"
+                            continue
+                        fns[name] = (fn, name)
+                    except _Skip as exc:
+                        row.status, row.reason = "skipped", str(exc)
+                    except Exception as exc:
+                        row.status = "oom" if "out of memory" in str(exc).lower() else "error"
+                        row.reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:200]
+                    finally:
+                        free(device)
+                timed = {n: _bind(fn, x if n in ("reference", "reference-compiled", "xclip-fast",
+                                                 "xclip-fast-compiled") else video.to(device))
+                         for n, (fn, _) in fns.items()}
+                times = _latencies(timed, quick)
+                for name, ts in times.items():
+                    row = by_name[name]
+                    row.median_ms, row.p20_ms, row.p80_ms = statistics.median(ts), _percentile(ts, 20), \
+                        _percentile(ts, 80)
+                    row.extras.update(p50_ms=row.median_ms, p90_ms=_percentile(ts, 90), calls=len(ts),
+                                      videos_per_s=batch / (row.median_ms * 1e-3))
+                    if memory:
+                        try:
+                            if device.type == "cpu":
+                                row.extra_mib = _cpu_peak(model, overrides, dtype, name, T, batch, workdir,
+                                                          prov.artifacts)
+                            elif name != "onnxruntime":
+                                row.peak_mib, row.extra_mib = _cuda_peak(timed[name], device)
+                        except Exception as exc:
+                            row.extras["memory_error"] = f"{type(exc).__name__}: {exc}"[:200]
+                ref = by_name.get("reference")
+                for row in by_name.values():
+                    if row.status == "ok" and ref is not None and ref.status == "ok" and row.median_ms:
+                        row.speedup = ref.median_ms / row.median_ms
+                        if row.extra_mib and ref.extra_mib:
+                            row.memory_ratio = row.extra_mib / ref.extra_mib
+                del fns, timed
+                free(device)
+        for path in prov.artifacts.values():
+            rows_for = [r for r in rows if r.model == model and r.provider in ("pt2", "onnxruntime")]
+            for r in rows_for:
+                if path.endswith("." + ("pt2" if r.provider == "pt2" else "onnx")):
+                    r.extras["artifact_mib"] = os.path.getsize(path) / MIB
+        del prov
+        free(device)
+    return rows
+
+
+def _bind(fn, video):
+    return lambda: fn(video)
+
+
+def _cuda_peak(fn, device):
+    from xclip_fast.bench.measure import cuda_memory
+
+    return cuda_memory(lambda: _call(fn, None), device)
+
+
+def inference_table(rows: list[Result], env: dict) -> str:
+    """The inference rows as a Markdown table, one line per provider and case."""
+    from xclip_fast.bench.results import markdown_table
+
+    recs = []
+    for r in rows:
+        x = r.extras
+        recs.append({"model": r.model, "T": r.frames, "batch": r.batch, "dtype": r.dtype, "provider": r.provider,
+                     "p50 ms": r.median_ms, "p90 ms": x.get("p90_ms"), "videos/s": x.get("videos_per_s"),
+                     "x original": r.speedup, "peak MiB": r.extra_mib if r.extra_mib is not None else None,
+                     "error": None if r.error is None else f"{r.error:.1e}",
+                     "status": r.status if r.status == "ok" else f"{r.status}: {r.reason}"})
+    head = (f"inference - {env['device']} - torch {env['torch']} - commit {env['commit']} - {env['timestamp']}\n"
+            "p50/p90: latency of one call (ms); videos/s: batch / p50; x original: the original eager's p50 over "
+            "this one's; peak MiB: resident growth of one call in a fresh process (CPU) / allocator peak above "
+            "the call's start (CUDA); error: relative, against the original in float32\n")
+    return head + markdown_table(recs, list(recs[0]) if recs else [])
+
+
+if __name__ == "__main__":  # the memory probe of one provider (see _cpu_peak)
+    import json
+    import sys
+
+    from xclip_fast.dtypes import BY_NAME
+
+    _spec = json.loads(sys.argv[1])
+    print(_probe(_spec["model"], _spec["overrides"], BY_NAME[_spec["dtype"]], _spec["name"], _spec["T"],
+                 _spec["batch"], _spec["workdir"], _spec["artifacts"]))

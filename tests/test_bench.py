@@ -109,7 +109,7 @@ def test_compiled_providers_match_the_reference(level):
             "xclip-fast-torch-compiled")
 
 
-def test_inference_level_checks_every_provider_against_the_original(tmp_path):
+def test_inference_level_checks_every_provider_against_the_original(tmp_path, monkeypatch):
     """The inference level on a tiny model: each provider's output checked against the float32
     original before it is timed; a wrong provider is a mismatch, not a row of timings."""
     from xclip_fast.bench import inference
@@ -136,10 +136,7 @@ def test_inference_level_checks_every_provider_against_the_original(tmp_path):
                 fn.visual.proj.mul_(1.01)
         return fn
 
-    inference._Providers.build = wrong
-    try:
-        rows = inference.inference_rows(["b32"], [3], [1], torch.float32, cpu, True, environment(cpu), str(tmp_path),
-                                        providers=["reference", "xclip-fast"], overrides=tiny, memory=False)
-    finally:
-        inference._Providers.build = real
+    monkeypatch.setattr(inference._Providers, "build", wrong)
+    rows = inference.inference_rows(["b32"], [3], [1], torch.float32, cpu, True, environment(cpu), str(tmp_path),
+                                    providers=["reference", "xclip-fast"], overrides=tiny, memory=False)
     assert rows[1].status == "mismatch" and rows[1].median_ms is None

@@ -12,7 +12,7 @@ from xclip_fast.cli import main
 def test_help_lists_the_commands():
     proc = subprocess.run([sys.executable, "-m", "xclip_fast.cli", "--help"], capture_output=True, text=True)
     assert proc.returncode == 0
-    assert "{check,bench,encode}" in proc.stdout
+    assert "{check,bench,encode,export}" in proc.stdout
 
 
 @pytest.mark.parametrize("argv, message", [

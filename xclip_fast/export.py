@@ -173,10 +173,9 @@ def export_encoder(encoder: nn.Module, path: str, *, format: str | None = None, 
     example_b = min(max(2, batch[0]), batch[1])
     example = (torch.randint(0, 256, (example_b, example_T, 3, r, r), dtype=torch.uint8, device=device)
                if input == "uint8" else torch.randn(example_b, example_T, 3, r, r, device=device))
-    dims = {0: torch.export.Dim("batch", min=batch[0], max=batch[1]),
-            1: torch.export.Dim("frames", min=frames[0], max=frames[1])}
     # a dim whose range is one value is static (torch.export refuses a Dim with min == max)
-    dims = {k: v for k, v in dims.items() if (batch if k == 0 else frames)[0] < (batch if k == 0 else frames)[1]}
+    dims = {k: torch.export.Dim(name, min=span[0], max=span[1])
+            for k, name, span in ((0, "batch", batch), (1, "frames", frames)) if span[0] < span[1]}
     if batch[0] == batch[1]:
         example = example[:1].expand(batch[0], *example.shape[1:]).contiguous()
     if frames[0] == frames[1]:

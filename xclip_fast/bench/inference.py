@@ -37,6 +37,8 @@ from xclip_fast.testing import TOLERANCES, rel_err
 __all__ = ["INFERENCE_PROVIDERS", "inference_rows", "inference_cases", "inference_table"]
 
 INFERENCE_PROVIDERS = ["reference", "reference-compiled", "xclip-fast", "xclip-fast-compiled", "pt2", "onnxruntime"]
+# the modules take the video in the weights' dtype; the artifacts take float32 frames
+_MODULES = ("reference", "reference-compiled", "xclip-fast", "xclip-fast-compiled")
 
 
 def inference_cases(models, frames, batches) -> list[tuple[str, int, int]]:
@@ -75,8 +77,9 @@ class _Providers:
 
         if fmt not in self.artifacts:
             path = os.path.join(self.workdir, f"{self.model}-{dtype_name(self.dtype)}.{fmt}")
-            export_encoder(self.enc, path, dtype=self.dtype, batch=(1, self.max_batch), frames=(1, self.max_frames),
-                           device=self.device if fmt == "pt2" else "cpu")
+            # the export's default ranges (batch 1..64, T 1..256), as a user would export it
+            export_encoder(self.enc, path, dtype=self.dtype, batch=(1, max(64, self.max_batch)),
+                           frames=(1, max(256, self.max_frames)), device=self.device if fmt == "pt2" else "cpu")
             self.artifacts[fmt] = path
         return self.artifacts[fmt]
 
@@ -161,7 +164,7 @@ def _probe(model, overrides, dtype, name, T, batch, workdir, artifacts):
     p.artifacts = artifacts
     fn = p.build(name, T)
     r = p.enc.config["input_resolution"]
-    video = torch.randn(batch, T, 3, r, r)
+    video = torch.randn(batch, T, 3, r, r, dtype=dtype if name in _MODULES else torch.float32)
     del p.enc
     _call(fn, video)
     gc.collect()
@@ -231,8 +234,7 @@ def inference_rows(models, frames, batches, dtype: torch.dtype, device: torch.de
                     try:
                         fn = prov.build(name, T)
                         t0 = time.perf_counter()
-                        out = _call(fn, x if name in ("reference", "reference-compiled", "xclip-fast",
-                                                      "xclip-fast-compiled") else video.to(device))
+                        out = _call(fn, x if name in _MODULES else video.to(device))
                         row.extras["first_call_s"] = time.perf_counter() - t0  # compiles on the first call
                         row.error = rel_err(out.float().cpu(), truth)
                         if name == "reference":
@@ -250,9 +252,7 @@ def inference_rows(models, frames, batches, dtype: torch.dtype, device: torch.de
                         row.reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:200]
                     finally:
                         free(device)
-                timed = {n: _bind(fn, x if n in ("reference", "reference-compiled", "xclip-fast",
-                                                 "xclip-fast-compiled") else video.to(device))
-                         for n, (fn, _) in fns.items()}
+                timed = {n: _bind(fn, x if n in _MODULES else video.to(device)) for n, (fn, _) in fns.items()}
                 times = _latencies(timed, quick)
                 for name, ts in times.items():
                     row = by_name[name]

@@ -13,7 +13,8 @@ import torch
 from _helpers import assert_rel
 
 from xclip_fast import XCLIPVideoEncoder
-from xclip_fast.cli import _default_dtype, main
+from xclip_fast.cli import main
+from xclip_fast.dtypes import chosen_dtype
 from xclip_fast.encoder import as_frames
 from xclip_fast.export import export_encoder, read_metadata
 from xclip_fast.video import MEAN, STD
@@ -140,6 +141,13 @@ def test_onnx_model_matches_the_encoder_at_several_shapes(tmp_path):
     assert read_metadata(str(path)) == done.metadata
     with pytest.raises(Exception, match="invalid dimensions"):
         sess.run(None, {"video": _video(1, 4, r=64).numpy()})
+    # a one-value range is a static dim
+    export_encoder(enc, str(path), batch=(1, 1), frames=(5, 5))
+    sess = _session(path)
+    assert sess.get_inputs()[0].shape == [1, 5, 3, 32, 32]
+    x = _video(1, 5)
+    assert_rel("onnx static b=1 T=5", torch.from_numpy(sess.run(None, {"video": x.numpy()})[0]), _truth(enc, x),
+               FP32_TOL)
 
 
 def test_onnx_float16_weights_with_uint8_input(tmp_path):
@@ -193,9 +201,9 @@ def test_inference_dtype_is_bf16_on_cpus_with_native_bf16(monkeypatch, capsys):
 
     cpu = torch.device("cpu")
     monkeypatch.setattr(dtypes, "cpu_native_bf16", lambda: "AVX512-BF16")
-    assert _default_dtype(None, cpu) == torch.bfloat16
+    assert chosen_dtype(None, cpu) == torch.bfloat16
     assert "native bf16 (AVX512-BF16)" in capsys.readouterr().out  # announced
-    assert _default_dtype("float32", cpu) == torch.float32  # one option away
+    assert chosen_dtype("float32", cpu) == torch.float32  # one option away
     monkeypatch.setattr(dtypes, "cpu_native_bf16", lambda: None)
-    assert _default_dtype(None, cpu) == torch.float32
+    assert chosen_dtype(None, cpu) == torch.float32
     assert dtypes.inference_dtype("cuda")[0] == torch.float16

@@ -23,6 +23,7 @@ from xclip_fast.argtypes import (
     span,
 )
 from xclip_fast.dtypes import BY_NAME as _DTYPES
+from xclip_fast.dtypes import chosen_dtype
 from xclip_fast.testing import TOLERANCES, rel_err
 
 
@@ -153,17 +154,19 @@ def run_settings(args, encoder, dtype: torch.dtype, T: int) -> dict:
                 weights=extract.weights_digest(encoder))
 
 
-def _default_dtype(name: str | None, device: torch.device, announce: bool = True) -> torch.dtype:
-    """``--dtype`` if given, else the default of inference on ``device``
-    (:func:`xclip_fast.dtypes.inference_dtype`), announced when it is bf16 on a CPU."""
-    from xclip_fast.dtypes import inference_dtype
-
-    if name is not None:
-        return _DTYPES[name]
-    dtype, why = inference_dtype(device)
-    if announce and device.type == "cpu" and dtype != torch.float32:
-        print(f"dtype: {why}")
-    return dtype
+def _load_or_say(args, frames: int | None, use: str, rank: int):
+    """The encoder of ``--weights`` / ``--preset`` (:func:`load_encoder`), or None after printing why
+    not; random weights are announced (rank 0, stdout and stderr) as "... RANDOM weights is <use>"."""
+    try:
+        encoder, random_weights = load_encoder(args.weights, args.preset, frames, args.trust_weights)
+    except (ValueError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return None
+    if random_weights and rank == 0:
+        banner = f"WARNING: no --weights given: the {args.preset or 'b32'} preset with RANDOM weights is {use}"
+        print(banner)
+        print(banner, file=sys.stderr)
+    return encoder
 
 
 def _export(args) -> int:
@@ -183,18 +186,14 @@ def _export(args) -> int:
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         return 2
-    try:
-        encoder, random_weights = load_encoder(args.weights, args.preset, args.num_frames, args.trust_weights)
-    except (ValueError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    encoder = _load_or_say(args, args.num_frames, "exported", rank=0)
+    if encoder is None:
         return 2
-    if random_weights:
-        print(f"WARNING: no --weights given: the {args.preset or 'b32'} preset with RANDOM weights is exported")
     device = parse_device(args.device or "cpu")
     if fmt == "onnx" and args.dtype is None:
         dtype = torch.float32  # ONNX Runtime's CPU provider has no bf16 kernels
     else:
-        dtype = _default_dtype(args.dtype, device)
+        dtype = chosen_dtype(args.dtype, device)
     encoder.backend = args.backend
     try:
         done = export_encoder(encoder, args.out, format=fmt, dtype=dtype, input=args.input, batch=args.batch,
@@ -238,16 +237,10 @@ def _encode(args) -> int:
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         return 2
-    try:
-        encoder, random_weights = load_encoder(args.weights, args.preset, args.frames, args.trust_weights)
-    except (ValueError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    encoder = _load_or_say(args, args.frames, "used; the embeddings are meaningless except for trying the pipeline "
+                           "out", rank)
+    if encoder is None:
         return 2
-    if random_weights and rank == 0:
-        banner = (f"WARNING: no --weights given: the {args.preset or 'b32'} preset with RANDOM weights is used; "
-                  "the embeddings are meaningless except for trying the pipeline out")
-        print(banner)
-        print(banner, file=sys.stderr)
     device = parse_device(args.device)
     if device.type == "cuda" and device.index is None and world > 1:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
@@ -255,7 +248,7 @@ def _encode(args) -> int:
         import torch.distributed as dist
 
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    dtype = _default_dtype(args.dtype, device, announce=rank == 0)
+    dtype = chosen_dtype(args.dtype, device, announce=rank == 0)
     T = args.frames or encoder.config["num_frames"]
     settings = run_settings(args, encoder, dtype, T) if args.out_dir is not None else {}
     encoder = encoder.to(device, dtype).eval()

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["FLOAT_DTYPES", "BY_NAME", "dtype_name", "cpu_native_bf16", "inference_dtype"]
+__all__ = ["FLOAT_DTYPES", "BY_NAME", "dtype_name", "cpu_native_bf16", "inference_dtype", "chosen_dtype"]
 
 # fp16 / bf16 / fp32 / fp64: every backend, every module; the kernels accumulate in fp32 (fp64 for fp64)
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -42,3 +42,14 @@ def inference_dtype(device: torch.device | str) -> tuple[torch.dtype, str]:
     if native:
         return torch.bfloat16, f"this CPU has native bf16 ({native}): bfloat16 (--dtype float32 for float32)"
     return torch.float32, "CPU without native bf16: float32"
+
+
+def chosen_dtype(name: str | None, device: torch.device, announce: bool = True) -> torch.dtype:
+    """A ``--dtype`` option: the named dtype if given, else :func:`inference_dtype` of ``device``,
+    announced on stdout when it is not float32 on a CPU (so that nobody gets bf16 unawares)."""
+    if name is not None:
+        return BY_NAME[name]
+    dtype, why = inference_dtype(device)
+    if announce and torch.device(device).type == "cpu" and dtype != torch.float32:
+        print(f"dtype: {why}")
+    return dtype

@@ -169,6 +169,8 @@ def export_encoder(encoder: nn.Module, path: str, *, format: str | None = None, 
     if fmt == "onnx" or device.type == "cpu":
         model.backend = "torch"  # the Triton kernels run on CUDA only; ONNX has no place for them
     r = model.config["input_resolution"]
+    # sizes >= 2 where the range allows (torch.export traces 0 and 1 as special cases); a one-value
+    # range gives its value
     example_T = min(max(2, frames[0]), frames[1])
     example_b = min(max(2, batch[0]), batch[1])
     example = (torch.randint(0, 256, (example_b, example_T, 3, r, r), dtype=torch.uint8, device=device)
@@ -176,10 +178,6 @@ def export_encoder(encoder: nn.Module, path: str, *, format: str | None = None, 
     # a dim whose range is one value is static (torch.export refuses a Dim with min == max)
     dims = {k: torch.export.Dim(name, min=span[0], max=span[1])
             for k, name, span in ((0, "batch", batch), (1, "frames", frames)) if span[0] < span[1]}
-    if batch[0] == batch[1]:
-        example = example[:1].expand(batch[0], *example.shape[1:]).contiguous()
-    if frames[0] == frames[1]:
-        example = example[:, :1].expand(example.shape[0], frames[0], *example.shape[2:]).contiguous()
     meta = metadata(model, fmt, dtype, input, batch, frames)
     serving = _Serving(model).eval()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -192,7 +190,7 @@ def export_encoder(encoder: nn.Module, path: str, *, format: str | None = None, 
 
 
 def _write_pt2(serving, example, dims, meta, path) -> None:
-    program = torch.export.export(serving, (example,), dynamic_shapes=({**dims},))
+    program = torch.export.export(serving, (example,), dynamic_shapes=(dims,))
     configs = {
         "aot_inductor.metadata": meta,
         # the shape checks (AOTI_RUNTIME_CHECK_INPUTS=1) would otherwise refuse a dynamic dim of 1
@@ -219,7 +217,7 @@ def _write_onnx(serving, example, dims, meta, path) -> None:
     import io
 
     with contextlib.redirect_stdout(io.StringIO()):  # the exporter prints progress lines
-        program = torch.onnx.export(serving, (example,), dynamo=True, dynamic_shapes=({**dims},),
+        program = torch.onnx.export(serving, (example,), dynamo=True, dynamic_shapes=(dims,),
                                     input_names=["video"], output_names=["video_embeds"])
     proto = program.model_proto
     for key, value in meta.items():

@@ -18,6 +18,7 @@ is the float32 tolerance in float32, and in lower precision twice the original's
 
 from __future__ import annotations
 
+import functools
 import gc
 import os
 import statistics
@@ -26,24 +27,21 @@ import time
 import torch
 
 from xclip_fast import reference
-from xclip_fast.bench.cases import Case, model_dims
-from xclip_fast.bench.measure import MIB, free
+from xclip_fast.bench.cases import Case
+from xclip_fast.bench.measure import MIB, cuda_memory, deciles, free, interleaved_times
 from xclip_fast.bench.results import Result
+from xclip_fast.bench.workloads import Skip
 from xclip_fast.checkpoints import split_encoder_state_dict
 from xclip_fast.dtypes import dtype_name
 from xclip_fast.encoder import XCLIPVideoEncoder
 from xclip_fast.testing import TOLERANCES, rel_err
 
-__all__ = ["INFERENCE_PROVIDERS", "inference_rows", "inference_cases", "inference_table"]
+__all__ = ["INFERENCE_PROVIDERS", "inference_rows", "inference_table"]
 
 INFERENCE_PROVIDERS = ["reference", "reference-compiled", "xclip-fast", "xclip-fast-compiled", "pt2", "onnxruntime"]
 # the modules take the video in the weights' dtype; the artifacts take float32 frames
 _MODULES = ("reference", "reference-compiled", "xclip-fast", "xclip-fast-compiled")
-
-
-def inference_cases(models, frames, batches) -> list[tuple[str, int, int]]:
-    """(model, T, batch) of every combination."""
-    return [(m, T, b) for m in models for T in frames for b in batches]
+_ARTIFACT = {"pt2": "pt2", "onnxruntime": "onnx"}  # provider -> the artifact format it runs
 
 
 def _original(enc: XCLIPVideoEncoder, T: int):
@@ -59,6 +57,15 @@ def _original(enc: XCLIPVideoEncoder, T: int):
     visual.load_state_dict(visual_sd)
     mit.load_state_dict(mit_sd)
     return visual, mit
+
+
+def _original_forward(enc: XCLIPVideoEncoder, T: int, device, dtype):
+    """``video (b, T, 3, H, W) -> (b, E)`` through the original modules (:func:`_original`)."""
+    visual, mit = (m.to(device, dtype).eval().requires_grad_(False) for m in _original(enc, T))
+
+    def original(video):
+        return mit(visual(video.flatten(0, 1))[0].view(video.shape[0], T, -1))
+    return original
 
 
 class _Providers:
@@ -87,11 +94,7 @@ class _Providers:
         """A callable ``video -> (b, E)`` for provider ``name`` (compiling or loading as needed)."""
         dev, dt = self.device, self.dtype
         if name in ("reference", "reference-compiled"):
-            visual, mit = (m.to(dev, dt).eval().requires_grad_(False) for m in _original(self.enc, T))
-
-            def original(video):
-                b = video.shape[0]
-                return mit(visual(video.flatten(0, 1))[0].view(b, T, -1))
+            original = _original_forward(self.enc, T, dev, dt)
             return torch.compile(original) if name == "reference-compiled" else original
         if name in ("xclip-fast", "xclip-fast-compiled"):
             enc = XCLIPVideoEncoder.from_config(self.model, **self.overrides)
@@ -99,15 +102,14 @@ class _Providers:
             enc = enc.to(dev, dt).eval().requires_grad_(False)
             return torch.compile(enc) if name == "xclip-fast-compiled" else enc
         if name == "pt2":
-            package = torch._inductor.aoti_load_package(self.artifact("pt2"))
-            return package
+            return torch._inductor.aoti_load_package(self.artifact("pt2"))
         if name == "onnxruntime":
             try:
                 import onnxruntime as ort
             except ImportError:
-                raise _Skip("onnxruntime is not installed (pip install 'xclip-fast[export]')") from None
+                raise Skip("onnxruntime is not installed (pip install 'xclip-fast[export]')") from None
             if dt == torch.bfloat16:
-                raise _Skip("ONNX Runtime's CPU provider has no bf16 kernels")
+                raise Skip("ONNX Runtime's CPU provider has no bf16 kernels")
             providers = ["CUDAExecutionProvider"] if dev.type == "cuda" else []
             providers = [p for p in providers if p in ort.get_available_providers()] + ["CPUExecutionProvider"]
             session = ort.InferenceSession(self.artifact("onnx"), providers=providers)
@@ -119,41 +121,13 @@ class _Providers:
         raise ValueError(f"unknown inference provider {name!r}; choose from {INFERENCE_PROVIDERS}")
 
 
-class _Skip(Exception):
-    pass
-
-
 def _call(fn, video):
-    """One call of a provider (``fn(video)``; ``fn()`` when ``video`` is None) under inference mode,
-    finished on the device when it returns."""
+    """One call of a provider under inference mode, finished on the device when it returns."""
     with torch.inference_mode():
-        out = fn(video) if video is not None else fn()
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
+        out = fn(video)
+    if video.device.type == "cuda":
+        torch.cuda.synchronize(video.device)
     return out
-
-
-def _latencies(fns: dict, quick: bool) -> dict:
-    """Per provider, call times in ms, taken in alternating rounds (drifts of a shared machine hit all)."""
-    times = {name: [] for name in fns}
-    rounds = 3 if quick else 7
-    budget = 1.0 if quick else 6.0  # seconds per provider per round, at least one call
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            while True:
-                t0 = time.perf_counter()
-                _call(fn, None)
-                times[name].append((time.perf_counter() - t0) * 1e3)
-                if time.perf_counter() - start > budget / rounds:
-                    break
-    return times
-
-
-def _percentile(ts, q):
-    if len(ts) == 1:
-        return ts[0]
-    return statistics.quantiles(ts, n=100, method="inclusive")[q - 1]
 
 
 def _probe(model, overrides, dtype, name, T, batch, workdir, artifacts):
@@ -209,24 +183,18 @@ def inference_rows(models, frames, batches, dtype: torch.dtype, device: torch.de
     os.makedirs(workdir, exist_ok=True)
     for model in models:
         prov = _Providers(model, overrides, dtype, device, workdir, max(batches), max(frames))
-        width, heads, tokens = model_dims(model) if not overrides else (
-            prov.enc.config["width"], prov.enc.config["heads"],
-            (prov.enc.config["input_resolution"] // prov.enc.config["patch_size"]) ** 2 + 1)
-        r = prov.enc.config["input_resolution"]
+        cfg = prov.enc.config
+        r = cfg["input_resolution"]
+        tokens = (r // cfg["patch_size"]) ** 2 + 1
         for T in frames:
             for batch in batches:
-                case = Case("inference", "encoder", model, batch, T, tokens, width, heads)
+                case = Case("inference", "encoder", model, batch, T, tokens, cfg["width"], cfg["heads"])
                 video = torch.randn(batch, T, 3, r, r, generator=torch.Generator().manual_seed(T * 1000 + batch))
-                truth_fn = prov.build("reference", T) if dtype == torch.float32 else None
-                if truth_fn is None:  # the float32 original on the same device
-                    visual, mit = (m.to(device).eval() for m in _original(prov.enc, T))
-
-                    def truth_fn(v, visual=visual, mit=mit, T=T):
-                        return mit(visual(v.flatten(0, 1))[0].view(v.shape[0], T, -1))
-                truth = _call(truth_fn, video.to(device)).float().cpu()
-                del truth_fn
-                x = video.to(device, dtype if dtype != torch.float32 else torch.float32)
-                fns, by_name, ref_err = {}, {}, None
+                video = video.to(device)  # the artifacts' input: float32 frames
+                # the truth: the original in float32 on the same device
+                truth = _call(_original_forward(prov.enc, T, device, torch.float32), video).float().cpu()
+                inputs = {n: video.to(dtype) if n in _MODULES else video for n in names}  # modules: their dtype
+                timed, by_name, ref_err = {}, {}, None
                 for name in names:
                     row = Result.make(env, case, label, "fwd", name, checked_against="reference float32")
                     rows.append(row)
@@ -234,39 +202,40 @@ def inference_rows(models, frames, batches, dtype: torch.dtype, device: torch.de
                     try:
                         fn = prov.build(name, T)
                         t0 = time.perf_counter()
-                        out = _call(fn, x if name in _MODULES else video.to(device))
+                        out = _call(fn, inputs[name])
                         row.extras["first_call_s"] = time.perf_counter() - t0  # compiles on the first call
                         row.error = rel_err(out.float().cpu(), truth)
                         if name == "reference":
                             ref_err = row.error
+                        # float32: rounding only; lower precision: the original's own error in it sets the bar
                         tol = TOLERANCES[torch.float32]
                         row.tolerance = tol if dtype == torch.float32 or ref_err is None else max(2 * ref_err, tol)
                         if not row.error <= row.tolerance:
                             row.status, row.reason = "mismatch", f"error {row.error:.2e} > {row.tolerance:.1e}"
                             continue
-                        fns[name] = (fn, name)
-                    except _Skip as exc:
+                        timed[name] = functools.partial(_call, fn, inputs[name])
+                    except Skip as exc:
                         row.status, row.reason = "skipped", str(exc)
                     except Exception as exc:
                         row.status = "oom" if "out of memory" in str(exc).lower() else "error"
                         row.reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:200]
                     finally:
                         free(device)
-                timed = {n: _bind(fn, x if n in _MODULES else video.to(device)) for n, (fn, _) in fns.items()}
-                times = _latencies(timed, quick)
+                # alternating rounds, so that drifts of a shared machine hit every provider alike
+                times = interleaved_times(timed, rounds=3 if quick else 7, budget=0.3 if quick else 1.0)
                 for name, ts in times.items():
                     row = by_name[name]
-                    row.median_ms, row.p20_ms, row.p80_ms = statistics.median(ts), _percentile(ts, 20), \
-                        _percentile(ts, 80)
-                    row.extras.update(p50_ms=row.median_ms, p90_ms=_percentile(ts, 90), calls=len(ts),
+                    q = deciles(ts)
+                    row.median_ms, row.p20_ms, row.p80_ms = statistics.median(ts), q[1], q[7]
+                    row.extras.update(p50_ms=row.median_ms, p90_ms=q[8], calls=len(ts),
                                       videos_per_s=batch / (row.median_ms * 1e-3))
                     if memory:
                         try:
                             if device.type == "cpu":
                                 row.extra_mib = _cpu_peak(model, overrides, dtype, name, T, batch, workdir,
                                                           prov.artifacts)
-                            elif name != "onnxruntime":
-                                row.peak_mib, row.extra_mib = _cuda_peak(timed[name], device)
+                            elif name != "onnxruntime":  # ONNX Runtime's allocator is not PyTorch's
+                                row.peak_mib, row.extra_mib = cuda_memory(timed[name], device)
                         except Exception as exc:
                             row.extras["memory_error"] = f"{type(exc).__name__}: {exc}"[:200]
                 ref = by_name.get("reference")
@@ -275,26 +244,15 @@ def inference_rows(models, frames, batches, dtype: torch.dtype, device: torch.de
                         row.speedup = ref.median_ms / row.median_ms
                         if row.extra_mib and ref.extra_mib:
                             row.memory_ratio = row.extra_mib / ref.extra_mib
-                del fns, timed
+                del timed, inputs
                 free(device)
-        for path in prov.artifacts.values():
-            rows_for = [r for r in rows if r.model == model and r.provider in ("pt2", "onnxruntime")]
-            for r in rows_for:
-                if path.endswith("." + ("pt2" if r.provider == "pt2" else "onnx")):
-                    r.extras["artifact_mib"] = os.path.getsize(path) / MIB
+        for r in rows:
+            path = prov.artifacts.get(_ARTIFACT.get(r.provider)) if r.model == model else None
+            if path:
+                r.extras["artifact_mib"] = os.path.getsize(path) / MIB
         del prov
         free(device)
     return rows
-
-
-def _bind(fn, video):
-    return lambda: fn(video)
-
-
-def _cuda_peak(fn, device):
-    from xclip_fast.bench.measure import cuda_memory
-
-    return cuda_memory(lambda: _call(fn, None), device)
 
 
 def inference_table(rows: list[Result], env: dict) -> str:

@@ -12,7 +12,8 @@ import torch
 
 from xclip_fast.dtypes import BY_NAME, dtype_name
 
-__all__ = ["MIB", "time_ms", "time_interleaved", "cuda_memory", "cpu_memory", "copy_bandwidth", "free"]
+__all__ = ["MIB", "time_ms", "time_interleaved", "interleaved_times", "deciles", "cuda_memory", "cpu_memory",
+           "copy_bandwidth", "free"]
 
 MIB = 2**20
 
@@ -39,14 +40,13 @@ def time_ms(fn, device, quick: bool):
     return time_interleaved({"fn": fn}, quick)["fn"]
 
 
-def time_interleaved(fns: dict, quick: bool, rounds: int | None = None) -> dict:
-    """CPU timing of several callables in alternating rounds (A B C A B C ...), so that drifts of a
-    shared machine (other load, clocks) hit every provider alike. Returns name -> (median, p20, p80)."""
+def interleaved_times(fns: dict, rounds: int, budget: float) -> dict:
+    """Call times (ms) of several callables taken in alternating rounds (A B C A B C ...), so that
+    drifts of a shared machine (other load, clocks) hit every provider alike; each callable gets
+    ``budget`` seconds per round (at least one call), after one warm-up call. Returns name -> list."""
     for fn in fns.values():
         fn()  # warm-up
     times = {name: [] for name in fns}
-    rounds = rounds or (5 if quick else 15)
-    budget = (0.6 if quick else 4.0) / max(1, len(fns))  # seconds per provider per run
     for _ in range(rounds):
         for name, fn in fns.items():
             start = time.perf_counter()
@@ -54,11 +54,24 @@ def time_interleaved(fns: dict, quick: bool, rounds: int | None = None) -> dict:
                 t0 = time.perf_counter()
                 fn()
                 times[name].append((time.perf_counter() - t0) * 1e3)
-                if time.perf_counter() - start > budget / rounds:
+                if time.perf_counter() - start > budget:
                     break
+    return times
+
+
+def deciles(ts: list) -> list:
+    """The 9 deciles of ``ts`` (p10 ... p90); one sample stands for all of them."""
+    return statistics.quantiles(ts, n=10) if len(ts) >= 2 else ts * 9
+
+
+def time_interleaved(fns: dict, quick: bool, rounds: int | None = None) -> dict:
+    """CPU timing of several callables in alternating rounds (:func:`interleaved_times`). Returns
+    name -> (median, p20, p80) in ms."""
+    rounds = rounds or (5 if quick else 15)
+    budget = (0.6 if quick else 4.0) / max(1, len(fns))  # seconds per provider per run
     out = {}
-    for name, ts in times.items():
-        q = statistics.quantiles(ts, n=10) if len(ts) >= 2 else ts * 9
+    for name, ts in interleaved_times(fns, rounds, budget / rounds).items():
+        q = deciles(ts)
         out[name] = (statistics.median(ts), q[1], q[7])
     return out
 

@@ -238,15 +238,11 @@ def _inference(args, device) -> int:
     import os
 
     from xclip_fast.bench.inference import INFERENCE_PROVIDERS, inference_rows, inference_table
-    from xclip_fast.dtypes import inference_dtype
+    from xclip_fast.dtypes import chosen_dtype
 
     cuda = device.type == "cuda"
     quick = args.quick or (not cuda and not args.full)
-    if args.dtype is None:
-        dtype, why = inference_dtype(device)
-        print(f"dtype: {why}")
-    else:
-        dtype = BY_NAME[args.dtype]
+    dtype = chosen_dtype(args.dtype, device)
     wanted = args.providers.split(",") if args.providers else None
     if wanted:
         unknown = sorted(set(wanted) - set(INFERENCE_PROVIDERS))

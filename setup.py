@@ -31,8 +31,7 @@ setup(
     ],
     extras_require={
         # the tests also run the benchmark runner (plot, progress bar), write/read real videos,
-        # fine-tune with PEFT LoRA
-        # ... and export to ONNX and run it in ONNX Runtime
+        # fine-tune with PEFT LoRA, and export to ONNX and run it in ONNX Runtime
         "test": ["pytest>=7", "transformers>=5", "safetensors", "av>=11", "matplotlib", "tqdm", "peft", "onnx",
                  "onnxscript", "onnxruntime"],
         # ONNX export (the dynamo exporter needs onnx and onnxscript) and ONNX Runtime for the bench;

@@ -253,7 +253,8 @@ def _inference(args, device) -> int:
     frames = args.frames or ([8] if quick else [8, 32])
     batches = [args.batch] if args.batch else ([1] if quick else [1, 8])
     if quick and not args.quick:
-        print("CPU run: B/32, T=8, batch 1 (--full: B/32 and B/16, T=8 and 32, batch 1 and 8; long on a CPU).")
+        print(f"CPU run: few repeats, {', '.join(models)} at T={frames}, batch {batches} (--full: more repeats and, by "
+              "default, B/32 and B/16 at T=8 and 32, batch 1 and 8; long on a CPU).")
     env = environment(device)
     rows = inference_rows(models, frames, batches, dtype, device, quick, env, os.path.join(args.out, "artifacts"),
                           providers=wanted)

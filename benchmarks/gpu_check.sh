@@ -7,9 +7,11 @@
 #                                                    # every step on tiny sizes, in about a minute
 #
 # Steps, in order of value: device facts; the test suite on CUDA (bf16, opcheck and torch.compile
-# through the kernels included); attention and block benchmarks (bf16, against SDPA, xformers when
-# carried; then torch.compile of the block); the tile-tuning sweep (writes tune/tuned.json: copy it to
-# kernels/tuned.json); the long-clip encoder; training steps at the recompute levels. Results land
+# through the kernels included); every kernel on small shapes under compute-sanitizer's memcheck
+# (benchmarks/sanitize.py: it says so when the machine's sanitizer refuses the device); attention and
+# block benchmarks (bf16, against SDPA, xformers when carried; then torch.compile of the block); the
+# tile-tuning sweep (writes tune/tuned.json: copy it to kernels/tuned.json); the long-clip encoder;
+# training steps at the recompute levels; a CUDA .pt2 package of the triton backend. Results land
 # in $OUT/gpu-check.tar.gz with $OUT/summary.txt beside it, also when a step fails or runs out of time. Environment: PYTHON
 # (default python3), XCLIP_FAST_COMMIT (the commit, where the copy has no .git), GPU_CHECK_BUDGET
 # (seconds for all steps, default 450), GPU_CHECK_KEEP (keep the working folder after packing).
@@ -73,9 +75,11 @@ triton.__version__); print('device', torch.cuda.get_device_name() if torch.cuda.
 cat "$WORK/device.txt" >>"$SUMMARY"
 
 BENCH="$PY -m xclip_fast.cli bench --out $WORK/bench"
+EXPORT_CUDA_TEST=test_pt2_package_on_cuda_carries_the_triton_kernels  # its own step, last (AOT compiles)
 if [ $DRY -eq 1 ]; then
   step tests 120 $PY -m pytest -q -p no:cacheprovider tests/test_compile.py -k "opcheck and attention_fwd-extra" \
     --junitxml="$WORK/junit.xml"
+  step sanitize 120 $PY benchmarks/sanitize.py --memcheck --quick
   step bench-attention 120 $BENCH --device cpu --quick --level attention --providers xclip-fast-torch
   step bench-block 120 $BENCH --device cpu --quick --level block --frames 2 --providers xclip-fast-torch
   step bench-block-compiled 120 $BENCH --device cpu --quick --level block --frames 2 --mode fwdbwd \
@@ -84,6 +88,7 @@ if [ $DRY -eq 1 ]; then
   step bench-encoder 120 $BENCH --device cpu --quick --level encoder --frames 2 \
     --providers xclip-fast-torch,xclip-fast-torch-chunked
   step bench-train 120 $BENCH --device cpu --quick --level train --frames 2 --providers xclip-fast-lean
+  step export-cuda 120 $PY -m pytest -q -p no:cacheprovider tests/test_export.py -k "$EXPORT_CUDA_TEST"
   exit $((FAILED > 0))
 fi
 
@@ -91,21 +96,26 @@ fi
 PYTEST_OPTS=""
 $PY -c "import xdist" 2>/dev/null && PYTEST_OPTS="-n 4"
 $PY -c "import pytest_timeout" 2>/dev/null && PYTEST_OPTS="$PYTEST_OPTS --timeout 150"
-step tests 170 $PY -m pytest -q -p no:cacheprovider tests $PYTEST_OPTS --maxfail=30 --junitxml="$WORK/junit.xml"
-# 2. attention against every SDPA backend (and xformers when carried), bf16, fwd and fwd+bwd
+step tests 170 $PY -m pytest -q -p no:cacheprovider tests $PYTEST_OPTS --maxfail=30 --junitxml="$WORK/junit.xml" \
+  --deselect "tests/test_export.py::$EXPORT_CUDA_TEST"
+# 2. every kernel (fwd, both backward passes, packed/plain, extra token or not, odd lengths) under memcheck
+step sanitize 75 $PY benchmarks/sanitize.py --memcheck --quick
+# 3. attention against every SDPA backend (and xformers when carried), bf16, fwd and fwd+bwd
 step bench-attention 50 $BENCH --level attention --dtype bfloat16 \
   --providers sdpa-flash,sdpa-efficient,sdpa-cudnn,xformers,xclip-fast-torch,xclip-fast-triton
-# 3. the block at the released T, eager (both modes), then torch.compile against compiled (fwd+bwd)
+# 4. the block at the released T, eager (both modes), then torch.compile against compiled (fwd+bwd)
 step bench-block 45 $BENCH --level block --model b16 --frames 8 --batch 8 --dtype bfloat16 \
   --providers sdpa-flash,xformers,xclip-fast-triton
 step bench-block-compiled 90 $BENCH --level block --model b16 --frames 8 --batch 8 --dtype bfloat16 --mode fwdbwd \
   --providers reference-compiled,xclip-fast-triton,xclip-fast-triton-compiled
-# 4. tile tuning at the X-CLIP shapes
+# 5. tile tuning at the X-CLIP shapes
 step tune 70 $PY benchmarks/tune.py --out "$WORK/tune" --budget 50
-# 5. long clips: the encoder against T, unchunked and chunked
+# 6. long clips: the encoder against T, unchunked and chunked
 step bench-encoder 45 $BENCH --level encoder --model b16 --frames 8,128,1024 --dtype bfloat16 \
   --providers xclip-fast-triton,xclip-fast-triton-chunked
-# 6. training steps (bf16 autocast) at the recompute levels against the original with selective checkpointing
+# 7. training steps (bf16 autocast) at the recompute levels against the original with selective checkpointing
 step bench-train 45 $BENCH --level train --model b16 --frames 8 --batch 1 \
   --providers reference-sac,xclip-fast-none,xclip-fast-lean,xclip-fast-min
+# 8. a CUDA .pt2 package of the triton backend (AOTInductor): kernels inside, parity, loads with torch alone
+step export-cuda 60 $PY -m pytest -q -p no:cacheprovider tests/test_export.py -k "$EXPORT_CUDA_TEST"
 exit $((FAILED > 0))

@@ -117,6 +117,45 @@ def test_pt2_package_in_bfloat16_with_uint8_input(tmp_path):
         assert_rel(f"bf16 .pt2 b={b} T={T}", y, truth, max(2 * own.item(), 1e-3))
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="a CUDA package is compiled and run on a GPU only")
+def test_pt2_package_on_cuda_carries_the_triton_kernels(tmp_path):
+    """A CUDA .pt2 of the triton backend: the attention kernels are compiled into the package (their
+    names are in it), it loads and runs with torch alone, matches the float64 encoder in float32 and
+    refuses frames beyond its range; in bf16 with uint8 input its error is within twice that of the
+    Python encoder's own bf16 computation (the torch backend on the same GPU)."""
+    import zipfile
+
+    enc = _encoder()
+    enc.backend = "triton"
+    done = export_encoder(enc, str(tmp_path / "cuda.pt2"), device="cuda", batch=(1, 4), frames=(1, 8))
+    with zipfile.ZipFile(done.path) as z:
+        assert any(b"_attention_fwd_kernel" in z.read(name) for name in z.namelist()), z.namelist()
+    shapes = [(1, 1), (3, 7), (4, 8)]
+    inputs = [_video(b, T).cuda() for b, T in shapes] + [_video(1, 9).cuda()]
+    torch.save(inputs, tmp_path / "in.pt")
+    proc = subprocess.run([sys.executable, os.path.join(HERE, "export_load.py"), done.path, str(tmp_path / "in.pt"),
+                           str(tmp_path / "out.pt")], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = torch.load(tmp_path / "out.pt")
+    assert res["xclip_fast_loaded"] == []
+    for (b, T), x, y in zip(shapes, inputs, res["outputs"]):
+        assert isinstance(y, torch.Tensor) and y.is_cuda, f"b={b} T={T}: {y}"
+        assert_rel(f"CUDA .pt2 b={b} T={T}", y.cpu(), _truth(enc, x.cpu()), FP32_TOL)
+    assert isinstance(res["outputs"][-1], str)
+    assert "too large at 1, expected to be <= 8" in res["outputs"][-1] + proc.stderr
+
+    bf16 = export_encoder(enc, str(tmp_path / "bf16.pt2"), device="cuda", dtype=torch.bfloat16, input="uint8",
+                          batch=(1, 4), frames=(2, 8))
+    model = torch._inductor.aoti_load_package(bf16.path)
+    python_bf16 = _encoder().to("cuda", torch.bfloat16)
+    python_bf16.load_state_dict(enc.state_dict())
+    x = _video(3, 5, dtype=torch.uint8)
+    truth = _truth(enc, x)
+    with torch.no_grad():
+        own = ((python_bf16(x.cuda()).double().cpu() - truth).norm() / truth.norm()).item()
+    assert_rel("CUDA bf16 .pt2", model(x.cuda()).cpu(), truth, max(2 * own, 1e-3))
+
+
 onnx = pytest.importorskip("onnxruntime", reason="onnxruntime is in the test extra")
 
 

@@ -1,6 +1,9 @@
 """benchmarks/gpu_check.sh cannot be broken on the day a GPU is lent: its dry mode walks every step
-(tests, the three benchmark levels, the tuner) on tiny sizes and packs one archive."""
+(tests, the sanitizer's workload, the benchmark levels, the tuner, the CUDA export test) on tiny sizes
+and packs one archive; the sanitizer's workload (benchmarks/sanitize.py) catches a wrong output and a
+wrong gradient."""
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -9,6 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from xclip_fast import ops
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.sh"
 
@@ -21,12 +26,61 @@ def test_dry_run_walks_every_step_and_packs_one_archive(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert sorted(os.listdir(tmp_path)) == ["gpu-check.tar.gz", "summary.txt"]  # the device returns <= 8 files
     summary = (tmp_path / "summary.txt").read_text()
-    for step in ("tests", "bench-attention", "bench-block", "bench-block-compiled", "tune", "bench-encoder",
-                 "bench-train"):
+    steps = ("tests", "sanitize", "bench-attention", "bench-block", "bench-block-compiled", "tune", "bench-encoder",
+             "bench-train", "export-cuda")
+    for step in steps:
         assert f"== {step} (limit" in summary, step
-    assert summary.count("rc=0 in") == 7 and "0 step(s) failed, dry=1, commit test" in summary
+    assert summary.count("rc=0 in") == len(steps) and "0 step(s) failed, dry=1, commit test" in summary
+    assert "memcheck: NOT RUN (no CUDA device" in summary  # said, not passed off as a clean memcheck
     with tarfile.open(tmp_path / "gpu-check.tar.gz") as tar:
         names = {n.removeprefix("./") for n in tar.getnames()}
     for name in ("device.txt", "summary.txt", "tests.log", "junit.xml", "bench/results.csv", "tune/tuned.json",
-                 "tune/tune.csv", "bench-encoder.log", "bench-train.log"):
+                 "tune/tune.csv", "bench-encoder.log", "bench-train.log", "sanitize.log", "export-cuda.log"):
         assert name in names, name
+
+
+def _sanitize_module():
+    spec = importlib.util.spec_from_file_location("sanitize", SCRIPT.with_name("sanitize.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+class _WrongGradient(torch.autograd.Function):
+    """Identity forward; backward scales the gradient by 1 + 1e-4 (an error far above fp32 rounding)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * (1 + 1e-4)
+
+
+@pytest.mark.triton
+def test_sanitize_workload_catches_a_wrong_output_and_a_wrong_gradient(monkeypatch, capsys):
+    sanitize = _sanitize_module()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    everything = list(sanitize.cases(device, quick=True))
+    assert {p[0] for kind, p in everything if kind == "attention"} == {"plain", "packed"}
+    assert {p[-1] for kind, p in everything if kind == "attention"} == {False, True}  # the extra token or not
+    assert any(kind == "quick_gelu" for kind, _ in everything)
+    # one packed-tile length (T = 7), both entries, with the extra token or not; QuickGELU
+    picked = [c for c in everything if c[0] == "quick_gelu" or (c[1][4] == 7 and c[1][1] == torch.float32)]
+    monkeypatch.setattr(sanitize, "cases", lambda device, quick: iter(picked))
+    assert sanitize.main(["--quick"]) == 0
+    assert "5/5 cases within their bounds" in capsys.readouterr().out
+
+    attention, packed, quick_gelu = ops.attention, ops.packed_attention, ops.quick_gelu
+    monkeypatch.setattr(ops, "packed_attention", lambda *a, **k: packed(*a, **k) * (1 + 1e-4))
+    monkeypatch.setattr(ops, "attention", lambda *a, **k: _WrongGradient.apply(attention(*a, **k)))
+    monkeypatch.setattr(ops, "quick_gelu", lambda *a, **k: _WrongGradient.apply(quick_gelu(*a, **k)))
+    assert sanitize.main(["--quick"]) == 1
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    packed_lines = [line for line in lines if line.startswith("MISMATCH attention packed")]
+    gradient_lines = [line for line in lines if line.startswith(("MISMATCH attention plain", "MISMATCH quick_gelu"))]
+    assert len(packed_lines) == 2 and len(gradient_lines) == 3, out
+    assert all("worst out" not in line for line in gradient_lines), out  # caught by a gradient alone
+    assert "0/5 cases within their bounds" in out

@@ -208,13 +208,16 @@ def memcheck(quick: bool) -> int:
     tool = _sanitizer()
     reason = None if tool else "compute-sanitizer not found on PATH or under /usr/local/cuda*/bin"
     if tool:
-        probe = subprocess.run([tool, "--tool", "memcheck", "--error-exitcode", "9", sys.executable, "-c",
-                                "import torch; torch.ones(4, device='cuda').add_(1); torch.cuda.synchronize()"],
-                               capture_output=True, text=True, timeout=180)
-        if probe.returncode != 0:
+        try:
+            probe = subprocess.run([tool, "--tool", "memcheck", "--error-exitcode", "9", sys.executable, "-c",
+                                    "import torch; torch.ones(4, device='cuda').add_(1); torch.cuda.synchronize()"],
+                                   capture_output=True, text=True, timeout=60)
             said = [line for line in (probe.stdout + probe.stderr).splitlines() if line.strip()]
-            reason = f"{tool} cannot check a trivial CUDA program here (rc={probe.returncode}): " + \
-                " | ".join(said[-3:])
+            if probe.returncode != 0:
+                reason = f"{tool} cannot check a trivial CUDA program here (rc={probe.returncode}): " + \
+                    " | ".join(said[-3:])
+        except subprocess.TimeoutExpired:
+            reason = f"{tool} did not finish a trivial CUDA program within 60 s"
     if reason:
         rc = workload(quick)
         print(f"memcheck: NOT RUN ({reason}; the workload ran alone)")

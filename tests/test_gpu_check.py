@@ -66,8 +66,9 @@ def test_sanitize_workload_catches_a_wrong_output_and_a_wrong_gradient(monkeypat
     assert {p[0] for kind, p in everything if kind == "attention"} == {"plain", "packed"}
     assert {p[-1] for kind, p in everything if kind == "attention"} == {False, True}  # the extra token or not
     assert any(kind == "quick_gelu" for kind, _ in everything)
-    # one packed-tile length (T = 7), both entries, with the extra token or not; QuickGELU
-    picked = [c for c in everything if c[0] == "quick_gelu" or (c[1][4] == 7 and c[1][1] == torch.float32)]
+    # fp32: one packed-tile length (T = 7), both entries, with the extra token or not; QuickGELU
+    picked = [(kind, p) for kind, p in everything
+              if (kind == "quick_gelu" and p[0] == torch.float32) or (p[1] == torch.float32 and p[4] == 7)]
     monkeypatch.setattr(sanitize, "cases", lambda device, quick: iter(picked))
     assert sanitize.main(["--quick"]) == 0
     assert "5/5 cases within their bounds" in capsys.readouterr().out

@@ -8,9 +8,10 @@ give packed tiles (several short sequences per program) and ordinary ones, head 
 (masked columns); QuickGELU forward and backward on an odd element count; in bf16 and fp32 on CUDA,
 fp16 on one shape (fp32 only under the CPU interpreter, whose bf16 dots are wrong).
 
-Every output and gradient is compared with float64 on the CPU (plain einsum attention, no SDPA),
-and so is PyTorch's own computation in the same dtype on the same device (SDPA over the
-concatenated token, as a user without this library would run it): the kernel may be at most 2x
+Every output and gradient is compared with float64 on the CPU (``xclip_fast.testing.attention_f64``:
+einsum and softmax, no SDPA), and so is PyTorch's own computation in the same dtype on the same
+device (the torch backend: SDPA over the concatenated token, as a user without the kernels would
+run it): the kernel may be at most 2x
 that error in the forward and 3x in gradients (floored at the dtype's resolution). A memcheck
 report names its kernel, so PyTorch's kernels running beside ours do not blur whose error it is.
 Under the sanitizer ``PYTORCH_NO_CUDA_MEMORY_CACHING=1`` makes every tensor its own allocation, so
@@ -34,46 +35,15 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
 
-from xclip_fast import ops  # noqa: E402
+from xclip_fast import ops, reference  # noqa: E402
+from xclip_fast.testing import attention_f64, rel_err  # noqa: E402
 
 FORWARD, GRADIENT = 2.0, 3.0  # allowed multiples of PyTorch's own error in the same dtype
 # the floor of "PyTorch's own error": a few units of the dtype's resolution (an exact PyTorch result
 # does not oblige the kernel to be exact)
 FLOOR = {torch.float32: 4 * torch.finfo(torch.float32).eps, torch.float16: 2 * torch.finfo(torch.float16).eps,
          torch.bfloat16: 2 * torch.finfo(torch.bfloat16).eps}
-
-
-def _err(y, t, scale: float) -> float:
-    """||y - t|| / ||t|| in float64, or / ``scale`` where ||t|| is below 1e-9 of it; inf for a
-    non-finite ``y``."""
-    y, t = y.detach().cpu().double(), t.detach().double()
-    if not torch.isfinite(y).all():
-        return float("inf")
-    norm, diff = t.norm().item(), (y - t).norm().item()
-    denom = scale if norm <= 1e-9 * scale else norm
-    return diff / denom if denom > 0 else diff
-
-
-def attention_f64(q, k, v, ek, ev):
-    """Float64 attention with an optional extra token by concatenation: einsum and softmax only."""
-    q, k, v = q.double(), k.double(), v.double()
-    if ek is not None:
-        k = torch.cat([k, ek.double()[:, None]], 1)
-        v = torch.cat([v, ev.double()[:, None]], 1)
-    scores = torch.einsum("bihd,bjhd->bhij", q, k) * q.shape[-1] ** -0.5
-    return torch.einsum("bhij,bjhd->bihd", scores.softmax(-1), v)
-
-
-def attention_own(q, k, v, ek, ev):
-    """PyTorch's own computation in the inputs' dtype: SDPA over the concatenated token."""
-    if ek is not None:
-        k, v = torch.cat([k, ek[:, None]], 1), torch.cat([v, ev[:, None]], 1)
-    out = torch.nn.functional.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
-    return out.transpose(1, 2)
-
-
-def quick_gelu_math(h):
-    return h * torch.sigmoid(1.702 * h)
+QUICK_GELU = reference.QuickGELU()  # the formula, in whatever dtype it is given
 
 
 def _leaves(tensors, device):
@@ -98,8 +68,8 @@ def attention_case(layout, dtype, device, B, Sq, Sk, H, D, extra, gen):
             view = leaf_qkv.view(Sq, B, 3, H, D).transpose(0, 1)
             q, k, v = view.unbind(2)
             ek, ev = leaf_ekv.unbind(1) if leaf_ekv is not None else (None, None)
-            out = (ops.packed_attention(view, leaf_ekv, backend="triton") if impl == "kernel"
-                   else (attention_f64 if impl == "f64" else attention_own)(q, k, v, ek, ev))
+            out = (attention_f64(q, k, v, ek, ev) if impl == "f64"
+                   else ops.packed_attention(view, leaf_ekv, backend=impl))
             return [out, *_grads(out, [leaf_qkv, leaf_ekv], grad_out)]
     else:
         q = torch.randn(B, Sq, H, D, generator=gen, dtype=torch.float64).to(dtype)
@@ -110,14 +80,12 @@ def attention_case(layout, dtype, device, B, Sq, Sk, H, D, extra, gen):
 
         def run(impl, dev, cast):
             leaves = _leaves([t if t is None else t.to(cast) for t in (q, k, v, ek, ev)], dev)
-            fn = {"kernel": lambda *a: ops.attention(*a, backend="triton"), "f64": attention_f64,
-                  "own": attention_own}[impl]
-            out = fn(*leaves)
+            out = attention_f64(*leaves) if impl == "f64" else ops.attention(*leaves, backend=impl)
             return [out, *_grads(out, leaves, grad_out)]
 
-    kernel = run("kernel", device, dtype)
+    kernel = run("triton", device, dtype)
     truth = run("f64", "cpu", torch.float64)
-    own = run("own", device, dtype)
+    own = run("torch", device, dtype)  # SDPA over the concatenated token
     lengths = f"S={Sq}" if layout == "packed" or Sq == Sk else f"Sq={Sq} Sk={Sk}"
     name = f"attention {layout:6s} {str(dtype)[6:]:8s} B={B} {lengths} H={H} D={D} extra={'yes' if extra else 'no'}"
     labels = ["out", "dqkv", "dextra_kv"] if layout == "packed" else ["out", "dq", "dk", "dv", "dextra_k", "dextra_v"]
@@ -135,7 +103,7 @@ def quick_gelu_case(dtype, device, n, gen):
 
     kernel = run(lambda x: ops.quick_gelu(x, backend="triton"), device, dtype)
     return (f"quick_gelu         {str(dtype)[6:]:8s} n={n}", ["out", "dh"], kernel,
-            run(quick_gelu_math, "cpu", torch.float64), run(quick_gelu_math, device, dtype))
+            run(QUICK_GELU, "cpu", torch.float64), run(QUICK_GELU, device, dtype))
 
 
 def cases(device, quick: bool):
@@ -178,7 +146,7 @@ def workload(quick: bool) -> int:
         worst = []
         for i, (label, y, t, o) in enumerate(zip(labels, kernel, truth, own)):
             factor, s = (FORWARD, 0.0) if i == 0 else (GRADIENT, largest)
-            err, bar = _err(y, t, s), factor * max(_err(o, t, s), FLOOR[dtype])
+            err, bar = rel_err(y, t, s), factor * max(rel_err(o, t, s), FLOOR[dtype])
             worst.append((err / bar, err, bar, label))
         ratio, err, bar, which = max(worst)
         total += 1

@@ -1,4 +1,5 @@
-"""Helpers shared by the tests: relative-error assertions and an independent float64 attention."""
+"""Helpers shared by the tests: relative-error assertions, tiny Hugging Face models, the triton marker
+(the float64 attention is ``xclip_fast.testing.attention_f64``)."""
 
 import pytest
 import torch
@@ -27,17 +28,6 @@ def assert_grads_close(names, grads, ref_grads, tol: float, floor: float = 1e-6)
         assert torch.isfinite(g).all(), f"grad {name} is not finite"
         err = (g.double() - g_ref.double()).norm().item() / max(g_ref.double().norm().item(), scale)
         assert err <= tol, f"grad {name}: relative error {err:.3e} > {tol:.1e}"
-
-
-def attention_f64(q, k, v, extra_k=None, extra_v=None, scale=None):
-    """Plain float64 attention on (B, S, H, D) tensors with an optional extra token (no SDPA)."""
-    q, k, v = q.double(), k.double(), v.double()
-    if extra_k is not None:
-        k = torch.cat([k, extra_k.double()[:, None]], dim=1)
-        v = torch.cat([v, extra_v.double()[:, None]], dim=1)
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    scores = torch.einsum("bihd,bjhd->bhij", q, k) * scale
-    return torch.einsum("bhij,bjhd->bihd", scores.softmax(dim=-1), v)
 
 
 def param_grad_errors(module, ref_module):

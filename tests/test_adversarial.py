@@ -12,14 +12,14 @@ import math
 
 import pytest
 import torch
-from _helpers import BACKENDS, assert_rel, attention_f64, needs_triton
+from _helpers import BACKENDS, assert_rel, needs_triton
 
 import xclip_fast
 from xclip_fast import ops
 from xclip_fast.blocks import CrossFrameAttentionBlock, ResidualAttentionBlock
 from xclip_fast.encoder import XCLIPVideoEncoder
 from xclip_fast.ops import packed_attention, resolve_backend
-from xclip_fast.testing import TOLERANCES
+from xclip_fast.testing import TOLERANCES, attention_f64
 
 DTYPE = torch.float32
 

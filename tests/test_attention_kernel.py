@@ -6,11 +6,11 @@ natively and bf16, TF32 and large shapes are added.
 
 import pytest
 import torch
-from _helpers import assert_rel, attention_f64, needs_triton
+from _helpers import assert_rel, needs_triton
 
 import xclip_fast
 from xclip_fast.ops import packed_attention
-from xclip_fast.testing import TF32_TOLERANCE, TOLERANCES
+from xclip_fast.testing import TF32_TOLERANCE, TOLERANCES, attention_f64
 
 pytestmark = needs_triton
 CUDA = torch.cuda.is_available()

@@ -47,6 +47,19 @@ def _video(b, T, r=32, dtype=torch.float32):
     return torch.randn(b, T, 3, r, r, generator=g).to(dtype)
 
 
+def _served(path, inputs, tmp_path):
+    """Run a package on ``inputs`` in another interpreter that cannot import xclip_fast, with PyTorch's
+    input checks on (tests/export_load.py): its results (each output or refusal, the metadata) and stderr."""
+    torch.save(inputs, tmp_path / "in.pt")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, os.path.join(HERE, "export_load.py"), str(path), str(tmp_path / "in.pt"),
+                           str(tmp_path / "out.pt")], capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = torch.load(tmp_path / "out.pt")
+    assert res["xclip_fast_loaded"] == []  # the package never needed this library
+    return res, proc.stderr
+
+
 @pytest.fixture(scope="module")
 def package(tmp_path_factory):
     """``xclip-fast export`` of official-format weights into a float32 .pt2 (batch 1..8, T 1..16)."""
@@ -65,13 +78,7 @@ def test_pt2_package_matches_the_encoder_and_loads_with_torch_alone(package, tmp
     shapes = [(1, 1), (1, 4), (3, 7), (8, 16)]  # batch 1 and one frame, the trained T, others, the maxima
     inputs = [_video(b, T) for b, T in shapes]
     bad = [_video(2, 17), _video(9, 2), _video(1, 4, r=64), _video(1, 4).half(), _video(1, 4, dtype=torch.uint8)]
-    torch.save(inputs + bad, tmp_path / "in.pt")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, os.path.join(HERE, "export_load.py"), str(path), str(tmp_path / "in.pt"),
-                           str(tmp_path / "out.pt")], capture_output=True, text=True, timeout=300, env=env)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    res = torch.load(tmp_path / "out.pt")
-    assert res["xclip_fast_loaded"] == []
+    res, stderr = _served(path, inputs + bad, tmp_path)
     outs = res["outputs"]
     for (b, T), x, y in zip(shapes, inputs, outs):
         assert isinstance(y, torch.Tensor), f"b={b} T={T}: {y}"
@@ -80,7 +87,7 @@ def test_pt2_package_matches_the_encoder_and_loads_with_torch_alone(package, tmp
     errors = outs[len(shapes):]
     assert all(isinstance(e, str) for e in errors), errors
     # the reason is in the exception (torch >= 2.13) or printed by the runtime on stderr (torch 2.11)
-    said = "\n".join(errors) + proc.stderr
+    said = "\n".join(errors) + stderr
     assert "too large at 1, expected to be <= 16" in said  # frames beyond the exported range
     assert "too large at 0, expected to be <= 8" in said  # batch beyond it
     assert "unmatched dim value at 3, expected: 32" in said  # another resolution
@@ -132,17 +139,12 @@ def test_pt2_package_on_cuda_carries_the_triton_kernels(tmp_path):
         assert any(b"_attention_fwd_kernel" in z.read(name) for name in z.namelist()), z.namelist()
     shapes = [(1, 1), (3, 7), (4, 8)]
     inputs = [_video(b, T).cuda() for b, T in shapes] + [_video(1, 9).cuda()]
-    torch.save(inputs, tmp_path / "in.pt")
-    proc = subprocess.run([sys.executable, os.path.join(HERE, "export_load.py"), done.path, str(tmp_path / "in.pt"),
-                           str(tmp_path / "out.pt")], capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    res = torch.load(tmp_path / "out.pt")
-    assert res["xclip_fast_loaded"] == []
+    res, stderr = _served(done.path, inputs, tmp_path)
     for (b, T), x, y in zip(shapes, inputs, res["outputs"]):
         assert isinstance(y, torch.Tensor) and y.is_cuda, f"b={b} T={T}: {y}"
         assert_rel(f"CUDA .pt2 b={b} T={T}", y.cpu(), _truth(enc, x.cpu()), FP32_TOL)
     assert isinstance(res["outputs"][-1], str)
-    assert "too large at 1, expected to be <= 8" in res["outputs"][-1] + proc.stderr
+    assert "too large at 1, expected to be <= 8" in res["outputs"][-1] + stderr
 
     bf16 = export_encoder(enc, str(tmp_path / "bf16.pt2"), device="cuda", dtype=torch.bfloat16, input="uint8",
                           batch=(1, 4), frames=(2, 8))

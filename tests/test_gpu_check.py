@@ -73,10 +73,15 @@ def test_sanitize_workload_catches_a_wrong_output_and_a_wrong_gradient(monkeypat
     assert sanitize.main(["--quick"]) == 0
     assert "5/5 cases within their bounds" in capsys.readouterr().out
 
+    # errors planted in the triton backend only (the torch backend is PyTorch's own computation)
     attention, packed, quick_gelu = ops.attention, ops.packed_attention, ops.quick_gelu
-    monkeypatch.setattr(ops, "packed_attention", lambda *a, **k: packed(*a, **k) * (1 + 1e-4))
-    monkeypatch.setattr(ops, "attention", lambda *a, **k: _WrongGradient.apply(attention(*a, **k)))
-    monkeypatch.setattr(ops, "quick_gelu", lambda *a, **k: _WrongGradient.apply(quick_gelu(*a, **k)))
+
+    def planted(fn, error):
+        return lambda *a, **k: error(fn(*a, **k)) if k["backend"] == "triton" else fn(*a, **k)
+
+    monkeypatch.setattr(ops, "packed_attention", planted(packed, lambda y: y * (1 + 1e-4)))
+    monkeypatch.setattr(ops, "attention", planted(attention, _WrongGradient.apply))
+    monkeypatch.setattr(ops, "quick_gelu", planted(quick_gelu, _WrongGradient.apply))
     assert sanitize.main(["--quick"]) == 1
     out = capsys.readouterr().out
     lines = out.splitlines()

@@ -2,10 +2,11 @@
 
 import pytest
 import torch
-from _helpers import BACKENDS, assert_rel, attention_f64
+from _helpers import BACKENDS, assert_rel
 
 import xclip_fast
 from xclip_fast.ops import resolve_backend
+from xclip_fast.testing import attention_f64
 
 
 def _inputs(B=2, SQ=5, SK=6, H=3, D=16, dtype=torch.float64, extra=True, device="cpu"):

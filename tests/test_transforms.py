@@ -12,12 +12,13 @@
 import pytest
 import torch
 import torch.autograd.forward_ad as fwAD
-from _helpers import assert_grads_close, assert_rel, attention_f64, needs_triton
+from _helpers import assert_grads_close, assert_rel, needs_triton
 from torch.func import functional_call, grad, jacfwd, jacrev, jvp, vmap
 
 import xclip_fast
 from xclip_fast import ops, reference
 from xclip_fast.blocks import CrossFrameAttentionBlock, ResidualAttentionBlock
+from xclip_fast.testing import attention_f64
 
 F64_TOL = 1e-10  # float64 throughout: rounding only
 B, S, H, Dh = 2, 4, 2, 4

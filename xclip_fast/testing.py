@@ -7,7 +7,7 @@ import math
 
 import torch
 
-__all__ = ["rel_err", "TOLERANCES", "TF32_TOLERANCE", "write_video"]
+__all__ = ["rel_err", "attention_f64", "TOLERANCES", "TF32_TOLERANCE", "write_video"]
 
 # Relative error ||out - ref|| / ||ref|| allowed against a float64 reference, per input dtype.
 TOLERANCES = {
@@ -24,16 +24,31 @@ TOLERANCES = {
 TF32_TOLERANCE = 1e-3
 
 
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    """``||out - ref|| / ||ref||`` in float64; ``inf`` if ``out`` holds a NaN or an inf (fails loudly)."""
+def rel_err(out: torch.Tensor, ref: torch.Tensor, scale: float = 0.0) -> float:
+    """``||out - ref|| / ||ref||`` in float64 (on the CPU); ``inf`` if ``out`` holds a NaN or an inf (fails
+    loudly). ``scale``: a reference whose norm is at most 1e-9 of it (zero in exact arithmetic, what is
+    left is rounding noise) is measured against ``scale`` instead, e.g. the largest norm of its set."""
     if out.shape != ref.shape:
         raise ValueError(f"shapes differ: {tuple(out.shape)} vs {tuple(ref.shape)}")
-    out64, ref64 = out.detach().double(), ref.detach().double()
+    out64, ref64 = out.detach().cpu().double(), ref.detach().cpu().double()
     if not torch.isfinite(out64).all():
         return math.inf
-    denom = ref64.norm().item()
+    norm = ref64.norm().item()
+    denom = scale if norm <= 1e-9 * scale else norm
     diff = (out64 - ref64).norm().item()
     return diff / denom if denom > 0 else diff
+
+
+def attention_f64(q, k, v, extra_k=None, extra_v=None, scale=None):
+    """Plain float64 attention on (B, S, H, D) tensors with an optional extra token (einsum and
+    softmax, no SDPA): the independent truth of the kernels' tests and of ``benchmarks/sanitize.py``."""
+    q, k, v = q.double(), k.double(), v.double()
+    if extra_k is not None:
+        k = torch.cat([k, extra_k.double()[:, None]], dim=1)
+        v = torch.cat([v, extra_v.double()[:, None]], dim=1)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    scores = torch.einsum("bihd,bjhd->bhij", q, k) * scale
+    return torch.einsum("bhij,bjhd->bihd", scores.softmax(dim=-1), v)
 
 
 def write_video(path, frames: int, frame=None, *, rate: int = 10, gop: int = 10, width: int = 48, height: int = 40,

@@ -36,6 +36,10 @@ def raise_problems(problems: list, what: str) -> None:
 
 def same_problems(named: dict, problems: list) -> list:
     """One floating dtype of the supported ones, one device, for every tensor of ``named``."""
+    tensors = [t for t in named.values() if t is not None]
+    first = tensors[0]
+    if first.dtype in FLOAT_DTYPES and all(t.dtype == first.dtype and t.device == first.device for t in tensors):
+        return problems  # (the common case, on every call, without building the messages)
     named = {n: t for n, t in named.items() if t is not None}
     dtypes = {name: t.dtype for name, t in named.items()}
     if len(set(dtypes.values())) > 1:
@@ -105,7 +109,8 @@ def attention_problems(q, k, v, extra_k=None, extra_v=None, max_head_dim: int | 
 def packed_problems(qkv, extra_kv=None, max_head_dim: int | None = None) -> list:
     """Problems of ``packed_attention(qkv, extra_kv)``: ``qkv: (B, S, 3, H, D)``, ``extra_kv: (B, 2,
     H, D)`` or None; every dimension >= 1; one dtype and device."""
-    require_tensors({"qkv": qkv, "extra_kv": extra_kv}, optional=("extra_kv",))
+    if not isinstance(qkv, torch.Tensor) or (extra_kv is not None and not isinstance(extra_kv, torch.Tensor)):
+        require_tensors({"qkv": qkv, "extra_kv": extra_kv}, optional=("extra_kv",))
     if qkv.dim() != 5 or qkv.shape[2] != 3:
         return [f"qkv must be (B, S, 3, H, D), got {tuple(qkv.shape)}"]
     problems = []

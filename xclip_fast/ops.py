@@ -36,6 +36,14 @@ __all__ = [
     "triton_limits",
     "triton_status",
     "autocast_dtype",
+    "autocast_cast",
+    "quick_gelu_resolved",
+    "quick_gelu_grad",
+    "quick_gelu_and_grad",
+    "packed_kernel",
+    "packed_forward",
+    "packed_inputs",
+    "packed_backward",
     "transforms_active",
     "forward_ad_active",
     "ATTENTION_BACKENDS",
@@ -150,8 +158,9 @@ def autocast_dtype(device: torch.device) -> torch.dtype | None:
     return torch.get_autocast_dtype(device.type)
 
 
-def _cast(dtype: torch.dtype | None, *tensors):
-    """Autocast's rule: floating tensors other than fp64 go to ``dtype`` (None: unchanged)."""
+def autocast_cast(dtype: torch.dtype | None, *tensors):
+    """Autocast's rule for matrix products: floating tensors other than fp64 go to ``dtype``
+    (None: unchanged); None entries stay None."""
     if dtype is None:
         return tensors
     return tuple(t.to(dtype) if t is not None and t.is_floating_point() and t.dtype != torch.float64 else t
@@ -191,6 +200,98 @@ def _math_attention(q, k, v, scale, attn_mask=None, dropout_p=0.0):
     return torch.matmul(p, v)
 
 
+# ------------------------------------------------------------------------------------------------
+# packed attention as an explicit forward and backward (for autograd Functions that own the layer)
+# ------------------------------------------------------------------------------------------------
+_FLASH_CPU = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
+_FLASH_CPU_BWD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward.default
+_CPU_FP64 = torch.zeros(0, dtype=torch.float64)  # (what compiled_cpu_fp64_sdpa_is_broken reads: dtype, device)
+
+
+def packed_kernel(backend: str, device: torch.device, dtype: torch.dtype, dropout_p: float) -> str | None:
+    """The explicit forward/backward pair (:func:`packed_forward`, :func:`packed_backward`) that runs a
+    packed attention on the resolved ``backend``: ``"triton"`` (the operators of
+    :mod:`xclip_fast.library`), ``"cpu"`` (the torch backend on CPU tensors: PyTorch's CPU flash
+    attention), or None (SDPA under autograd only: the torch backend on other devices, attention
+    dropout, which neither pair has, ``torch.func`` transforms and forward-mode AD, and float64 CPU
+    attention traced by the releases whose compiled one is broken)."""
+    if dropout_p > 0.0 or transforms_active():
+        return None
+    if backend == "triton":
+        return "triton"
+    if device.type == "cpu" and not (dtype == torch.float64 and compiled_cpu_fp64_sdpa_is_broken(_CPU_FP64)):
+        return "cpu"
+    return None
+
+
+def _heads_first(qkv: torch.Tensor, extra_kv: torch.Tensor | None):
+    """``q, k, v`` as ``(B, H, S, D)`` views of ``qkv`` and, with the extra token, ``k, v`` with it
+    appended (new tensors)."""
+    q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))
+    if extra_kv is not None:
+        ek, ev = extra_kv.unbind(1)
+        k, v = torch.cat([k, ek.unsqueeze(2)], dim=2), torch.cat([v, ev.unsqueeze(2)], dim=2)
+    return q, k, v
+
+
+def packed_forward(kernel: str, qkv: torch.Tensor, extra_kv, scale: float, attn_mask=None, heads=None):
+    """``(out, lse)`` of a packed attention (see :func:`packed_kernel`), not recorded by autograd:
+    ``out (B, S, H, D)`` laid out like the triton operator's (seq-first when ``qkv`` is, where the
+    out-projection reads it without a copy), ``lse (B, H, S)``. ``heads``: the CPU kernel's inputs
+    from :func:`packed_inputs`, when the caller has them (a backward that recomputes the attention)."""
+    if kernel == "triton":
+        return torch.ops.xclip_fast.packed_attention_fwd(qkv, extra_kv, scale)
+    o, lse = _FLASH_CPU(*(heads or _heads_first(qkv, extra_kv)), 0.0, False, attn_mask=attn_mask, scale=scale)
+    if qkv.stride(0) < qkv.stride(1):  # seq-first
+        return o.permute(2, 0, 1, 3).contiguous().transpose(0, 1), lse
+    return o.transpose(1, 2).contiguous(), lse
+
+
+def packed_inputs(kernel: str, qkv: torch.Tensor, extra_kv):
+    """What the CPU kernel reads (q, k, v heads first, the extra token appended), for
+    :func:`packed_forward` and :func:`packed_backward` to share; None for the triton kernel."""
+    return _heads_first(qkv, extra_kv) if kernel == "cpu" else None
+
+
+def packed_backward(kernel: str, qkv: torch.Tensor, extra_kv, out, lse, dout, scale: float, attn_mask=None,
+                    heads=None):
+    """``(dqkv, dextra_kv)`` for :func:`packed_forward`'s results: ``dqkv`` one buffer in ``qkv``'s
+    layout (a permutation of the in-projection's output), ``dextra_kv`` None without the token."""
+    if kernel == "triton":
+        dqkv, dextra = torch.ops.xclip_fast.packed_attention_bwd(qkv, extra_kv, out, lse, dout, scale)
+        return dqkv, (dextra if extra_kv is not None else None)
+    q, k, v = heads or _heads_first(qkv, extra_kv)
+    dq, dk, dv = _FLASH_CPU_BWD(dout.transpose(1, 2), q, k, v, out.transpose(1, 2), lse, 0.0, False,
+                                attn_mask=attn_mask, scale=scale)
+    S = qkv.shape[1]
+    grads = (dq, dk[:, :, :S], dv[:, :, :S])
+    if qkv.stride(0) < qkv.stride(1):
+        dqkv = torch.stack([g.permute(2, 0, 1, 3) for g in grads], dim=2).transpose(0, 1)
+    else:
+        dqkv = torch.stack([g.transpose(1, 2) for g in grads], dim=2)
+    return dqkv, (None if extra_kv is None else torch.stack([dk[:, :, S], dv[:, :, S]], dim=1))
+
+
+class _PackedCPUAttention(torch.autograd.Function):
+    """Packed attention on the torch backend for CPU tensors with an extra token, keeping for
+    backward what the triton operator keeps: ``qkv``, the extra token, the output and the
+    log-sum-exp. Autograd on SDPA would also keep the keys and values with the token appended (two
+    more d-wide rows per token); they are rebuilt in backward instead."""
+
+    @staticmethod
+    def forward(ctx, qkv, extra_kv, scale, attn_mask):
+        out, lse = packed_forward("cpu", qkv, extra_kv, scale, attn_mask)
+        ctx.save_for_backward(qkv, extra_kv, out, lse, attn_mask)
+        ctx.scale = scale
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dout):
+        qkv, extra_kv, out, lse, attn_mask = ctx.saved_tensors
+        return (*packed_backward("cpu", qkv, extra_kv, out, lse, dout, ctx.scale, attn_mask), None, None)
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
               extra_k: torch.Tensor | None = None, extra_v: torch.Tensor | None = None, *,
               scale: float | None = None, backend: str = "auto") -> torch.Tensor:
@@ -226,7 +327,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     raise_problems(scale_problems(scale, problems), "attention")
     D = q.shape[-1]
     cast = autocast_dtype(q.device)
-    q, k, v, extra_k, extra_v = _cast(cast, q, k, v, extra_k, extra_v)
+    q, k, v, extra_k, extra_v = autocast_cast(cast, q, k, v, extra_k, extra_v)
     backend = resolve_backend(backend, q.device, dtype=q.dtype, head_dim=D)
     scale = D**-0.5 if scale is None else float(scale)
     if backend == "torch":
@@ -252,15 +353,19 @@ def packed_attention(qkv: torch.Tensor, extra_kv: torch.Tensor | None = None, *,
     problems = packed_problems(qkv, extra_kv)
     raise_problems(scale_problems(scale, problems), "packed_attention")
     D = qkv.shape[-1]
-    qkv, extra_kv = _cast(autocast_dtype(qkv.device), qkv, extra_kv)
+    qkv, extra_kv = autocast_cast(autocast_dtype(qkv.device), qkv, extra_kv)
     backend = resolve_backend(backend, qkv.device, dtype=qkv.dtype, head_dim=D, attn_mask=attn_mask is not None,
                               dropout=dropout_p > 0.0)
     scale = D**-0.5 if scale is None else float(scale)
     if backend == "torch":
+        if attn_mask is not None:
+            attn_mask = attn_mask.to(qkv.dtype)
+        if extra_kv is not None and torch.is_grad_enabled() and (qkv.requires_grad or extra_kv.requires_grad) \
+                and packed_kernel(backend, qkv.device, qkv.dtype, dropout_p) == "cpu":
+            # (without the token autograd on SDPA keeps views of qkv only)
+            return _PackedCPUAttention.apply(qkv, extra_kv, scale, attn_mask)
         q, k, v = qkv.unbind(2)
         ek, ev = extra_kv.unbind(1) if extra_kv is not None else (None, None)
-        if attn_mask is not None:
-            attn_mask = attn_mask.to(q.dtype)
         return _sdpa(q, k, v, ek, ev, scale, attn_mask=attn_mask, dropout_p=dropout_p)
     return torch.ops.xclip_fast.packed_attention_fwd(qkv, extra_kv, scale)[0]
 
@@ -277,10 +382,16 @@ def quick_gelu(h: torch.Tensor, backend: str = "auto", *, inplace: bool = False)
     backend a new tensor comes back). Differentiable:
     while autograd records ``h`` it saves ``h`` only (never in place)."""
     backend = resolve_backend(backend, h.device, dtype=h.dtype)
+    if torch.is_grad_enabled() and h.requires_grad and backend == "torch":
+        return _QuickGELUFunction.apply(h)
+    return quick_gelu_resolved(h, backend, inplace=inplace)
+
+
+def quick_gelu_resolved(h: torch.Tensor, backend: str, *, inplace: bool = False) -> torch.Tensor:
+    """:func:`quick_gelu` with ``backend`` already resolved (``"triton"`` or ``"torch"``), not recorded
+    by autograd: for code that writes its own backward (:func:`quick_gelu_grad`)."""
     if backend == "triton":
         return torch.ops.xclip_fast.quick_gelu(h)
-    if torch.is_grad_enabled() and h.requires_grad:
-        return _QuickGELUFunction.apply(h)
     if torch.compiler.is_compiling():
         # Out of place when traced: Inductor fuses it into one pass anyway, and torch 2.11 computes
         # wrong gradients for in-place ops inside an autograd.Function's forward within a
@@ -291,15 +402,25 @@ def quick_gelu(h: torch.Tensor, backend: str = "auto", *, inplace: bool = False)
     return torch.mul(h, _QG).sigmoid_().mul_(h)  # eager: one hidden-wide temporary, not two
 
 
-def _quick_gelu_backward(h: torch.Tensor, dg: torch.Tensor, backend: str, inplace: bool = True) -> torch.Tensor:
-    """d/dh of QuickGELU times ``dg`` (the sigmoid is recomputed from ``h``; torch writes into ``dg``
-    unless ``inplace`` is False)."""
+def quick_gelu_grad(h: torch.Tensor, dg: torch.Tensor, backend: str) -> torch.Tensor:
+    """d/dh of QuickGELU times ``dg``, ``backend`` resolved: ``dg (s + 1.702 h s (1 - s))`` with
+    ``s = sigmoid(1.702 h)`` recomputed from ``h``."""
     if backend == "triton":
         return torch.ops.xclip_fast.quick_gelu_backward(h, dg)
-    s = torch.mul(h, _QG).sigmoid_()
-    # s + 1.702 h s (1 - s)
-    slope = torch.sub(1.0, s).mul_(s).mul_(h).mul_(_QG).add_(s)
-    return dg.mul_(slope) if inplace else slope.mul_(dg)
+    hs = torch.mul(h, _QG)
+    s = torch.sigmoid(hs)
+    # dg s (1 - s) 1.702 h + dg s, in four passes
+    return torch.ops.aten.sigmoid_backward(dg, s).mul_(hs).addcmul_(dg, s)
+
+
+def quick_gelu_and_grad(h: torch.Tensor, dg: torch.Tensor, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """QuickGELU of ``h`` and :func:`quick_gelu_grad` of ``dg`` together (``backend`` resolved): the
+    torch backend computes the sigmoid once for both."""
+    if backend == "triton":
+        return torch.ops.xclip_fast.quick_gelu(h), torch.ops.xclip_fast.quick_gelu_backward(h, dg)
+    hs = torch.mul(h, _QG)
+    s = torch.sigmoid(hs)
+    return torch.mul(h, s), torch.ops.aten.sigmoid_backward(dg, s).mul_(hs).addcmul_(dg, s)
 
 
 class _QuickGELUFunction(torch.autograd.Function):
@@ -315,7 +436,7 @@ class _QuickGELUFunction(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, dg):
         (h,) = ctx.saved_tensors
-        return _quick_gelu_backward(h, dg, "torch", inplace=False)
+        return quick_gelu_grad(h, dg, "torch")
 
 
 class QuickGELUMLPFunction(torch.autograd.Function):
@@ -348,7 +469,7 @@ class QuickGELUMLPFunction(torch.autograd.Function):
         if need_b2 and ctx.has_b2:
             db2 = dy2.sum(0)
         if need_x or need_w1 or need_b1:
-            dh = _quick_gelu_backward(h, dy2 @ w2, ctx.backend)
+            dh = quick_gelu_grad(h, dy2 @ w2, ctx.backend)
             if need_w1:
                 dw1 = dh.t() @ x2
             if need_b1 and ctx.has_b1:
@@ -377,7 +498,7 @@ def quick_gelu_mlp(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w
     cast = autocast_dtype(x.device)
     backend = resolve_backend(backend, x.device, dtype=cast or x.dtype)
     if cast is not None:
-        x, w1, b1, w2, b2 = _cast(cast, x, w1, b1, w2, b2)
+        x, w1, b1, w2, b2 = autocast_cast(cast, x, w1, b1, w2, b2)
         with torch.autocast(x.device.type, enabled=False):
             return quick_gelu_mlp(x, w1, b1, w2, b2, backend=backend)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, w1, b1, w2, b2)):

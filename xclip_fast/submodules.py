@@ -13,16 +13,21 @@ with ``add_bias_kv``...) is called as a module instead: the projections and the 
 an attention module or drop path by running the original computation of the block.
 
 Each function returns None for a plain module, else the reason in words (for warnings). Global
-hooks (``torch.nn.modules.module.register_module_forward_hook``) are not looked at: they observe
-the modules that are called; the fast path calls fewer modules than the original.
+hooks (``torch.nn.modules.module.register_module_forward_hook``) do not make a module unplain: they
+observe the modules that are called, and the fast path calls fewer modules than the original; only
+a recomputation that would call modules again in backward asks :func:`global_hook_reason`.
 """
 
 from __future__ import annotations
 
 from torch import nn
+from torch.nn.modules import module as _module_globals
 
-__all__ = ["hook_reason", "linear_reason", "mha_reason", "stock_reason", "transformers_capture_hook"]
+__all__ = ["hook_reason", "global_hook_reason", "param", "linear_reason", "layer_norm_reason", "mha_reason",
+           "stock_reason", "transformers_capture_hook"]
 
+_GLOBAL_HOOKS = (("_global_forward_hooks", "forward hooks"), ("_global_forward_pre_hooks", "forward pre-hooks"),
+                 ("_global_backward_hooks", "backward hooks"), ("_global_backward_pre_hooks", "backward pre-hooks"))
 _HOOK_DICTS = (("_forward_pre_hooks", "forward pre-hooks"), ("_forward_hooks", "forward hooks"),
                ("_backward_pre_hooks", "backward pre-hooks"), ("_backward_hooks", "backward hooks"))
 
@@ -36,12 +41,37 @@ def transformers_capture_hook(fn) -> bool:
 
 def hook_reason(m: nn.Module) -> str | None:
     """The kinds of hooks registered on ``m`` (transformers' idle output-capture hooks excepted)."""
+    if not (m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks):
+        return None  # (the common case, on every call: no generator, no list)
     kinds = []
     for attr, what in _HOOK_DICTS:
         hooks = getattr(m, attr, None) or {}
         if any(not transformers_capture_hook(h) for h in hooks.values()):
             kinds.append(what)
     return f"has {' and '.join(kinds)}" if kinds else None
+
+
+def _torch_tracker(fn) -> bool:
+    """A global hook of PyTorch's own module trackers (``torch.utils.module_tracker``, used by
+    ``FlopCounterMode`` and the memory trackers): it follows the module nesting and is written for
+    recomputation in backward."""
+    return getattr(fn, "__module__", "").startswith("torch.")
+
+
+def param(m: nn.Module, name: str):
+    """``getattr(m, name, None)`` for a parameter, read from ``m._parameters`` when it is there (the
+    fast way, on every forward), else through the attribute (a parametrized one)."""
+    params = m._parameters
+    return params[name] if name in params else getattr(m, name, None)
+
+
+def global_hook_reason() -> str | None:
+    """The kinds of module hooks registered globally (``register_module_forward_hook`` and its kin)
+    by anything but PyTorch's own trackers: every module call runs them, so a recomputation in
+    backward would run them again."""
+    kinds = [what for attr, what in _GLOBAL_HOOKS
+             if any(not _torch_tracker(h) for h in (getattr(_module_globals, attr, None) or {}).values())]
+    return f"global module {' and '.join(kinds)} are registered" if kinds else None
 
 
 def stock_reason(m: nn.Module, cls: type) -> str | None:
@@ -52,6 +82,15 @@ def stock_reason(m: nn.Module, cls: type) -> str | None:
     if type(m).forward is not cls.forward:
         return f"is a {type(m).__name__} with its own forward"
     return hook_reason(m)
+
+
+def layer_norm_reason(m: nn.Module) -> str | None:
+    """None for a plain ``nn.LayerNorm`` over the last dimension (its parameters give exactly what
+    calling it gives)."""
+    reason = stock_reason(m, nn.LayerNorm)
+    if reason is None and len(m.normalized_shape) != 1:  # (a plain attribute: fast to read)
+        return f"normalises over {len(m.normalized_shape)} dimensions"
+    return reason
 
 
 def linear_reason(m: nn.Module) -> str | None:
@@ -68,7 +107,7 @@ def mha_reason(m: nn.Module) -> str | None:
     reason = stock_reason(m, nn.MultiheadAttention)
     if reason:
         return reason
-    if not m._qkv_same_embed_dim or m.in_proj_weight is None:
+    if not m._qkv_same_embed_dim or param(m, "in_proj_weight") is None:
         return "has separate q/k/v projection weights (kdim/vdim)"
     if m.bias_k is not None or m.bias_v is not None:
         return "has add_bias_kv"
@@ -76,5 +115,5 @@ def mha_reason(m: nn.Module) -> str | None:
         return "has add_zero_attn"
     if m.batch_first:
         return "is batch_first"
-    out = linear_reason(m.out_proj)
+    out = linear_reason(m._modules["out_proj"])
     return f"has an out_proj that {out}" if out else None

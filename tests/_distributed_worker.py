@@ -11,9 +11,13 @@ CONFIG = dict(input_resolution=16, patch_size=8, width=64, layers=2, heads=2, em
 BATCH = 4
 
 
-def make_encoder(backend: str, use_checkpoint: bool = False) -> XCLIPVideoEncoder:
+# every recompute level and two memory budgets (the budget mixes levels over the blocks)
+RECOMPUTE = ["lean", "min", "none", "block", 0.6, 0.3]
+
+
+def make_encoder(backend: str, recompute="lean") -> XCLIPVideoEncoder:
     torch.manual_seed(0)
-    return XCLIPVideoEncoder(**CONFIG, backend=backend, use_checkpoint=use_checkpoint, droppath=0.0).double().train()
+    return XCLIPVideoEncoder(**CONFIG, backend=backend, recompute=recompute, droppath=0.0).double().train()
 
 
 def batch() -> torch.Tensor:
@@ -30,26 +34,29 @@ def loss_of(out: torch.Tensor) -> torch.Tensor:
 def worker(rank: int, world: int, store: str, backend: str, mode: str, out_path: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     try:
-        enc = make_encoder(backend, use_checkpoint=mode == "fsdp2")
-        if mode == "ddp":
-            from torch.nn.parallel import DistributedDataParallel
+        results = {}
+        for recompute in RECOMPUTE:
+            enc = make_encoder(backend, recompute)
+            if mode == "ddp":
+                from torch.nn.parallel import DistributedDataParallel
 
-            model = DistributedDataParallel(enc)
-        else:
-            from torch.distributed.fsdp import fully_shard
+                model = DistributedDataParallel(enc)
+            else:
+                from torch.distributed.fsdp import fully_shard
 
-            for block in enc.visual.blocks:
-                fully_shard(block)
-            fully_shard(enc)
-            model = enc
-        per_rank = BATCH // world
-        loss_of(model(batch()[rank * per_rank:(rank + 1) * per_rank])).backward()
-        grads = {}
-        for name, p in model.named_parameters():
-            g = p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
-            grads[name.removeprefix("module.")] = g.detach().clone()
+                for block in enc.visual.blocks:
+                    fully_shard(block)
+                fully_shard(enc)
+                model = enc
+            per_rank = BATCH // world
+            loss_of(model(batch()[rank * per_rank:(rank + 1) * per_rank])).backward()
+            grads = {}
+            for name, p in model.named_parameters():
+                g = p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
+                grads[name.removeprefix("module.")] = g.detach().clone()
+            results[recompute] = grads
         if rank == 0:
-            torch.save(grads, out_path)
+            torch.save(results, out_path)
         dist.barrier()  # no rank tears its connections down while another still uses them
     finally:
         dist.destroy_process_group()

@@ -140,3 +140,53 @@ def test_inference_level_checks_every_provider_against_the_original(tmp_path, mo
     rows = inference.inference_rows(["b32"], [3], [1], torch.float32, cpu, True, environment(cpu), str(tmp_path),
                                     providers=["reference", "xclip-fast"], overrides=tiny, memory=False)
     assert rows[1].status == "mismatch" and rows[1].median_ms is None
+
+
+# ------------------------------------------------------------------------------------------------
+# the training level's measurements (the level itself runs released sizes: the GPU check runs it)
+# ------------------------------------------------------------------------------------------------
+def _tiny_encoder():
+    from xclip_fast.bench.train import TINY
+    from xclip_fast.encoder import XCLIPVideoEncoder
+
+    torch.manual_seed(0)
+    enc = XCLIPVideoEncoder(**TINY)
+    return enc, torch.randn(2, TINY["num_frames"], 3, 32, 32, generator=torch.Generator().manual_seed(1))
+
+
+def test_compiled_budget_flops_are_counted_inside_the_graphs():
+    """The compiled original under activation_memory_budget: its partitioned graphs run by the
+    counting backend give the eager original's FLOPs when nothing is recomputed, more under a tight
+    budget (recomputed products), and its saved bytes fall with the budget. A counter around a
+    compiled call would see none of it."""
+    from xclip_fast.bench.memory import saved_bytes
+    from xclip_fast.bench.train import Trainer
+
+    enc, video = _tiny_encoder()
+    eager = Trainer("reference", enc, torch.device("cpu"), False)
+    flops0 = eager.flops(video)
+    results = {}
+    for budget in (1.0, 0.1):
+        torch._dynamo.reset()
+        tr = Trainer(f"reference-compiled-budget-{budget}", enc, torch.device("cpu"), False)
+        flops = tr.flops(video)
+        out, saved = saved_bytes(lambda v, tr=tr: tr.loss(v, tr.counted), video, keep=[tr.modules])
+        results[budget] = (flops, saved)
+    torch._dynamo.reset()
+    assert results[1.0][0] == flops0, (results, flops0)
+    assert results[0.1][0] > flops0 and results[0.1][1] < results[1.0][1], results
+
+
+def test_host_time_and_budget_providers():
+    """Host times come as (ms, ratio to the original) with the original at exactly 1; a budget
+    provider is the fast encoder under that budget; no GPU idle fraction off CUDA."""
+    from xclip_fast.bench.measure import gpu_idle_fraction
+    from xclip_fast.bench.train import Trainer, budget_of, host_rows
+
+    host = host_rows(["reference", "xclip-fast-lean", "xclip-fast-budget-0.3"], torch.device("cpu"), False)
+    assert list(host) == ["reference", "xclip-fast-lean", "xclip-fast-budget-0.3"]
+    assert host["reference"][1] == 1.0 and all(ms > 0 and ratio > 0 for ms, ratio in host.values())
+    enc, _ = _tiny_encoder()
+    assert budget_of("xclip-fast-budget-0.3") == 0.3 and budget_of("xclip-fast-lean") is None
+    assert Trainer("xclip-fast-budget-0.3", enc, torch.device("cpu"), False).modules.recompute == 0.3
+    assert gpu_idle_fraction(lambda: None, torch.device("cpu")) is None

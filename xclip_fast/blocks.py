@@ -17,23 +17,22 @@ from torch import nn
 
 from xclip_fast import reference
 from xclip_fast.functional import (
+    Drop,
     FusedMLP,
     Parts,
-    check_recompute,
-    checkpointed,
     cross_frame_path,
     frame_path,
     message_path,
     no_drop,
-    recompute_level,
     residual_path,
 )
 from xclip_fast.ops import MODULE_BACKENDS, autocast_dtype, resolve_backend
+from xclip_fast.recompute import check_budget, check_recompute, checkpointed, recompute_level
 from xclip_fast.reference import DropPath, QuickGELU, cross_frame_block_forward
 from xclip_fast.submodules import hook_reason, linear_reason, mha_reason, stock_reason
 
 __all__ = ["CrossFrameAttentionBlock", "CrossFramelAttentionBlock", "ResidualAttentionBlock", "BackendMixin",
-           "RecomputeMixin", "check_backend", "official_mlp", "is_int", "warn_original"]
+           "RecomputeMixin", "RowDrop", "check_backend", "official_mlp", "is_int", "warn_original"]
 
 
 def check_backend(backend: str) -> str:
@@ -57,11 +56,13 @@ def official_mlp(mlp: nn.Module):
     """The official ``Sequential(c_fc, gelu, c_proj)`` with QuickGELU as a :class:`FusedMLP` when all
     of it is plain (see :mod:`xclip_fast.submodules`); any other module (a swapped activation, a
     user's own MLP, a LoRA-wrapped, pruned or hooked layer) is returned as it is and called."""
-    if type(mlp) is nn.Sequential and [n for n, _ in mlp.named_children()] == ["c_fc", "gelu", "c_proj"]:
-        plain = (hook_reason(mlp) is None and stock_reason(mlp.gelu, QuickGELU) is None
-                 and linear_reason(mlp.c_fc) is None and linear_reason(mlp.c_proj) is None)
+    children = mlp._modules  # (read directly: this runs on every forward)
+    if type(mlp) is nn.Sequential and list(children) == ["c_fc", "gelu", "c_proj"]:
+        c_fc, c_proj = children["c_fc"], children["c_proj"]
+        plain = (hook_reason(mlp) is None and stock_reason(children["gelu"], QuickGELU) is None
+                 and linear_reason(c_fc) is None and linear_reason(c_proj) is None)
         if plain:
-            return FusedMLP(mlp.c_fc, mlp.c_proj)
+            return FusedMLP(c_fc, c_proj)
     return mlp
 
 
@@ -83,21 +84,37 @@ def warn_original(what: str, reason: str) -> None:
                   "limits')", stacklevel=3)
 
 
-def _drop_rows(drop_path: nn.Module, y: torch.Tensor, rows: int, dim: int) -> torch.Tensor:
-    """The official DropPath of a seq-first tensor with ``rows`` rows, applied along ``dim`` of ``y``.
-
-    Draws exactly the random numbers the official code draws (``rand(rows, 1, 1)``), so train-mode
-    results equal the reference under the same seed; ``y`` may hold fewer rows than were drawn
-    (the attention branch drops the message token's row after drawing for it).
-    """
-    if not isinstance(drop_path, DropPath) or not drop_path.training or drop_path.drop_prob == 0.0:
-        return y
-    keep_prob = 1 - drop_path.drop_prob
-    random_tensor = keep_prob + torch.rand((rows, 1, 1), dtype=y.dtype, device=y.device)
+def _row_mask(keep: float, rows: int, n: int, dim: int, ndim: int, dtype, device) -> torch.Tensor:
+    """The official drop-path mask of a seq-first tensor with ``rows`` rows (``rand(rows, 1, 1)``,
+    exactly the random numbers the official code draws, so train-mode results equal the reference
+    under the same seed), its first ``n`` rows shaped to broadcast along ``dim`` of an ``ndim``-D
+    tensor (the attention branch drops the message token's row after drawing for it)."""
+    random_tensor = keep + torch.rand((rows, 1, 1), dtype=dtype, device=device)
     random_tensor.floor_()
-    shape = [1] * y.dim()
-    shape[dim] = y.shape[dim]
-    return y.div(keep_prob) * random_tensor[: y.shape[dim]].view(shape)
+    shape = [1] * ndim
+    shape[dim] = n
+    return random_tensor[:n].view(shape)
+
+
+class RowDrop(Drop):
+    """The official drop path of a CCT block's three branches, one draw per token row (see
+    :func:`xclip_fast.reference.drop_path`): the message branch draws one per frame of a video
+    (``y: (b, T, d)``), the attention branch l+1 token rows (the message token's row is drawn, then
+    dropped) and the MLP branch l."""
+
+    def __init__(self, drop_prob: float):
+        self.keep = 1 - drop_prob
+
+    def __call__(self, branch: str, y: torch.Tensor) -> torch.Tensor:
+        if branch == "message":
+            mask = _row_mask(self.keep, y.shape[1], y.shape[1], 1, y.dim(), y.dtype, y.device)
+        else:
+            mask = self.mask(branch, y, y.dtype)
+        return y.div(self.keep) * mask
+
+    def mask(self, branch: str, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        rows = x.shape[0]
+        return _row_mask(self.keep, rows + (branch == "attention"), rows, 0, x.dim(), dtype, x.device)
 
 
 def _sdpa_mask(attn_mask: torch.Tensor | None, dtype: torch.dtype, batch: int, heads: int, rows: int,
@@ -143,35 +160,58 @@ class BackendMixin:
 
 class RecomputeMixin:
     """The ``recompute`` attribute of every fast module: what a block keeps for its backward and
-    recomputes in it (:data:`xclip_fast.functional.RECOMPUTE_LEVELS`), validated when set and passed
+    recomputes in it (:data:`xclip_fast.recompute.RECOMPUTE_LEVELS`), validated when set and passed
     on to every fast sub-module (an encoder's blocks).
 
     - ``"lean"`` (default): keeps the attention's q/k/v (the in-projection output), its output and
       log-sum-exp, and the MLP pre-activation (8 d-wide rows per token at the released MLP width);
-      recomputes the LayerNorms, QuickGELU and the out-projection. About 3% more matmul FLOPs.
-    - ``"min"``: keeps q/k/v and the attention output only (4 rows per token) and also recomputes
-      the MLP's first GEMM: about 14% more matmul FLOPs.
+      recomputes the LayerNorms, QuickGELU and the out-projection. About 2.4% more matmul FLOPs.
+    - ``"min"``: keeps the MLP pre-activation only (4 rows per token) and also recomputes the
+      in-projection and the attention: about 11% more matmul FLOPs.
     - ``"none"``: keeps everything the fast backward uses (11 rows per token), recomputes nothing.
-    - ``"block"``: keeps nothing inside the block (whole-block activation checkpointing).
+    - ``"block"``: keeps nothing more than the block's input and the message path's few rows per
+      frame; also recomputes the MLP's first GEMM (about 22% more).
 
     It applies only while autograd records the block (inference keeps nothing whatever the level).
-    ``"lean"`` and ``"min"`` need the fast path and no hooks on sub-modules (the recomputation would
-    call a hook again in backward): a block that runs its original computation (the ``"reference"``
-    backend, wrapped or hooked attention) or has hooked sub-modules keeps what ``"none"`` keeps under
-    both. ``"block"`` checkpoints any block whole, calling its sub-modules' hooks again in backward.
+    A block whose sub-modules are all plain runs its frame path at every level as one hand-written
+    autograd Function (:class:`xclip_fast.fused.FusedLayer`: nothing runs twice in Python, no module
+    is called again). Where the attention has no explicit forward and backward (the torch backend on
+    CUDA, attention dropout), ``"min"`` keeps q/k/v and the attention output and recomputes the MLP's
+    first GEMM instead, and ``"block"`` checkpoints the block whole. A block with a wrapped part (PEFT
+    LoRA on the MLP, a hooked LayerNorm, another MLP) runs ``"lean"`` and ``"min"`` through PyTorch's
+    selective checkpointing (which backpropagates once only), or keeps what ``"none"`` keeps where a
+    recomputation would call a hook again or the attention drops out, and ``"block"`` checkpoints it
+    whole, calling its sub-modules' hooks again in backward; one that runs its original computation
+    (the ``"reference"`` backend, wrapped or hooked attention) keeps what the original keeps. See
+    :mod:`xclip_fast.recompute`.
+
+    An encoder also takes a memory budget, a float in (0, 1] (see
+    :class:`xclip_fast.encoder.XCLIPVideoEncoder`): its containers then report the budget and each
+    block the level it was given.
     """
 
+    takes_budget = False  # the encoder, which assigns levels to its blocks
+
     @property
-    def recompute(self) -> str:
-        """``"lean"``, ``"min"``, ``"none"`` or ``"block"``; may be changed at any time."""
+    def recompute(self) -> str | float:
+        """``"lean"``, ``"min"``, ``"none"`` or ``"block"`` (an encoder: or a budget); settable at any time."""
         return self._recompute
 
     @recompute.setter
-    def recompute(self, value: str) -> None:
-        check_recompute(value)
+    def recompute(self, value: str | float) -> None:
+        if self.takes_budget:
+            check_budget(value)
+        else:
+            check_recompute(value)
         for m in self.modules():
-            if isinstance(m, RecomputeMixin):
+            if isinstance(m, RecomputeMixin) and (isinstance(value, str) or not m.is_layer()):
                 m._recompute = value
+        if not isinstance(value, str):
+            self.plan_budget()
+
+    def is_layer(self) -> bool:
+        """Whether this module is one layer (a block), not a container of blocks."""
+        return not any(isinstance(m, RecomputeMixin) for m in self.modules() if m is not self)
 
 
 class CrossFrameAttentionBlock(RecomputeMixin, BackendMixin, reference.CrossFramelAttentionBlock):
@@ -236,11 +276,12 @@ class CrossFrameAttentionBlock(RecomputeMixin, BackendMixin, reference.CrossFram
         """Why this block must run the original computation (a wrapped or hooked attention module or
         drop path, see :mod:`xclip_fast.submodules`), or None when the fast path computes exactly
         what its sub-modules would."""
+        modules = self._modules  # (read directly: this runs on every forward)
         for name in ("message_attn", "attn"):
-            reason = mha_reason(getattr(self, name))
+            reason = mha_reason(modules[name])
             if reason:
                 return f"{name} {reason}"
-        reason = drop_path_reason(self.drop_path)
+        reason = drop_path_reason(modules["drop_path"])
         return f"drop_path {reason}" if reason else None
 
     def _runs_original(self, frame_parallel=None) -> bool:
@@ -268,27 +309,22 @@ class CrossFrameAttentionBlock(RecomputeMixin, BackendMixin, reference.CrossFram
         self.check_input(x, T)
         level = recompute_level(self._recompute, x, self)
         if self._runs_original(frame_parallel):
-            return checkpointed(level, cross_frame_block_forward, self, x, T)
+            return checkpointed(level, self, cross_frame_block_forward, self, x, T)
         self._check_backend_can_run(x)
         return cross_frame_path(x, T, self.parts, self._backend, attn_mask=self._mask(x), drop=self._drops(),
-                                recompute=level, frame_parallel=frame_parallel)
+                                recompute=level, frame_parallel=frame_parallel, module=self)
 
     @property
     def parts(self) -> Parts:
         """The sub-modules as :mod:`xclip_fast.functional` takes them."""
-        return Parts(self.message_fc, self.message_ln, self.message_attn, self.ln_1, self.attn, self.ln_2,
-                     official_mlp(self.mlp))
+        m = self._modules  # (read directly: this runs on every forward)
+        return Parts(m["message_fc"], m["message_ln"], m["message_attn"], m["ln_1"], m["attn"], m["ln_2"],
+                     official_mlp(m["mlp"]))
 
-    def _drop(self, branch: str, y: torch.Tensor) -> torch.Tensor:
-        """The official drop path of each branch, in the official row counts (see ``_drop_rows``):
-        the message branch draws one per frame of a video (``y: (b, T, d)``), the attention branch
-        l+1 token rows (the message token's row is drawn, then dropped) and the MLP branch l."""
-        if branch == "message":
-            return _drop_rows(self.drop_path, y, y.shape[1], 1)
-        return _drop_rows(self.drop_path, y, y.shape[0] + (branch == "attention"), 0)
-
-    def _drops(self):
-        return self._drop if isinstance(self.drop_path, DropPath) and self.training else no_drop
+    def _drops(self) -> Drop:
+        """The drop path of this call (see :class:`RowDrop`)."""
+        dp = self.drop_path
+        return RowDrop(dp.drop_prob) if isinstance(dp, DropPath) and dp.training and dp.drop_prob else no_drop
 
     def message_tokens(self, x: torch.Tensor, T: int, frame_parallel=None) -> torch.Tensor:
         """The message tokens ``(b*T, d)`` of ``x: (l, b*T, d)`` (needs the class tokens only);
@@ -341,9 +377,9 @@ class ResidualAttentionBlock(RecomputeMixin, BackendMixin, reference.ResidualAtt
         if reason:
             warn_original("ResidualAttentionBlock", f"attn {reason}")
         if reason or self._backend == "reference":
-            return checkpointed(level, super().forward, x)
+            return checkpointed(level, self, super().forward, x)
         self._check_backend_can_run(x)
         S, B, _ = x.shape
         mask = _sdpa_mask(self.attn_mask, x.dtype, B, self.attn.num_heads, S, S)
         parts = Parts(None, None, None, self.ln_1, self.attn, self.ln_2, official_mlp(self.mlp))
-        return residual_path(x, parts, self._backend, attn_mask=mask, recompute=level)
+        return residual_path(x, parts, self._backend, attn_mask=mask, recompute=level, module=self)

@@ -20,8 +20,11 @@ from xclip_fast.blocks import (
     ResidualAttentionBlock,
     check_backend,
     is_int,
+    official_mlp,
 )
-from xclip_fast.functional import check_recompute, records_autograd
+from xclip_fast.functional import mlp_width
+from xclip_fast.ops import autocast_dtype
+from xclip_fast.recompute import check_budget, check_recompute, level_costs, plan_levels, records_autograd
 from xclip_fast.submodules import hook_reason
 from xclip_fast.video import MEAN, STD
 
@@ -47,13 +50,23 @@ PRESETS = {
 }
 
 
-def _level(recompute: str | None, use_checkpoint: bool) -> str:
-    """The recompute level of ``recompute`` and the official ``use_checkpoint`` (an alias of "block")."""
+def _level(recompute: str | float | None, use_checkpoint: bool, budget: bool = False) -> str | float:
+    """The recompute level of ``recompute`` and the official ``use_checkpoint`` (an alias of
+    "block"); with ``budget``, a memory budget (a float in (0, 1]) is taken too."""
     if use_checkpoint:
         if recompute not in (None, "block"):
             raise ValueError(f"use_checkpoint=True means recompute='block', got recompute={recompute!r} as well")
         return "block"
-    return check_recompute("lean" if recompute is None else recompute)
+    recompute = "lean" if recompute is None else recompute
+    return check_budget(recompute) if budget else check_recompute(recompute)
+
+
+def _layer_costs(block: nn.Module, tokens: int, frames: int, sizes: tuple, seq: int) -> dict:
+    """:func:`xclip_fast.recompute.level_costs` of a fast block (``tokens`` rows, ``frames``
+    message tokens, attention over ``seq``; ``sizes``: its element sizes)."""
+    d = block.ln_1.normalized_shape[0]
+    hidden = mlp_width(official_mlp(block.mlp)) or 4 * d
+    return level_costs(d, hidden, tokens, frames, *sizes, seq=seq)
 
 
 class CheckpointAlias(RecomputeMixin):
@@ -306,10 +319,13 @@ class XCLIPVideoEncoder(CheckpointAlias, BackendMixin, nn.Module):
         droppath: drop-path rate of the last block; block i gets ``linspace(0, droppath, layers)[i]``
             as in the official code.
         recompute: what every block (CCT and MIT) keeps for its backward: ``"lean"`` (default: q/k/v,
-            the attention output and the MLP pre-activation; about 3% more matmul FLOPs), ``"min"``
-            (q/k/v and the attention output; about 14% more), ``"none"`` (everything, the fastest) or
-            ``"block"`` (nothing: whole-block checkpointing). Applies while autograd records only;
-            settable later (see :class:`xclip_fast.blocks.RecomputeMixin`).
+            the attention output and the MLP pre-activation; about 2.4% more matmul FLOPs), ``"min"``
+            (the MLP pre-activation; about 11% more), ``"none"`` (everything, the fastest) or
+            ``"block"`` (its input only: whole-block recomputation, about 22% more). Or a memory
+            budget, a float in (0, 1]: the fraction of what ``"none"`` holds that the encoder may
+            keep; each block then gets the level that together recompute the fewest matmul FLOPs
+            within it (see :meth:`plan_budget`). Applies while autograd records only; settable later
+            (see :class:`xclip_fast.blocks.RecomputeMixin`).
         use_checkpoint: ``True`` is ``recompute="block"`` (the official argument, kept as an alias).
         layer_norm_eps: epsilon of every LayerNorm (1e-5 in every released model).
         intermediate_size, mit_intermediate_size: hidden width of the MLPs of the vision blocks and
@@ -349,7 +365,7 @@ class XCLIPVideoEncoder(CheckpointAlias, BackendMixin, nn.Module):
         if not 0.0 <= droppath < 1.0:
             problems.append(f"droppath={droppath!r} must be in [0, 1)")
         try:
-            level = _level(recompute, use_checkpoint)
+            level = _level(recompute, use_checkpoint, budget=True)
         except ValueError as exc:
             problems.append(str(exc))
         if not layer_norm_eps > 0:
@@ -360,7 +376,8 @@ class XCLIPVideoEncoder(CheckpointAlias, BackendMixin, nn.Module):
         dpr = [x.item() for x in torch.linspace(0, droppath, layers)] if droppath > 0.0 else None
         self.visual = CrossFrameCommunicationTransformer(
             input_resolution, patch_size, width, layers, heads, embed_dim, droppath=dpr, T=num_frames,
-            recompute=level, backend=backend, block_kwargs=dict(block, mlp_width=intermediate_size),
+            recompute=level if isinstance(level, str) else "lean", backend=backend,
+            block_kwargs=dict(block, mlp_width=intermediate_size),
         )
         self.mit = MultiframeIntegrationTransformer(num_frames, embed_dim, mit_layers, mit_heads, backend=backend,
                                                     block_kwargs=dict(block, mlp_width=mit_intermediate_size))
@@ -374,6 +391,61 @@ class XCLIPVideoEncoder(CheckpointAlias, BackendMixin, nn.Module):
                            mit_heads=mit_heads, droppath=droppath, layer_norm_eps=layer_norm_eps,
                            intermediate_size=intermediate_size or 4 * width,
                            mit_intermediate_size=mit_intermediate_size or 4 * embed_dim, hidden_act=hidden_act)
+
+    takes_budget = True
+
+    # -- the memory budget ----------------------------------------------------------------------------
+    def plan_budget(self, frames: int | None = None, sizes: tuple[int, int, int] | None = None) -> list[str]:
+        """Give each block (CCT, then MIT) its level under the memory budget ``self.recompute`` and
+        return them: the assignment that recomputes the fewest matmul FLOPs while the encoder holds
+        at most the budget times what it holds with every block at ``"none"``
+        (:func:`xclip_fast.recompute.plan_levels`, from the analytic per-level costs of
+        :func:`xclip_fast.recompute.level_costs`; every block ``"block"`` when even that is over it).
+        ``frames``: frames in the batch; ``sizes``: element sizes of the residual stream, of the GEMM
+        outputs and of the weights' autocast copies (0 without autocast). Each forward plans for its
+        own input and autocast; by default, those of the last forward (else ``num_frames`` frames in
+        the weights' dtype). Plans are cached per budget, frames and sizes."""
+        budget = self._recompute
+        if isinstance(budget, str):
+            raise ValueError(f"plan_budget needs a budget (recompute is {budget!r})")
+        if frames is None:
+            size = self.visual.conv1.weight.element_size()
+            frames, sizes = self.__dict__.get("_budget_input", (self.visual.T, (size, size, 0)))
+        self._budget_input = (frames, sizes)
+        l = self.visual.positional_embedding.shape[0]
+        layers = [(b, l * frames, frames, l) for b in self.visual.blocks]
+        layers += [(b, frames, 0, self.visual.T) for b in self.mit.resblocks]
+        key = (budget, frames, sizes, len(layers))
+        plans = self.__dict__.setdefault("_budget_plans", {})
+        if key not in plans:
+            costs = [_layer_costs(b, tokens, n, sizes, seq) for b, tokens, n, seq in layers]
+            # what the encoder keeps outside its blocks whatever their levels: two rows per frame token
+            # of the patch embedding, and under autocast the frames' and the weights' copies
+            conv = self.visual.conv1.weight
+            fixed = 2 * l * frames * conv.shape[0] * sizes[0]
+            if sizes[0] != conv.element_size() or sizes[2]:
+                fixed += frames * 3 * self.visual.input_resolution ** 2 * sizes[1]
+                fixed += (conv.numel() + self.visual.proj.numel()) * sizes[2]
+            plans[key] = plan_levels(costs, budget, fixed)
+        for (block, *_), level in zip(layers, plans[key]):
+            block._recompute = level
+        return plans[key]
+
+    def _apply_budget(self, x: torch.Tensor) -> None:
+        """Under a budget, the levels for this call: its frames and dtypes (``x``: the embedded
+        tokens, the residual stream; autocast's dtype and weight copies). Not while ``torch.compile``
+        traces: the graph takes the levels the blocks have (planned when the budget was set, or by
+        the last eager call)."""
+        if torch.compiler.is_compiling():
+            return
+        if not isinstance(self._recompute, str) and records_autograd(x, self):
+            cast = autocast_dtype(x.device)
+            if cast is None or x.dtype == torch.float64:
+                sizes = (x.element_size(), x.element_size(), 0)
+            else:
+                weights = self.visual.conv1.weight.dtype
+                sizes = (x.element_size(), cast.itemsize, cast.itemsize if weights != cast else 0)
+            self.plan_budget(x.shape[1], sizes)
 
     # -- construction -------------------------------------------------------------------------------
     @classmethod
@@ -453,6 +525,7 @@ class XCLIPVideoEncoder(CheckpointAlias, BackendMixin, nn.Module):
         frames = video.flatten(0, 1)
         if chunk_frames is None:
             x = self.visual.embed(frames)
+            self._apply_budget(x)
         else:
             x = None
             for start in range(0, b * T, chunk_frames):

@@ -23,17 +23,15 @@ from typing import Callable, NamedTuple, Union
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
-from xclip_fast.ops import packed_attention, quick_gelu, quick_gelu_mlp, transforms_active
-from xclip_fast.submodules import hook_reason, linear_reason
+from xclip_fast.fused import FusedLayer, NormLinear, OutMLP
+from xclip_fast.ops import autocast_dtype, packed_attention, packed_kernel, quick_gelu, quick_gelu_mlp, resolve_backend
+from xclip_fast.recompute import checkpointed, selective, selective_reason
+from xclip_fast.submodules import layer_norm_reason, linear_reason, param
 
-__all__ = ["Parts", "FusedMLP", "in_projection", "project_qkv", "project_kv", "run_mlp", "message_path",
-           "message_inputs", "message_attention", "frame_path", "frame_branches", "cross_frame_path",
-           "residual_path", "no_drop", "RECOMPUTE_LEVELS", "check_recompute", "recompute_level",
-           "records_autograd", "checkpointed", "run_recomputed", "mlp_width"]
-
-RECOMPUTE_LEVELS = ("lean", "min", "none", "block")
+__all__ = ["Parts", "FusedMLP", "Drop", "no_drop", "in_projection", "project_qkv", "project_kv", "run_mlp",
+           "mlp_width", "fused_parts", "message_path", "message_inputs", "message_attention", "frame_path",
+           "frame_branches", "fused_layer", "cross_frame_path", "residual_path"]
 
 
 class FusedMLP(NamedTuple):
@@ -66,9 +64,22 @@ class Parts(NamedTuple):
     mlp: MLP
 
 
-def no_drop(branch: str, y: torch.Tensor) -> torch.Tensor:
-    """The identity drop path (evaluation, or rate 0)."""
-    return y
+class Drop:
+    """How a layer drops its branches (drop path): this base class drops nothing (evaluation, or
+    rate 0). ``drop(branch, y)`` applies it to a branch's output ``y``, ``branch`` one of
+    ``"message"``, ``"attention"``, ``"mlp"``; ``mask(branch, x, dtype)`` draws the mask the fused
+    layer applies as ``y / keep * mask`` to the branch of a layer on ``x`` (None: no drop)."""
+
+    keep = 1.0
+
+    def __call__(self, branch: str, y: torch.Tensor) -> torch.Tensor:
+        return y
+
+    def mask(self, branch: str, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
+        return None
+
+
+no_drop = Drop()
 
 
 def in_projection(attn: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None] | None:
@@ -80,14 +91,21 @@ def in_projection(attn: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None] |
     reaches the originals) when all three are plain ``nn.Linear`` with biases alike; a wrapped or
     hooked projection (PEFT LoRA, ``prune``, a forward hook, see :mod:`xclip_fast.submodules`)
     gives None: :func:`project_qkv` then calls each one."""
-    if getattr(attn, "in_proj_weight", None) is not None:
-        return attn.in_proj_weight, attn.in_proj_bias
-    projections = (attn.q_proj, attn.k_proj, attn.v_proj)
-    if any(linear_reason(p) for p in projections) or len({p.bias is None for p in projections}) > 1:
+    weight = param(attn, "in_proj_weight")
+    if weight is not None:
+        return weight, param(attn, "in_proj_bias")
+    if not _separate_projections_plain(attn):
         return None
+    projections = (attn.q_proj, attn.k_proj, attn.v_proj)
     w = torch.cat([p.weight for p in projections])
     b = None if attn.q_proj.bias is None else torch.cat([p.bias for p in projections])
     return w, b
+
+
+def _separate_projections_plain(attn: nn.Module) -> bool:
+    """Whether Hugging Face's ``q_proj/k_proj/v_proj`` are plain ``nn.Linear`` with biases alike."""
+    projections = (attn.q_proj, attn.k_proj, attn.v_proj)
+    return not any(linear_reason(p) for p in projections) and len({p.bias is None for p in projections}) == 1
 
 
 def project_qkv(attn: nn.Module, packed, h: torch.Tensor) -> torch.Tensor:
@@ -110,9 +128,10 @@ def project_kv(attn: nn.Module, packed, h: torch.Tensor) -> torch.Tensor:
 def run_mlp(mlp: MLP, x: torch.Tensor, backend: str, *, recomputed: bool = False) -> torch.Tensor:
     """The MLP of ``parts`` on ``x``: fused for a :class:`FusedMLP`, else the module is called.
 
-    ``recomputed``: the MLP runs inside a recomputed region (:func:`run_recomputed`), as separate
-    operations (the second GEMM last), so that the recomputation in backward stops before the second
-    GEMM: the fused op saves its tensors only after its forward, which would run that GEMM again."""
+    ``recomputed``: the MLP runs inside a recomputed region (whole-layer or selective checkpointing,
+    see :mod:`xclip_fast.recompute`), as separate operations (the second GEMM last), so that the
+    recomputation in backward stops before the second GEMM: the fused op saves its tensors only after
+    its forward, which would run that GEMM again."""
     if isinstance(mlp, FusedMLP):
         if recomputed:
             return F.linear(quick_gelu(F.linear(x, mlp.fc1.weight, mlp.fc1.bias), backend), mlp.fc2.weight,
@@ -130,91 +149,6 @@ def mlp_width(mlp: MLP) -> int | None:
     return width if isinstance(width, int) else None
 
 
-# ------------------------------------------------------------------------------------------------
-# recomputation: what a layer keeps for its backward
-# ------------------------------------------------------------------------------------------------
-def check_recompute(level) -> str:
-    """``level`` if it is one of :data:`RECOMPUTE_LEVELS`, else a ``ValueError``."""
-    if level not in RECOMPUTE_LEVELS:
-        raise ValueError(f"recompute must be one of {RECOMPUTE_LEVELS}, got {level!r}")
-    return level
-
-
-def records_autograd(x: torch.Tensor, module: nn.Module) -> bool:
-    """Whether autograd records ``module`` on ``x``: grad mode on and ``x`` or a parameter requiring grad."""
-    return torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in module.parameters()))
-
-
-def recompute_level(level: str, x: torch.Tensor, module: nn.Module) -> str:
-    """The level that applies to this call of ``module``: ``level`` while autograd records it,
-    ``"none"`` otherwise (inference keeps nothing whatever the level), under ``torch.func``
-    transforms or forward-mode AD (PyTorch's checkpoint does not support them), and for ``"lean"``
-    and ``"min"`` when a sub-module has hooks (the recomputation would call them a second time, in
-    backward; ``"block"`` does, as any whole-module checkpointing does)."""
-    if level == "none" or transforms_active() or not records_autograd(x, module):
-        return "none"
-    if level != "block" and any(hook_reason(m) for m in module.modules() if m is not module):
-        return "none"
-    return level
-
-
-def checkpointed(level: str, fn: Callable, *args, **kwargs):
-    """``fn(*args, **kwargs)``, checkpointed whole when ``level`` is ``"block"`` (the original
-    computation of a module, which keeps what its sub-modules keep at the other levels)."""
-    if level == "block":
-        return checkpoint(fn, *args, use_reentrant=False, **kwargs)
-    return fn(*args, **kwargs)
-
-
-# outputs kept by the lean and min levels: the attention (out and log-sum-exp; recomputing it costs
-# as much as its forward); every level keeps random numbers (drop path, dropout: reused when recomputed)
-_ATTENTION_OPS = frozenset({
-    "aten::_scaled_dot_product_flash_attention_for_cpu", "aten::_scaled_dot_product_flash_attention",
-    "aten::_scaled_dot_product_efficient_attention", "aten::_scaled_dot_product_cudnn_attention",
-    "aten::_flash_attention_forward", "aten::_efficient_attention_forward",
-    "xclip_fast::packed_attention_fwd", "xclip_fast::attention_fwd",
-})
-_GEMMS = frozenset({"aten::mm", "aten::addmm"})
-
-
-def _policy(attention: bool, widths: tuple):
-    """The selective-checkpoint policy keeping random numbers, the attention (if ``attention``) and
-    the outputs of the GEMMs whose output width is in ``widths`` (the in-projection 3d; the MLP's
-    hidden width)."""
-
-    def policy(ctx, op, *args, **kwargs):
-        name = op.name() if hasattr(op, "name") else ""
-        if name in _ATTENTION_OPS:  # (tagged random too, for their dropout: replayed by the RNG state)
-            return CheckpointPolicy.MUST_SAVE if attention else CheckpointPolicy.PREFER_RECOMPUTE
-        if torch.Tag.nondeterministic_seeded in getattr(op, "tags", ()):
-            return CheckpointPolicy.MUST_SAVE
-        if name in _GEMMS and args[-1].shape[-1] in widths:
-            return CheckpointPolicy.MUST_SAVE
-        return CheckpointPolicy.PREFER_RECOMPUTE
-
-    return policy
-
-
-def run_recomputed(level: str, body: Callable, *args, d: int, hidden: int | None):
-    """``body(*args)`` for the backward at ``level`` (not ``"none"``): PyTorch's (selective)
-    activation checkpointing, non-reentrant, keeping
-
-    - ``"lean"``: the attention (out, log-sum-exp), the in-projection output (width ``3 * d``) and
-      the MLP pre-activation (width ``hidden``); LayerNorms, QuickGELU and the out-projection
-      (the residual after attention) are recomputed in backward;
-    - ``"min"``: the attention and the in-projection output; the MLP's first GEMM is recomputed too;
-    - ``"block"``: nothing but random numbers (the whole body is recomputed).
-
-    ``body`` must end with the MLP's second GEMM (its output returned, the residual added outside):
-    the recomputation stops at the last tensor the backward needs, before that GEMM. Random numbers
-    drawn inside are kept, so drop path and dropout see the same values when recomputed.
-    """
-    widths = {"lean": (3 * d, hidden), "min": (3 * d,), "block": ()}[level]
-    policy = _policy(level != "block", widths)
-    context = functools.partial(create_selective_checkpoint_contexts, policy)
-    return checkpoint(body, *args, use_reentrant=False, context_fn=context)
-
-
 def _heads(attn: nn.Module, d: int) -> tuple[int, int]:
     H = attn.num_heads
     return H, d // H
@@ -227,8 +161,13 @@ def _dropout(attn: nn.Module) -> float:
     return float(p) if attn.training and isinstance(p, (int, float)) else 0.0
 
 
+def _drops_attention(parts: Parts) -> bool:
+    """Whether an attention of the layer applies dropout in this call."""
+    return any(a is not None and _dropout(a) > 0.0 for a in (parts.attn, parts.message_attn))
+
+
 def message_path(cls: torch.Tensor, T: int, parts: Parts, backend: str, drop=no_drop, frame_parallel=None, *,
-                 recomputed: bool = False) -> torch.Tensor:
+                 recomputed: bool = False, module: nn.Module | None = None) -> torch.Tensor:
     """Cross-frame fusion attention: ``cls: (b*T, d)`` class tokens -> ``(b*T, d)`` message tokens.
 
     Runs batch-first over videos ``(b, T, d)``; ``drop("message", y)`` applies the drop path of the
@@ -238,7 +177,8 @@ def message_path(cls: torch.Tensor, T: int, parts: Parts, backend: str, drop=no_
     message attention runs over all of them and a copy of this process's rows is returned (so the
     whole clip's are freed). ``recomputed`` (frame parallel): the message attention, which every
     process runs for the whole clip, is checkpointed whole and keeps its gathered input only (one
-    row per frame of the clip instead of five; recomputing it costs about 1/l of a layer's FLOPs).
+    row per frame of the clip instead of five; recomputing it costs about 1/l of a layer's FLOPs);
+    ``module``, the layer, is what the recomputation checks (see :class:`xclip_fast.recompute.Replay`).
     """
     N, d = cls.shape
     msg = message_inputs(cls, T, parts)
@@ -246,7 +186,7 @@ def message_path(cls: torch.Tensor, T: int, parts: Parts, backend: str, drop=no_
         return message_attention(msg, parts, backend, drop).view(N, d)
     attend = functools.partial(message_attention, parts=parts, backend=backend, drop=drop)
     full = frame_parallel.gather(msg, 1)
-    full = checkpoint(attend, full, use_reentrant=False) if recomputed else attend(full)
+    full = checkpointed("block" if recomputed else None, module, attend, full)
     return frame_parallel.own(full, 1).clone(memory_format=torch.contiguous_format).view(N, d)
 
 
@@ -312,27 +252,90 @@ def frame_branches(x: torch.Tensor, msg: torch.Tensor | None, parts: Parts, back
     return x, run_mlp(parts.mlp, parts.ln_2(x), backend, recomputed=recomputed)
 
 
+def fused_parts(parts: Parts) -> bool:
+    """Whether a layer's frame path may run as :func:`fused_layer`: stock LayerNorms without hooks,
+    an in-projection that can be read packed, a plain out-projection and CLIP's QuickGELU MLP (see
+    :mod:`xclip_fast.submodules`). Every part is then read, not called."""
+    attn = parts.attn
+    return (isinstance(parts.mlp, FusedMLP) and layer_norm_reason(parts.ln_1) is None
+            and layer_norm_reason(parts.ln_2) is None and linear_reason(attn._modules["out_proj"]) is None
+            and (param(attn, "in_proj_weight") is not None or _separate_projections_plain(attn)))
+
+
+def fused_layer(x: torch.Tensor, parts: Parts, backend: str, level: str, msg: torch.Tensor | None = None, *,
+                batch_first: bool = False, attn_mask: torch.Tensor | None = None, drop: Drop = no_drop
+                ) -> torch.Tensor | None:
+    """The frame path of a layer whose parts are :func:`fused_parts`, at ``level``, as the
+    Functions of :mod:`xclip_fast.fused`: one :class:`~xclip_fast.fused.FusedLayer` where the
+    attention has an explicit forward and backward (:func:`xclip_fast.ops.packed_kernel`), else
+    :class:`~xclip_fast.fused.NormLinear`, the attention operator and
+    :class:`~xclip_fast.fused.OutMLP` (``"none"``, ``"lean"``, ``"min"``; None for ``"block"``, which
+    then needs whole-layer checkpointing). ``msg``: the message tokens, the attention's extra
+    key/value."""
+    S, B, d = (x.shape[1], x.shape[0], x.shape[2]) if batch_first else x.shape
+    attn, ln_1, ln_2 = parts.attn, parts.ln_1, parts.ln_2
+    H, Dh = _heads(attn, d)
+    device = x.device
+    cast = autocast_dtype(device)
+    dtype = cast if cast is not None and x.dtype != torch.float64 else x.dtype  # the GEMMs' and the attention's
+    p = _dropout(attn)
+    kernel = packed_kernel(resolve_backend(backend, device, dtype=dtype, head_dim=Dh, attn_mask=attn_mask is not None,
+                                           dropout=p > 0.0), device, dtype, p)
+    if kernel is None and level == "block":
+        return None
+    packed = in_projection(attn)
+    if msg is not None:  # (the original concatenates msg to x, promoting it to x's dtype, before ln_1)
+        msg = msg.to(x.dtype)
+    mlp_backend = "torch" if backend == "torch" else resolve_backend(backend, device, dtype=cast or x.dtype)
+    # the parameters, read from the modules' dicts (this runs on every forward)
+    params = (*_weight_bias(ln_1), *packed, *_weight_bias(attn._modules["out_proj"]), *_weight_bias(ln_2),
+              *_weight_bias(parts.mlp.fc1), *_weight_bias(parts.mlp.fc2))
+    if kernel is not None:
+        cfg = (H, batch_first, ln_1.eps, ln_2.eps, drop.keep, cast, kernel, Dh**-0.5, mlp_backend, level)
+        return FusedLayer.apply(x, msg, *params, drop.mask("attention", x, dtype), drop.mask("mlp", x, dtype),
+                                None if attn_mask is None else attn_mask.to(dtype), cfg)
+    extra = None if msg is None else project_kv(attn, packed, ln_1(msg)).view(B, 2, H, Dh)
+    qkv = NormLinear.apply(x, *params[:4], ln_1.eps, cast, level == "none")
+    qkv = qkv.view(B, S, 3, H, Dh) if batch_first else qkv.view(S, B, 3, H, Dh).transpose(0, 1)
+    o = packed_attention(qkv, extra, backend=backend, attn_mask=attn_mask, dropout_p=p)
+    o = (o if batch_first else o.transpose(0, 1)).flatten(2)  # x's order; memory as the attention left it
+    masks = drop.mask("attention", x, o.dtype), drop.mask("mlp", x, o.dtype)  # (after the attention's dropout)
+    return OutMLP.apply(x, o, *params[4:], *masks, drop.keep, ln_2.eps, cast, mlp_backend, level)
+
+
+def _weight_bias(m: nn.Module) -> tuple:
+    """``(weight, bias)`` of a plain Linear or LayerNorm (either may be None; a parametrized one's
+    computed through its parametrization)."""
+    return param(m, "weight"), param(m, "bias")
+
+
 def cross_frame_path(x: torch.Tensor, T: int, parts: Parts, backend: str, *, batch_first: bool = False,
-                     attn_mask: torch.Tensor | None = None, drop=no_drop, recompute: str = "none",
-                     frame_parallel=None) -> torch.Tensor:
+                     attn_mask: torch.Tensor | None = None, drop: Drop = no_drop, recompute: str | None = None,
+                     frame_parallel=None, module: nn.Module | None = None) -> torch.Tensor:
     """A whole CCT layer on ``x: (l, b*T, d)`` (or ``(b*T, l, d)`` with ``batch_first``): the message
-    path on the class tokens, then :func:`frame_path`; ``recompute``: the level that applies to
-    this call (see :func:`run_recomputed`).
+    path on the class tokens, then :func:`frame_path`. ``recompute``: the level that applies to this
+    call (None: autograd does not record it), see :mod:`xclip_fast.recompute`; ``module``: the
+    layer (whole-layer checkpointing and the selective fallback rerun it and check its state).
 
     ``frame_parallel`` (a :class:`xclip_fast.parallel.FrameParallel`): ``x`` holds this process's T
-    frames of each video. The message path (with its exchange) runs before the recomputed region,
+    frames of each video. The message path (with its exchange) runs before any recomputed region,
     which gets this process's message tokens as an input, so a recomputation never repeats a
     collective; at every level but ``"none"`` it keeps only its gathered input (see
     :func:`message_path`)."""
-    if frame_parallel is None:
+    fused = recompute is not None and fused_parts(parts)
+    if frame_parallel is None and not fused:
         body = functools.partial(_cross_frame_branches, T=T, parts=parts, backend=backend, batch_first=batch_first,
                                  attn_mask=attn_mask, drop=drop)
-        return _layer(body, x, parts, recompute, drop)
+        return _layer(body, x, parts, recompute, drop, module)
     msg = message_path(x[:, 0] if batch_first else x[0], T, parts, backend, drop, frame_parallel,
-                       recomputed=recompute != "none")
+                       recomputed=recompute not in (None, "none"), module=module)
+    if fused:
+        out = fused_layer(x, parts, backend, recompute, msg, batch_first=batch_first, attn_mask=attn_mask, drop=drop)
+        if out is not None:
+            return out
     body = functools.partial(frame_branches, parts=parts, backend=backend, batch_first=batch_first,
                              attn_mask=attn_mask, drop=drop)
-    return _layer(body, x, parts, recompute, drop, msg)
+    return _layer(body, x, parts, recompute, drop, module, msg)
 
 
 def _cross_frame_branches(x: torch.Tensor, T: int, parts: Parts, backend: str, batch_first: bool, attn_mask,
@@ -343,19 +346,31 @@ def _cross_frame_branches(x: torch.Tensor, T: int, parts: Parts, backend: str, b
 
 
 def residual_path(x: torch.Tensor, parts: Parts, backend: str, *, batch_first: bool = False,
-                  attn_mask: torch.Tensor | None = None, recompute: str = "none") -> torch.Tensor:
+                  attn_mask: torch.Tensor | None = None, recompute: str | None = None,
+                  module: nn.Module | None = None) -> torch.Tensor:
     """Pre-LN self-attention + MLP (the MIT's block) on ``(S, B, d)`` or batch-first ``(B, S, d)``;
-    ``recompute``: the level that applies to this call (see :func:`run_recomputed`)."""
+    ``recompute`` and ``module`` as for :func:`cross_frame_path`."""
+    if recompute is not None and fused_parts(parts):
+        out = fused_layer(x, parts, backend, recompute, batch_first=batch_first, attn_mask=attn_mask)
+        if out is not None:
+            return out
     body = functools.partial(frame_branches, msg=None, parts=parts, backend=backend, batch_first=batch_first,
                              attn_mask=attn_mask)
-    return _layer(body, x, parts, recompute, no_drop)
+    return _layer(body, x, parts, recompute, no_drop, module)
 
 
-def _layer(branches: Callable, x: torch.Tensor, parts: Parts, recompute: str, drop, *inputs) -> torch.Tensor:
-    """``x1 + drop("mlp", y)`` of ``(x1, y) = branches(x, *inputs, recomputed=...)``, run at ``recompute``."""
-    if recompute == "none":
-        x1, y = branches(x, *inputs, recomputed=False)
+def _layer(branches: Callable, x: torch.Tensor, parts: Parts, recompute: str | None, drop, module: nn.Module,
+           *inputs) -> torch.Tensor:
+    """``x1 + drop("mlp", y)`` of ``(x1, y) = branches(x, *inputs, recomputed=...)`` for a layer that is
+    not fused at ``recompute``: checkpointed whole at ``"block"``; at ``"lean"``/``"min"`` through the
+    selective fallback, unless a recomputation would call a hook again or the attention drops out
+    (PyTorch's selective checkpointing refuses the in-place random numbers of SDPA's dropout): then
+    as at ``"none"``."""
+    if recompute == "block":
+        x1, y = checkpointed("block", module, functools.partial(branches, recomputed=True), x, *inputs)
+    elif recompute in ("lean", "min") and selective_reason(module) is None and not _drops_attention(parts):
+        x1, y = selective(recompute, module, functools.partial(branches, recomputed=True), x, *inputs,
+                          d=x.shape[-1], hidden=mlp_width(parts.mlp))
     else:
-        body = functools.partial(branches, recomputed=True)
-        x1, y = run_recomputed(recompute, body, x, *inputs, d=x.shape[-1], hidden=mlp_width(parts.mlp))
+        x1, y = branches(x, *inputs, recomputed=False)
     return x1 + drop("mlp", y)

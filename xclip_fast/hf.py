@@ -23,15 +23,8 @@ from torch import nn
 
 from xclip_fast.blocks import check_backend, is_int, warn_original
 from xclip_fast.encoder import interpolate_frames
-from xclip_fast.functional import (
-    FusedMLP,
-    Parts,
-    check_recompute,
-    checkpointed,
-    cross_frame_path,
-    recompute_level,
-    residual_path,
-)
+from xclip_fast.functional import Drop, FusedMLP, Parts, cross_frame_path, residual_path
+from xclip_fast.recompute import check_recompute, checkpointed, recompute_level
 from xclip_fast.submodules import hook_reason, linear_reason, stock_reason
 
 __all__ = ["patch_xclip", "unpatch_xclip", "is_patched", "set_backend", "set_recompute"]
@@ -129,12 +122,24 @@ def _check_backend_for_hf(backend: str) -> str:
     return backend
 
 
-def _level(layer: nn.Module, x: torch.Tensor) -> str:
-    """The recompute level of a patched layer for this call: ``"none"`` when Hugging Face's own
-    gradient checkpointing already recomputes the whole layer (``gradient_checkpointing_enable()``)."""
-    if getattr(layer, "gradient_checkpointing", False) and layer.training:
+def _level(layer: nn.Module, x: torch.Tensor) -> str | None:
+    """The recompute level of a patched layer for this call (None: autograd does not record it):
+    ``"none"`` when Hugging Face's own gradient checkpointing already recomputes the whole layer
+    (``gradient_checkpointing_enable()``)."""
+    level = recompute_level(layer.xclip_fast_recompute, x, layer)
+    if level is not None and getattr(layer, "gradient_checkpointing", False) and layer.training:
         return "none"
-    return recompute_level(layer.xclip_fast_recompute, x, layer)
+    return level
+
+
+class _MessageDrop(Drop):
+    """Hugging Face's drop path: its module (one draw per sample) on the message branch only."""
+
+    def __init__(self, drop_path: nn.Module):
+        self.drop_path = drop_path
+
+    def __call__(self, branch: str, y: torch.Tensor) -> torch.Tensor:
+        return self.drop_path(y) if branch == "message" else y
 
 
 @functools.lru_cache(maxsize=1)
@@ -164,14 +169,11 @@ def _classes() -> dict:
                 raise ValueError(f"{N} frames are not a whole number of videos of num_frames={T!r} frames")
             level = _level(self, hidden_states)
             if _runs_original(self, kwargs, ("message_attn", "self_attn")):
-                return checkpointed(level, _original_vision_layer, self, hidden_states, attention_mask, T, kwargs)
+                return checkpointed(level, self, _original_vision_layer, self, hidden_states, attention_mask, T, kwargs)
             parts = Parts(self.message_fc, self.message_ln, self.message_attn, self.layer_norm1, self.self_attn,
                           self.layer_norm2, _hf_mlp(self.mlp))
             return cross_frame_path(hidden_states, T, parts, self.xclip_fast_backend, batch_first=True,
-                                    drop=self._drop, recompute=level)
-
-        def _drop(self, branch: str, y: torch.Tensor) -> torch.Tensor:
-            return self.drop_path(y) if branch == "message" else y
+                                    drop=_MessageDrop(self.drop_path), recompute=level, module=self)
 
     class FastXCLIPEncoderLayer(hfx.XCLIPEncoderLayer):
         """An MIT ``XCLIPEncoderLayer`` whose forward is the fast pre-LN block (batch-first)."""
@@ -182,9 +184,10 @@ def _classes() -> dict:
                 raise ValueError("patched X-CLIP MIT layers take no attention_mask (the MIT passes none)")
             level = _level(self, hidden_states)
             if _runs_original(self, kwargs, ("self_attn",)):
-                return checkpointed(level, super().forward, hidden_states, attention_mask, **kwargs)
+                return checkpointed(level, self, super().forward, hidden_states, attention_mask, **kwargs)
             parts = Parts(None, None, None, self.layer_norm1, self.self_attn, self.layer_norm2, _hf_mlp(self.mlp))
-            return residual_path(hidden_states, parts, self.xclip_fast_backend, batch_first=True, recompute=level)
+            return residual_path(hidden_states, parts, self.xclip_fast_backend, batch_first=True, recompute=level,
+                                 module=self)
 
     class FastXCLIPMultiframeIntegrationTransformer(hfx.XCLIPMultiframeIntegrationTransformer):
         """The MIT for any frame count: the frame position embedding is interpolated linearly over

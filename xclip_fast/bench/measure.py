@@ -12,8 +12,8 @@ import torch
 
 from xclip_fast.dtypes import BY_NAME, dtype_name
 
-__all__ = ["MIB", "time_ms", "time_interleaved", "interleaved_times", "deciles", "cuda_memory", "cpu_memory",
-           "copy_bandwidth", "free"]
+__all__ = ["MIB", "time_ms", "time_interleaved", "interleaved_times", "deciles", "host_times", "gpu_idle_fraction",
+           "cuda_memory", "cpu_memory", "copy_bandwidth", "free"]
 
 MIB = 2**20
 
@@ -74,6 +74,56 @@ def time_interleaved(fns: dict, quick: bool, rounds: int | None = None) -> dict:
         q = deciles(ts)
         out[name] = (statistics.median(ts), q[1], q[7])
     return out
+
+
+def host_times(fns: dict, device, rounds: int = 30, calls: int = 10) -> dict:
+    """Host time of several callables at sizes where the arithmetic is negligible: name ->
+    ``(median ms per call, median ratio to the first callable)``. Rounds alternate the callables
+    (``calls`` calls each, synchronised on CUDA), and each round's ratio is taken within the round,
+    so a drift of a shared machine cancels. On CPU it runs on one thread."""
+    threads = torch.get_num_threads()
+    if device.type == "cpu":
+        torch.set_num_threads(1)
+    try:
+        for fn in fns.values():
+            for _ in range(3):
+                fn()
+        times = {name: [] for name in fns}
+        for _ in range(rounds):
+            for name, fn in fns.items():
+                _sync(device)
+                t0 = time.perf_counter()
+                for _ in range(calls):
+                    fn()
+                _sync(device)
+                times[name].append((time.perf_counter() - t0) * 1e3 / calls)
+    finally:
+        torch.set_num_threads(threads)
+    first = next(iter(times.values()))
+    return {name: (statistics.median(ts), statistics.median(t / f for t, f in zip(ts, first)))
+            for name, ts in times.items()}
+
+
+def gpu_idle_fraction(fn, device) -> float | None:
+    """The fraction of one call's wall time the GPU ran no kernel: 1 - (kernel time, from the
+    profiler's CUDA activity) / (wall time of the call, synchronised). None off CUDA. Overlapping
+    kernels (several streams) would count twice; the training step issues on one stream."""
+    if device.type != "cuda":
+        return None
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    _sync(device)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        wall_us = (time.perf_counter() - t0) * 1e6
+    busy_us = 0.0
+    for event in prof.events():
+        if str(getattr(event, "device_type", "")).endswith("CUDA"):
+            busy_us += getattr(event, "self_device_time_total", None) or getattr(event, "self_cuda_time_total", 0.0)
+    return max(0.0, 1.0 - busy_us / wall_us)
 
 
 def cuda_memory(fn, device):

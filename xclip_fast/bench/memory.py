@@ -9,7 +9,10 @@ selective-checkpoint cache that ``saved_tensors_hooks`` cannot. It sees eager op
 autograd saves, through ``saved_tensors_hooks``) measures it instead.
 
 ``matmul_flops`` counts forward + backward FLOPs with ``torch.utils.flop_counter.FlopCounterMode``
-(matrix products and attention; recomputed products count again).
+(matrix products and attention; recomputed products count again). :func:`flop_counter` adds the
+attention operators PyTorch's counter does not know: its CPU flash attention (what SDPA runs on
+CPU) and the ``xclip_fast`` operators, with PyTorch's own attention formulas (a recomputed
+attention counts again, as a recomputed GEMM does).
 """
 
 from __future__ import annotations
@@ -20,7 +23,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import FlopCounterMode
 
-__all__ = ["StorageTracker", "CollectiveCounter", "held_bytes", "saved_bytes", "matmul_flops"]
+__all__ = ["StorageTracker", "CollectiveCounter", "held_bytes", "saved_bytes", "flop_counter", "counting_backend",
+           "matmul_flops"]
 
 
 def _key(t: torch.Tensor) -> int:
@@ -91,9 +95,68 @@ def saved_bytes(fn, *args, keep=()) -> tuple[object, int]:
     return out, sum(n for k, n in seen.items() if k not in skip)
 
 
+def _attention_formulas() -> dict:
+    """FLOP formulas (operator -> f(shapes)) of the attention operators ``FlopCounterMode`` misses."""
+    from torch.utils.flop_counter import sdpa_backward_flop_count, sdpa_flop_count
+
+    def heads_first(qkv, extra):  # (B, S, 3, H, D) and the extra token -> q, k, v as (B, H, S, D)
+        B, S, _, H, D = qkv
+        Sk = S + (extra is not None)
+        return (B, H, S, D), (B, H, Sk, D), (B, H, Sk, D)
+
+    def separate(q, k, extra_k):  # q (B, Sq, H, D), k (B, Sk, H, D)
+        B, Sq, H, D = q
+        Sk = k[1] + (extra_k is not None)
+        return (B, H, Sq, D), (B, H, Sk, D), (B, H, Sk, D)
+
+    aten = torch.ops.aten
+    formulas = {
+        aten._scaled_dot_product_flash_attention_for_cpu: lambda q, k, v, *a, **kw: sdpa_flop_count(q, k, v),
+        aten._scaled_dot_product_flash_attention_for_cpu_backward:
+            lambda g, q, k, v, *a, **kw: sdpa_backward_flop_count(g, q, k, v),
+    }
+    ops = torch.ops.xclip_fast
+    if hasattr(ops, "packed_attention_fwd"):  # (registered when triton imports)
+        formulas.update({
+            ops.packed_attention_fwd: lambda qkv, extra, *a, **kw: sdpa_flop_count(*heads_first(qkv, extra)),
+            ops.packed_attention_bwd: lambda qkv, extra, out, lse, g, *a, **kw: sdpa_backward_flop_count(
+                heads_first(qkv, extra)[0], *heads_first(qkv, extra)),
+            ops.attention_fwd: lambda q, k, v, ek, ev, *a, **kw: sdpa_flop_count(*separate(q, k, ek)),
+            ops.attention_bwd: lambda q, k, v, ek, ev, out, lse, g, *a, **kw: sdpa_backward_flop_count(
+                separate(q, k, ek)[0], *separate(q, k, ek)),
+        })
+    return formulas
+
+
+def flop_counter() -> FlopCounterMode:
+    """A ``FlopCounterMode`` (not displayed) that also counts the attention operators it misses."""
+    return FlopCounterMode(display=False, custom_mapping=_attention_formulas())
+
+
+def counting_backend(counted: list):
+    """A ``torch.compile`` backend that runs the graphs AOTAutograd partitions (the min-cut
+    partitioner, which ``activation_memory_budget`` steers) eagerly, adding the FLOPs each graph
+    runs (forward, and the backward with what it recomputes) to ``counted[0]``: what a counter
+    around a compiled call cannot see. For FLOPs and saved bytes, not for timing."""
+    from torch._dynamo.backends.common import aot_autograd
+    from torch._functorch.partitioners import min_cut_rematerialization_partition
+
+    def compiler(gm, example_inputs):
+        def run(args):
+            with flop_counter() as counter:
+                out = gm(*args)
+            counted[0] += counter.get_total_flops()
+            return out
+
+        run._boxed_call = True
+        return run
+
+    return aot_autograd(fw_compiler=compiler, bw_compiler=compiler, partition_fn=min_cut_rematerialization_partition)
+
+
 def matmul_flops(fn, *args) -> int:
-    """FLOPs counted by ``FlopCounterMode`` while ``fn(*args)`` runs (make it run forward and backward)."""
-    with FlopCounterMode(display=False) as counter:
+    """FLOPs counted by :func:`flop_counter` while ``fn(*args)`` runs (make it run forward and backward)."""
+    with flop_counter() as counter:
         fn(*args)
     return counter.get_total_flops()
 

@@ -102,12 +102,17 @@ def table(rows: list[Result], env: dict) -> str:
              f"xformers {env['xformers']} - commit {env['commit']} - {env['timestamp']}",
              "time: median (p20-p80) ms; speedup and memory ratio against 'reference'; mem: MiB allocated above "
              "inputs and weights during the call (CUDA) / resident-memory growth in a fresh process (CPU)"]
-    header = f"{'case':38s} {'dtype':8s} {'mode':6s} {'provider':26s} {'time ms':>22s} {'speedup':>8s} " \
+    train = any(r.level == "train" for r in rows)
+    pw = max([26, *(len(r.provider) for r in rows)])  # the provider column
+    header = f"{'case':38s} {'dtype':8s} {'mode':6s} {'provider':{pw}s} {'time ms':>22s} {'speedup':>8s} " \
              f"{'mem MiB':>9s} {'mem x':>6s} {'TFLOP/s':>8s} {'GB/s':>7s} {'%copy':>6s} {'error':>8s}"
-    if any(r.level == "train" for r in rows):
+    if train:
+        header += f" {'flops x':>8s} {'host x':>7s} {'idle%':>6s}"
         lines.append("train: one forward + backward + AdamW step of the encoder; mem: MiB held after the forward "
-                     "for the backward (CPU; the compiled original: saved by its graph) / peak above the weights "
-                     "and optimizer state (CUDA); TFLOP/s: the original's matmul FLOPs per second")
+                     "for the backward (CPU; compiled providers: saved by their graph) / peak above the weights "
+                     "and optimizer state (CUDA); TFLOP/s: the original's matmul FLOPs per second; flops x: "
+                     "matmul FLOPs (attention included) against the original's; host x: host time of the same "
+                     "step on a tiny encoder against the original's; idle%: of the step, the GPU ran no kernel")
     lines += [header, "-" * len(header)]
     last = None
     for r in rows:
@@ -116,13 +121,18 @@ def table(rows: list[Result], env: dict) -> str:
             lines.append("")
         last = key
         if r.status != "ok":
-            lines.append(f"{r.case:38s} {r.dtype:8s} {r.mode:6s} {r.provider:26s} {r.status.upper()}: {r.reason}")
+            lines.append(f"{r.case:38s} {r.dtype:8s} {r.mode:6s} {r.provider:{pw}s} {r.status.upper()}: {r.reason}")
             continue
         t = f"{r.median_ms:.3f} ({r.p20_ms:.3f}-{r.p80_ms:.3f})"
         frac = _fmt(r.bandwidth_fraction and 100 * r.bandwidth_fraction, ".0f")
-        lines.append(f"{r.case:38s} {r.dtype:8s} {r.mode:6s} {r.provider:26s} {t:>22s} "
-                     f"{_fmt(r.speedup, '.2f'):>8s} {_fmt(r.extra_mib, '.1f'):>9s} {_fmt(r.memory_ratio, '.2f'):>6s} "
-                     f"{_fmt(r.tflops, '.2f'):>8s} {_fmt(r.gbps, '.0f'):>7s} {frac:>6s} {_fmt(r.error, '.1e'):>8s}")
+        line = (f"{r.case:38s} {r.dtype:8s} {r.mode:6s} {r.provider:{pw}s} {t:>22s} "
+                f"{_fmt(r.speedup, '.2f'):>8s} {_fmt(r.extra_mib, '.1f'):>9s} {_fmt(r.memory_ratio, '.2f'):>6s} "
+                f"{_fmt(r.tflops, '.2f'):>8s} {_fmt(r.gbps, '.0f'):>7s} {frac:>6s} {_fmt(r.error, '.1e'):>8s}")
+        if train:
+            idle = r.extras.get("gpu_idle")
+            line += (f" {_fmt(r.extras.get('flops_x'), '.3f'):>8s} {_fmt(r.extras.get('host_x'), '.2f'):>7s} "
+                     f"{_fmt(idle and 100 * idle, '.0f'):>6s}")
+        lines.append(line)
     return "\n".join(lines)
 
 

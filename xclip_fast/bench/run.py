@@ -157,10 +157,11 @@ def _progress(total):
 
 def _train_providers(wanted, quick: bool, cuda: bool):
     """The training level's providers: those asked for (the original always), else all of them; a
-    quick CPU run leaves the compiled original out (compiling its backward takes minutes on 2 cores)."""
+    quick CPU run leaves the compiled original out (compiling its backward takes minutes on 2 cores)
+    and the memory budgets (``benchmarks/training_memory.py`` measures their curve)."""
     if wanted:
         return ["reference", *[p for p in TRAIN_PROVIDERS if p in wanted and p != "reference"]]
-    return [p for p in TRAIN_PROVIDERS if not (quick and not cuda and p == "reference-compiled")]
+    return [p for p in TRAIN_PROVIDERS if not (quick and not cuda and ("compiled" in p or "budget" in p))]
 
 
 def main(args) -> int:
@@ -182,7 +183,7 @@ def main(args) -> int:
     levels = (*LEVELS, "train") if args.level == "all" else (args.level,)
     quick = args.quick or (not cuda and not args.full)
     if quick and not args.quick:
-        print("CPU run: small sizes and few repeats (under 3 minutes on 2 cores; --full runs the full sweep).")
+        print("CPU run: small sizes and few repeats (about 3 minutes on 2 cores; --full runs the full sweep).")
     model = args.model or ("b16" if cuda else "b32")
     frames = args.frames  # a list of ints >= 1 (checked by argparse), or None
     batch = args.batch or (8 if cuda else 1)

@@ -2,40 +2,58 @@
 
 Providers: the original modules eager (``reference``), with PyTorch's selective activation
 checkpointing keeping matmul and attention outputs per block (``reference-sac``), compiled
-(``reference-compiled``), and the fast encoder at each recompute level (``xclip-fast-<level>``,
-backend ``"auto"``: triton on CUDA, torch on CPU). Under bf16 autocast on CUDA, float32 on CPU.
+(``reference-compiled``), compiled under ``torch._functorch.config.activation_memory_budget`` (the
+min-cut partitioner's memory budget: ``reference-compiled-budget-<b>``), and the fast encoder at each
+recompute level (``xclip-fast-<level>``) and memory budget (``xclip-fast-budget-<b>``, a fraction of
+what its ``"none"`` level holds; backend ``"auto"``: triton on CUDA, torch on CPU). Under bf16
+autocast on CUDA, float32 on CPU.
 
 Columns: time per step; memory: on CUDA the allocator's peak above the weights, gradients and
 optimizer state, on CPU the bytes held after the forward (:func:`xclip_fast.bench.memory.held_bytes`;
-for the compiled original the bytes its graph saves, :func:`~xclip_fast.bench.memory.saved_bytes`);
-matmul FLOPs of forward + backward (``FlopCounterMode``, eager providers); on CUDA the model FLOP
-utilisation: the original's FLOPs per second over the measured dense bf16 matmul rate. Every
-provider's loss and gradients are checked against the original's first step.
+for compiled providers the bytes their graph saves, :func:`~xclip_fast.bench.memory.saved_bytes`);
+matmul FLOPs of forward + backward, attention included (:func:`~xclip_fast.bench.memory.flop_counter`;
+compiled providers: the graphs their partitioner makes, run by
+:func:`~xclip_fast.bench.memory.counting_backend`); host time: the same step (forward + backward) of
+a tiny encoder (width 64, 2 heads, 2 frames of 5 tokens), where the arithmetic is negligible and
+the time is what the host spends issuing it, against the original's in the same rounds; on CUDA
+the fraction of a step the GPU ran no kernel, and the model FLOP utilisation: the original's
+FLOPs per second over the measured dense bf16 matmul rate. Every provider's loss and gradients
+are checked against the original's first step.
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import functools
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 from xclip_fast import reference
 from xclip_fast.bench.cases import Case, model_dims
-from xclip_fast.bench.measure import MIB, cuda_memory, free, time_interleaved, time_ms
-from xclip_fast.bench.memory import held_bytes, saved_bytes
+from xclip_fast.bench.measure import MIB, cuda_memory, free, gpu_idle_fraction, host_times, time_interleaved, time_ms
+from xclip_fast.bench.memory import counting_backend, flop_counter, held_bytes, saved_bytes
 from xclip_fast.bench.results import Result
 from xclip_fast.checkpoints import split_encoder_state_dict
 from xclip_fast.encoder import XCLIPVideoEncoder
-from xclip_fast.functional import RECOMPUTE_LEVELS
+from xclip_fast.recompute import RECOMPUTE_LEVELS
 from xclip_fast.testing import TOLERANCES, rel_err
 
-__all__ = ["TRAIN_PROVIDERS", "train_rows", "dense_bf16_tflops", "save_matmuls", "SACBlocks", "Trainer"]
+__all__ = ["TRAIN_PROVIDERS", "TRAIN_BUDGETS", "TINY", "train_rows", "dense_bf16_tflops", "save_matmuls",
+           "SACBlocks", "Trainer", "budget_of"]
 
+TRAIN_BUDGETS = (0.5, 0.3, 0.1)
 TRAIN_PROVIDERS = ["reference", "reference-sac", "reference-compiled",
-                   *[f"xclip-fast-{level}" for level in RECOMPUTE_LEVELS]]
+                   *[f"reference-compiled-budget-{b}" for b in TRAIN_BUDGETS],
+                   *[f"xclip-fast-{level}" for level in RECOMPUTE_LEVELS],
+                   *[f"xclip-fast-budget-{b}" for b in TRAIN_BUDGETS]]
+# the host-time step: the issue's tiny block sizes (d = 64, 2 heads, T = 2, l = 5 tokens) in an encoder
+TINY = dict(input_resolution=32, patch_size=16, width=64, layers=2, heads=2, embed_dim=32, num_frames=2, mit_heads=2)
+
+
+def budget_of(provider: str) -> float | None:
+    """The memory budget of a ``...-budget-<b>`` provider, else None."""
+    return float(provider.rsplit("-", 1)[1]) if "-budget-" in provider else None
+
 
 _SAVE = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_scaled_dot_product_flash_attention_for_cpu",
          "aten::_scaled_dot_product_flash_attention", "aten::_scaled_dot_product_efficient_attention",
@@ -80,6 +98,8 @@ class Trainer:
 
     def __init__(self, name, enc, device, amp):
         self.name, self.device, self.amp = name, device, amp
+        budget = budget_of(name)
+        self.counted = None  # compiled providers: the same graphs, run by the FLOP-counting backend
         if name.startswith("reference"):
             cfg = enc.config
             visual = reference.CrossFrameCommunicationTransformer(
@@ -97,18 +117,22 @@ class Trainer:
             def forward(video):
                 n, t = video.shape[:2]
                 return mit(visual(video.flatten(0, 1))[0].view(n, t, -1))
-            self.forward = torch.compile(forward) if name == "reference-compiled" else forward
+            self.forward = forward
+            if name.startswith("reference-compiled"):
+                self.flop_box = [0]
+                self.forward = _under_budget(torch.compile(forward), budget)
+                self.counted = _under_budget(torch.compile(forward, backend=counting_backend(self.flop_box)), budget)
         else:
             fast = copy.deepcopy(enc).to(device).train()
-            fast.recompute = name.removeprefix("xclip-fast-")
+            fast.recompute = budget if budget is not None else name.removeprefix("xclip-fast-")
             self.modules = fast
             self.forward = fast
         self.params = list(self.modules.parameters())
         self.opt = torch.optim.AdamW(self.params, lr=1e-6, foreach=False)
 
-    def loss(self, video):
+    def loss(self, video, forward=None):
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
-            out = self.forward(video)
+            out = (forward or self.forward)(video)
         return out.float().square().mean()
 
     def grads(self, video):
@@ -132,6 +156,47 @@ class Trainer:
         for p in self.params:
             p.grad = None
 
+    def flops(self, video) -> int:
+        """Matmul FLOPs (attention included) of one forward + backward: counted around the call for
+        eager providers, inside the partitioned graphs for compiled ones."""
+        if self.counted is None:
+            with flop_counter() as counter:
+                self.fwd_bwd(video)
+            return counter.get_total_flops()
+        self.loss(video, self.counted).backward()  # compiles the counting copy
+        for p in self.params:
+            p.grad = None
+        self.flop_box[0] = 0
+        self.loss(video, self.counted).backward()
+        for p in self.params:
+            p.grad = None
+        return self.flop_box[0]
+
+
+def _under_budget(fn, budget: float | None):
+    """``fn`` called (so compiled, on its first call) under ``activation_memory_budget=budget``."""
+    if budget is None:
+        return fn
+
+    @functools.wraps(fn)
+    def call(*args):
+        with torch._functorch.config.patch(activation_memory_budget=budget):
+            return fn(*args)
+    return call
+
+
+def host_rows(names, device, amp) -> dict:
+    """Host time of every provider's forward + backward on the :data:`TINY` encoder: name ->
+    ``(ms, x original)`` (see :func:`xclip_fast.bench.measure.host_times`)."""
+    torch.manual_seed(0)
+    enc = XCLIPVideoEncoder(**TINY)
+    video = torch.randn(1, TINY["num_frames"], 3, 32, 32, generator=torch.Generator().manual_seed(1)).to(device)
+    fns = {}
+    for name in ["reference", *[n for n in names if n != "reference"]]:
+        tr = Trainer(name, enc, device, amp)
+        fns[name] = functools.partial(tr.fwd_bwd, video)
+    return host_times(fns, device)
+
 
 def train_rows(model: str, frames: list[int], batch: int, device: torch.device, quick: bool, env: dict,
                providers=None) -> list[Result]:
@@ -140,6 +205,13 @@ def train_rows(model: str, frames: list[int], batch: int, device: torch.device, 
     width, heads, tokens = model_dims(model)
     dtype = "bfloat16-amp" if cuda else "float32"
     peak_rate = dense_bf16_tflops(device) if cuda else None
+    names = [p for p in TRAIN_PROVIDERS if providers is None or p in providers]
+    try:
+        host = host_rows(names, device, cuda)
+    except Exception as exc:  # the host column is an addition: its failure leaves the rest
+        host, host_error = {}, f"{type(exc).__name__}: {exc}"[:200]
+    else:
+        host_error = None
     rows = []
     for T in frames:
         case = Case("train", "train", model, batch, T, tokens, width, heads)
@@ -147,21 +219,19 @@ def train_rows(model: str, frames: list[int], batch: int, device: torch.device, 
         enc = XCLIPVideoEncoder.from_config(model, num_frames=T)
         r = enc.config["input_resolution"]
         video = torch.randn(batch, T, 3, r, r, generator=torch.Generator().manual_seed(1)).to(device)
-        names = [p for p in TRAIN_PROVIDERS if providers is None or p in providers]
         truth = None
         timed, by_name = {}, {}
         for name in names:
             row = Result.make(env, case, dtype, "step", name, checked_against="reference")
             rows.append(row)
             by_name[name] = row
+            if name in host:
+                row.extras["host_ms"], row.extras["host_x"] = host[name]
+            elif host_error:
+                row.extras["host_error"] = host_error
             try:
                 tr = Trainer(name, enc, device, cuda)
-                # the counter does not see inside compiled graphs (nor should it be active while compiling)
-                counter = FlopCounterMode(display=False) if name != "reference-compiled" else None
-                with counter or contextlib.nullcontext():
-                    loss, g = tr.grads(video)
-                if counter is not None:
-                    row.extras["flops"] = counter.get_total_flops()
+                loss, g = tr.grads(video)
                 if truth is None:
                     truth = (loss, g)
                 tol = TOLERANCES[torch.bfloat16 if cuda else torch.float32]
@@ -170,16 +240,19 @@ def train_rows(model: str, frames: list[int], batch: int, device: torch.device, 
                 if not row.error <= row.tolerance:
                     row.status, row.reason = "mismatch", f"loss/gradients: error {row.error:.2e} > {tol:.1e}"
                     continue
+                row.extras["flops"] = tr.flops(video)
+                compiled = name.startswith("reference-compiled")
                 if cuda:
                     row.median_ms, row.p20_ms, row.p80_ms = time_ms(functools.partial(tr.step, video), device, quick)
                     row.peak_mib, row.extra_mib = cuda_memory(functools.partial(tr.step, video), device)
+                    row.extras["gpu_idle"] = gpu_idle_fraction(functools.partial(tr.step, video), device)
                 else:
                     timed[name] = functools.partial(tr.step, video)
-                    measure = saved_bytes if name == "reference-compiled" else held_bytes
+                    measure = saved_bytes if compiled else held_bytes
                     out, held = measure(tr.loss, video, keep=[tr.modules])
                     del out
                     row.extra_mib = held / MIB
-                    row.extras["memory"] = "saved by autograd" if name == "reference-compiled" else "held"
+                    row.extras["memory"] = "saved by autograd" if compiled else "held"
             except Exception as exc:  # one provider failing does not stop the others
                 row.status = "oom" if "out of memory" in str(exc).lower() else "error"
                 row.reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:200]

@@ -1,0 +1,292 @@
+"""What a layer keeps for its backward: the recompute levels, how each is chosen and run, and the
+memory budget.
+
+Levels (:data:`RECOMPUTE_LEVELS`), in d-wide rows per frame token at the released MLP width, the
+layer's input aside (every level keeps it):
+
+- ``"none"``: keeps everything its backward uses (11 rows), recomputes nothing;
+- ``"lean"``: keeps q/k/v, the attention output and the MLP pre-activation (8 rows); recomputes
+  the LayerNorms, the out-projection and QuickGELU (about 2.5% more matmul FLOPs);
+- ``"min"``: keeps the MLP pre-activation (4 rows); also recomputes the in-projection and the
+  attention (about 11% more);
+- ``"block"``: keeps nothing more; also recomputes the MLP's first GEMM (about 22% more).
+
+How. A layer whose parts are *plain* (stock LayerNorms, an in-projection that can be read packed,
+a plain out-projection and CLIP's QuickGELU MLP, see :func:`xclip_fast.functional.fused_parts`)
+runs its frame path as the hand-written autograd Functions of :mod:`xclip_fast.fused`, which save
+exactly what the level keeps and recompute the rest in one Python call in backward: no dispatch
+mode, no second Python forward, no module called again. A layer with a wrapped or hooked part (PEFT
+LoRA, a hooked LayerNorm, another MLP) runs ``"lean"``/``"min"`` through PyTorch's selective
+activation checkpointing with a policy per level (:func:`selective`), or keeps everything where a
+recomputation would call a hook again (:func:`selective_reason`) or the attention drops out;
+``"block"`` then checkpoints it whole (``torch.utils.checkpoint``, non-reentrant, through
+:func:`checkpointed`).
+
+Every recomputation that reruns Python (those two) goes through :class:`Replay`: it sees the
+training flags and ``requires_grad`` of the forward it repeats, and a parameter changed in place in
+between is refused, as autograd refuses it for the tensors the Functions save.
+
+A memory budget (:func:`plan_levels`, from the per-level costs of :func:`level_costs`) assigns
+levels to a stack of layers: the fewest recomputed FLOPs whose held bytes stay within a fraction of
+what ``"none"`` holds.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+from typing import Callable
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
+
+from xclip_fast.ops import transforms_active
+from xclip_fast.submodules import global_hook_reason, hook_reason
+
+__all__ = ["RECOMPUTE_LEVELS", "check_recompute", "check_budget", "recompute_level", "records_autograd", "Replay",
+           "checkpointed", "selective", "selective_reason", "level_costs", "plan_levels"]
+
+RECOMPUTE_LEVELS = ("lean", "min", "none", "block")
+
+
+def check_recompute(level) -> str:
+    """``level`` if it is one of :data:`RECOMPUTE_LEVELS`, else a ``ValueError``."""
+    if level not in RECOMPUTE_LEVELS:
+        raise ValueError(f"recompute must be one of {RECOMPUTE_LEVELS}, got {level!r}")
+    return level
+
+
+def check_budget(value) -> str | float:
+    """A level (see :func:`check_recompute`) or a memory budget: a float in (0, 1], the fraction of
+    the ``"none"`` level's held bytes a stack of layers may keep (see :func:`plan_levels`)."""
+    if isinstance(value, float) and not isinstance(value, bool):
+        if not 0.0 < value <= 1.0:
+            raise ValueError(f"a recompute budget must be a float in (0, 1], got {value!r}")
+        return value
+    if value not in RECOMPUTE_LEVELS:
+        raise ValueError(f"recompute must be one of {RECOMPUTE_LEVELS} or a budget (a float in (0, 1]), "
+                         f"got {value!r}")
+    return value
+
+
+def records_autograd(x: torch.Tensor, module: nn.Module) -> bool:
+    """Whether autograd records ``module`` on ``x``: grad mode on and ``x`` or a parameter requiring grad."""
+    return torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in module.parameters()))
+
+
+def recompute_level(level: str, x: torch.Tensor, module: nn.Module) -> str | None:
+    """The level that applies to this call of ``module``: None when autograd does not record it
+    (inference keeps nothing whatever the level; the plain forward runs), under ``torch.func``
+    transforms or forward-mode AD (they run the plain forward too), else ``level``."""
+    if transforms_active() or not records_autograd(x, module):
+        return None
+    return level
+
+
+# ------------------------------------------------------------------------------------------------
+# recomputations that rerun Python: whole-layer checkpointing and the selective fallback
+# ------------------------------------------------------------------------------------------------
+def _modules(m: nn.Module, out: list) -> list:
+    """``m`` and its sub-modules (``Module.modules()`` without its generator machinery: this runs on
+    every forward)."""
+    out.append(m)
+    for child in m._modules.values():
+        if child is not None:
+            _modules(child, out)
+    return out
+
+
+class Replay:
+    """``fn`` as checkpointing calls it: once in the forward, again (per backward) to recompute.
+
+    The recomputation sees the forward's training flags and ``requires_grad`` of ``module``'s
+    sub-modules and parameters (``model.eval()`` or ``requires_grad_(False)`` between a forward and
+    its backward backpropagate the forward that ran), and refuses, naming it, a parameter modified
+    in place since the forward (an optimizer step, clipping or an EMA update before this loss's
+    backward), which it would otherwise read with its new values. ``once`` (the level of a selective
+    fallback): a second recomputation, which PyTorch's selective checkpointing cannot serve, is
+    refused with the way out."""
+
+    __slots__ = ("fn", "module", "state", "once", "replays")
+
+    def __init__(self, fn: Callable, module: nn.Module, once: str | None = None):
+        self.fn, self.module, self.state, self.once, self.replays = fn, module, None, once, 0
+
+    def __call__(self, *args, **kwargs):
+        if self.state is None:
+            modules = _modules(self.module, [])
+            params = [(p, p._version, p.requires_grad) for m in modules for p in m._parameters.values()
+                      if p is not None]
+            self.state = (params, [(m, m.training) for m in modules])
+            return self.fn(*args, **kwargs)
+        params, modules = self.state
+        self.replays += 1
+        if self.once and self.replays > 1:
+            raise RuntimeError(
+                f"xclip_fast: a second backward through a {type(self.module).__name__} that ran recompute="
+                f"{self.once!r} through PyTorch's selective activation checkpointing, which backpropagates once only "
+                "(the layer has a wrapped part, so its fast Functions could not run). For retain_graph=True or "
+                "several losses on one output, set recompute='none' or 'block' on such layers.")
+        changed = [p for p, version, _ in params if p._version != version]
+        if changed:
+            names = [n for n, p in self.module.named_parameters() if any(p is c for c in changed)]
+            raise RuntimeError(
+                f"xclip_fast: {', '.join(names)} of a {type(self.module).__name__} was modified in place between its "
+                "forward and this backward (an optimizer step, weight clipping or an EMA update before the "
+                "backward?); the backward recomputes the layer and would use the new values. Call backward "
+                "before changing the parameters, as autograd requires for the original model too.")
+        flags = [(m, t) for m, t in modules if m.training != t]
+        grads = [(p, r) for p, _, r in params if p.requires_grad != r]
+        for m, t in flags:
+            m.training = t
+        for p, r in grads:
+            p.requires_grad_(r)
+        try:
+            return self.fn(*args, **kwargs)
+        finally:
+            for m, t in flags:
+                m.training = not t
+            for p, r in grads:
+                p.requires_grad_(not r)
+
+
+def checkpointed(level: str | None, module: nn.Module, fn: Callable, *args, **kwargs):
+    """``fn(*args, **kwargs)``, checkpointed whole (through :class:`Replay`) when ``level`` is
+    ``"block"``; as it is otherwise."""
+    if level != "block":
+        return fn(*args, **kwargs)
+    if not torch.compiler.is_compiling():  # (compiled, the partitioner recomputes from the graph)
+        fn = Replay(fn, module)
+    return checkpoint(fn, *args, use_reentrant=False, **kwargs)
+
+
+# outputs kept by the selective fallback at lean and min: the attention (out and log-sum-exp;
+# recomputing it costs as much as its forward); random numbers are always kept (reused when recomputed)
+_ATTENTION_OPS = frozenset({
+    "aten::_scaled_dot_product_flash_attention_for_cpu", "aten::_scaled_dot_product_flash_attention",
+    "aten::_scaled_dot_product_efficient_attention", "aten::_scaled_dot_product_cudnn_attention",
+    "aten::_flash_attention_forward", "aten::_efficient_attention_forward",
+    "xclip_fast::packed_attention_fwd", "xclip_fast::attention_fwd",
+})
+_GEMMS = frozenset({"aten::mm", "aten::addmm"})
+
+
+def _policy(widths: tuple):
+    """Keep random numbers, the attention and the GEMM outputs whose width is in ``widths``."""
+
+    def policy(ctx, op, *args, **kwargs):
+        name = op.name() if hasattr(op, "name") else ""
+        if name in _ATTENTION_OPS or torch.Tag.nondeterministic_seeded in getattr(op, "tags", ()):
+            return CheckpointPolicy.MUST_SAVE
+        if name in _GEMMS and args[-1].shape[-1] in widths:
+            return CheckpointPolicy.MUST_SAVE
+        return CheckpointPolicy.PREFER_RECOMPUTE
+
+    return policy
+
+
+def selective_reason(module: nn.Module) -> str | None:
+    """Why the selective fallback cannot recompute ``module`` (a recomputation would call a hook
+    again: on a sub-module, or registered globally), or None."""
+    for m in module.modules():
+        if m is not module and hook_reason(m):
+            return "a sub-module has hooks"
+    return global_hook_reason()
+
+
+def selective(level: str, module: nn.Module, body: Callable, *args, d: int, hidden: int | None):
+    """``body(*args)`` under PyTorch's selective activation checkpointing, the fallback of ``"lean"``
+    (keeping the attention, the in-projection output of width ``3 * d`` and the MLP pre-activation of
+    width ``hidden``) and ``"min"`` (the attention and the in-projection output) for layers with a
+    wrapped part. ``body`` must end with the MLP's second GEMM, so that the recomputation stops
+    before it. The recomputation goes through :class:`Replay`."""
+    widths = (3 * d, hidden) if level == "lean" else (3 * d,)
+    context = functools.partial(create_selective_checkpoint_contexts, _policy(widths))
+    fn = body if torch.compiler.is_compiling() else Replay(body, module, once=level)
+    return checkpoint(fn, *args, use_reentrant=False, context_fn=context)
+
+
+# ------------------------------------------------------------------------------------------------
+# the memory budget
+# ------------------------------------------------------------------------------------------------
+def level_costs(d: int, hidden: int, tokens: int, frames: int, residual_bytes: int, gemm_bytes: int,
+                copy_bytes: int = 0, seq: int | None = None) -> dict[str, tuple[float, float]]:
+    """``{level: (held bytes, recomputed matmul FLOPs)}`` of one plain layer at every level, as
+    :class:`xclip_fast.fused.FusedLayer` runs it: ``tokens`` rows (``seq`` per attention, default
+    ``tokens // frames``) over ``frames`` frames with one message token each (0: no message path,
+    the MIT). Held: what the Functions keep, the layer's input included (every level keeps it), and
+    the message path's few rows per frame (kept plainly at every level). FLOPs: the GEMMs and the
+    attention its backward repeats. ``residual_bytes``/``gemm_bytes``: element sizes of the residual
+    stream and of GEMM outputs; ``copy_bytes``: of the weights' autocast copies (0: none), which the
+    levels but ``"block"`` keep for the backward."""
+    seq = seq or tokens // max(frames, 1)
+    row_r, row_g = tokens * d * residual_bytes, tokens * d * gemm_bytes
+    message = frames * d * (4 * residual_bytes + 6 * gemm_bytes)  # message_fc/LN/q,k,v/out per frame
+    # the autocast copies: in-projection, out-projection, MLP ("block" recasts them in backward); the
+    # message path's (message_fc, the message attention's in- and out-projection, the message token's
+    # key/value projection), kept at every level
+    weights = (4 * d * d + 2 * d * hidden) * copy_bytes
+    message += 7 * d * d * copy_bytes * (frames > 0)
+    gemm = 2 * tokens * d * d  # FLOPs of one d x d GEMM over the tokens
+    attention = 4 * tokens * (seq + (frames > 0)) * d  # QK^T and PV, the message token as one more key
+    ratio = hidden / d
+    return {  # rows: the input x and x1 (residual stream); ln_1(x), q/k/v, o, ln_2(x1), the pre-activation
+        "none": (row_r * 2 + row_g * (6 + ratio) + message + weights, 0.0),
+        "lean": (row_r + row_g * (4 + ratio) + message + weights, gemm),
+        "min": (row_r + row_g * ratio + message + weights, gemm * 4 + attention),
+        "block": (row_r + message, gemm * (4 + ratio) + attention),  # the recompute stops before fc2
+    }
+
+
+def plan_levels(costs: list[dict[str, tuple[float, float]]], budget: float, fixed: float = 0.0) -> list[str]:
+    """Levels for a stack of layers (``costs[i]`` from :func:`level_costs`) that recompute the fewest
+    FLOPs while the model holds at most ``budget`` times what it holds with every layer at
+    ``"none"``, ``fixed`` being what it holds outside the layers whatever their levels (an
+    encoder's patch embedding); the most frugal assignment (every layer ``"block"``) when even that
+    is over the budget. Layers of one shape are interchangeable, so the search runs over how many
+    layers of each shape take each level (the earliest layers take the most frugal levels)."""
+    limit = budget * (sum(c["none"][0] for c in costs) + fixed) - fixed
+    groups: dict[tuple, list[int]] = {}
+    for i, c in enumerate(costs):
+        groups.setdefault(tuple(sorted(c.items())), []).append(i)
+    options = []  # per group: (held, flops, levels in layer order) for every split of its layers
+    order = ("none", "lean", "min", "block")
+    for key, layers in groups.items():
+        cost = dict(key)
+        n = len(layers)
+        splits = []
+        for counts in itertools.product(range(n + 1), repeat=3):
+            if sum(counts) > n:
+                continue
+            counts = (*counts, n - sum(counts))
+            held = sum(k * cost[lv][0] for k, lv in zip(counts, order))
+            flops = sum(k * cost[lv][1] for k, lv in zip(counts, order))
+            # the most frugal levels on the earliest layers
+            levels = [lv for k, lv in zip(reversed(counts), reversed(order)) for _ in range(k)]
+            splits.append((held, flops, levels))
+        options.append((layers, _pareto(splits)))
+    best = None
+    for choice in itertools.product(*(opts for _, opts in options)):
+        held = sum(c[0] for c in choice)
+        flops = sum(c[1] for c in choice)
+        if held <= limit * (1 + 1e-9) and (best is None or flops < best[1]):
+            best = (held, flops, choice)
+    if best is None:
+        return ["block"] * len(costs)
+    levels = [""] * len(costs)
+    for (layers, _), (_, _, lv) in zip(options, best[2]):
+        for i, level in zip(layers, lv):
+            levels[i] = level
+    return levels
+
+
+def _pareto(splits: list) -> list:
+    """The splits no other split beats in both held bytes and FLOPs."""
+    splits = sorted(splits, key=lambda s: (s[0], s[1]))
+    front, best_flops = [], float("inf")
+    for s in splits:
+        if s[1] < best_flops:
+            front.append(s)
+            best_flops = s[1]
+    return front

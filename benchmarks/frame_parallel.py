@@ -153,7 +153,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=None, help="folder for results.md and results.json")
     p.add_argument("--quick", action="store_true", help="held bytes of B/32, clip lengths of B/16, W = 2 only")
     p.add_argument("--training-memory", default=os.path.join(os.path.dirname(__file__), "results",
-                                                               "cpu-training-memory-2026-11-30", "results.json"),
+                                                               "cpu-training-memory-2026-12-03", "results.json"),
                    help="training_memory.py's results.json (the original's bytes per frame)")
     args = p.parse_args(argv)
     one = measure(None, args.quick)

@@ -1,15 +1,23 @@
-"""What training keeps for the backward: held bytes and matmul FLOPs of one CCT block and of the
-encoder at every recompute level against the original (eager, with selective checkpointing,
-compiled), the CPU time of a block, and the longest clip that trains in 80 and 141 GB.
+"""What training keeps for the backward: held bytes, matmul FLOPs and host time of one CCT block and
+of the encoder at every recompute level and memory budget against the original (eager, with
+selective checkpointing, compiled, compiled under an activation memory budget), the CPU time of a
+block, and the longest clip that trains in 80 and 141 GB.
 
     python benchmarks/training_memory.py [--out DIR] [--quick]
 
 Held bytes: the tensor storages created by the forward and still alive after it (the output,
 inputs and weights excluded), counted operator by operator (``xclip_fast.bench.memory``); for the
-compiled original, the unique storages its graph saves for the backward. FLOPs: forward + backward
-with ``FlopCounterMode``. Longest clip: batch 1, bf16 autocast (the GPU training setting, run here on
-the CPU): bytes per frame from the held bytes at two frame counts plus one block's working set in
-backward, and ``T_max = (capacity - 18 bytes x parameters) / bytes per frame`` (see
+compiled original, the unique storages its graph saves for the backward. FLOPs: forward + backward,
+matrix products and attention (``xclip_fast.bench.memory.flop_counter``; for compiled graphs, those
+the partitioner made, run by ``counting_backend``). Host time: one block forward + backward at tiny
+sizes (d = 64, 2 heads, T = 2, l = 5, one thread), where the arithmetic is negligible, against the
+original in alternating rounds; aten operators per step counted (views excluded). Budgets: the
+encoder at ``recompute=<fraction of what "none" holds>``, against the compiled original under
+``torch._functorch.config.activation_memory_budget``; at the held fractions 0.30x and 0.10x of the
+original, our matmul FLOPs against the compiled original's at the same held fraction (interpolated
+between its measured budgets). Longest clip: batch 1, bf16 autocast (the GPU training setting, run
+here on the CPU): bytes per frame from the held bytes at two frame counts plus one block's working
+set in backward, and ``T_max = (capacity - 18 bytes x parameters) / bytes per frame`` (see
 ``longest_clip``). An extrapolation: no GPU ran it.
 """
 
@@ -24,15 +32,17 @@ import sys
 import time
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.checkpoint import checkpoint, create_selective_checkpoint_contexts
 
 from xclip_fast import reference
+from xclip_fast.bench.measure import host_times
 from xclip_fast.bench.memory import held_bytes, matmul_flops, saved_bytes
 from xclip_fast.bench.results import markdown_table
 from xclip_fast.bench.train import Trainer, save_matmuls
 from xclip_fast.blocks import CrossFrameAttentionBlock
 from xclip_fast.encoder import XCLIPVideoEncoder
-from xclip_fast.functional import RECOMPUTE_LEVELS
+from xclip_fast.recompute import RECOMPUTE_LEVELS
 
 MIB = 2**20
 FAST = [f"xclip-fast-{level}" for level in RECOMPUTE_LEVELS]
@@ -96,6 +106,114 @@ def block_table(l: int, rounds: int) -> list[dict]:
     return rows
 
 
+class _OpCounter(TorchDispatchMode):
+    """Counts the aten operators that run, views excepted."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += not func.is_view
+        return func(*args, **(kwargs or {}))
+
+
+def host_table(rounds: int) -> list[dict]:
+    """Host time and aten operators of one block forward + backward at tiny sizes (d = 64, 2
+    heads, T = 2, l = 5; float32, torch backend, one thread), every level against the original."""
+    torch.manual_seed(0)
+    d, h, T, l = 64, 2, 2, 5
+    ref = reference.CrossFramelAttentionBlock(d, h, None, 0.0, T).train()
+    fast = {level: CrossFrameAttentionBlock(d, h, None, 0.0, T, backend="torch", recompute=level).train()
+            for level in RECOMPUTE_LEVELS}
+    for block in fast.values():
+        block.load_state_dict(ref.state_dict())
+    x = torch.randn(l, T, d, requires_grad=True)
+    g = torch.randn(l, T, d)
+    sac = functools.partial(create_selective_checkpoint_contexts, save_matmuls)
+    variants = {"original": ref,
+                "original + selective checkpointing": lambda x: checkpoint(ref, x, use_reentrant=False, context_fn=sac),
+                **{f"fast, recompute={k}": fast[k] for k in ("none", "lean", "min", "block")}}
+
+    def step(fn, params):
+        def run():
+            x.grad = None
+            for p in params:
+                p.grad = None
+            fn(x).backward(g)
+        return run
+
+    fns = {name: step(fn, list((fast[name.split("=")[1]] if "=" in name else ref).parameters()))
+           for name, fn in variants.items()}
+    times = host_times(fns, torch.device("cpu"), rounds=rounds)
+    rows = []
+    for name, fn in fns.items():
+        counter = _OpCounter()
+        with counter:
+            fn()
+        ms, ratio = times[name]
+        rows.append(dict(variant=name, host_ms=ms, host_x=ratio, aten_ops=counter.count))
+    return rows
+
+
+def _held_flops(tr: Trainer, video, compiled: bool = False):
+    forward = tr.counted if compiled else None
+    measure = saved_bytes if compiled else held_bytes
+    out, held = measure(lambda v: tr.loss(v, forward), video, keep=[tr.modules])
+    del out
+    return held, tr.flops(video)
+
+
+def budget_table(model: str, T: int, quick: bool) -> tuple[list[dict], list[dict]]:
+    """The encoder under memory budgets: ours (``recompute=<b>``, a fraction of what "none" holds)
+    and the compiled original under ``activation_memory_budget`` (its graphs run by the counting
+    backend), held bytes and FLOPs against the eager original's; then, at the held fractions 0.30x
+    and 0.10x of the original, ours (the budget that gives it) against the compiled original's
+    FLOPs at that held fraction (interpolated between its two nearest measured budgets)."""
+    torch.manual_seed(0)
+    enc = XCLIPVideoEncoder.from_config(model, num_frames=T)
+    r = enc.config["input_resolution"]
+    video = torch.randn(1, T, 3, r, r)
+    ref = Trainer("reference", enc, torch.device("cpu"), False)
+    held0, flops0 = _held_flops(ref, video)
+    rows = []
+
+    def add(variant, held, flops, **extra):
+        rows.append(dict(variant=variant, held_x=held / held0, flops_x=flops / flops0, **extra))
+
+    compiled_budgets = (0.5, 0.3, 0.1) if quick else (0.7, 0.5, 0.4, 0.3, 0.2, 0.1, 0.05)
+    for b in compiled_budgets:
+        torch._dynamo.reset()
+        tr = Trainer(f"reference-compiled-budget-{b}", enc, torch.device("cpu"), False)
+        add(f"original, torch.compile, activation_memory_budget={b}", *_held_flops(tr, video, compiled=True))
+        del tr
+    fast = Trainer("xclip-fast-none", enc, torch.device("cpu"), False)
+    none_held, none_flops = _held_flops(fast, video)
+    add("fast, recompute=none", none_held, none_flops)
+    for b in (0.8, 0.6, 0.45, 0.3, 0.2, 0.15):
+        fast.modules.recompute = b
+        add(f"fast, recompute={b}", *_held_flops(fast, video), levels=" ".join(fast.modules.plan_budget()))
+    compiled = sorted((row["held_x"], row["flops_x"]) for row in rows if "compile" in row["variant"])
+    targets = []
+    for target in (0.30, 0.10):
+        fast.modules.recompute = min(1.0, target * held0 / none_held)
+        held, flops = _held_flops(fast, video)
+        ours = dict(held_x=held / held0, flops_x=flops / flops0)
+        theirs = _interpolate(compiled, ours["held_x"])
+        targets.append(dict(target=target, budget=fast.modules.recompute, held_x=ours["held_x"],
+                            flops_x=ours["flops_x"], compiled_flops_x=theirs,
+                            levels=" ".join(fast.modules.plan_budget())))
+    return rows, targets
+
+
+def _interpolate(points: list, x: float) -> float | None:
+    """Linear interpolation of ``(x, y)`` points (sorted by x) at ``x``; None outside their range."""
+    for (x0, y0), (x1, y1) in zip(points, points[1:]):
+        if x0 <= x <= x1:
+            return y0 + (y1 - y0) * (x - x0) / (x1 - x0) if x1 > x0 else min(y0, y1)
+    return None
+
+
 def _trainers(model: str, T: int, amp: bool, names):
     torch.manual_seed(0)
     enc = XCLIPVideoEncoder.from_config(model, num_frames=T)
@@ -156,12 +274,16 @@ def longest_clip(model: str, frames=(2, 4)) -> list[dict]:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default=None, help="folder for results.md and results.json")
-    p.add_argument("--quick", action="store_true", help="B/32 only, fewer timing rounds")
+    p.add_argument("--quick", action="store_true", help="B/32 only, fewer timing rounds and budgets")
     args = p.parse_args(argv)
     torch.set_num_threads(torch.get_num_threads())
-    out = {"torch": torch.__version__, "threads": torch.get_num_threads(), "blocks": {}, "encoders": {},
-           "longest_clip": {}}
+    out = {"torch": torch.__version__, "threads": torch.get_num_threads(), "host": [], "blocks": {}, "encoders": {},
+           "budgets": {}, "longest_clip": {}}
     md = [f"torch {torch.__version__}, CPU, {torch.get_num_threads()} threads, float32 unless stated", ""]
+    rows = host_table(rounds=30 if args.quick else 100)
+    out["host"] = rows
+    md += ["### Host time of one block step, tiny sizes (d=64, 2 heads, T=2, l=5; one thread)", "",
+           markdown_table(rows, ["variant", "host_ms", "host_x", "aten_ops"]), ""]
     for tag, l in [("B/32", 50)] + ([] if args.quick else [("B/16", 197)]):
         rows = block_table(l, rounds=5 if args.quick else 15)
         out["blocks"][tag] = rows
@@ -171,6 +293,13 @@ def main(argv=None) -> int:
     out["encoders"]["b32"] = rows
     md += ["### Whole encoder, B/32, T=8, batch 1", "",
            markdown_table(rows, ["variant", "held_mib", "held_x", "flops_x"]), ""]
+    rows, targets = budget_table("b32", 8, args.quick)
+    out["budgets"]["b32"] = dict(curve=rows, targets=targets)
+    md += ["### Memory budgets, whole encoder, B/32, T=8, batch 1 (against the eager original)", "",
+           markdown_table(rows, ["variant", "held_x", "flops_x", "levels"]), "",
+           "At the original's held fractions 0.30x and 0.10x: ours (the budget that gives it) against the "
+           "compiled original under activation_memory_budget at the same held fraction (interpolated):", "",
+           markdown_table(targets, ["target", "budget", "held_x", "flops_x", "compiled_flops_x", "levels"]), ""]
     for model in ["b16"] + ([] if args.quick else ["l14"]):
         rows = longest_clip(model)
         out["longest_clip"][model] = rows

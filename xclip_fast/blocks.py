@@ -106,15 +106,12 @@ class RowDrop(Drop):
         self.keep = 1 - drop_prob
 
     def __call__(self, branch: str, y: torch.Tensor) -> torch.Tensor:
-        if branch == "message":
-            mask = _row_mask(self.keep, y.shape[1], y.shape[1], 1, y.dim(), y.dtype, y.device)
-        else:
-            mask = self.mask(branch, y, y.dtype)
-        return y.div(self.keep) * mask
+        return y.div(self.keep) * self.mask(branch, y.shape, y.dtype, y.device)
 
-    def mask(self, branch: str, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        rows = x.shape[0]
-        return _row_mask(self.keep, rows + (branch == "attention"), rows, 0, x.dim(), dtype, x.device)
+    def mask(self, branch: str, shape, dtype: torch.dtype, device) -> torch.Tensor:
+        if branch == "message":
+            return _row_mask(self.keep, shape[1], shape[1], 1, len(shape), dtype, device)
+        return _row_mask(self.keep, shape[0] + (branch == "attention"), shape[0], 0, len(shape), dtype, device)
 
 
 def _sdpa_mask(attn_mask: torch.Tensor | None, dtype: torch.dtype, batch: int, heads: int, rows: int,

@@ -67,15 +67,19 @@ class Parts(NamedTuple):
 class Drop:
     """How a layer drops its branches (drop path): this base class drops nothing (evaluation, or
     rate 0). ``drop(branch, y)`` applies it to a branch's output ``y``, ``branch`` one of
-    ``"message"``, ``"attention"``, ``"mlp"``; ``mask(branch, x, dtype)`` draws the mask the fused
-    layer applies as ``y / keep * mask`` to the branch of a layer on ``x`` (None: no drop)."""
+    ``"message"``, ``"attention"``, ``"mlp"``; ``mask(branch, shape, dtype, device)`` draws the mask
+    the fused layer applies as ``y / keep * mask`` to the branch of a layer whose residual stream has
+    ``shape`` (for ``"message"``: the message tokens', ``(b, T, d)``), None: no drop. ``masks`` is
+    False when the drop path cannot be given as masks (the fused layer then leaves the message path
+    to ``drop``)."""
 
     keep = 1.0
+    masks = True
 
     def __call__(self, branch: str, y: torch.Tensor) -> torch.Tensor:
         return y
 
-    def mask(self, branch: str, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
+    def mask(self, branch: str, shape, dtype: torch.dtype, device) -> torch.Tensor | None:
         return None
 
 
@@ -262,16 +266,28 @@ def fused_parts(parts: Parts) -> bool:
             and (param(attn, "in_proj_weight") is not None or _separate_projections_plain(attn)))
 
 
+def fused_message(parts: Parts, drop: Drop) -> bool:
+    """Whether :class:`~xclip_fast.fused.FusedLayer` may run the message path too: ``message_fc`` and
+    ``message_ln`` plain, an in-projection of the message attention that can be read packed and a
+    plain out-projection, no attention dropout, a drop path given as masks."""
+    attn = parts.message_attn
+    return (drop.masks and linear_reason(parts.message_fc) is None and layer_norm_reason(parts.message_ln) is None
+            and linear_reason(attn._modules["out_proj"]) is None and _dropout(attn) == 0.0
+            and (param(attn, "in_proj_weight") is not None or _separate_projections_plain(attn)))
+
+
 def fused_layer(x: torch.Tensor, parts: Parts, backend: str, level: str, msg: torch.Tensor | None = None, *,
-                batch_first: bool = False, attn_mask: torch.Tensor | None = None, drop: Drop = no_drop
-                ) -> torch.Tensor | None:
+                T: int | None = None, batch_first: bool = False, attn_mask: torch.Tensor | None = None,
+                drop: Drop = no_drop) -> torch.Tensor | None:
     """The frame path of a layer whose parts are :func:`fused_parts`, at ``level``, as the
     Functions of :mod:`xclip_fast.fused`: one :class:`~xclip_fast.fused.FusedLayer` where the
     attention has an explicit forward and backward (:func:`xclip_fast.ops.packed_kernel`), else
     :class:`~xclip_fast.fused.NormLinear`, the attention operator and
     :class:`~xclip_fast.fused.OutMLP` (``"none"``, ``"lean"``, ``"min"``; None for ``"block"``, which
     then needs whole-layer checkpointing). ``msg``: the message tokens, the attention's extra
-    key/value."""
+    key/value; ``T`` instead (frames per video, :func:`fused_message` parts): the message path runs
+    inside the Function too, from the class tokens of ``x`` (None when the attention has no explicit
+    pair: the caller then runs it)."""
     S, B, d = (x.shape[1], x.shape[0], x.shape[2]) if batch_first else x.shape
     attn, ln_1, ln_2 = parts.attn, parts.ln_1, parts.ln_2
     H, Dh = _heads(attn, d)
@@ -281,8 +297,19 @@ def fused_layer(x: torch.Tensor, parts: Parts, backend: str, level: str, msg: to
     p = _dropout(attn)
     kernel = packed_kernel(resolve_backend(backend, device, dtype=dtype, head_dim=Dh, attn_mask=attn_mask is not None,
                                            dropout=p > 0.0), device, dtype, p)
-    if kernel is None and level == "block":
+    if kernel is None and (level == "block" or T is not None):
         return None
+    message = (None,) * 9
+    if T is not None:  # the message path's parameters, its attention's kernel and its drop-path mask
+        m_attn = parts.message_attn
+        Hm, Dm = _heads(m_attn, d)
+        m_kernel = packed_kernel(resolve_backend(backend, device, dtype=dtype, head_dim=Dm), device, dtype, 0.0)
+        if m_kernel is None:
+            return None
+        message = (*_weight_bias(parts.message_fc), *_weight_bias(parts.message_ln), *in_projection(m_attn),
+                   *_weight_bias(m_attn._modules["out_proj"]),
+                   drop.mask("message", (B // T, T, d), dtype, device))
+        message_cfg = (T, parts.message_ln.eps, Hm, Dm**-0.5, m_kernel)
     packed = in_projection(attn)
     if msg is not None:  # (the original concatenates msg to x, promoting it to x's dtype, before ln_1)
         msg = msg.to(x.dtype)
@@ -291,15 +318,18 @@ def fused_layer(x: torch.Tensor, parts: Parts, backend: str, level: str, msg: to
     params = (*_weight_bias(ln_1), *packed, *_weight_bias(attn._modules["out_proj"]), *_weight_bias(ln_2),
               *_weight_bias(parts.mlp.fc1), *_weight_bias(parts.mlp.fc2))
     if kernel is not None:
-        cfg = (H, batch_first, ln_1.eps, ln_2.eps, drop.keep, cast, kernel, Dh**-0.5, mlp_backend, level)
-        return FusedLayer.apply(x, msg, *params, drop.mask("attention", x, dtype), drop.mask("mlp", x, dtype),
-                                None if attn_mask is None else attn_mask.to(dtype), cfg)
+        cfg = (H, batch_first, ln_1.eps, ln_2.eps, drop.keep, cast, kernel, Dh**-0.5, mlp_backend, level,
+               message_cfg if T is not None else None)
+        return FusedLayer.apply(x, msg, *params, drop.mask("attention", x.shape, dtype, device),
+                                drop.mask("mlp", x.shape, dtype, device),
+                                None if attn_mask is None else attn_mask.to(dtype), *message, cfg)
     extra = None if msg is None else project_kv(attn, packed, ln_1(msg)).view(B, 2, H, Dh)
     qkv = NormLinear.apply(x, *params[:4], ln_1.eps, cast, level == "none")
     qkv = qkv.view(B, S, 3, H, Dh) if batch_first else qkv.view(S, B, 3, H, Dh).transpose(0, 1)
     o = packed_attention(qkv, extra, backend=backend, attn_mask=attn_mask, dropout_p=p)
     o = (o if batch_first else o.transpose(0, 1)).flatten(2)  # x's order; memory as the attention left it
-    masks = drop.mask("attention", x, o.dtype), drop.mask("mlp", x, o.dtype)  # (after the attention's dropout)
+    # (after the attention's dropout)
+    masks = drop.mask("attention", x.shape, o.dtype, device), drop.mask("mlp", x.shape, o.dtype, device)
     return OutMLP.apply(x, o, *params[4:], *masks, drop.keep, ln_2.eps, cast, mlp_backend, level)
 
 
@@ -327,6 +357,10 @@ def cross_frame_path(x: torch.Tensor, T: int, parts: Parts, backend: str, *, bat
         body = functools.partial(_cross_frame_branches, T=T, parts=parts, backend=backend, batch_first=batch_first,
                                  attn_mask=attn_mask, drop=drop)
         return _layer(body, x, parts, recompute, drop, module)
+    if frame_parallel is None and fused_message(parts, drop):  # the whole layer in one Function
+        out = fused_layer(x, parts, backend, recompute, T=T, batch_first=batch_first, attn_mask=attn_mask, drop=drop)
+        if out is not None:
+            return out
     msg = message_path(x[:, 0] if batch_first else x[0], T, parts, backend, drop, frame_parallel,
                        recomputed=recompute not in (None, "none"), module=module)
     if fused:

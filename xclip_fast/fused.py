@@ -5,7 +5,9 @@ Python call (no dispatch mode, no second Python forward).
 - :class:`FusedLayer`: the whole frame path, ``x -> x1 + drop(mlp(ln_2(x1)))`` with
   ``x1 = x + drop(out_proj(attention(ln_1(x))))``, the attention run by its explicit forward and
   backward (:func:`xclip_fast.ops.packed_forward`: the triton operators, or PyTorch's CPU flash
-  attention). Every level: ``"none"``, ``"lean"``, ``"min"`` and ``"block"``.
+  attention), and the message path before it (from the class tokens of ``x``; or the message
+  tokens given). Every level: ``"none"``, ``"lean"``, ``"min"`` and ``"block"``; the message path
+  (a few rows per frame) keeps everything at every level.
 - :class:`NormLinear` and :class:`OutMLP`: the same layer in two pieces around an attention that
   has no explicit forward/backward (the torch backend on CUDA, attention dropout), which autograd
   then records between them; levels ``"none"``, ``"lean"`` and ``"min"`` (which keeps the attention
@@ -169,24 +171,73 @@ def _qkv5(qkv: torch.Tensor, x: torch.Tensor, heads: int, batch_first: bool) -> 
     return qkv.view(A, Bx, 3, heads, d // heads).transpose(0, 1)
 
 
+def _message_forward(cls, fc_w, fc_b, ln_w, ln_b, in_w, in_b, out_w, out_b, mask, keep, cast, cfg):
+    """The message path of a layer on its class tokens ``cls (N, d)``: ``message_fc``, then per
+    video of T frames ``msg_in + drop(out_proj(attention(message_ln(msg_in))))``. Returns what its
+    backward reads (the weights as the GEMMs read them, ``message_ln``'s parameters, input, output
+    and statistics, q/k/v, the attention's output and log-sum-exp) and, last, the message tokens."""
+    T, eps, heads, scale, kernel = cfg
+    N, d = cls.shape
+    cls, fc_w, fc_b, in_w, in_b, out_w, out_b = autocast_cast(cast, cls, fc_w, fc_b, in_w, in_b, out_w, out_b)
+    msg_in = _linear2d(cls, fc_w, fc_b)
+    xn, h, mean, rstd = _layer_norm(msg_in, ln_w, ln_b, eps)
+    h = autocast_cast(cast, h)[0]
+    qkv = _linear2d(h, in_w, in_b)
+    out, lse = packed_forward(kernel, qkv.view(N // T, T, 3, heads, d // heads), None, scale)
+    a = _linear2d(out.reshape(N, d), out_w, out_b)
+    msg = msg_in + (a if mask is None else (a.view(N // T, T, d).div(keep) * mask).view(N, d))
+    return fc_w, ln_w, ln_b, in_w, out_w, xn, h, mean, rstd, qkv, out, lse, msg
+
+
+def _message_backward(dmsg, cls, fc_w, ln_w, ln_b, in_w, out_w, xn, h, mean, rstd, qkv, out, lse, mask, keep, cast,
+                      cfg, need):
+    """Gradients of :func:`_message_forward` from the message tokens' ``dmsg``: those of
+    ``message_fc``, ``message_ln``, the in- and out-projection (``need``: which are wanted), then of
+    the class tokens."""
+    T, eps, heads, scale, kernel = cfg
+    N, d = cls.shape
+    dmsg = dmsg.to(out.dtype)
+    da = dmsg if mask is None else (dmsg.view(N // T, T, d) * mask).div_(keep).view(N, d)
+    dout_w = da.t().mm(out.reshape(N, d)) if need[6] else None
+    dout_b = da.sum(0) if need[7] else None
+    dqkv, _ = packed_backward(kernel, qkv.view(N // T, T, 3, heads, d // heads), None, out, lse,
+                              da.mm(out_w).view(N // T, T, heads, d // heads), scale)
+    dqkv = dqkv.reshape(N, 3 * d)
+    din_w = dqkv.t().mm(h) if need[4] else None
+    din_b = dqkv.sum(0) if need[5] else None
+    dxn, dln_w, dln_b = _LN_BWD(dqkv.mm(in_w).to(xn.dtype), xn, (d,), mean, rstd, ln_w, ln_b, [True, need[2], need[3]])
+    dmsg_in = (dxn + dmsg).to(fc_w.dtype)  # (the residual around the message attention)
+    dfc_w = dmsg_in.t().mm(autocast_cast(cast, cls)[0]) if need[0] else None
+    dfc_b = dmsg_in.sum(0) if need[1] else None
+    return dfc_w, dfc_b, dln_w, dln_b, din_w, din_b, dout_w, dout_b, dmsg_in.mm(fc_w)
+
+
 class FusedLayer(torch.autograd.Function):
-    """A whole frame path of a layer (see the module doc) at ``cfg``'s level.
+    """A whole layer's frame path (see the module doc) at ``cfg``'s level, with its message path.
 
     Inputs: the residual stream ``x`` (``(l, N, d)``, batch-first ``(N, l, d)``), the message
-    tokens ``msg (N, d)`` (or None: plain self-attention, the MIT), layer-normed by ``ln_1`` and
-    projected to their key and value only, one extra key/value per frame; the parameters of
-    ``ln_1``, the in-projection, the out-projection, ``ln_2`` and the MLP, the
-    drop-path masks of the two branches (None: no drop), an additive attention mask (or None) and
-    the constants ``cfg = (heads, batch_first, ln_1 eps, ln_2 eps, the drop path's keep
-    probability, the autocast dtype or None, the attention kernel (see
-    :func:`xclip_fast.ops.packed_kernel`), the softmax scale, QuickGELU's resolved backend, the
-    level)``. Gradients flow to every tensor input but the masks."""
+    tokens ``msg (N, d)`` (or None), layer-normed by ``ln_1`` and projected to their key and value
+    only, one extra key/value per frame; the parameters of ``ln_1``, the in-projection, the
+    out-projection, ``ln_2`` and the MLP, the drop-path masks of the two branches (None: no drop),
+    an additive attention mask (or None); the parameters of ``message_fc``, ``message_ln``, the
+    message attention's in- and out-projection and the message branch's drop-path mask, when the
+    message path runs here (``msg`` None; all None otherwise); and the constants ``cfg = (heads,
+    batch_first, ln_1 eps, ln_2 eps, the drop path's keep probability, the autocast dtype or None,
+    the attention kernel (see :func:`xclip_fast.ops.packed_kernel`), the softmax scale, QuickGELU's
+    resolved backend, the level, the message path's (T, message_ln eps, heads, scale, kernel) or
+    None)``. Without message tokens either way it is plain self-attention (the MIT). Gradients flow
+    to every tensor input but the masks."""
 
     @staticmethod
     def forward(ctx, x, msg, ln1_w, ln1_b, w_in, b_in, wo, bo, ln2_w, ln2_b, w1, b1, w2, b2, mask_a, mask_m,
-                attn_mask, cfg):
-        heads, batch_first, eps1, eps2, keep, cast, kernel, scale, mlp_backend, level = cfg
+                attn_mask, mfc_w, mfc_b, mln_w, mln_b, min_w, min_b, mout_w, mout_b, mask_msg, cfg):
+        heads, batch_first, eps1, eps2, keep, cast, kernel, scale, mlp_backend, level, message = cfg
         d = x.shape[-1]
+        saved_message = (None,) * 13
+        if message is not None:  # the message path, from the class tokens
+            saved_message = _message_forward(x[:, 0] if batch_first else x[0], mfc_w, mfc_b, mln_w, mln_b, min_w,
+                                             min_b, mout_w, mout_b, mask_msg, keep, cast, message)
+            msg = saved_message[-1].to(x.dtype)  # (the original concatenates it to x, promoting it to x's dtype)
         xn1, h, mean1, rstd1 = _layer_norm(x, ln1_w, ln1_b, eps1)
         weights = (w_in, b_in, wo, bo, w1, b1, w2)  # "block" keeps these, not their autocast copies
         hc, w_in, b_in, wo, bo, w1, b1, w2, b2 = autocast_cast(cast, h, w_in, b_in, wo, bo, w1, b1, w2, b2)
@@ -209,7 +260,7 @@ class FusedLayer(torch.autograd.Function):
         if level != "block":
             weights = (w_in, b_in, wo, bo, w1, b1, w2)
         ctx.save_for_backward(x, xn1, mean1, rstd1, mean2, rstd2, xm, hm, mean_m, rstd_m, extra, ln1_w, ln1_b, ln2_w,
-                              ln2_b, mask_a, mask_m, attn_mask, *weights, *kept)
+                              ln2_b, mask_a, mask_m, attn_mask, *weights, *kept, *saved_message[:-1], mask_msg)
         ctx.cfg = cfg
         return res
 
@@ -217,8 +268,8 @@ class FusedLayer(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, dout):
         (x, xn1, mean1, rstd1, mean2, rstd2, xm, hm, mean_m, rstd_m, extra, ln1_w, ln1_b, ln2_w, ln2_b, mask_a, mask_m,
-         attn_mask, w_in, b_in, wo, bo, w1, b1, w2, hc, qkv, out, lse, xn2, h2, pre) = ctx.saved_tensors
-        heads, batch_first, eps1, eps2, keep, cast, kernel, scale, mlp_backend, level = ctx.cfg
+         attn_mask, w_in, b_in, wo, bo, w1, b1, w2, hc, qkv, out, lse, xn2, h2, pre, *saved_message) = ctx.saved_tensors
+        heads, batch_first, eps1, eps2, keep, cast, kernel, scale, mlp_backend, level, message = ctx.cfg
         need = ctx.needs_input_grad
         if level == "block":
             w_in, b_in, wo, bo, w1, b1, w2 = autocast_cast(cast, w_in, b_in, wo, bo, w1, b1, w2)
@@ -255,12 +306,20 @@ class FusedLayer(torch.autograd.Function):
                 dw_in[d:].addmm_(dkv.t(), hm)
             if db_in is not None:
                 db_in[d:].add_(dkv.sum(0))
-            if need[1] or need[2] or need[3]:
+            need_msg = need[1] or message is not None
+            if need_msg or need[2] or need[3]:
                 dmsg, dlw, dlb = _LN_BWD(dkv.mm(w_in[d:]).to(xm.dtype), xm, (d,), mean_m, rstd_m, ln1_w, ln1_b,
-                                         [need[1], need[2], need[3]])
+                                         [need_msg, need[2], need[3]])
                 dlw1 = dlw if dlw1 is None else dlw1.add_(dlw)
                 dlb1 = dlb if dlb1 is None else dlb1.add_(dlb)
-        return (dx, dmsg, dlw1, dlb1, dw_in, db_in, dwo, dbo, dlw2, dlb2, dw1, db1, dw2, db2, None, None, None, None)
+        message_grads = (None,) * 8
+        if message is not None:  # back through the message path into the class tokens' rows of dx
+            *message_grads, dcls = _message_backward(dmsg, x[:, 0] if batch_first else x[0], *saved_message, keep,
+                                                     cast, message, need[17:25])
+            (dx[:, 0] if batch_first else dx[0]).add_(dcls)
+            dmsg = None
+        return (dx, dmsg, dlw1, dlb1, dw_in, db_in, dwo, dbo, dlw2, dlb2, dw1, db1, dw2, db2, None, None, None,
+                *message_grads, None, None)
 
 
 # ------------------------------------------------------------------------------------------------

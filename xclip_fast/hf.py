@@ -133,10 +133,13 @@ def _level(layer: nn.Module, x: torch.Tensor) -> str | None:
 
 
 class _MessageDrop(Drop):
-    """Hugging Face's drop path: its module (one draw per sample) on the message branch only."""
+    """Hugging Face's drop path: its module (one draw per sample) on the message branch only; not
+    given as masks while it drops (the fused layer then leaves the message path to the module)."""
 
     def __init__(self, drop_path: nn.Module):
         self.drop_path = drop_path
+        self.masks = hook_reason(drop_path) is None and (
+            isinstance(drop_path, nn.Identity) or not drop_path.training or not drop_path.drop_prob)
 
     def __call__(self, branch: str, y: torch.Tensor) -> torch.Tensor:
         return self.drop_path(y) if branch == "message" else y

@@ -287,6 +287,7 @@ def _encode(args) -> int:
     if world > 1:
         import torch.distributed as dist
 
+        dist.barrier()  # no process tears its connections down while another still uses them
         dist.destroy_process_group()
     return 1 if failed else 0
 

@@ -260,9 +260,14 @@ def fused_parts(parts: Parts) -> bool:
     """Whether a layer's frame path may run as :func:`fused_layer`: stock LayerNorms without hooks,
     an in-projection that can be read packed, a plain out-projection and CLIP's QuickGELU MLP (see
     :mod:`xclip_fast.submodules`). Every part is then read, not called."""
-    attn = parts.attn
     return (isinstance(parts.mlp, FusedMLP) and layer_norm_reason(parts.ln_1) is None
-            and layer_norm_reason(parts.ln_2) is None and linear_reason(attn._modules["out_proj"]) is None
+            and layer_norm_reason(parts.ln_2) is None and _projections_read(parts.attn))
+
+
+def _projections_read(attn: nn.Module) -> bool:
+    """Whether an attention module's projections can be read instead of called: an in-projection
+    that can be read packed and a plain out-projection."""
+    return (linear_reason(attn._modules["out_proj"]) is None
             and (param(attn, "in_proj_weight") is not None or _separate_projections_plain(attn)))
 
 
@@ -270,10 +275,8 @@ def fused_message(parts: Parts, drop: Drop) -> bool:
     """Whether :class:`~xclip_fast.fused.FusedLayer` may run the message path too: ``message_fc`` and
     ``message_ln`` plain, an in-projection of the message attention that can be read packed and a
     plain out-projection, no attention dropout, a drop path given as masks."""
-    attn = parts.message_attn
     return (drop.masks and linear_reason(parts.message_fc) is None and layer_norm_reason(parts.message_ln) is None
-            and linear_reason(attn._modules["out_proj"]) is None and _dropout(attn) == 0.0
-            and (param(attn, "in_proj_weight") is not None or _separate_projections_plain(attn)))
+            and _dropout(parts.message_attn) == 0.0 and _projections_read(parts.message_attn))
 
 
 def fused_layer(x: torch.Tensor, parts: Parts, backend: str, level: str, msg: torch.Tensor | None = None, *,
@@ -299,7 +302,7 @@ def fused_layer(x: torch.Tensor, parts: Parts, backend: str, level: str, msg: to
                                            dropout=p > 0.0), device, dtype, p)
     if kernel is None and (level == "block" or T is not None):
         return None
-    message = (None,) * 9
+    message, message_cfg = (None,) * 9, None
     if T is not None:  # the message path's parameters, its attention's kernel and its drop-path mask
         m_attn = parts.message_attn
         Hm, Dm = _heads(m_attn, d)
@@ -318,8 +321,7 @@ def fused_layer(x: torch.Tensor, parts: Parts, backend: str, level: str, msg: to
     params = (*_weight_bias(ln_1), *packed, *_weight_bias(attn._modules["out_proj"]), *_weight_bias(ln_2),
               *_weight_bias(parts.mlp.fc1), *_weight_bias(parts.mlp.fc2))
     if kernel is not None:
-        cfg = (H, batch_first, ln_1.eps, ln_2.eps, drop.keep, cast, kernel, Dh**-0.5, mlp_backend, level,
-               message_cfg if T is not None else None)
+        cfg = (H, batch_first, ln_1.eps, ln_2.eps, drop.keep, cast, kernel, Dh**-0.5, mlp_backend, level, message_cfg)
         return FusedLayer.apply(x, msg, *params, drop.mask("attention", x.shape, dtype, device),
                                 drop.mask("mlp", x.shape, dtype, device),
                                 None if attn_mask is None else attn_mask.to(dtype), *message, cfg)

@@ -113,9 +113,10 @@ step tune 70 $PY benchmarks/tune.py --out "$WORK/tune" --budget 50
 # 6. long clips: the encoder against T, unchunked and chunked
 step bench-encoder 45 $BENCH --level encoder --model b16 --frames 8,128,1024 --dtype bfloat16 \
   --providers xclip-fast-triton,xclip-fast-triton-chunked
-# 7. training steps (bf16 autocast) at the recompute levels against the original with selective checkpointing
-step bench-train 45 $BENCH --level train --model b16 --frames 8 --batch 1 \
-  --providers reference-sac,xclip-fast-none,xclip-fast-lean,xclip-fast-min
+# 7. training steps (bf16 autocast) at the recompute levels against the original with selective checkpointing,
+#    and the default level under activation offloading (save_on_cpu, pinned)
+step bench-train 50 $BENCH --level train --model b16 --frames 8 --batch 1 \
+  --providers reference-sac,xclip-fast-none,xclip-fast-lean,xclip-fast-min,xclip-fast-lean-offload
 # 8. a CUDA .pt2 package of the triton backend (AOTInductor): kernels inside, parity, loads with torch alone
 step export-cuda 60 $PY -m pytest -q -p no:cacheprovider tests/test_export.py -k "$EXPORT_CUDA_TEST"
 exit $((FAILED > 0))

@@ -1,9 +1,10 @@
 """What training keeps for the backward: held bytes, matmul FLOPs and host time of one CCT block and
 of the encoder at every recompute level and memory budget against the original (eager, with
 selective checkpointing, compiled, compiled under an activation memory budget), the CPU time of a
-block, and the longest clip that trains in 80 and 141 GB.
+block, and the longest clip that trains in 80 and 141 GB; with ``--offload``, instead, what activation
+offloading moves per block at every level.
 
-    python benchmarks/training_memory.py [--out DIR] [--quick]
+    python benchmarks/training_memory.py [--out DIR] [--quick] [--offload]
 
 Held bytes: the tensor storages created by the forward and still alive after it (the output,
 inputs and weights excluded), counted operator by operator (``xclip_fast.bench.memory``); for the
@@ -18,7 +19,11 @@ original, our matmul FLOPs against the compiled original's at the same held frac
 between its measured budgets). Longest clip: batch 1, bf16 autocast (the GPU training setting, run
 here on the CPU): bytes per frame from the held bytes at two frame counts plus one block's working
 set in backward, and ``T_max = (capacity - 18 bytes x parameters) / bytes per frame`` (see
-``longest_clip``). An extrapolation: no GPU ran it.
+``longest_clip``). An extrapolation: no GPU ran it. Offloading: one block at B/32 and B/16 sizes
+(T = 8, batch 1, bf16 autocast, run on the CPU) under saved-tensor hooks: the bytes they see (what
+``save_on_cpu`` moves of the activations), those kept outside them (what stays on the GPU whatever
+the hooks do), and what ``save_on_cpu`` copies in one forward, a tensor saved twice counted twice,
+the parameters apart.
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ from torch.utils.checkpoint import checkpoint, create_selective_checkpoint_conte
 
 from xclip_fast import reference
 from xclip_fast.bench.measure import host_times
-from xclip_fast.bench.memory import held_bytes, matmul_flops, saved_bytes
+from xclip_fast.bench.memory import CountingOffload, held_bytes, hooked_bytes, matmul_flops, saved_bytes
 from xclip_fast.bench.results import markdown_table
 from xclip_fast.bench.train import Trainer, save_matmuls
 from xclip_fast.blocks import CrossFrameAttentionBlock
@@ -103,6 +108,47 @@ def block_table(l: int, rounds: int) -> list[dict]:
         r["flops_x"] = r["flops"] / base["flops"] if r["flops"] else None
         r["time_ms"] = times.get(r["variant"])
         r["time_x_none"] = r["time_ms"] / times["fast, recompute=none"] if r["time_ms"] else None
+    return rows
+
+
+def offload_table(l: int) -> list[dict]:
+    """One block (l tokens, T = 8, d = 768, 12 heads, batch 1) under bf16 autocast, the original and
+    every level: held bytes, the bytes the saved-tensor hooks see and those they do not, and what
+    ``save_on_cpu`` copies (activations; parameters apart), in MiB."""
+    torch.manual_seed(0)
+    T, d, h = 8, 768, 12
+    ref = reference.CrossFramelAttentionBlock(d, h, None, 0.0, T).train()
+    fast = CrossFrameAttentionBlock(d, h, None, 0.0, T, backend="torch").train()
+    fast.load_state_dict(ref.state_dict())
+    x = torch.randn(l, T, d, requires_grad=True)
+
+    def autocast(fn):
+        def run(x):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                return fn(x)
+        return run
+
+    def level(name):
+        def run(x):
+            fast.recompute = name
+            return fast(x)
+        return run
+
+    variants = {"original": ref, **{f"fast, recompute={k}": level(k) for k in RECOMPUTE_LEVELS}}
+    rows = []
+    for name, fn in variants.items():
+        fn = autocast(fn)
+        out, held = held_bytes(fn, x, keep=[ref, fast])
+        del out
+        out, hooked, outside = hooked_bytes(fn, x, keep=[ref, fast])
+        del out
+        offload = CountingOffload()
+        with offload:
+            out = fn(x)
+        del out
+        rows.append(dict(variant=name, held_mib=held / MIB, hooked_mib=hooked / MIB, outside_mib=outside / MIB,
+                         moved_mib=(offload.moved - offload.parameters) / MIB,
+                         moved_parameters_mib=offload.parameters / MIB))
     return rows
 
 
@@ -275,8 +321,11 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default=None, help="folder for results.md and results.json")
     p.add_argument("--quick", action="store_true", help="B/32 only, fewer timing rounds and budgets")
+    p.add_argument("--offload", action="store_true", help="only what activation offloading moves per block")
     args = p.parse_args(argv)
     torch.set_num_threads(torch.get_num_threads())
+    if args.offload:
+        return _write(*_offload(), args.out)
     out = {"torch": torch.__version__, "threads": torch.get_num_threads(), "host": [], "blocks": {}, "encoders": {},
            "budgets": {}, "longest_clip": {}}
     md = [f"torch {torch.__version__}, CPU, {torch.get_num_threads()} threads, float32 unless stated", ""]
@@ -306,13 +355,29 @@ def main(argv=None) -> int:
         md += [f"### Longest trainable clip, {model}, batch 1, bf16 autocast (extrapolated from CPU)", "",
                markdown_table(rows, ["variant", "held_mib_per_frame", "mib_per_frame", "T_max_80GB", "T_max_141GB",
                           "x_original", "x_selective"]), ""]
+    return _write(md, out, args.out)
+
+
+def _offload() -> tuple[list[str], dict]:
+    out = {"torch": torch.__version__, "offload": {}}
+    md = [f"torch {torch.__version__}, CPU, bf16 autocast", ""]
+    for tag, l in [("B/32", 50), ("B/16", 197)]:
+        rows = offload_table(l)
+        out["offload"][tag] = rows
+        md += [f"### Activation offloading, one CCT block, {tag} sizes (l={l}, T=8, d=768, 12 heads, batch 1), MiB",
+               "", markdown_table(rows, ["variant", "held_mib", "hooked_mib", "outside_mib", "moved_mib",
+                                         "moved_parameters_mib"]), ""]
+    return md, out
+
+
+def _write(md: list[str], out: dict, folder: str | None) -> int:
     text = "\n".join(md)
     print(text)
-    if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, "results.md"), "w") as f:
+    if folder:
+        os.makedirs(folder, exist_ok=True)
+        with open(os.path.join(folder, "results.md"), "w") as f:
             f.write(text + "\n")
-        with open(os.path.join(args.out, "results.json"), "w") as f:
+        with open(os.path.join(folder, "results.json"), "w") as f:
             json.dump(out, f, indent=1)
     return 0
 

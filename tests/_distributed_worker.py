@@ -1,10 +1,13 @@
 """The per-process part of tests/test_distributed.py (spawned; kept out of the test module so that
 the children import no test code)."""
 
+import contextlib
+
 import torch
 import torch.distributed as dist
 
 from xclip_fast.encoder import XCLIPVideoEncoder
+from xclip_fast.testing import copied_saved_tensors
 
 CONFIG = dict(input_resolution=16, patch_size=8, width=64, layers=2, heads=2, embed_dim=32, num_frames=3,
               mit_heads=2)
@@ -37,7 +40,7 @@ def worker(rank: int, world: int, store: str, backend: str, mode: str, out_path:
         results = {}
         for recompute in RECOMPUTE:
             enc = make_encoder(backend, recompute)
-            if mode == "ddp":
+            if mode.startswith("ddp"):
                 from torch.nn.parallel import DistributedDataParallel
 
                 model = DistributedDataParallel(enc)
@@ -49,7 +52,10 @@ def worker(rank: int, world: int, store: str, backend: str, mode: str, out_path:
                 fully_shard(enc)
                 model = enc
             per_rank = BATCH // world
-            loss_of(model(batch()[rank * per_rank:(rank + 1) * per_rank])).backward()
+            # "ddp-offload": the forward under hooks that copy what autograd saves (activation offloading)
+            with copied_saved_tensors() if mode == "ddp-offload" else contextlib.nullcontext():
+                loss = loss_of(model(batch()[rank * per_rank:(rank + 1) * per_rank]))
+            loss.backward()
             grads = {}
             for name, p in model.named_parameters():
                 g = p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad

@@ -11,6 +11,7 @@ import torch.distributed as dist
 from xclip_fast.bench.memory import CollectiveCounter
 from xclip_fast.encoder import XCLIPVideoEncoder
 from xclip_fast.parallel import FrameParallel
+from xclip_fast.testing import copied_saved_tensors
 
 CONFIG = dict(input_resolution=16, patch_size=8, width=64, layers=2, heads=2, embed_dim=32, num_frames=4,
               mit_heads=2)
@@ -34,10 +35,12 @@ def loss_of(out: torch.Tensor) -> torch.Tensor:
     return out.square().sum(-1).mean()
 
 
-def one_step(model, video, fp, seed: int = 7, autocast: bool = False):
-    """Embedding and loss gradient of one forward + backward; drop path seeded alike everywhere."""
+def one_step(model, video, fp, seed: int = 7, autocast: bool = False, offload: bool = False):
+    """Embedding and loss gradient of one forward + backward; drop path seeded alike everywhere;
+    ``offload``: the forward under hooks that copy what autograd saves (activation offloading)."""
     torch.manual_seed(seed)
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast), \
+            copied_saved_tensors() if offload else contextlib.nullcontext():
         out = model(video, frame_parallel=fp)
     loss_of(out.double()).backward()
     return out.detach().double()
@@ -51,11 +54,14 @@ def grads_of(model) -> dict:
     return out
 
 
-def scenario(backend="torch", recompute="lean", T=4, autocast=False, mode="plain", droppath=0.2) -> dict:
+def scenario(backend="torch", recompute="lean", T=4, autocast=False, mode="plain", droppath=0.2,
+             offload=False) -> dict:
     """One training step's settings: ``mode`` "plain" (gradients averaged by
     ``FrameParallel.average_gradients``), "aot_eager" or "inductor" (torch.compile) or "fsdp2";
-    autocast runs a float32 model in bfloat16 (autocast leaves float64 alone)."""
-    return dict(backend=backend, recompute=recompute, T=T, autocast=autocast, mode=mode, droppath=droppath)
+    autocast runs a float32 model in bfloat16 (autocast leaves float64 alone); ``offload``: the
+    forward under activation offloading (see :func:`one_step`)."""
+    return dict(backend=backend, recompute=recompute, T=T, autocast=autocast, mode=mode, droppath=droppath,
+                offload=offload)
 
 
 def scenarios(world: int) -> dict:
@@ -69,6 +75,7 @@ def scenarios(world: int) -> dict:
     out["aot_eager"] = scenario(mode="aot_eager")
     out["inductor"] = scenario(recompute="min", T=3, mode="inductor")
     out["fsdp2"] = scenario(recompute="block", mode="fsdp2")
+    out.update({f"offload-{level}": scenario(recompute=level, T=5, offload=True) for level in ("lean", "min")})
     return out
 
 
@@ -96,7 +103,7 @@ def worker(rank: int, world: int, store: str, out_path: str, triton_ok: bool) ->
             video = clip(2, sc["T"], dtype=dtype)
             counter = CollectiveCounter()
             with counter if sc["mode"] == "plain" else contextlib.nullcontext():
-                out = one_step(model, video[:, fp.frames], fp, autocast=sc["autocast"])
+                out = one_step(model, video[:, fp.frames], fp, autocast=sc["autocast"], offload=sc["offload"])
             if sc["mode"] != "fsdp2":
                 fp.average_gradients(enc)
             results[name] = dict(out=out, grads=grads_of(enc), calls=counter.calls, bytes=counter.bytes)

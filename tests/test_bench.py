@@ -190,3 +190,24 @@ def test_host_time_and_budget_providers():
     assert budget_of("xclip-fast-budget-0.3") == 0.3 and budget_of("xclip-fast-lean") is None
     assert Trainer("xclip-fast-budget-0.3", enc, torch.device("cpu"), False).modules.recompute == 0.3
     assert gpu_idle_fraction(lambda: None, torch.device("cpu")) is None
+
+
+def test_offload_provider_moves_what_the_level_keeps():
+    """``xclip-fast-<level>-offload`` is the fast encoder at that level with every forward under
+    save_on_cpu, counting what it moves: at least the bytes the level keeps (a tensor saved twice is
+    moved twice), the parameters counted apart; left out of a CPU run, where nothing would move."""
+    from xclip_fast.bench.memory import held_bytes
+    from xclip_fast.bench.run import _train_providers
+    from xclip_fast.bench.train import Trainer, offloads
+
+    enc, video = _tiny_encoder()
+    tr = Trainer("xclip-fast-min-offload", enc, torch.device("cpu"), False)
+    assert tr.modules.recompute == "min" and offloads("xclip-fast-min-offload")
+    tr.step(video)
+    plain = Trainer("xclip-fast-min", enc, torch.device("cpu"), False)
+    out, held = held_bytes(plain.loss, video, keep=[plain.modules])
+    params = sum(p.numel() * p.element_size() for p in tr.params)
+    assert 0 < tr.offload.parameters <= params
+    assert tr.offload.moved - tr.offload.parameters >= held > 0
+    assert not [p for p in _train_providers(None, True, False) if offloads(p)]
+    assert len([p for p in _train_providers(None, False, True) if offloads(p)]) == 4

@@ -1,6 +1,6 @@
 """Data parallel training on 2 CPU processes (gloo): DDP and FSDP2 (one fully_shard per block, as
 long clips are trained) give the gradients one process computes over the whole batch, on both fast
-backends, at every recompute level and two memory budgets."""
+backends, at every recompute level and two memory budgets; so does DDP under activation offloading."""
 
 import pytest
 import torch
@@ -15,12 +15,15 @@ TRITON_OK, TRITON_WHY = triton_status("cpu")
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                                 reason="torch.distributed with gloo is not available")
 # the children run on CPU: the triton backend needs the interpreter there (set by conftest without CUDA)
-BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.skipif(not TRITON_OK, reason=TRITON_WHY))]
+_TRITON = pytest.mark.skipif(not TRITON_OK, reason=TRITON_WHY)
+CASES = [pytest.param("torch", "ddp"), pytest.param("triton", "ddp", marks=_TRITON), pytest.param("torch", "fsdp2"),
+         pytest.param("triton", "fsdp2", marks=_TRITON), pytest.param("torch", "ddp-offload")]
 
 
-@pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend, mode", CASES)
 def test_data_parallel_gradients_equal_one_process(backend, mode, tmp_path):
+    """``ddp-offload``: DDP with each forward under saved-tensor hooks that copy what autograd saves
+    (as ``save_on_cpu`` does on a GPU)."""
     out = tmp_path / "grads.pt"
     mp.spawn(worker, args=(2, str(tmp_path / "store"), backend, mode, str(out)), nprocs=2, join=True)
     results = torch.load(out)

@@ -175,12 +175,13 @@ class RecomputeMixin:
     is called again). Where the attention has no explicit forward and backward (the torch backend on
     CUDA, attention dropout), ``"min"`` keeps q/k/v and the attention output and recomputes the MLP's
     first GEMM instead, and ``"block"`` checkpoints the block whole. A block with a wrapped part (PEFT
-    LoRA on the MLP, a hooked LayerNorm, another MLP) runs ``"lean"`` and ``"min"`` through PyTorch's
-    selective checkpointing (which backpropagates once only), or keeps what ``"none"`` keeps where a
+    LoRA on the MLP, a hooked LayerNorm, another MLP) runs ``"lean"`` and ``"min"`` through selective
+    checkpointing (:func:`xclip_fast.recompute.selective`), or keeps what ``"none"`` keeps where a
     recomputation would call a hook again or the attention drops out, and ``"block"`` checkpoints it
     whole, calling its sub-modules' hooks again in backward; one that runs its original computation
-    (the ``"reference"`` backend, wrapped or hooked attention) keeps what the original keeps. See
-    :mod:`xclip_fast.recompute`.
+    (the ``"reference"`` backend, wrapped or hooked attention) keeps what the original keeps. Every
+    tensor kept goes through the saved-tensor hooks active around the forward
+    (``torch.autograd.graph.save_on_cpu`` offloads all of it). See :mod:`xclip_fast.recompute`.
 
     An encoder also takes a memory budget, a float in (0, 1] (see
     :class:`xclip_fast.encoder.XCLIPVideoEncoder`): its containers then report the budget and each

@@ -400,8 +400,8 @@ def _layer(branches: Callable, x: torch.Tensor, parts: Parts, recompute: str | N
     """``x1 + drop("mlp", y)`` of ``(x1, y) = branches(x, *inputs, recomputed=...)`` for a layer that is
     not fused at ``recompute``: checkpointed whole at ``"block"``; at ``"lean"``/``"min"`` through the
     selective fallback, unless a recomputation would call a hook again or the attention drops out
-    (PyTorch's selective checkpointing refuses the in-place random numbers of SDPA's dropout): then
-    as at ``"none"``."""
+    (the fallback keeps the attention's output and recomputes the other random numbers from the
+    restored generator state: an attention that draws would shift them): then as at ``"none"``."""
     if recompute == "block":
         x1, y = checkpointed("block", module, functools.partial(branches, recomputed=True), x, *inputs)
     elif recompute in ("lean", "min") and selective_reason(module) is None and not _drops_attention(parts):

@@ -259,8 +259,10 @@ class FusedLayer(torch.autograd.Function):
             kept = (None, None, None, None, None, None, pre if level == "min" else None)
         if level != "block":
             weights = (w_in, b_in, wo, bo, w1, b1, w2)
-        ctx.save_for_backward(x, xn1, mean1, rstd1, mean2, rstd2, xm, hm, mean_m, rstd_m, extra, ln1_w, ln1_b, ln2_w,
-                              ln2_b, mask_a, mask_m, attn_mask, *weights, *kept, *saved_message[:-1], mask_msg)
+        # (ln_1's input is x itself unless autocast casts it: saved once, so that offloading moves it once)
+        ctx.save_for_backward(x, None if xn1 is x else xn1, mean1, rstd1, mean2, rstd2, xm, hm, mean_m, rstd_m, extra,
+                              ln1_w, ln1_b, ln2_w, ln2_b, mask_a, mask_m, attn_mask, *weights, *kept,
+                              *saved_message[:-1], mask_msg)
         ctx.cfg = cfg
         return res
 
@@ -270,6 +272,7 @@ class FusedLayer(torch.autograd.Function):
         (x, xn1, mean1, rstd1, mean2, rstd2, xm, hm, mean_m, rstd_m, extra, ln1_w, ln1_b, ln2_w, ln2_b, mask_a, mask_m,
          attn_mask, w_in, b_in, wo, bo, w1, b1, w2, hc, qkv, out, lse, xn2, h2, pre, *saved_message) = ctx.saved_tensors
         heads, batch_first, eps1, eps2, keep, cast, kernel, scale, mlp_backend, level, message = ctx.cfg
+        xn1 = x if xn1 is None else xn1
         need = ctx.needs_input_grad
         if level == "block":
             w_in, b_in, wo, bo, w1, b1, w2 = autocast_cast(cast, w_in, b_in, wo, bo, w1, b1, w2)

@@ -16,15 +16,22 @@ a plain out-projection and CLIP's QuickGELU MLP, see :func:`xclip_fast.functiona
 runs its frame path as the hand-written autograd Functions of :mod:`xclip_fast.fused`, which save
 exactly what the level keeps and recompute the rest in one Python call in backward: no dispatch
 mode, no second Python forward, no module called again. A layer with a wrapped or hooked part (PEFT
-LoRA, a hooked LayerNorm, another MLP) runs ``"lean"``/``"min"`` through PyTorch's selective
-activation checkpointing with a policy per level (:func:`selective`), or keeps everything where a
-recomputation would call a hook again (:func:`selective_reason`) or the attention drops out;
-``"block"`` then checkpoints it whole (``torch.utils.checkpoint``, non-reentrant, through
-:func:`checkpointed`).
+LoRA, a hooked LayerNorm, another MLP) runs ``"lean"``/``"min"`` through selective checkpointing
+(:func:`selective`: non-reentrant ``torch.utils.checkpoint`` keeping the outputs of the level's
+operators), or keeps everything where a recomputation would call a hook again
+(:func:`selective_reason`) or the attention drops out; ``"block"`` then checkpoints it whole
+(through :func:`checkpointed`).
 
 Every recomputation that reruns Python (those two) goes through :class:`Replay`: it sees the
 training flags and ``requires_grad`` of the forward it repeats, and a parameter changed in place in
 between is refused, as autograd refuses it for the tensors the Functions save.
+
+Every tensor a level keeps is saved as autograd saves tensors (``save_for_backward``, autograd
+itself, the checkpoint's inputs, the selective fallback's kept outputs through :class:`_Keep`), so
+saved-tensor hooks active around the forward (activation offloading with
+``torch.autograd.graph.save_on_cpu``, compression) see all of it, on every torch release.
+PyTorch's own selective checkpointing keeps its cache outside the hooks (until a release routes it
+through them), which is why the fallback keeps its outputs itself.
 
 A memory budget (:func:`plan_levels`, from the per-level costs of :func:`level_costs`) assigns
 levels to a stack of layers: the fewest recomputed FLOPs whose held bytes stay within a fraction of
@@ -39,6 +46,9 @@ from typing import Callable
 
 import torch
 from torch import nn
+from torch.autograd.function import once_differentiable
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten, tree_unflatten
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from xclip_fast.ops import transforms_active
@@ -104,14 +114,12 @@ class Replay:
     sub-modules and parameters (``model.eval()`` or ``requires_grad_(False)`` between a forward and
     its backward backpropagate the forward that ran), and refuses, naming it, a parameter modified
     in place since the forward (an optimizer step, clipping or an EMA update before this loss's
-    backward), which it would otherwise read with its new values. ``once`` (the level of a selective
-    fallback): a second recomputation, which PyTorch's selective checkpointing cannot serve, is
-    refused with the way out."""
+    backward), which it would otherwise read with its new values."""
 
-    __slots__ = ("fn", "module", "state", "once", "replays")
+    __slots__ = ("fn", "module", "state")
 
-    def __init__(self, fn: Callable, module: nn.Module, once: str | None = None):
-        self.fn, self.module, self.state, self.once, self.replays = fn, module, None, once, 0
+    def __init__(self, fn: Callable, module: nn.Module):
+        self.fn, self.module, self.state = fn, module, None
 
     def __call__(self, *args, **kwargs):
         if self.state is None:
@@ -121,13 +129,6 @@ class Replay:
             self.state = (params, [(m, m.training) for m in modules])
             return self.fn(*args, **kwargs)
         params, modules = self.state
-        self.replays += 1
-        if self.once and self.replays > 1:
-            raise RuntimeError(
-                f"xclip_fast: a second backward through a {type(self.module).__name__} that ran recompute="
-                f"{self.once!r} through PyTorch's selective activation checkpointing, which backpropagates once only "
-                "(the layer has a wrapped part, so its fast Functions could not run). For retain_graph=True or "
-                "several losses on one output, set recompute='none' or 'block' on such layers.")
         changed = [p for p, version, _ in params if p._version != version]
         if changed:
             names = [n for n, p in self.module.named_parameters() if any(p is c for c in changed)]
@@ -162,7 +163,7 @@ def checkpointed(level: str | None, module: nn.Module, fn: Callable, *args, **kw
 
 
 # outputs kept by the selective fallback at lean and min: the attention (out and log-sum-exp;
-# recomputing it costs as much as its forward); random numbers are always kept (reused when recomputed)
+# recomputing it costs as much as its forward) and the GEMM outputs of the level's widths
 _ATTENTION_OPS = frozenset({
     "aten::_scaled_dot_product_flash_attention_for_cpu", "aten::_scaled_dot_product_flash_attention",
     "aten::_scaled_dot_product_efficient_attention", "aten::_scaled_dot_product_cudnn_attention",
@@ -172,18 +173,158 @@ _ATTENTION_OPS = frozenset({
 _GEMMS = frozenset({"aten::mm", "aten::addmm"})
 
 
-def _policy(widths: tuple):
-    """Keep random numbers, the attention and the GEMM outputs whose width is in ``widths``."""
+def _keeps(widths: tuple) -> Callable:
+    """Whether the selective fallback keeps the output of ``op(*args)``: the attention, and the GEMM
+    outputs whose width is in ``widths``. None of them draws random numbers (the fallback does not
+    run where the attention drops out), so the recomputation, which starts from the forward's
+    generator state, draws the same numbers for the operators it runs again (drop path)."""
+
+    def keeps(op, args) -> bool:
+        name = op.name() if hasattr(op, "name") else ""
+        return name in _ATTENTION_OPS or (name in _GEMMS and args[-1].shape[-1] in widths)
+
+    return keeps
+
+
+def _policy(keeps: Callable):
+    """``keeps`` as a policy of PyTorch's selective checkpointing (the compiled fallback, where the
+    partitioner reads it); random numbers are kept too, as compiled graphs require."""
 
     def policy(ctx, op, *args, **kwargs):
-        name = op.name() if hasattr(op, "name") else ""
-        if name in _ATTENTION_OPS or torch.Tag.nondeterministic_seeded in getattr(op, "tags", ()):
-            return CheckpointPolicy.MUST_SAVE
-        if name in _GEMMS and args[-1].shape[-1] in widths:
+        if keeps(op, args) or torch.Tag.nondeterministic_seeded in getattr(op, "tags", ()):
             return CheckpointPolicy.MUST_SAVE
         return CheckpointPolicy.PREFER_RECOMPUTE
 
     return policy
+
+
+class _Kept:
+    """The outputs the selective fallback keeps for one forward: recorded while it runs, handed to
+    :class:`_Keep` (which saves them for the backward, under the saved-tensor hooks active around the
+    forward), given back by it in backward and served to the recomputation in their order.
+
+    ``contexts`` is the pair of contexts ``torch.utils.checkpoint`` runs the forward and the
+    recomputation under: two dispatch modes, one recording the kept operators' outputs, the other
+    returning them instead of running the operators again. An output written in place later in the
+    forward, through any alias of its memory (``result += lora(x)`` on a GEMM's output), is not
+    kept: its operator runs again."""
+
+    __slots__ = ("keeps", "records", "tensors", "storages", "served")
+
+    def __init__(self, keeps: Callable):
+        self.keeps = keeps
+        self.records: list = []  # per kept call: [pytree spec, leaves (None for a tensor), slots, run again]
+        self.tensors: list = []  # the kept tensors (detached)
+        self.storages: dict = {}  # a kept tensor's storage -> its record
+        self.served = 0
+
+    def contexts(self):
+        return _Record(self), _Reuse(self)
+
+    def record(self, out) -> None:
+        leaves, spec = tree_flatten(out)
+        slots = []
+        for leaf in leaves:
+            if isinstance(leaf, torch.Tensor):
+                slots.append(len(self.tensors))
+                self.tensors.append(leaf.detach())
+                self.storages[leaf.untyped_storage().data_ptr()] = len(self.records)
+            else:
+                slots.append(None)
+        self.records.append([spec, [None if s is not None else leaf for s, leaf in zip(slots, leaves)], slots,
+                             False])
+
+    def written(self, func, args, kwargs) -> None:
+        """Marks the record of a kept tensor ``func`` writes into (any alias of its memory)."""
+        for a, value in zip(func._schema.arguments, (*args, *[kwargs.get(a.name) for a in
+                                                                func._schema.arguments[len(args):]])):
+            if a.alias_info is not None and a.alias_info.is_write and isinstance(value, torch.Tensor):
+                record = self.storages.get(value.untyped_storage().data_ptr())
+                if record is not None:
+                    self.records[record][3] = True
+
+    def take(self) -> list:
+        """The kept tensors (None for those of a record written in place since its operator ran,
+        which then runs again), handed over: this object no longer holds them."""
+        tensors, self.tensors, self.storages = self.tensors, [], {}
+        for _, _, slots, again in self.records:
+            if again:
+                for s in slots:
+                    if s is not None:
+                        tensors[s] = None
+        return tensors
+
+    def give_back(self, tensors) -> None:
+        self.tensors, self.served = list(tensors), 0
+
+    def serve(self):
+        """The next kept call's outputs, or None when its operator must run again."""
+        if self.served >= len(self.records) or not self.tensors:
+            raise RuntimeError("xclip_fast: the selective fallback's recomputation ran other operators than its "
+                               "forward (the layer's code depends on state that changed between them)")
+        spec, leaves, slots, again = self.records[self.served]
+        self.served += 1
+        if again:
+            return None
+        out = [leaf if s is None else self.tensors[s].detach() for s, leaf in zip(slots, leaves)]
+        for s in slots:  # (served once per backward: the recomputed graph holds them from here)
+            if s is not None:
+                self.tensors[s] = None
+        return tree_unflatten(out, spec)
+
+
+class _Record(TorchDispatchMode):
+    """The forward of the selective fallback: records the outputs ``kept.keeps`` names, and which
+    of them an operator writes into afterwards."""
+
+    def __init__(self, kept: _Kept):
+        super().__init__()
+        self.kept = kept
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if self.kept.storages and func._schema.is_mutable:
+            self.kept.written(func, args, kwargs)
+        if self.kept.keeps(func, args):
+            self.kept.record(out)
+        return out
+
+
+class _Reuse(TorchDispatchMode):
+    """The recomputation of the selective fallback: the kept operators return what they returned in
+    the forward instead of running again."""
+
+    def __init__(self, kept: _Kept):
+        super().__init__()
+        self.kept = kept
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if self.kept.keeps(func, args):
+            out = self.kept.serve()
+            if out is not None:
+                return out
+        return func(*args, **(kwargs or {}))
+
+
+class _Keep(torch.autograd.Function):
+    """The identity on a layer's outputs that saves the selective fallback's kept tensors for the
+    backward, where autograd saves every tensor: under the saved-tensor hooks active around the
+    forward (offloading, compression), as plain autograd and the fused Functions save theirs. Its
+    backward, which autograd runs before the layer's (its outputs are the layer's), gives them back
+    for the recomputation."""
+
+    @staticmethod
+    def forward(ctx, kept, n, *args):
+        ctx.kept = kept
+        ctx.save_for_backward(*args[n:])
+        return args[:n]
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, *grads):
+        ctx.kept.give_back(ctx.saved_tensors)
+        return (None, None, *grads, *(None,) * len(ctx.saved_tensors))
 
 
 def selective_reason(module: nn.Module) -> str | None:
@@ -196,15 +337,23 @@ def selective_reason(module: nn.Module) -> str | None:
 
 
 def selective(level: str, module: nn.Module, body: Callable, *args, d: int, hidden: int | None):
-    """``body(*args)`` under PyTorch's selective activation checkpointing, the fallback of ``"lean"``
-    (keeping the attention, the in-projection output of width ``3 * d`` and the MLP pre-activation of
-    width ``hidden``) and ``"min"`` (the attention and the in-projection output) for layers with a
-    wrapped part. ``body`` must end with the MLP's second GEMM, so that the recomputation stops
-    before it. The recomputation goes through :class:`Replay`."""
+    """``body(*args)`` (a tuple of tensors) recomputed selectively, the fallback of ``"lean"``
+    (keeping the attention, the in-projection output of width ``3 * d`` and the MLP pre-activation
+    of width ``hidden``) and ``"min"`` (the attention and the in-projection output) for layers with
+    a wrapped part: non-reentrant ``torch.utils.checkpoint`` of ``body`` through :class:`Replay`,
+    with the kept outputs saved as autograd saves tensors (:class:`_Keep`: the saved-tensor hooks
+    around the forward see them, on every torch release) and served to the recomputation. ``body``
+    must end with the MLP's second GEMM, so that the recomputation stops before it. Backpropagates
+    any number of times (``retain_graph``). Compiled, PyTorch's selective checkpointing marks the
+    same outputs for the partitioner."""
     widths = (3 * d, hidden) if level == "lean" else (3 * d,)
-    context = functools.partial(create_selective_checkpoint_contexts, _policy(widths))
-    fn = body if torch.compiler.is_compiling() else Replay(body, module, once=level)
-    return checkpoint(fn, *args, use_reentrant=False, context_fn=context)
+    keeps = _keeps(widths)
+    if torch.compiler.is_compiling():
+        context = functools.partial(create_selective_checkpoint_contexts, _policy(keeps))
+        return checkpoint(body, *args, use_reentrant=False, context_fn=context)
+    kept = _Kept(keeps)
+    outs = checkpoint(Replay(body, module), *args, use_reentrant=False, context_fn=kept.contexts)
+    return _Keep.apply(kept, len(outs), *outs, *kept.take())
 
 
 # ------------------------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
-"""Error measures and tolerances shared by the tests, ``xclip-fast check`` and the benchmarks, and
-synthetic videos for the tests and benchmarks of video reading."""
+"""Error measures and tolerances shared by the tests, ``xclip-fast check`` and the benchmarks,
+synthetic videos for the tests and benchmarks of video reading, and saved-tensor hooks that copy
+what autograd saves (activation offloading's effect, on any device)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import math
 
 import torch
 
-__all__ = ["rel_err", "attention_f64", "TOLERANCES", "TF32_TOLERANCE", "write_video"]
+__all__ = ["rel_err", "attention_f64", "TOLERANCES", "TF32_TOLERANCE", "write_video", "copied_saved_tensors"]
 
 # Relative error ||out - ref|| / ||ref|| allowed against a float64 reference, per input dtype.
 TOLERANCES = {
@@ -79,3 +80,11 @@ def write_video(path, frames: int, frame=None, *, rate: int = 10, gop: int = 10,
         container.mux(packet)
     container.close()
     return str(path)
+
+
+def copied_saved_tensors():
+    """Saved-tensor hooks that give the backward a copy of every tensor autograd saves, made when it
+    is saved: what ``torch.autograd.graph.save_on_cpu()`` does to a GPU tensor (a copy in host
+    memory), also for CPU tensors (which ``save_on_cpu`` keeps as they are): a backward that reads
+    anything but what was saved, as it was when saved, gives a different result."""
+    return torch.autograd.graph.saved_tensors_hooks(lambda t: t.detach().clone(), lambda t: t)

@@ -4,9 +4,11 @@
 alive when it returns (the output and pre-existing tensors such as weights and inputs excluded):
 what autograd and any checkpoint cache keep for the backward. It follows the operators through a
 ``TorchDispatchMode``, so it is exact on the CPU too (no allocator statistics needed) and sees the
-selective-checkpoint cache that ``saved_tensors_hooks`` cannot. It sees eager operators only: a
-``torch.compile``-d callable allocates inside its kernels, where ``saved_bytes`` (the unique storages
-autograd saves, through ``saved_tensors_hooks``) measures it instead.
+checkpoint cache that ``saved_tensors_hooks`` cannot see (PyTorch's selective checkpointing keeps
+one). It sees eager operators only: a ``torch.compile``-d callable allocates inside its kernels,
+where ``saved_bytes`` (the unique storages autograd saves, through ``saved_tensors_hooks``) measures
+it instead. ``hooked_bytes`` measures both at once: what the saved-tensor hooks see (what activation
+offloading moves) and what is kept outside them (what it cannot reach).
 
 ``matmul_flops`` counts forward + backward FLOPs with ``torch.utils.flop_counter.FlopCounterMode``
 (matrix products and attention; recomputed products count again). :func:`flop_counter` adds the
@@ -17,14 +19,16 @@ attention counts again, as a recomputed GEMM does).
 
 from __future__ import annotations
 
+import gc
+
 import torch
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import FlopCounterMode
 
-__all__ = ["StorageTracker", "CollectiveCounter", "held_bytes", "saved_bytes", "flop_counter", "counting_backend",
-           "matmul_flops"]
+__all__ = ["StorageTracker", "CollectiveCounter", "held_bytes", "saved_bytes", "hooked_bytes", "CountingOffload",
+           "flop_counter", "counting_backend", "matmul_flops"]
 
 
 def _key(t: torch.Tensor) -> int:
@@ -76,6 +80,7 @@ def held_bytes(fn, *args, keep=()) -> tuple[object, int]:
     tracker = StorageTracker()
     with tracker:
         out = fn(*args)
+    gc.collect()  # (reference cycles are not kept for the backward: Triton's interpreter leaves some)
     return out, tracker.live(_tensors(out, args, keep))
 
 
@@ -93,6 +98,47 @@ def saved_bytes(fn, *args, keep=()) -> tuple[object, int]:
         out = fn(*args)
     skip = {_key(t) for t in _tensors(args, keep)}
     return out, sum(n for k, n in seen.items() if k not in skip)
+
+
+def hooked_bytes(fn, *args, keep=()) -> tuple[object, int, int]:
+    """``(out, hooked, outside)``: run ``fn(*args)`` under saved-tensor hooks that hold every tensor
+    autograd saves. ``hooked``: the bytes of the distinct storages the hooks saw (those of ``out``,
+    the arguments and ``keep`` excluded, as in :func:`held_bytes`): what activation offloading
+    (``torch.autograd.graph.save_on_cpu``) moves. ``outside``: the bytes created during the forward
+    that are still alive but reached no hook: kept for the backward where no hook can move them.
+    Keep ``out`` alive while the counts matter."""
+    packed: list[torch.Tensor] = []
+
+    def pack(t):
+        packed.append(t)
+        return len(packed) - 1
+
+    tracker = StorageTracker()
+    with tracker, torch.autograd.graph.saved_tensors_hooks(pack, packed.__getitem__):
+        out = fn(*args)
+    gc.collect()
+    skip = _tensors(out, args, keep)
+    skipped = {_key(t) for t in skip}
+    hooked = {_key(t): t.untyped_storage().nbytes() for t in packed}
+    return out, sum(n for k, n in hooked.items() if k not in skipped), tracker.live(skip + packed)
+
+
+class CountingOffload(torch.autograd.graph.saved_tensors_hooks):
+    """``torch.autograd.graph.save_on_cpu(pin_memory)`` counting what it moves: ``moved`` bytes of
+    every tensor it packed (parameters, which it copies too, in ``parameters``)."""
+
+    def __init__(self, pin_memory: bool = False):
+        inner = torch.autograd.graph.save_on_cpu(pin_memory=pin_memory)
+        self.moved = self.parameters = 0
+
+        def pack(t):
+            n = t.numel() * t.element_size()
+            self.moved += n
+            if isinstance(t, torch.nn.Parameter):
+                self.parameters += n
+            return inner.pack_hook(t)
+
+        super().__init__(pack, inner.unpack_hook)
 
 
 def _attention_formulas() -> dict:

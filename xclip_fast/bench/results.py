@@ -107,12 +107,13 @@ def table(rows: list[Result], env: dict) -> str:
     header = f"{'case':38s} {'dtype':8s} {'mode':6s} {'provider':{pw}s} {'time ms':>22s} {'speedup':>8s} " \
              f"{'mem MiB':>9s} {'mem x':>6s} {'TFLOP/s':>8s} {'GB/s':>7s} {'%copy':>6s} {'error':>8s}"
     if train:
-        header += f" {'flops x':>8s} {'host x':>7s} {'idle%':>6s}"
+        header += f" {'flops x':>8s} {'host x':>7s} {'idle%':>6s} {'to host':>8s}"
         lines.append("train: one forward + backward + AdamW step of the encoder; mem: MiB held after the forward "
                      "for the backward (CPU; compiled providers: saved by their graph) / peak above the weights "
                      "and optimizer state (CUDA); TFLOP/s: the original's matmul FLOPs per second; flops x: "
                      "matmul FLOPs (attention included) against the original's; host x: host time of the same "
-                     "step on a tiny encoder against the original's; idle%: of the step, the GPU ran no kernel")
+                     "step on a tiny encoder against the original's; idle%: of the step, the GPU ran no kernel; "
+                     "to host: MiB one step moves to host memory under offloading (parameters included)")
     lines += [header, "-" * len(header)]
     last = None
     for r in rows:
@@ -131,7 +132,7 @@ def table(rows: list[Result], env: dict) -> str:
         if train:
             idle = r.extras.get("gpu_idle")
             line += (f" {_fmt(r.extras.get('flops_x'), '.3f'):>8s} {_fmt(r.extras.get('host_x'), '.2f'):>7s} "
-                     f"{_fmt(idle and 100 * idle, '.0f'):>6s}")
+                     f"{_fmt(idle and 100 * idle, '.0f'):>6s} {_fmt(r.extras.get('offloaded_mib'), '.1f'):>8s}")
         lines.append(line)
     return "\n".join(lines)
 

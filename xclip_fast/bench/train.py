@@ -5,8 +5,10 @@ checkpointing keeping matmul and attention outputs per block (``reference-sac``)
 (``reference-compiled``), compiled under ``torch._functorch.config.activation_memory_budget`` (the
 min-cut partitioner's memory budget: ``reference-compiled-budget-<b>``), and the fast encoder at each
 recompute level (``xclip-fast-<level>``) and memory budget (``xclip-fast-budget-<b>``, a fraction of
-what its ``"none"`` level holds; backend ``"auto"``: triton on CUDA, torch on CPU). Under bf16
-autocast on CUDA, float32 on CPU.
+what its ``"none"`` level holds; backend ``"auto"``: triton on CUDA, torch on CPU), and, on CUDA, each
+level under activation offloading (``xclip-fast-<level>-offload``: every forward under
+``torch.autograd.graph.save_on_cpu(pin_memory=True)``, which moves what the level keeps to host
+memory; on a CPU it would move nothing). Under bf16 autocast on CUDA, float32 on CPU.
 
 Columns: time per step; memory: on CUDA the allocator's peak above the weights, gradients and
 optimizer state, on CPU the bytes held after the forward (:func:`xclip_fast.bench.memory.held_bytes`;
@@ -17,12 +19,14 @@ compiled providers: the graphs their partitioner makes, run by
 a tiny encoder (width 64, 2 heads, 2 frames of 5 tokens), where the arithmetic is negligible and
 the time is what the host spends issuing it, against the original's in the same rounds; on CUDA
 the fraction of a step the GPU ran no kernel, and the model FLOP utilisation: the original's
-FLOPs per second over the measured dense bf16 matmul rate. Every provider's loss and gradients
-are checked against the original's first step.
+FLOPs per second over the measured dense bf16 matmul rate; for the offloading providers, the bytes
+one step moves to host memory (what the level keeps, and the parameters ``save_on_cpu`` copies
+too). Every provider's loss and gradients are checked against the original's first step.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 
@@ -31,7 +35,7 @@ import torch
 from xclip_fast import reference
 from xclip_fast.bench.cases import Case, model_dims
 from xclip_fast.bench.measure import MIB, cuda_memory, free, gpu_idle_fraction, host_times, time_interleaved, time_ms
-from xclip_fast.bench.memory import counting_backend, flop_counter, held_bytes, saved_bytes
+from xclip_fast.bench.memory import CountingOffload, counting_backend, flop_counter, held_bytes, saved_bytes
 from xclip_fast.bench.results import Result
 from xclip_fast.checkpoints import split_encoder_state_dict
 from xclip_fast.encoder import XCLIPVideoEncoder
@@ -39,13 +43,14 @@ from xclip_fast.recompute import RECOMPUTE_LEVELS
 from xclip_fast.testing import TOLERANCES, rel_err
 
 __all__ = ["TRAIN_PROVIDERS", "TRAIN_BUDGETS", "TINY", "train_rows", "dense_bf16_tflops", "save_matmuls",
-           "SACBlocks", "Trainer", "budget_of"]
+           "SACBlocks", "Trainer", "budget_of", "offloads"]
 
 TRAIN_BUDGETS = (0.5, 0.3, 0.1)
 TRAIN_PROVIDERS = ["reference", "reference-sac", "reference-compiled",
                    *[f"reference-compiled-budget-{b}" for b in TRAIN_BUDGETS],
                    *[f"xclip-fast-{level}" for level in RECOMPUTE_LEVELS],
-                   *[f"xclip-fast-budget-{b}" for b in TRAIN_BUDGETS]]
+                   *[f"xclip-fast-budget-{b}" for b in TRAIN_BUDGETS],
+                   *[f"xclip-fast-{level}-offload" for level in RECOMPUTE_LEVELS]]
 # the host-time step: the issue's tiny block sizes (d = 64, 2 heads, T = 2, l = 5 tokens) in an encoder
 TINY = dict(input_resolution=32, patch_size=16, width=64, layers=2, heads=2, embed_dim=32, num_frames=2, mit_heads=2)
 
@@ -53,6 +58,11 @@ TINY = dict(input_resolution=32, patch_size=16, width=64, layers=2, heads=2, emb
 def budget_of(provider: str) -> float | None:
     """The memory budget of a ``...-budget-<b>`` provider, else None."""
     return float(provider.rsplit("-", 1)[1]) if "-budget-" in provider else None
+
+
+def offloads(provider: str) -> bool:
+    """Whether ``provider`` runs under activation offloading (``...-offload``, CUDA only)."""
+    return provider.endswith("-offload")
 
 
 _SAVE = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_scaled_dot_product_flash_attention_for_cpu",
@@ -99,6 +109,8 @@ class Trainer:
     def __init__(self, name, enc, device, amp):
         self.name, self.device, self.amp = name, device, amp
         budget = budget_of(name)
+        # offloading: every forward under save_on_cpu, counting what it moves
+        self.offload = CountingOffload(pin_memory=device.type == "cuda") if offloads(name) else None
         self.counted = None  # compiled providers: the same graphs, run by the FLOP-counting backend
         if name.startswith("reference"):
             cfg = enc.config
@@ -124,14 +136,15 @@ class Trainer:
                 self.counted = _under_budget(torch.compile(forward, backend=counting_backend(self.flop_box)), budget)
         else:
             fast = copy.deepcopy(enc).to(device).train()
-            fast.recompute = budget if budget is not None else name.removeprefix("xclip-fast-")
+            fast.recompute = budget if budget is not None else name.removeprefix("xclip-fast-").removesuffix("-offload")
             self.modules = fast
             self.forward = fast
         self.params = list(self.modules.parameters())
         self.opt = torch.optim.AdamW(self.params, lr=1e-6, foreach=False)
 
     def loss(self, video, forward=None):
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp), \
+                self.offload if self.offload is not None else contextlib.nullcontext():
             out = (forward or self.forward)(video)
         return out.float().square().mean()
 
@@ -229,6 +242,9 @@ def train_rows(model: str, frames: list[int], batch: int, device: torch.device, 
                 row.extras["host_ms"], row.extras["host_x"] = host[name]
             elif host_error:
                 row.extras["host_error"] = host_error
+            if offloads(name) and not cuda:
+                row.status, row.reason = "skipped", "offloading moves CUDA tensors to the host; a CPU's stay"
+                continue
             try:
                 tr = Trainer(name, enc, device, cuda)
                 loss, g = tr.grads(video)
@@ -246,6 +262,11 @@ def train_rows(model: str, frames: list[int], batch: int, device: torch.device, 
                     row.median_ms, row.p20_ms, row.p80_ms = time_ms(functools.partial(tr.step, video), device, quick)
                     row.peak_mib, row.extra_mib = cuda_memory(functools.partial(tr.step, video), device)
                     row.extras["gpu_idle"] = gpu_idle_fraction(functools.partial(tr.step, video), device)
+                    if tr.offload is not None:  # what one step moves to the host
+                        tr.offload.moved = tr.offload.parameters = 0
+                        tr.step(video)
+                        row.extras["offloaded_mib"] = tr.offload.moved / MIB
+                        row.extras["offloaded_parameters_mib"] = tr.offload.parameters / MIB
                 else:
                     timed[name] = functools.partial(tr.step, video)
                     measure = saved_bytes if compiled else held_bytes

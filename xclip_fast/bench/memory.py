@@ -100,17 +100,20 @@ def saved_bytes(fn, *args, keep=()) -> tuple[object, int]:
     return out, sum(n for k, n in seen.items() if k not in skip)
 
 
-def hooked_bytes(fn, *args, keep=()) -> tuple[object, int, int]:
+def hooked_bytes(fn, *args, keep=(), copy: bool = False) -> tuple[object, int, int]:
     """``(out, hooked, outside)``: run ``fn(*args)`` under saved-tensor hooks that hold every tensor
-    autograd saves. ``hooked``: the bytes of the distinct storages the hooks saw (those of ``out``,
-    the arguments and ``keep`` excluded, as in :func:`held_bytes`): what activation offloading
-    (``torch.autograd.graph.save_on_cpu``) moves. ``outside``: the bytes created during the forward
-    that are still alive but reached no hook: kept for the backward where no hook can move them.
-    Keep ``out`` alive while the counts matter."""
+    autograd saves (``copy``: a copy of it, made when it is saved, which the backward then reads,
+    as offloading's does). ``hooked``: the bytes of the distinct storages the hooks saw (those of
+    ``out``, the arguments and ``keep`` excluded, as in :func:`held_bytes`): what activation
+    offloading (``torch.autograd.graph.save_on_cpu``) moves. ``outside``: the bytes created during
+    the forward that are still alive but reached no hook: kept for the backward where no hook can
+    move them. Keep ``out`` alive while the counts matter."""
     packed: list[torch.Tensor] = []
+    hooked: dict[int, int] = {}
 
     def pack(t):
-        packed.append(t)
+        hooked[_key(t)] = t.untyped_storage().nbytes()
+        packed.append(t.detach().clone() if copy else t)
         return len(packed) - 1
 
     tracker = StorageTracker()
@@ -119,7 +122,6 @@ def hooked_bytes(fn, *args, keep=()) -> tuple[object, int, int]:
     gc.collect()
     skip = _tensors(out, args, keep)
     skipped = {_key(t) for t in skip}
-    hooked = {_key(t): t.untyped_storage().nbytes() for t in packed}
     return out, sum(n for k, n in hooked.items() if k not in skipped), tracker.live(skip + packed)
 
 

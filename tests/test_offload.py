@@ -181,3 +181,31 @@ def test_selective_fallback_with_a_kept_output_changed_in_place(level, in_place)
     for out, grads in results[1:]:
         assert_rel("output", out, results[0][0], 1e-10)
         assert_grads_close(names, grads, results[0][1], 1e-10)
+
+
+
+@pytest.mark.parametrize("wrapped", [False, True], ids=["plain", "wrapped"])
+def test_offloading_a_compiled_block(wrapped):
+    """Under torch.compile (AOTAutograd; the fallback for a wrapped part is PyTorch's selective
+    checkpointing there, applied when the graph is partitioned) the compiled graph saves what it
+    keeps through the hooks as well: a step whose saved tensors are all copies equals the eager
+    step without hooks, and the hooks see activations, not only parameters and the input. (What
+    is kept outside the hooks is measured in eager mode only: the storage tracker is a dispatch
+    mode, under which the compiled graph does not run.)"""
+    block = _block("lean", "torch", wrapped)
+    x = _x().requires_grad_()
+    params, names = [x, *block.parameters()], ["x", *dict(block.named_parameters())]
+    eager = _step(lambda: block(x), params)
+    compiled = torch.compile(block, backend="aot_eager", fullgraph=True)
+    seen = {}
+
+    def pack(t):
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t.detach().clone()
+
+    out, grads = _step(lambda: compiled(x), params, lambda: torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t))
+    given = {p.untyped_storage().data_ptr() for p in params}
+    assert sum(n for k, n in seen.items() if k not in given) > x.nbytes, seen
+    # the same float64 operations, fused or reordered by the graph: rounding only
+    assert_rel("output", out, eager[0], 1e-10)
+    assert_grads_close(names, grads, eager[1], 1e-10)

@@ -183,7 +183,6 @@ def test_selective_fallback_with_a_kept_output_changed_in_place(level, in_place)
         assert_grads_close(names, grads, results[0][1], 1e-10)
 
 
-
 @pytest.mark.parametrize("wrapped", [False, True], ids=["plain", "wrapped"])
 def test_offloading_a_compiled_block(wrapped):
     """Under torch.compile (AOTAutograd; the fallback for a wrapped part is PyTorch's selective

@@ -109,10 +109,13 @@ def hooked_bytes(fn, *args, keep=(), copy: bool = False) -> tuple[object, int, i
     the forward that are still alive but reached no hook: kept for the backward where no hook can
     move them. Keep ``out`` alive while the counts matter."""
     packed: list[torch.Tensor] = []
-    hooked: dict[int, int] = {}
+    # a weak reference per storage seen: it keeps the storage's key from being reused by a later
+    # one when a copy lets the original go
+    hooked: dict[int, tuple[StorageWeakRef, int]] = {}
 
     def pack(t):
-        hooked[_key(t)] = t.untyped_storage().nbytes()
+        ref = StorageWeakRef(t.untyped_storage())
+        hooked.setdefault(ref.cdata, (ref, t.untyped_storage().nbytes()))
         packed.append(t.detach().clone() if copy else t)
         return len(packed) - 1
 
@@ -122,7 +125,7 @@ def hooked_bytes(fn, *args, keep=(), copy: bool = False) -> tuple[object, int, i
     gc.collect()
     skip = _tensors(out, args, keep)
     skipped = {_key(t) for t in skip}
-    return out, sum(n for k, n in hooked.items() if k not in skipped), tracker.live(skip + packed)
+    return out, sum(n for k, (_, n) in hooked.items() if k not in skipped), tracker.live(skip + packed)
 
 
 class CountingOffload(torch.autograd.graph.saved_tensors_hooks):

@@ -74,11 +74,19 @@ def test_attention_cost_model_counts_the_useful_matmuls():
         N * l * 768 * 4
 
 
-def test_bench_rejects_bad_options(tmp_path):
-    with pytest.raises(ValueError, match="unknown providers"):
-        bench.main(_args(tmp_path, "--providers", "flash3"))
-    with pytest.raises(ValueError, match="on CPU: use float32"):
-        bench.main(_args(tmp_path, "--dtype", "bfloat16"))
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the half-precision case is a CPU one")
+def test_bench_rejects_bad_options_in_one_line_with_exit_code_2(tmp_path, capsys):
+    """As argparse does: one line on stderr, exit code 2, no traceback, nothing written."""
+    from xclip_fast.cli import main
+
+    for argv, message in ((["--providers", "flash3"], "--providers: unknown flash3; choose from reference"),
+                          (["--level", "train", "--dtype", "bfloat16"], "--dtype bfloat16 on CPU"),
+                          (["--level", "inference", "--providers", "tensorrt"], "unknown inference provider(s) "
+                                                                                "tensorrt")):
+        assert main(["bench", *argv, "--out", str(tmp_path / "out")]) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and message in err and "\n" not in err, err
+    assert not (tmp_path / "out").exists()
 
 
 def test_fast_providers_choose_their_backend_at_call_time():

@@ -248,3 +248,48 @@ def test_inference_dtype_is_bf16_on_cpus_with_native_bf16(monkeypatch, capsys):
     monkeypatch.setattr(dtypes, "cpu_native_bf16", lambda: None)
     assert chosen_dtype(None, cpu) == torch.float32
     assert dtypes.inference_dtype("cuda")[0] == torch.float16
+
+
+def test_a_failed_export_leaves_the_previous_artifact(tmp_path, monkeypatch):
+    """AOTInductor failing half-way (a compiler error, a full disk) leaves the artifact already at
+    that name as it was, and no temporary file."""
+    enc = _encoder()
+    path = tmp_path / "encoder.pt2"
+    path.write_bytes(b"the artifact of yesterday")
+
+    def fails(program, package_path, **kwargs):
+        with open(package_path, "wb") as f:
+            f.write(b"half a package")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", fails)
+    with pytest.raises(OSError, match="No space left"):
+        export_encoder(enc, str(path), frames=(1, 4), batch=(1, 2))
+    assert path.read_bytes() == b"the artifact of yesterday"
+    assert os.listdir(tmp_path) == ["encoder.pt2"]
+
+
+def test_names_and_files_that_are_not_artifacts_are_refused_with_their_name(tmp_path, capsys):
+    enc = _encoder()
+    with pytest.raises(ValueError, match=r"m\.pt2: the name says \.pt2 but the format is onnx"):
+        export_encoder(enc, str(tmp_path / "m.pt2"), format="onnx")
+    assert main(["export", "--format", "onnx", "--out", str(tmp_path / "m.pt2")]) == 2
+    assert "the name says .pt2" in capsys.readouterr().err
+    (tmp_path / "empty.onnx").write_bytes(b"")
+    (tmp_path / "corrupt.pt2").write_bytes(b"not a zip archive at all")
+    for name, error, match in (("empty.onnx", ValueError, "not an xclip-fast artifact"),
+                               ("corrupt.pt2", ValueError, "not a readable .pt2 file"),
+                               ("missing.pt2", FileNotFoundError, "no such file")):
+        with pytest.raises(error, match=match) as caught:
+            read_metadata(str(tmp_path / name))
+        assert name in str(caught.value)
+
+
+def test_lora_on_multihead_attention_is_refused_before_export(tmp_path):
+    peft = pytest.importorskip("peft", reason="PEFT is in the test extra")
+    model = peft.get_peft_model(_encoder(), peft.LoraConfig(r=2, target_modules=["attn"]))
+    inner = model.base_model.model
+    with pytest.raises(ValueError, match=r"visual\.transformer\.resblocks\.0\.attn is a PEFT LoRA adapter.*"
+                                         r"merge_and_unload"):
+        export_encoder(inner, str(tmp_path / "a.pt2"))
+    assert not os.listdir(tmp_path)

@@ -3,6 +3,7 @@ failures recorded, non-file inputs refused, torchrun shards (generated videos, P
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -319,7 +320,7 @@ def test_cut_or_missing_outputs_are_encoded_again(dataset, tmp_path, capsys):
     capsys.readouterr()
     assert _encode(*argv) == 0
     captured = capsys.readouterr()
-    assert "0 already done" in captured.out and "missing or incomplete" in captured.err
+    assert "0 already done" in captured.out and "missing, incomplete" in captured.err
     assert np.array_equal(np.load(out / "one.npy"), good) and (out / "two.npy").exists()
 
 
@@ -473,3 +474,100 @@ def test_symlinked_folders_are_followed_once(tmp_path):
     os.symlink(root, root / "real" / "loop")  # a cycle: searched once
     jobs = extract.discover([str(root)])
     assert sorted(os.path.relpath(j.path, root) for j in jobs) == ["linked/b.mp4", "real/a.mp4"]
+
+
+# ------------------------------------------------------------------------------------------------
+# resume knows the video by its file, not by the path as typed; outputs of earlier settings go;
+# a cut log line loses nothing; a full disk fails the run
+# ------------------------------------------------------------------------------------------------
+def test_two_videos_with_one_relative_name_are_two_videos(tmp_path, monkeypatch, capsys):
+    """Runs from two working folders name ``clip.mp4``: the second is a new video (not skipped as
+    done), written beside the first under a name of its own; each record's output holds its video's
+    embedding, and a rerun of either skips it."""
+    enc, weights = _weights(tmp_path)
+    out = tmp_path / "out"
+    for folder, n in (("first", 20), ("second", 30)):
+        (tmp_path / folder).mkdir()
+        write_video(tmp_path / folder / "clip.mp4", n=n, rate=10 if folder == "first" else 5)
+    for folder in ("first", "second"):
+        monkeypatch.chdir(tmp_path / folder)
+        assert _encode("clip.mp4", "--weights", weights, "--trust-weights", "--out-dir", out, "--workers", 0) == 0
+        assert "0 already done" in capsys.readouterr().out, f"{folder}: skipped as done"
+    with open(out / "index.jsonl") as f:
+        records = [json.loads(line) for line in f]
+    assert sorted(r["source"]["path"] for r in records) == sorted(
+        str((tmp_path / f / "clip.mp4").resolve()) for f in ("first", "second"))
+    assert len({r["output"] for r in records}) == 2
+    for rec in records:
+        want = _expected(enc, rec["source"]["path"], 4)
+        assert_rel(rec["source"]["path"], torch.from_numpy(np.load(out / rec["output"])), want, 1e-5)
+    monkeypatch.chdir(tmp_path / "first")
+    assert _encode("clip.mp4", "--weights", weights, "--trust-weights", "--out-dir", out, "--workers", 0) == 0
+    assert "1 already done" in capsys.readouterr().out
+
+
+def test_a_replaced_video_or_a_reshaped_output_is_encoded_again(tmp_path, capsys):
+    enc, weights = _weights(tmp_path)
+    video, out = tmp_path / "clip.mp4", tmp_path / "out"
+    write_video(video, n=20)
+    argv = [video, "--weights", weights, "--trust-weights", "--out-dir", out, "--workers", 0]
+    assert _encode(*argv) == 0
+    first = np.load(out / "clip.npy")
+    write_video(video, n=30, rate=5)  # re-downloaded: other content under the same name
+    capsys.readouterr()
+    assert _encode(*argv) == 0
+    captured = capsys.readouterr()
+    assert "0 already done" in captured.out and "the video file changed since" in captured.err
+    assert_rel("the new content", torch.from_numpy(np.load(out / "clip.npy")), _expected(enc, video, 4), 1e-5)
+    assert (np.load(out / "clip.npy") - first).max() > 1e-4
+    np.save(out / "clip.npy", np.zeros((2, 64), np.float32))  # another float array over the output
+    assert _encode(*argv) == 0
+    captured = capsys.readouterr()
+    assert "0 already done" in captured.out and "not of the recorded shape" in captured.err
+    assert np.load(out / "clip.npy").shape == (64,)
+
+
+def test_outputs_of_earlier_settings_are_removed(dataset, tmp_path, capsys):
+    """A rerun without --window / --per-frame removes the .times.npy / .frames.npy its video's
+    previous record named; files the run did not write stay."""
+    _, weights = _weights(tmp_path)
+    video, out = dataset / "a" / "one.mp4", tmp_path / "out"
+    base = [video, "--weights", weights, "--trust-weights", "--out-dir", out, "--workers", 0]
+    assert _encode(*base, "--window", 8, "--per-frame") == 0
+    assert (out / "one.times.npy").exists() and (out / "one.frames.npy").exists()
+    np.save(out / "one.notes.npy", np.ones(3))  # the user's
+    assert _encode(*base, "--per-frame") == 0
+    assert not (out / "one.times.npy").exists(), "the times of the windowed run stayed beside the new output"
+    assert np.load(out / "one.frames.npy").shape == (4, 64) and np.load(out / "one.npy").shape == (64,)
+    assert _encode(*base) == 0
+    assert not (out / "one.frames.npy").exists()
+    np.save(out / "one.times.npy", np.zeros((1, 2)))  # the user's file under a name the run may use
+    assert _encode(*base, "--frames", 2) == 0  # other settings: encoded again, but that file is not ours
+    assert (out / "one.times.npy").exists() and (out / "one.notes.npy").exists()
+    assert sorted(p.name for p in out.iterdir()) == [".xclip-fast", "index.jsonl", "one.notes.npy", "one.npy",
+                                                     "one.times.npy"]
+
+
+def test_a_cut_log_line_loses_no_record_and_a_full_disk_fails_the_run(dataset, tmp_path, capsys):
+    """A file size limit (``ulimit -f``, as a full disk) cuts the per-rank log in the middle of a
+    record: the run fails with the cause, and the rerun lists every video, each with its file."""
+    pytest.importorskip("resource", reason="file size limits are a POSIX feature")
+    _, weights = _weights(tmp_path)
+    out = tmp_path / "out"
+    argv = [str(dataset), "--weights", weights, "--trust-weights", "--out-dir", str(out), "--workers", "0"]
+    assert _encode(dataset / "a" / "one.mp4", *argv[1:]) == 0
+    line = len((out / "index.jsonl").read_bytes())  # about one record
+    code = (f"import resource, sys; resource.setrlimit(resource.RLIMIT_FSIZE, ({line * 3 // 2}, {line * 3 // 2}))\n"
+            "from xclip_fast.cli import main\n"
+            f"sys.exit(main(['encode', '--device', 'cpu', '--dtype', 'float32', '--quiet', *{argv!r}]))")
+    shutil.rmtree(out)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "error: writing the outputs failed" in done.stderr and "Traceback" not in done.stderr, done.stderr
+    logs = list((out / extract.STATE).glob("index.rank*.jsonl"))
+    assert logs and not logs[0].read_bytes().endswith(b"\n"), "the limit did not cut a record"
+    capsys.readouterr()
+    assert _encode(*argv) == 0
+    index = _index(out)
+    assert set(index) == {"one.mp4", "two.avi", "three.mkv"}, index
+    assert all(np.load(out / r["output"]).shape == (64,) for r in index.values())

@@ -379,6 +379,16 @@ def test_output_attentions_are_returned(how):
     assert plain.attentions in (None, ())
 
 
+def test_transformers_collector_is_where_the_patch_reads_it():
+    """``output_attentions`` set in a config reaches the layers only through transformers' private
+    output collector, which the patched layers read to know when to run the original computation.
+    If transformers moves or renames it, this fails (and the layers warn at run time)."""
+    from transformers.utils import output_capturing
+
+    collector = output_capturing._active_collector
+    assert callable(getattr(collector, "get", None)) and hasattr(collector, "global_var")
+
+
 def test_save_pretrained_names_the_original_class(tmp_path):
     import json
 

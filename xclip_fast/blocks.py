@@ -317,7 +317,7 @@ class CrossFrameAttentionBlock(RecomputeMixin, BackendMixin, reference.CrossFram
         """The sub-modules as :mod:`xclip_fast.functional` takes them."""
         m = self._modules  # (read directly: this runs on every forward)
         return Parts(m["message_fc"], m["message_ln"], m["message_attn"], m["ln_1"], m["attn"], m["ln_2"],
-                     official_mlp(m["mlp"]))
+                     official_mlp(m["mlp"]), official=True)
 
     def _drops(self) -> Drop:
         """The drop path of this call (see :class:`RowDrop`)."""

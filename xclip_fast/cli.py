@@ -258,7 +258,12 @@ def _encode(args) -> int:
         stride=stride, fps=args.fps, chunk_frames=args.chunk_frames, batch=args.batch, workers=args.workers,
         per_frame=args.per_frame, timeout=args.timeout, rank=rank, world=world, progress=not args.quiet,
         settings=settings)
-    ex.run(jobs[rank::world])
+    try:
+        ex.run(jobs[rank::world])
+    except OSError as exc:  # a full disk, a file size limit: the outputs of this run are not all there
+        print(f"error: writing the outputs failed: {exc}. What was written is kept: rerun the same command to go on "
+              "once the cause is fixed", file=sys.stderr)
+        return 1
     failed = ex.stats["failed"]
     if world > 1:
         import torch.distributed as dist
@@ -268,7 +273,12 @@ def _encode(args) -> int:
         failed = int(counts.item())
         dist.barrier()
     if args.out_dir is not None and rank == 0:
-        extract.merge_index(args.out_dir, world)
+        try:
+            extract.merge_index(args.out_dir, world)
+        except OSError as exc:
+            print(f"error: writing {args.out_dir}/{extract.INDEX} failed: {exc}. The per-rank logs are kept: rerun the "
+                  "same command once the cause is fixed", file=sys.stderr)
+            return 1
     if args.out_dir is None:
         out = args.out or "embeddings.npy"
         E = encoder.config["embed_dim"]

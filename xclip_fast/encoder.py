@@ -25,7 +25,7 @@ from xclip_fast.blocks import (
 from xclip_fast.functional import mlp_width
 from xclip_fast.ops import autocast_dtype
 from xclip_fast.recompute import check_budget, check_recompute, level_costs, plan_levels, records_autograd
-from xclip_fast.submodules import hook_reason
+from xclip_fast.submodules import hook_reason, layer_norm_reason, stock_reason
 from xclip_fast.video import MEAN, STD
 
 __all__ = [
@@ -135,11 +135,24 @@ class CrossFrameCommunicationTransformer(CheckpointAlias, BackendMixin, referenc
         x = x.reshape(x.shape[0], x.shape[1], -1).permute(2, 0, 1)  # (grid**2, n, d)
         cls = self.class_embedding.to(x.dtype).expand(1, x.shape[1], -1)
         x = torch.cat([cls, x], dim=0) + self.positional_embedding.to(x.dtype)[:, None, :]
-        x = self.ln_pre(x)
+        if layer_norm_reason(self.ln_pre):  # called on (n, l, d), as the official forward calls it
+            x = self.ln_pre(x.transpose(0, 1)).transpose(0, 1)
+        else:
+            x = self.ln_pre(x)
         if out is None:
             return x
         out.copy_(x)
         return out
+
+    def embeds_in_groups(self) -> str | None:
+        """Why the patch embedding must see every frame of the clip in one call (the official
+        forward's): ``conv1`` or ``ln_pre`` is not plain (hooked, wrapped), so calling it on groups
+        of frames would show it other calls; None when groups are exact."""
+        reason = stock_reason(self.conv1, nn.Conv2d)
+        if reason:
+            return f"visual.conv1 {reason}"
+        reason = layer_norm_reason(self.ln_pre)
+        return f"visual.ln_pre {reason}" if reason else None
 
     def head(self, x: torch.Tensor) -> torch.Tensor:
         """``ln_post`` on the class tokens of ``x: (l, N, d)`` and the projection: ``(N, E)``."""
@@ -152,7 +165,9 @@ class CrossFrameCommunicationTransformer(CheckpointAlias, BackendMixin, referenc
         ``chunk_frames=k`` (inference only): layer by layer, the message path sees the whole clip
         (one token per frame) and the intra-frame attention and MLP run over chunks of k frames,
         updating ``x`` in place, so peak memory stays near one activation tensor plus the
-        intermediates of one chunk. Results equal the unchunked forward to rounding.
+        intermediates of one chunk. Results equal the unchunked forward to rounding. A block with
+        hooks on it or on any of its sub-modules runs whole (its hooks see the calls of an unchunked
+        forward), as does the patch embedding when ``conv1`` or ``ln_pre`` is hooked or wrapped.
         ``progress`` (optional) is called once per block. ``frame_parallel``: ``x`` holds this
         process's T frames of each video (see :class:`xclip_fast.parallel.FrameParallel`).
         """
@@ -173,7 +188,7 @@ class CrossFrameCommunicationTransformer(CheckpointAlias, BackendMixin, referenc
             block.check_input(x, T)
             if block.backend == "reference":
                 raise ValueError("chunk_frames needs the 'torch' or 'triton' backend, not 'reference'")
-            if hook_reason(block):  # a hooked block is called whole, so that its hooks see what they expect
+            if any(hook_reason(m) for m in block.modules()):  # hooks on it or in it see the whole block's calls
                 x = block(x, T, frame_parallel=frame_parallel)
                 if progress is not None:
                     progress()
@@ -523,7 +538,7 @@ class XCLIPVideoEncoder(CheckpointAlias, BackendMixin, nn.Module):
         refuse_hooks({"visual": self.visual}, "the encoder runs the CCT's embedding, blocks and head itself")
         b, T = video.shape[:2]
         frames = video.flatten(0, 1)
-        if chunk_frames is None:
+        if chunk_frames is None or self.visual.embeds_in_groups():  # (hooks see the official call)
             x = self.visual.embed(frames)
             self._apply_budget(x)
         else:
@@ -573,6 +588,11 @@ class XCLIPVideoEncoder(CheckpointAlias, BackendMixin, nn.Module):
             raise ValueError(f"num_frames must be an int >= 1, got {num_frames!r}")
         check_chunk_frames(chunk_frames)
         refuse_hooks({"visual": self.visual}, "the encoder runs the CCT's embedding, blocks and head itself")
+        grouped = self.visual.embeds_in_groups()
+        if grouped:
+            raise ValueError(f"encode_frames embeds the frames in groups as they arrive, but {grouped}: it would see "
+                             "groups of frames, not the clip's one call. Remove it, or decode the clip and call the "
+                             "encoder itself (forward / forward_features)")
         step = chunk_frames or 1
         visual = self.visual
         w = visual.conv1.weight

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+import uuid
 from dataclasses import dataclass
 
 import torch
@@ -64,15 +65,30 @@ class _Serving(nn.Module):
 
 
 def format_of(path: str, format: str | None = None) -> str:
-    """The artifact format: ``format`` if given, else from the file name (``.pt2`` / ``.onnx``)."""
+    """The artifact format: ``format`` if given, else from the file name (``.pt2`` / ``.onnx``). A
+    name that says the other format (``format="onnx"`` for ``m.pt2``) is refused: whoever loads the
+    file by its name would take it for what it is not."""
+    ext = os.path.splitext(str(path))[1].lower().lstrip(".")
     if format is not None:
         if format not in FORMATS:
             raise ValueError(f"unknown export format {format!r}; choose one of {FORMATS}")
+        if ext in FORMATS and ext != format:
+            raise ValueError(f"{path}: the name says .{ext} but the format is {format}; name the file *.{format}")
         return format
-    ext = os.path.splitext(str(path))[1].lower().lstrip(".")
     if ext not in FORMATS:
         raise ValueError(f"cannot tell the format from {path!r}: name the file *.pt2 or *.onnx (or give format=)")
     return ext
+
+
+def _peft_attention(encoder: nn.Module) -> str | None:
+    """The name of a PEFT adapter layer on an ``nn.MultiheadAttention`` in ``encoder`` (None if none):
+    it swaps the module's weights for merged ones inside its forward, which ``torch.export`` cannot
+    trace (it fails deep inside, on a fake tensor among the program's constants)."""
+    for name, m in encoder.named_modules():
+        if type(m).__module__.startswith("peft.") and isinstance(getattr(m, "base_layer", None),
+                                                                  nn.MultiheadAttention):
+            return name
+    return None
 
 
 def _check_range(name: str, span) -> tuple[int, int]:
@@ -160,6 +176,11 @@ def export_encoder(encoder: nn.Module, path: str, *, format: str | None = None, 
     if fmt == "onnx" and device.type != "cpu":
         raise ValueError("ONNX exports the torch backend's graph on the CPU (device='cpu'); the runtime "
                          "chooses where it runs")
+    adapter = _peft_attention(encoder)
+    if adapter is not None:
+        raise ValueError(f"{adapter} is a PEFT LoRA adapter on an nn.MultiheadAttention, which torch.export cannot "
+                         "trace; merge the adapters into the weights first (peft_model.merge_and_unload()) and export "
+                         "the merged encoder")
     if encoder.backend == "reference" and fmt == "pt2":
         raise ValueError("the 'reference' backend builds T into the modules; export the 'torch', 'triton' or "
                          "'auto' backend")
@@ -180,12 +201,21 @@ def export_encoder(encoder: nn.Module, path: str, *, format: str | None = None, 
             for k, name, span in ((0, "batch", batch), (1, "frames", frames)) if span[0] < span[1]}
     meta = metadata(model, fmt, dtype, input, batch, frames)
     serving = _Serving(model).eval()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with torch.no_grad():
-        if fmt == "pt2":
-            _write_pt2(serving, example, dims, meta, path)
-        else:
-            _write_onnx(serving, example, dims, meta, path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    # written beside its final name and renamed into place on success: a failure (a compiler error,
+    # a full disk, a kill) leaves a previous artifact of that name untouched
+    tmp = os.path.join(folder, f".{os.path.basename(str(path))}.xclip-fast-tmp-{uuid.uuid4().hex}.{fmt}")
+    try:
+        with torch.no_grad():
+            if fmt == "pt2":
+                _write_pt2(serving, example, dims, meta, tmp)
+            else:
+                _write_onnx(serving, example, dims, meta, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
     return Exported(str(path), fmt, dtype, os.path.getsize(path), meta)
 
 
@@ -198,12 +228,7 @@ def _write_pt2(serving, example, dims, meta, path) -> None:
         # which the parity tests check at batch 1 and one frame)
         "aot_inductor.check_lowerbound": False,
     }
-    try:
-        torch._inductor.aoti_compile_and_package(program, package_path=str(path), inductor_configs=configs)
-    except Exception:
-        if os.path.exists(path):
-            os.remove(path)
-        raise
+    torch._inductor.aoti_compile_and_package(program, package_path=str(path), inductor_configs=configs)
 
 
 def _write_onnx(serving, example, dims, meta, path) -> None:
@@ -229,12 +254,30 @@ def _write_onnx(serving, example, dims, meta, path) -> None:
 
 def read_metadata(path: str) -> dict:
     """The ``xclip_fast.*`` metadata of an artifact (a ``.pt2`` is loaded to read it; ONNX needs
-    ``onnx``)."""
-    fmt = format_of(path)
-    if fmt == "pt2":
-        meta = torch._inductor.aoti_load_package(str(path)).get_metadata()
-    else:
-        import onnx
+    ``onnx``).
 
-        meta = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
-    return {k: v for k, v in meta.items() if k.startswith("xclip_fast.")}
+    Raises:
+        FileNotFoundError: no file at ``path``.
+        ValueError: a name that is neither ``*.pt2`` nor ``*.onnx``, a file that cannot be read as
+            its format (empty, cut, another kind of file), or one without this library's metadata;
+            each message names the file.
+    """
+    fmt = format_of(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such file")
+    try:
+        if fmt == "pt2":
+            meta = torch._inductor.aoti_load_package(str(path)).get_metadata()
+        else:
+            import onnx
+
+            meta = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+    except ImportError:
+        raise
+    except Exception as exc:  # (the loaders raise RuntimeError, DecodeError, ...: say which file)
+        raise ValueError(f"{path}: not a readable .{fmt} file ({type(exc).__name__}: {str(exc).strip()})") from None
+    meta = {k: v for k, v in meta.items() if k.startswith("xclip_fast.")}
+    if meta.get("xclip_fast.schema") != SCHEMA:
+        raise ValueError(f"{path}: not an xclip-fast artifact (no {SCHEMA} metadata; written by export_encoder or "
+                         "xclip-fast export)")
+    return meta

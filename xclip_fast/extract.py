@@ -8,8 +8,13 @@
   embedding per window with its start and end time.
 - Outputs survive interruption: one ``.npy`` per video, written to a temporary file in the run's
   own folder (``<out-dir>/.xclip-fast/``) and renamed into place, and an index (``index.jsonl``)
-  that a rerun reads to skip what is complete: a video is skipped only when its record was made
-  with the same settings and weights (``settings_id``) and its files are whole.
+  that a rerun reads to skip what is complete. Records identify the video by its resolved path,
+  size and modification time (:func:`source_of`), not by the path as typed; a video is skipped
+  only when its record was made with the same settings and weights (``settings_id``), from the
+  same file unchanged, and its files are whole with the shapes the record gives. When a video is
+  encoded again, the outputs of its previous record that the new one no longer names (a
+  ``.times.npy`` of an earlier ``--window`` run, a ``.frames.npy`` of an earlier ``--per-frame``
+  run) are removed, and only those: files the run did not write are never touched.
 - Failures are recorded and the run goes on; truncated videos are encoded from their readable
   frames with a warning.
 - Under ``torchrun``, rank r takes videos r, r + K, r + 2K, ... of the list; rank 0 shows the
@@ -18,6 +23,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -112,8 +118,8 @@ def discover(inputs: list[str], list_file: str | None = None) -> list[Job]:
             entries.append((path, os.path.splitext(os.path.basename(path.rstrip("/")))[0] or "video"))
     jobs, names = [], {}
     for path, name in entries:
-        key = os.path.abspath(path) if "://" not in path else path
-        tag = hashlib.sha1(key.encode()).hexdigest()[:8]
+        key = video_key(path)  # (one file through two links: one video)
+        tag = _tag(key)
         if name.lower().endswith(KINDS):  # x.frames.mp4 would write x.frames.npy, x.mp4's per-frame output
             name = f"{name}-{tag}"
         if names.get(name.casefold(), key) != key:  # two different videos with one name: tell them apart
@@ -262,10 +268,59 @@ def _is_record(rec) -> bool:
         and isinstance(rec.get("status"), str)
 
 
+def source_of(path: str) -> dict | None:
+    """What identifies a local video file in the index: its resolved path (symlinks followed, so
+    the same file reached from another working folder or through a link is the same video, and
+    two files with one relative name are two), its size and its modification time (ns); None when
+    it cannot be read (the job then fails with the reason)."""
+    try:
+        st = os.stat(path)
+    except (OSError, ValueError):
+        return None
+    return {"path": os.path.realpath(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def video_key(path: str, source: dict | None = None) -> str:
+    """The video a path is about: the resolved path (``source["path"]`` when known); a stream
+    address as given."""
+    if source is not None:
+        return source["path"]
+    return path if "://" in path else os.path.realpath(path)
+
+
+def record_key(rec: dict) -> str:
+    """The video a record is about: the resolved path of its ``source``; records of older versions
+    have none, and their path is resolved from the working folder."""
+    source = rec.get("source")
+    if isinstance(source, dict) and isinstance(source.get("path"), str):
+        return source["path"]
+    return video_key(rec["path"])
+
+
+def _tag(key: str) -> str:
+    """A short hash of a video's key, which tells apart two videos that would share an output name."""
+    return hashlib.sha1(key.encode()).hexdigest()[:8]
+
+
+def append_line(path: str, line: str) -> None:
+    """Append one line to a log, on a line of its own even when the log ends in a line cut by a
+    failed write (a full disk, a kill): the cut line stays unreadable, this one stays whole. The
+    write is flushed and synced; an error (no space left) is raised, never hidden."""
+    with open(path, "a+b") as f:
+        f.seek(0, os.SEEK_END)
+        if f.tell():
+            f.seek(-1, os.SEEK_END)
+            if f.read(1) != b"\n":
+                f.write(b"\n")
+        f.write(line.encode("utf-8") + b"\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def read_index(out_dir: str, problems: list | None = None) -> dict:
-    """path -> the last record of each video in ``index.jsonl`` and the per-rank logs left by an
-    interrupted run (records are appended, so later ones win). Lines that are not records (cut by
-    a kill, edited, not UTF-8) are skipped and counted in ``problems``."""
+    """The last record of each video (by :func:`record_key`) in ``index.jsonl`` and the per-rank
+    logs left by an interrupted run (records are appended, so later ones win). Lines that are not
+    records (cut by a kill or a full disk, edited, not UTF-8) are skipped and counted in ``problems``."""
     records, bad = {}, 0
     for path in [os.path.join(out_dir, INDEX)] + _rank_logs(out_dir):
         if not os.path.isfile(path):
@@ -281,7 +336,7 @@ def read_index(out_dir: str, problems: list | None = None) -> dict:
                 if not _is_record(rec):
                     bad += 1
                     continue
-                records[rec["path"]] = rec
+                records[record_key(rec)] = rec
     if bad and problems is not None:
         problems.append(f"{bad} line(s) of {os.path.join(out_dir, INDEX)} (or its per-rank logs) are not index records "
                         "and were ignored")
@@ -313,14 +368,14 @@ def settings_id(settings: dict) -> str:
     return hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _whole(path: str, rows: int | None) -> bool:
-    """``path`` is a complete ``.npy`` file (its header and all its data are there) of float arrays,
-    with ``rows`` rows when given."""
+def _whole(path: str, shape) -> bool:
+    """``path`` is a complete ``.npy`` file (its header and all its data are there) holding a float
+    array of exactly ``shape``."""
     try:
         arr = np.load(path, mmap_mode="r", allow_pickle=False)
     except (OSError, ValueError):
         return False
-    return arr.dtype.kind == "f" and (rows is None or (arr.ndim >= 1 and arr.shape[0] == rows))
+    return arr.dtype.kind == "f" and list(arr.shape) == list(shape)
 
 
 @dataclass
@@ -348,6 +403,7 @@ class Extractor:
     # rerun into the same --out-dir reuses a video's outputs only when its record has the same
     settings: dict = field(default_factory=dict)
     results: dict = field(default_factory=dict)  # job index -> (embedding, per-frame) for --out
+    _previous: dict = field(default_factory=dict, repr=False)  # job index -> (its source, its last record or None)
     stats: dict = field(default_factory=lambda: dict(videos=0, failed=0, truncated=0, skipped=0, frames=0,
                                                      decode_s=0.0, encode_s=0.0))
 
@@ -360,21 +416,27 @@ class Extractor:
         if self.out_dir:
             remove_leftovers(self.out_dir, self.rank, self.world)
         done = read_index(self.out_dir, problems) if self.out_dir else {}
+        owners = {rec["output"].casefold(): key for key, rec in done.items() if rec.get("status") in DONE}
         todo = []
         for job in jobs:
-            rec = done.get(job.path)
-            why = self._stale(job, rec) if rec is not None and rec.get("status") in DONE else "new"
+            source = source_of(job.path) if self.out_dir and not job.error else None
+            key = video_key(job.path, source)
+            if owners.get(job.name.casefold(), key) != key:  # another video's output (an earlier run's) has this name
+                job = dataclasses.replace(job, name=f"{job.name[:-4]}-{_tag(key)}.npy")
+            rec = done.get(key)
+            why = self._stale(job, rec, source) if rec is not None and rec.get("status") in DONE else "new"
             if why is None:
                 self.stats["skipped"] += 1
                 continue
+            self._previous[job.index] = (source, rec)
             if why != "new":
                 redo[why] = redo.get(why, 0) + 1
             todo.append(job)
         for line in problems + [f"{n} video(s) done before are encoded again: {why}" for why, n in redo.items()]:
             print(f"note: {line}", file=sys.stderr)
         by_index = {job.index: job for job in todo}
-        source = ClipSource(todo, self.frames, self.size, self.window, self.stride, self.fps, self.timeout)
-        loader = torch.utils.data.DataLoader(source, batch_size=None, num_workers=min(self.workers, len(todo)),
+        decoded = ClipSource(todo, self.frames, self.size, self.window, self.stride, self.fps, self.timeout)
+        loader = torch.utils.data.DataLoader(decoded, batch_size=None, num_workers=min(self.workers, len(todo)),
                                              pin_memory=self.device.type == "cuda")
         bar = self._bar(len(jobs))
         if bar is not None and self.stats["skipped"]:
@@ -409,17 +471,21 @@ class Extractor:
     def settings_id(self) -> str:
         return settings_id(self.settings)
 
-    def _outputs(self, job: Job) -> dict:
-        """The files of one video's result, by kind (relative to ``out_dir``)."""
+    @staticmethod
+    def _own_files(job: Job) -> dict:
+        """Every file a result of ``job`` may have, by kind (relative to ``out_dir``), whatever the
+        settings: ``<stem>.npy``, ``<stem>.frames.npy``, ``<stem>.times.npy``."""
         stem = job.name[:-4]
-        files = {"output": job.name}
-        if self.per_frame:
-            files["frames_output"] = stem + ".frames.npy"
-        if self.window is not None:
-            files["times_output"] = stem + ".times.npy"
-        return files
+        return {"output": job.name, "frames_output": stem + ".frames.npy", "times_output": stem + ".times.npy"}
 
-    def _stale(self, job: Job, rec: dict) -> str | None:
+    def _outputs(self, job: Job) -> dict:
+        """The files of one video's result with this run's settings, by kind (relative to ``out_dir``)."""
+        files = self._own_files(job)
+        return {kind: name for kind, name in files.items()
+                if kind == "output" or (kind == "frames_output" and self.per_frame)
+                or (kind == "times_output" and self.window is not None)}
+
+    def _stale(self, job: Job, rec: dict, source: dict | None) -> str | None:
         """Why the complete record ``rec`` of ``job`` cannot be reused (None when it can)."""
         if rec.get("settings_id") != self.settings_id:
             old = rec.get("settings") if isinstance(rec.get("settings"), dict) else None
@@ -427,12 +493,19 @@ class Extractor:
                 return "their records do not say which settings made them"
             changed = [f"{k} {old.get(k)!r} -> {v!r}" for k, v in self.settings.items() if old.get(k) != v]
             return "made with other settings (" + ", ".join(changed or ["settings differ"]) + ")"
-        rows = len(rec["windows"]) if self.window is not None and isinstance(rec.get("windows"), list) else None
+        old = rec.get("source")
+        if not isinstance(old, dict) or "size" not in old or "mtime_ns" not in old:
+            return "their records do not identify the video file (size, modification time)"
+        if source is None or (old["size"], old["mtime_ns"]) != (source["size"], source["mtime_ns"]):
+            return "the video file changed since (size or modification time)"
+        shapes = rec.get("shapes") if isinstance(rec.get("shapes"), dict) else {}
         for kind, name in self._outputs(job).items():
             if rec.get(kind) != name:
                 return f"their {kind.replace('_', ' ')} is not {name} (output names changed)"
-            if not _whole(os.path.join(self.out_dir, name), rows):
-                return f"their {kind.replace('_', ' ')} file is missing or incomplete"
+            if not isinstance(shapes.get(kind), list):
+                return "their records do not give the shapes of their outputs"
+            if not _whole(os.path.join(self.out_dir, name), shapes[kind]):
+                return f"their {kind.replace('_', ' ')} file is missing, incomplete or not of the recorded shape"
         return None
 
     def _bar(self, total):
@@ -478,7 +551,9 @@ class Extractor:
 
     def _finish(self, job: Job, meta: dict, clips: list) -> dict:
         clips.sort(key=lambda c: c[0])
+        source, previous = self._previous.pop(job.index, (None, None))
         rec = dict(path=job.path, output=job.name, **{k: v for k, v in meta.items() if k != "sampled"})
+        rec["source"] = source or {"path": video_key(job.path)}
         rec.update(settings=self.settings, settings_id=self.settings_id)
         self.stats["decode_s"] += meta.get("decode_s", 0.0)
         if meta["status"] in DONE and not clips:
@@ -502,13 +577,23 @@ class Extractor:
             else:
                 self.results[job.index] = (embeds, per_frame)
         if self.out_dir:
+            if previous is not None:
+                self._remove_unnamed(job, previous, rec)
             os.makedirs(state_dir(self.out_dir), exist_ok=True)
-            log = os.path.join(state_dir(self.out_dir), f"index.rank{self.rank}.jsonl")
-            with open(log, "a", encoding="utf-8") as f:
-                f.write(json.dumps(rec) + "\n")
-                f.flush()
-                os.fsync(f.fileno())
+            append_line(os.path.join(state_dir(self.out_dir), f"index.rank{self.rank}.jsonl"), json.dumps(rec))
         return rec
+
+    def _remove_unnamed(self, job: Job, previous: dict, rec: dict) -> None:
+        """Remove the outputs of this video's previous record that ``rec`` no longer names (written
+        by an earlier run with other settings, or left by a result that failed now): nothing else
+        would say what they are. Only files named by that record and by this video's own output
+        names are removed (before the new record is written: a kill in between leaves a record
+        whose files are missing, which the next run encodes again)."""
+        for kind, name in self._own_files(job).items():
+            path = os.path.join(self.out_dir, name)
+            if previous.get(kind) == name and rec.get(kind) != name and os.path.isfile(path) \
+                    and not os.path.islink(path):
+                os.remove(path)
 
     def _write(self, job: Job, embeds, per_frame, rec) -> None:
         """The video's files, each through a temporary file of the run's own folder; the record then
@@ -524,6 +609,9 @@ class Extractor:
         # last: it (with the index line) marks the video complete
         atomic_save(os.path.join(self.out_dir, job.name), embeds, tmp, self.rank)
         rec.update(files)
+        shapes = {"output": embeds.shape, "frames_output": per_frame.shape,
+                  "times_output": (len(rec.get("windows", ())), 2)}
+        rec["shapes"] = {kind: list(shapes[kind]) for kind in files}
 
 
 def _free_cpu_memory() -> int | None:

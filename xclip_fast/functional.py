@@ -53,6 +53,12 @@ class Parts(NamedTuple):
     separate ``q_proj/k_proj/v_proj`` (Hugging Face); both have ``num_heads`` and ``out_proj``.
     ``mlp`` is a :class:`FusedMLP` when the module is CLIP's Linear -> QuickGELU -> Linear (the
     adapters decide), else any callable (run as it is). The MIT's block leaves the message parts None.
+
+    ``official``: the official block's layout of the message path, whose forward calls
+    ``message_fc`` on ``(b, T, d)`` and ``message_ln`` on ``(T, b, d)`` (Hugging Face's layer calls them
+    on ``(b*T, d)`` and ``(b, T, d)``). A module that is not plain (hooked, wrapped, see
+    :mod:`xclip_fast.submodules`) is called in the layout its original forward gives it, so that what
+    it sees is what it sees there; a plain one is read or called in whichever layout is fastest.
     """
 
     message_fc: nn.Module | None
@@ -62,6 +68,7 @@ class Parts(NamedTuple):
     attn: nn.Module
     ln_2: nn.Module
     mlp: MLP
+    official: bool = False
 
 
 class Drop:
@@ -197,7 +204,10 @@ def message_path(cls: torch.Tensor, T: int, parts: Parts, backend: str, drop=no_
 def message_inputs(cls: torch.Tensor, T: int, parts: Parts) -> torch.Tensor:
     """``message_fc`` of the class tokens ``cls: (b*T, d)`` as ``(b, T, d)`` (frame-local)."""
     N, d = cls.shape
-    return parts.message_fc(cls).view(N // T, T, d)
+    fc = parts.message_fc
+    if parts.official and linear_reason(fc):  # called on (b, T, d), as the official forward calls it
+        return fc(cls.view(N // T, T, d))
+    return fc(cls).view(N // T, T, d)
 
 
 def message_attention(msg: torch.Tensor, parts: Parts, backend: str, drop=no_drop) -> torch.Tensor:
@@ -206,7 +216,12 @@ def message_attention(msg: torch.Tensor, parts: Parts, backend: str, drop=no_dro
     b, T, d = msg.shape
     attn = parts.message_attn
     H, Dh = _heads(attn, d)
-    qkv = project_qkv(attn, in_projection(attn), parts.message_ln(msg))
+    ln = parts.message_ln
+    if parts.official and layer_norm_reason(ln):  # called on (T, b, d), as the official forward calls it
+        h = ln(msg.transpose(0, 1)).transpose(0, 1)
+    else:
+        h = ln(msg)
+    qkv = project_qkv(attn, in_projection(attn), h)
     a = packed_attention(qkv.view(b, T, 3, H, Dh), backend=backend, dropout_p=_dropout(attn))
     a = attn.out_proj(a.reshape(b, T, d))
     return msg + drop("message", a)
@@ -220,6 +235,9 @@ def _self_attention(x: torch.Tensor, parts: Parts, backend: str, batch_first: bo
     attn = parts.attn
     H, Dh = _heads(attn, d)
     packed = in_projection(attn)
+    if msg is not None and (packed is None or layer_norm_reason(parts.ln_1)
+                            or linear_reason(attn._modules["out_proj"])):
+        return _concatenated_attention(x, msg, parts, backend, batch_first, attn_mask, packed)
     qkv = project_qkv(attn, packed, parts.ln_1(x))
     qkv = qkv.view(B, S, 3, H, Dh) if batch_first else qkv.view(S, B, 3, H, Dh).transpose(0, 1)
     extra = None
@@ -229,6 +247,33 @@ def _self_attention(x: torch.Tensor, parts: Parts, backend: str, batch_first: bo
     o = packed_attention(qkv, extra, backend=backend, attn_mask=attn_mask, dropout_p=_dropout(attn))
     o = o.reshape(B, S, d) if batch_first else o.transpose(0, 1).reshape(S, B, d)
     return attn.out_proj(o)
+
+
+def _concatenated_attention(x: torch.Tensor, msg: torch.Tensor, parts: Parts, backend: str, batch_first: bool,
+                            attn_mask, packed):
+    """:func:`_self_attention` with the message token for a layer whose ``ln_1``, projections or
+    out-projection are called as modules that are not plain (hooked, wrapped): they get the calls
+    the original makes, ``ln_1`` and each projection once on the concatenation ``[x; msg]``
+    (``(S+1, B, d)``, or ``(B, S+1, d)`` batch-first) and a non-plain out-projection on all S+1 rows
+    (the message token's query included), so that a hook sees the shapes and token order it sees
+    in the original; only the attention is this library's. Returns the S frame-token rows."""
+    S, B, d = (x.shape[1], x.shape[0], x.shape[2]) if batch_first else x.shape
+    attn = parts.attn
+    H, Dh = _heads(attn, d)
+    dim = 1 if batch_first else 0
+    qkv = project_qkv(attn, packed, parts.ln_1(torch.cat([x, msg.to(x.dtype).unsqueeze(dim)], dim)))
+    qkv = qkv.view(B, S + 1, 3, H, Dh) if batch_first else qkv.view(S + 1, B, 3, H, Dh).transpose(0, 1)
+    p = _dropout(attn)
+    if linear_reason(attn._modules["out_proj"]) is None:  # queries of the frame tokens only
+        o = packed_attention(qkv[:, :S], qkv[:, S, 1:], backend=backend, attn_mask=attn_mask, dropout_p=p)
+        o = o.reshape(B, S, d) if batch_first else o.transpose(0, 1).reshape(S, B, d)
+        return attn.out_proj(o)
+    if attn_mask is not None:  # (an official block with such an out_proj runs its original computation)
+        raise ValueError("an attention mask with a wrapped or hooked out_proj is not supported here")
+    o = packed_attention(qkv, backend=backend, dropout_p=p)
+    if batch_first:
+        return attn.out_proj(o.reshape(B, S + 1, d))[:, :S]
+    return attn.out_proj(o.transpose(0, 1).reshape(S + 1, B, d))[:S]
 
 
 def frame_path(x: torch.Tensor, msg: torch.Tensor, parts: Parts, backend: str, *, batch_first: bool = False,

@@ -77,13 +77,23 @@ def _collecting_attentions(kwargs: dict) -> bool:
         return True
     try:
         from transformers.utils.output_capturing import _active_collector
-    except ImportError:  # pragma: no cover - other transformers versions pass output_attentions
+    except ImportError:  # pragma: no cover - transformers moved it: said, not hidden
+        _warn_no_collector()
         return False
     if torch.compiler.is_compiling():  # torch.compile cannot trace ContextVar.get: transformers then keeps
         collected = _active_collector.global_var if getattr(_active_collector, "compiling", False) else None
     else:  # the collector in a plain variable (CompileableContextVar)
         collected = _active_collector.get()
     return bool(collected) and "attentions" in collected
+
+
+@functools.lru_cache(maxsize=1)
+def _warn_no_collector() -> None:
+    import warnings
+
+    warnings.warn("xclip_fast: transformers.utils.output_capturing._active_collector is gone in this transformers "
+                  "release: output_attentions=True set in a config is not seen by the patched layers (pass it as "
+                  "an argument, or unpatch_xclip the model, to get attention weights)", stacklevel=4)
 
 
 def _runs_original(layer: nn.Module, kwargs: dict, attention_names: tuple) -> bool:

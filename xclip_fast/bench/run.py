@@ -166,6 +166,12 @@ def _train_providers(wanted, quick: bool, cuda: bool):
             and (cuda or not offloads(p))]
 
 
+def _usage(problem: str) -> int:
+    """An option that cannot run: said in one line, exit code 2 (as argparse does), before any work."""
+    print(f"error: {problem}", file=sys.stderr)
+    return 2
+
+
 def main(args) -> int:
     """``xclip-fast bench``: see ``xclip-fast bench --help``."""
     import os
@@ -180,8 +186,8 @@ def main(args) -> int:
         return _inference(args, device)
     dtype = BY_NAME[args.dtype or ("bfloat16" if cuda else "float32")]
     if device.type == "cpu" and dtype in (torch.float16, torch.bfloat16):
-        raise ValueError(f"--dtype {args.dtype} on CPU: use float32 (half-precision CPU kernels are not what "
-                         "anyone runs X-CLIP on)")
+        return _usage(f"--dtype {args.dtype} on CPU: use float32 (half-precision CPU kernels are not what anyone "
+                      "runs X-CLIP on)")
     levels = (*LEVELS, "train") if args.level == "all" else (args.level,)
     quick = args.quick or (not cuda and not args.full)
     if quick and not args.quick:
@@ -195,7 +201,7 @@ def main(args) -> int:
         known = sorted({*ALL_PROVIDERS, *TRAIN_PROVIDERS})
         unknown = sorted(set(wanted) - set(known))
         if unknown:
-            raise ValueError(f"unknown providers {unknown}; choose from {known}")
+            return _usage(f"--providers: unknown {', '.join(unknown)}; choose from {', '.join(known)}")
         if "reference" not in wanted:
             wanted = ["reference", *wanted]  # every ratio is against the reference
     if not cuda:
@@ -250,7 +256,8 @@ def _inference(args, device) -> int:
     if wanted:
         unknown = sorted(set(wanted) - set(INFERENCE_PROVIDERS))
         if unknown:
-            raise ValueError(f"unknown inference providers {unknown}; choose from {INFERENCE_PROVIDERS}")
+            return _usage(f"--providers: unknown inference provider(s) {', '.join(unknown)}; choose from "
+                          f"{', '.join(INFERENCE_PROVIDERS)}")
         wanted = ["reference", *[p for p in wanted if p != "reference"]]  # every ratio is against the reference
     models = [args.model] if args.model else (["b32"] if quick else ["b32", "b16"])
     frames = args.frames or ([8] if quick else [8, 32])

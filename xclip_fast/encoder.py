@@ -144,7 +144,7 @@ class CrossFrameCommunicationTransformer(CheckpointAlias, BackendMixin, referenc
         out.copy_(x)
         return out
 
-    def embeds_in_groups(self) -> str | None:
+    def whole_embedding_reason(self) -> str | None:
         """Why the patch embedding must see every frame of the clip in one call (the official
         forward's): ``conv1`` or ``ln_pre`` is not plain (hooked, wrapped), so calling it on groups
         of frames would show it other calls; None when groups are exact."""
@@ -538,7 +538,7 @@ class XCLIPVideoEncoder(CheckpointAlias, BackendMixin, nn.Module):
         refuse_hooks({"visual": self.visual}, "the encoder runs the CCT's embedding, blocks and head itself")
         b, T = video.shape[:2]
         frames = video.flatten(0, 1)
-        if chunk_frames is None or self.visual.embeds_in_groups():  # (hooks see the official call)
+        if chunk_frames is None or self.visual.whole_embedding_reason():  # (hooks see the official call)
             x = self.visual.embed(frames)
             self._apply_budget(x)
         else:
@@ -588,7 +588,7 @@ class XCLIPVideoEncoder(CheckpointAlias, BackendMixin, nn.Module):
             raise ValueError(f"num_frames must be an int >= 1, got {num_frames!r}")
         check_chunk_frames(chunk_frames)
         refuse_hooks({"visual": self.visual}, "the encoder runs the CCT's embedding, blocks and head itself")
-        grouped = self.visual.embeds_in_groups()
+        grouped = self.visual.whole_embedding_reason()
         if grouped:
             raise ValueError(f"encode_frames embeds the frames in groups as they arrive, but {grouped}: it would see "
                              "groups of frames, not the clip's one call. Remove it, or decode the clip and call the "

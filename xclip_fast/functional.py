@@ -230,50 +230,43 @@ def message_attention(msg: torch.Tensor, parts: Parts, backend: str, drop=no_dro
 def _self_attention(x: torch.Tensor, parts: Parts, backend: str, batch_first: bool, attn_mask, msg=None):
     """``out_proj(attention(ln_1(x)))`` over each sequence of ``x`` (seq-first ``(S, B, d)`` or
     batch-first), with ``msg: (B, d)`` as one extra key/value per sequence when given. q, k, v stay
-    in the in-projection GEMM's layout; the output comes back in the layout ``out_proj`` reads."""
+    in the in-projection GEMM's layout; the output comes back in the layout ``out_proj`` reads.
+
+    With the message token, an ``ln_1``, projection or out-projection that is called as a module
+    that is not plain (hooked, wrapped) gets the calls the original makes: ``ln_1`` and each
+    projection once on the concatenation ``[x; msg]`` (``(S+1, B, d)``, or ``(B, S+1, d)``
+    batch-first), a non-plain out-projection on all S+1 rows (the message token's query included,
+    its row dropped after), so that a hook sees the shapes and token order it sees there; only the
+    attention is this library's. Plain modules are read or called on the frame tokens only."""
     S, B, d = (x.shape[1], x.shape[0], x.shape[2]) if batch_first else x.shape
     attn = parts.attn
     H, Dh = _heads(attn, d)
     packed = in_projection(attn)
-    if msg is not None and (packed is None or layer_norm_reason(parts.ln_1)
-                            or linear_reason(attn._modules["out_proj"])):
-        return _concatenated_attention(x, msg, parts, backend, batch_first, attn_mask, packed)
-    qkv = project_qkv(attn, packed, parts.ln_1(x))
-    qkv = qkv.view(B, S, 3, H, Dh) if batch_first else qkv.view(S, B, 3, H, Dh).transpose(0, 1)
-    extra = None
-    if msg is not None:
-        # the original concatenates msg to x (promoting it to x's dtype under autocast) before ln_1
-        extra = project_kv(attn, packed, parts.ln_1(msg.to(x.dtype))).view(B, 2, H, Dh)  # its k, v only
-    o = packed_attention(qkv, extra, backend=backend, attn_mask=attn_mask, dropout_p=_dropout(attn))
-    o = o.reshape(B, S, d) if batch_first else o.transpose(0, 1).reshape(S, B, d)
-    return attn.out_proj(o)
+    out_plain = linear_reason(attn._modules["out_proj"]) is None
 
+    def heads(qkv, rows):  # (B, rows, 3, H, Dh) of the GEMM output
+        return qkv.view(B, rows, 3, H, Dh) if batch_first else qkv.view(rows, B, 3, H, Dh).transpose(0, 1)
 
-def _concatenated_attention(x: torch.Tensor, msg: torch.Tensor, parts: Parts, backend: str, batch_first: bool,
-                            attn_mask, packed):
-    """:func:`_self_attention` with the message token for a layer whose ``ln_1``, projections or
-    out-projection are called as modules that are not plain (hooked, wrapped): they get the calls
-    the original makes, ``ln_1`` and each projection once on the concatenation ``[x; msg]``
-    (``(S+1, B, d)``, or ``(B, S+1, d)`` batch-first) and a non-plain out-projection on all S+1 rows
-    (the message token's query included), so that a hook sees the shapes and token order it sees
-    in the original; only the attention is this library's. Returns the S frame-token rows."""
-    S, B, d = (x.shape[1], x.shape[0], x.shape[2]) if batch_first else x.shape
-    attn = parts.attn
-    H, Dh = _heads(attn, d)
-    dim = 1 if batch_first else 0
-    qkv = project_qkv(attn, packed, parts.ln_1(torch.cat([x, msg.to(x.dtype).unsqueeze(dim)], dim)))
-    qkv = qkv.view(B, S + 1, 3, H, Dh) if batch_first else qkv.view(S + 1, B, 3, H, Dh).transpose(0, 1)
-    p = _dropout(attn)
-    if linear_reason(attn._modules["out_proj"]) is None:  # queries of the frame tokens only
-        o = packed_attention(qkv[:, :S], qkv[:, S, 1:], backend=backend, attn_mask=attn_mask, dropout_p=p)
-        o = o.reshape(B, S, d) if batch_first else o.transpose(0, 1).reshape(S, B, d)
-        return attn.out_proj(o)
-    if attn_mask is not None:  # (an official block with such an out_proj runs its original computation)
-        raise ValueError("an attention mask with a wrapped or hooked out_proj is not supported here")
-    o = packed_attention(qkv, backend=backend, dropout_p=p)
-    if batch_first:
-        return attn.out_proj(o.reshape(B, S + 1, d))[:, :S]
-    return attn.out_proj(o.transpose(0, 1).reshape(S + 1, B, d))[:S]
+    def tokens(o, rows):  # the attention output in the layout out_proj reads
+        return o.reshape(B, rows, d) if batch_first else o.transpose(0, 1).reshape(rows, B, d)
+
+    extra, p = None, _dropout(attn)
+    if msg is not None and (packed is None or not out_plain or layer_norm_reason(parts.ln_1)):
+        dim = 1 if batch_first else 0  # (msg promoted to x's dtype, as the original's cat does under autocast)
+        qkv = heads(project_qkv(attn, packed, parts.ln_1(torch.cat([x, msg.to(x.dtype).unsqueeze(dim)], dim))), S + 1)
+        if not out_plain:
+            if attn_mask is not None:  # (an official block with such an out_proj runs its original computation)
+                raise ValueError("an attention mask with a wrapped or hooked out_proj is not supported here")
+            y = attn.out_proj(tokens(packed_attention(qkv, backend=backend, dropout_p=p), S + 1))
+            return y[:, :S] if batch_first else y[:S]
+        qkv, extra = qkv[:, :S], qkv[:, S, 1:]  # the message token's key/value only
+    else:
+        qkv = heads(project_qkv(attn, packed, parts.ln_1(x)), S)
+        if msg is not None:
+            # the original concatenates msg to x (promoting it to x's dtype under autocast) before ln_1
+            extra = project_kv(attn, packed, parts.ln_1(msg.to(x.dtype))).view(B, 2, H, Dh)  # its k, v only
+    o = packed_attention(qkv, extra, backend=backend, attn_mask=attn_mask, dropout_p=p)
+    return attn.out_proj(tokens(o, S))
 
 
 def frame_path(x: torch.Tensor, msg: torch.Tensor, parts: Parts, backend: str, *, batch_first: bool = False,

@@ -31,9 +31,10 @@ setup(
     ],
     extras_require={
         # the tests also run the benchmark runner (plot, progress bar), write/read real videos,
-        # fine-tune with PEFT LoRA, and export to ONNX and run it in ONNX Runtime
-        "test": ["pytest>=7", "transformers>=5", "safetensors", "av>=11", "matplotlib", "tqdm", "peft", "onnx",
-                 "onnxscript", "onnxruntime"],
+        # fine-tune with PEFT LoRA and transformers' Trainer (accelerate), and export to ONNX and run it in
+        # ONNX Runtime
+        "test": ["pytest>=7", "transformers>=5", "safetensors", "av>=11", "matplotlib", "tqdm", "peft", "accelerate",
+                 "onnx", "onnxscript", "onnxruntime"],
         # ONNX export (the dynamo exporter needs onnx and onnxscript) and ONNX Runtime for the bench;
         # the .pt2 package needs nothing beyond torch
         "export": ["onnx", "onnxscript", "onnxruntime"],

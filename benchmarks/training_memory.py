@@ -4,7 +4,7 @@ selective checkpointing, compiled, compiled under an activation memory budget), 
 block, and the longest clip that trains in 80 and 141 GB; with ``--offload``, instead, what activation
 offloading moves per block at every level.
 
-    python benchmarks/training_memory.py [--out DIR] [--quick] [--offload]
+    python benchmarks/training_memory.py [--out DIR] [--quick] [--offload] [--lora]
 
 Held bytes: the tensor storages created by the forward and still alive after it (the output,
 inputs and weights excluded), counted operator by operator (``xclip_fast.bench.memory``); for the
@@ -23,12 +23,17 @@ set in backward, and ``T_max = (capacity - 18 bytes x parameters) / bytes per fr
 (T = 8, batch 1, bf16 autocast, run on the CPU) under saved-tensor hooks: the bytes they see (what
 ``save_on_cpu`` moves of the activations), those kept outside them (what stays on the GPU whatever
 the hooks do), and what ``save_on_cpu`` copies in one forward, a tensor saved twice counted twice,
-the parameters apart.
+the parameters apart. With ``--lora``, instead: one block at B/32 sizes (T = 8, float32, ``lean``)
+with PEFT LoRA (r = 16) on ``c_fc``/``c_proj`` and its base frozen, against the same block frozen
+without LoRA (the same GEMMs but the update's) and trainable (full fine-tuning), and against the
+adapters called as modules (how the MLP ran before LoRA was fused): held bytes, matmul FLOPs and
+the CPU time of forward + backward in alternating rounds.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import functools
 import json
 import os
@@ -108,6 +113,54 @@ def block_table(l: int, rounds: int) -> list[dict]:
         r["flops_x"] = r["flops"] / base["flops"] if r["flops"] else None
         r["time_ms"] = times.get(r["variant"])
         r["time_x_none"] = r["time_ms"] / times["fast, recompute=none"] if r["time_ms"] else None
+    return rows
+
+
+def lora_table(l: int, rounds: int) -> list[dict]:
+    import peft
+
+    from xclip_fast.blocks import official_mlp
+
+    torch.manual_seed(0)
+    T, d, h = 8, 768, 12
+    plain = CrossFrameAttentionBlock(d, h, None, 0.0, T, backend="torch", recompute="lean").train()
+    trainable = plain
+    frozen = CrossFrameAttentionBlock(d, h, None, 0.0, T, backend="torch", recompute="lean").train()
+    frozen.load_state_dict(plain.state_dict())
+    frozen.requires_grad_(False)
+    config = peft.LoraConfig(r=16, lora_alpha=32, target_modules=["c_fc", "c_proj"], init_lora_weights=False)
+    lora = peft.get_peft_model(CrossFrameAttentionBlock(d, h, None, 0.0, T, backend="torch", recompute="lean"),
+                               config).train()
+    inner = lora.base_model.model
+    inner.load_state_dict({k: v for k, v in plain.state_dict().items()}, strict=False)
+    assert official_mlp(inner.mlp).lora1 is not None  # fused
+
+    class Called(torch.nn.Module):  # the adapters called as modules (a no-op hook makes the MLP unplain)
+        def __init__(self):
+            super().__init__()
+            self.block = copy.deepcopy(lora)
+            self.block.base_model.model.mlp.c_fc.register_forward_pre_hook(lambda m, a: None)
+
+        def forward(self, x):
+            return self.block(x)
+
+    called = Called().train()
+    x = torch.randn(l, T, d, requires_grad=True)
+    variants = {"trainable, no LoRA": trainable, "frozen, no LoRA": frozen, "frozen + LoRA on the MLP (fused)": lora,
+                "frozen + LoRA on the MLP, called as modules": called}
+    rows = []
+    for name, fn in variants.items():
+        out, held = held_bytes(fn, x, keep=[plain, frozen, lora, called])
+        del out
+        rows.append(dict(variant=name, held_mib=held / MIB, flops=matmul_flops(_step(fn), x)))
+    x.grad = None
+    times = _median_ms({name: functools.partial(_step(fn), x) for name, fn in variants.items()}, rounds)
+    base = rows[1]
+    for r in rows:
+        r["held_x_frozen"] = r["held_mib"] / base["held_mib"]
+        r["flops_x_frozen"] = r["flops"] / base["flops"]
+        r["time_ms"] = times[r["variant"]]
+        r["time_x_frozen"] = r["time_ms"] / times[base["variant"]]
     return rows
 
 
@@ -322,10 +375,18 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=None, help="folder for results.md and results.json")
     p.add_argument("--quick", action="store_true", help="B/32 only, fewer timing rounds and budgets")
     p.add_argument("--offload", action="store_true", help="only what activation offloading moves per block")
+    p.add_argument("--lora", action="store_true", help="only one block with LoRA on the MLP against without")
     args = p.parse_args(argv)
     torch.set_num_threads(torch.get_num_threads())
     if args.offload:
         return _write(*_offload(), args.out)
+    if args.lora:
+        rows = lora_table(50, rounds=5 if args.quick else 20)
+        md = [f"torch {torch.__version__}, CPU, {torch.get_num_threads()} threads, float32", "",
+              "### One CCT block with LoRA (r=16) on c_fc/c_proj, B/32 sizes (l=50, T=8, d=768), recompute=lean", "",
+              markdown_table(rows, ["variant", "held_mib", "held_x_frozen", "flops_x_frozen", "time_ms",
+                                    "time_x_frozen"]), ""]
+        return _write(md, {"torch": torch.__version__, "lora": rows}, args.out)
     out = {"torch": torch.__version__, "threads": torch.get_num_threads(), "host": [], "blocks": {}, "encoders": {},
            "budgets": {}, "longest_clip": {}}
     md = [f"torch {torch.__version__}, CPU, {torch.get_num_threads()} threads, float32 unless stated", ""]

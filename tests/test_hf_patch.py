@@ -201,3 +201,33 @@ def test_patched_vision_model_takes_num_frames(device):
         assert_rel("patched vision model with num_frames=5", got, want, F64_TOL)
         with pytest.raises(ValueError, match="10 frames are not a whole number of videos of num_frames=3"):
             patched(pixel_values=frames[:10])  # the config's 3 frames do not divide 10
+
+
+def test_trainer_runs_a_few_steps_on_a_patched_model(tmp_path):
+    """transformers' Trainer (one process, CPU): the contrastive loss goes down on a fixed batch,
+    the patched layers' parameters move, and the weights it saves load in the original class."""
+    from transformers import Trainer, TrainingArguments, XCLIPModel
+
+    model = xclip_fast.patch_xclip(tiny_xclip(torch.float32).train())
+    g = torch.Generator().manual_seed(0)
+    rows = [dict(pixel_values=torch.randn(3, 3, 32, 32, generator=g), input_ids=torch.randint(0, 99, (6,), generator=g))
+            for _ in range(4)]
+
+    def collate(batch):
+        return dict(pixel_values=torch.stack([r["pixel_values"] for r in batch]),
+                    input_ids=torch.stack([r["input_ids"] for r in batch]), return_loss=True)
+
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=6, per_device_train_batch_size=4, learning_rate=1e-3,
+                             logging_steps=1, report_to=[], use_cpu=True, remove_unused_columns=False,
+                             save_strategy="no", disable_tqdm=True)
+    before = model.vision_model.encoder.layers[0].mlp.fc1.weight.detach().clone()
+    trainer = Trainer(model=model, args=args, train_dataset=rows, data_collator=collate)
+    trainer.train()
+    losses = [log["loss"] for log in trainer.state.log_history if "loss" in log]
+    assert len(losses) == 6 and losses[-1] < losses[0], losses
+    assert not torch.equal(before, model.vision_model.encoder.layers[0].mlp.fc1.weight)
+    trainer.save_model(str(tmp_path / "saved"))
+    reloaded = XCLIPModel.from_pretrained(str(tmp_path / "saved"))
+    assert type(reloaded) is XCLIPModel
+    assert torch.equal(reloaded.vision_model.encoder.layers[0].mlp.fc1.weight,
+                       model.vision_model.encoder.layers[0].mlp.fc1.weight.detach())

@@ -29,7 +29,7 @@ from xclip_fast.functional import (
 from xclip_fast.ops import MODULE_BACKENDS, autocast_dtype, resolve_backend
 from xclip_fast.recompute import check_budget, check_recompute, checkpointed, recompute_level
 from xclip_fast.reference import DropPath, QuickGELU, cross_frame_block_forward
-from xclip_fast.submodules import hook_reason, linear_reason, mha_reason, stock_reason
+from xclip_fast.submodules import fused_linear, hook_reason, mha_reason, stock_reason
 
 __all__ = ["CrossFrameAttentionBlock", "CrossFramelAttentionBlock", "ResidualAttentionBlock", "BackendMixin",
            "RecomputeMixin", "RowDrop", "check_backend", "official_mlp", "is_int", "warn_original"]
@@ -54,15 +54,15 @@ def _check_heads(d_model: int, n_head: int) -> None:
 
 def official_mlp(mlp: nn.Module):
     """The official ``Sequential(c_fc, gelu, c_proj)`` with QuickGELU as a :class:`FusedMLP` when all
-    of it is plain (see :mod:`xclip_fast.submodules`); any other module (a swapped activation, a
-    user's own MLP, a LoRA-wrapped, pruned or hooked layer) is returned as it is and called."""
+    of it is plain or its Linears carry a LoRA update the fused MLP applies itself (see
+    :func:`xclip_fast.submodules.fused_linear`); any other module (a swapped activation, a user's own
+    MLP, an otherwise wrapped, pruned or hooked layer) is returned as it is and called."""
     children = mlp._modules  # (read directly: this runs on every forward)
     if type(mlp) is nn.Sequential and list(children) == ["c_fc", "gelu", "c_proj"]:
-        c_fc, c_proj = children["c_fc"], children["c_proj"]
-        plain = (hook_reason(mlp) is None and stock_reason(children["gelu"], QuickGELU) is None
-                 and linear_reason(c_fc) is None and linear_reason(c_proj) is None)
-        if plain:
-            return FusedMLP(c_fc, c_proj)
+        if hook_reason(mlp) is None and stock_reason(children["gelu"], QuickGELU) is None:
+            c_fc, c_proj = fused_linear(children["c_fc"]), fused_linear(children["c_proj"])
+            if c_fc is not None and c_proj is not None:
+                return FusedMLP(c_fc[0], c_proj[0], c_fc[1], c_proj[1])
     return mlp
 
 

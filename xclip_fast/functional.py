@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from xclip_fast.fused import FusedLayer, NormLinear, OutMLP
+from xclip_fast.lowrank import low_rank_linear
 from xclip_fast.ops import autocast_dtype, packed_attention, packed_kernel, quick_gelu, quick_gelu_mlp, resolve_backend
 from xclip_fast.recompute import checkpointed, selective, selective_reason
 from xclip_fast.submodules import layer_norm_reason, linear_reason, param
@@ -35,10 +36,21 @@ __all__ = ["Parts", "FusedMLP", "Drop", "no_drop", "in_projection", "project_qkv
 
 
 class FusedMLP(NamedTuple):
-    """CLIP's MLP as its two linear layers: ``fc2(QuickGELU(fc1(x)))``, run by the fused op."""
+    """CLIP's MLP as its two linear layers: ``fc2(QuickGELU(fc1(x)))``, run by the fused op.
+    ``lora1``/``lora2``: a low-rank update ``(A, B, scale)`` of either Linear (a LoRA adapter, see
+    :func:`xclip_fast.submodules.fused_linear`), applied inside the fused op; ``fc1``/``fc2`` are
+    then the adapters' base Linears."""
 
     fc1: nn.Linear
     fc2: nn.Linear
+    lora1: tuple | None = None
+    lora2: tuple | None = None
+
+    @property
+    def low_rank(self) -> tuple:
+        """``(A1, B1, A2, B2)`` (None where a Linear has no update) and ``(scale1, scale2)``."""
+        l1, l2 = self.lora1 or (None, None, 0.0), self.lora2 or (None, None, 0.0)
+        return (l1[0], l1[1], l2[0], l2[1]), (l1[2], l2[2])
 
 
 MLP = Union[FusedMLP, Callable[[torch.Tensor], torch.Tensor]]
@@ -145,9 +157,10 @@ def run_mlp(mlp: MLP, x: torch.Tensor, backend: str, *, recomputed: bool = False
     its forward, which would run that GEMM again."""
     if isinstance(mlp, FusedMLP):
         if recomputed:
-            return F.linear(quick_gelu(F.linear(x, mlp.fc1.weight, mlp.fc1.bias), backend), mlp.fc2.weight,
-                            mlp.fc2.bias)
-        return quick_gelu_mlp(x, mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight, mlp.fc2.bias, backend=backend)
+            h = quick_gelu(low_rank_linear(x, mlp.fc1.weight, mlp.fc1.bias, mlp.lora1), backend)
+            return low_rank_linear(h, mlp.fc2.weight, mlp.fc2.bias, mlp.lora2)
+        return quick_gelu_mlp(x, mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight, mlp.fc2.bias, backend=backend,
+                              lora1=mlp.lora1, lora2=mlp.lora2)
     return mlp(x)
 
 
@@ -358,11 +371,13 @@ def fused_layer(x: torch.Tensor, parts: Parts, backend: str, level: str, msg: to
     # the parameters, read from the modules' dicts (this runs on every forward)
     params = (*_weight_bias(ln_1), *packed, *_weight_bias(attn._modules["out_proj"]), *_weight_bias(ln_2),
               *_weight_bias(parts.mlp.fc1), *_weight_bias(parts.mlp.fc2))
+    low_rank, scales = parts.mlp.low_rank
     if kernel is not None:
-        cfg = (H, batch_first, ln_1.eps, ln_2.eps, drop.keep, cast, kernel, Dh**-0.5, mlp_backend, level, message_cfg)
+        cfg = (H, batch_first, ln_1.eps, ln_2.eps, drop.keep, cast, kernel, Dh**-0.5, mlp_backend, level, message_cfg,
+               scales)
         return FusedLayer.apply(x, msg, *params, drop.mask("attention", x.shape, dtype, device),
                                 drop.mask("mlp", x.shape, dtype, device),
-                                None if attn_mask is None else attn_mask.to(dtype), *message, cfg)
+                                None if attn_mask is None else attn_mask.to(dtype), *message, *low_rank, cfg)
     extra = None if msg is None else project_kv(attn, packed, ln_1(msg)).view(B, 2, H, Dh)
     qkv = NormLinear.apply(x, *params[:4], ln_1.eps, cast, level == "none")
     qkv = qkv.view(B, S, 3, H, Dh) if batch_first else qkv.view(S, B, 3, H, Dh).transpose(0, 1)
@@ -370,7 +385,7 @@ def fused_layer(x: torch.Tensor, parts: Parts, backend: str, level: str, msg: to
     o = (o if batch_first else o.transpose(0, 1)).flatten(2)  # x's order; memory as the attention left it
     # (after the attention's dropout)
     masks = drop.mask("attention", x.shape, o.dtype, device), drop.mask("mlp", x.shape, o.dtype, device)
-    return OutMLP.apply(x, o, *params[4:], *masks, drop.keep, ln_2.eps, cast, mlp_backend, level)
+    return OutMLP.apply(x, o, *params[4:], *masks, drop.keep, ln_2.eps, cast, mlp_backend, level, *low_rank, scales)
 
 
 def _weight_bias(m: nn.Module) -> tuple:

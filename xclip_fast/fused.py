@@ -36,6 +36,7 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
+from xclip_fast.lowrank import add_low_rank_, low_rank_grads, low_rank_input_grad_
 from xclip_fast.ops import (
     autocast_cast,
     packed_backward,
@@ -127,27 +128,42 @@ def _residual_after_attention(x, o, wo, bo, mask_a, keep: float) -> torch.Tensor
     return x + _dropped(_from_rows(_linear2d(o2, wo, bo), x.shape, transposed), mask_a, keep)
 
 
-def _post_forward(x, o, wo, bo, ln_w, ln_b, w1, b1, w2, b2, mask_a, mask_m, keep, eps, cast, backend):
-    """The layer after its attention: ``(result, ln_2's input, its output as rows, mean, rstd, pre)``."""
+def _low_rank(a1, bl1, a2, bl2, scales) -> tuple:
+    """The low-rank updates of the MLP's two Linears from a Function's inputs (see
+    :mod:`xclip_fast.lowrank`): ``(lora1, lora2)``, each ``(A, B, scale)`` or None."""
+    return (None if a1 is None else (a1, bl1, scales[0])), (None if a2 is None else (a2, bl2, scales[1]))
+
+
+def _post_forward(x, o, wo, bo, ln_w, ln_b, w1, b1, w2, b2, mask_a, mask_m, keep, eps, cast, backend, lora=(None,) * 2):
+    """The layer after its attention: ``(result, ln_2's input, its output as rows, mean, rstd, pre)``;
+    ``lora``: the MLP's low-rank updates (see :func:`_low_rank`)."""
     x1 = _residual_after_attention(x, o, wo, bo, mask_a, keep)
     xn, h, mean, rstd = _layer_norm(x1, ln_w, ln_b, eps)
     h2 = autocast_cast(cast, h)[0].reshape(-1, x.shape[-1])
-    pre = _linear2d(h2, w1, b1)
-    y = _linear2d(quick_gelu_resolved(pre, backend), w2, b2).view(x1.shape)
+    pre = add_low_rank_(_linear2d(h2, w1, b1), h2, lora[0])
+    g = quick_gelu_resolved(pre, backend)
+    y = add_low_rank_(_linear2d(g, w2, b2), g, lora[1]).view(x1.shape)
     return x1 + _dropped(y, mask_m, keep), xn, h2, mean, rstd, pre
 
 
-def _post_backward(dout, o, xn, h2, mean, rstd, pre, wo, ln_w, ln_b, w1, w2, mask_a, mask_m, keep, backend, need):
+def _post_backward(dout, o, xn, h2, mean, rstd, pre, wo, ln_w, ln_b, w1, w2, mask_a, mask_m, keep, backend, need,
+                   lora=(None,) * 2):
     """Gradients of :func:`_post_forward` for ``need`` = which of ``(x, o, wo, bo, ln_w, ln_b, w1, b1,
-    w2, b2)`` are wanted: ``(dx, do, dwo, dbo, dln_w, dln_b, dw1, db1, dw2, db2)`` (``dx`` always)."""
+    w2, b2, A1, B1, A2, B2)`` are wanted: ``(dx, do, dwo, dbo, dln_w, dln_b, dw1, db1, dw2, db2, dA1, dB1,
+    dA2, dB2)`` (``dx`` always)."""
     d = xn.shape[-1]
     dy = _dropped_grad(dout, mask_m, keep).reshape(-1, d).to(pre.dtype)
-    g, dpre = quick_gelu_and_grad(pre, dy.mm(w2), backend)
+    dg = dy.mm(w2)
+    dyb2 = low_rank_input_grad_(dy, dg, lora[1])
+    g, dpre = quick_gelu_and_grad(pre, dg, backend)
+    dla2, dlb2 = low_rank_grads(dy, g, dyb2, lora[1], *need[12:14])
     dw2 = dy.t().mm(g) if need[8] else None
     db2 = dy.sum(0) if need[9] else None
     dw1 = dpre.t().mm(h2) if need[6] else None
     db1 = dpre.sum(0) if need[7] else None
-    dh = dpre.mm(w1).view(xn.shape).to(xn.dtype)
+    dh = dpre.mm(w1)
+    dla1, dlb1 = low_rank_grads(dpre, h2, low_rank_input_grad_(dpre, dh, lora[0]), lora[0], *need[10:12])
+    dh = dh.view(xn.shape).to(xn.dtype)
     dx, dlw, dlb = _LN_BWD(dh, xn, (d,), mean, rstd, ln_w, ln_b, [True, need[4], need[5]])
     dx = dx.add_(dout) if dx.dtype == dout.dtype else dout + dx
     o2, transposed = _rows(o)
@@ -156,7 +172,7 @@ def _post_backward(dout, o, xn, h2, mean, rstd, pre, wo, ln_w, ln_b, w1, w2, mas
     dwo = da2.t().mm(o2) if need[2] else None
     dbo = da2.sum(0) if need[3] else None
     do = _from_rows(da2.mm(wo), o.shape, transposed) if need[1] else None
-    return dx, do, dwo, dbo, dlw, dlb, dw1, db1, dw2, db2
+    return dx, do, dwo, dbo, dlw, dlb, dw1, db1, dw2, db2, dla1, dlb1, dla2, dlb2
 
 
 # ------------------------------------------------------------------------------------------------
@@ -221,17 +237,19 @@ class FusedLayer(torch.autograd.Function):
     out-projection, ``ln_2`` and the MLP, the drop-path masks of the two branches (None: no drop),
     an additive attention mask (or None); the parameters of ``message_fc``, ``message_ln``, the
     message attention's in- and out-projection and the message branch's drop-path mask, when the
-    message path runs here (``msg`` None; all None otherwise); and the constants ``cfg = (heads,
+    message path runs here (``msg`` None; all None otherwise); the low-rank updates of the MLP's
+    Linears ``A1, B1, A2, B2`` (None without; see :mod:`xclip_fast.lowrank`); and the constants ``cfg = (heads,
     batch_first, ln_1 eps, ln_2 eps, the drop path's keep probability, the autocast dtype or None,
     the attention kernel (see :func:`xclip_fast.ops.packed_kernel`), the softmax scale, QuickGELU's
     resolved backend, the level, the message path's (T, message_ln eps, heads, scale, kernel) or
-    None)``. Without message tokens either way it is plain self-attention (the MIT). Gradients flow
-    to every tensor input but the masks."""
+    None, the low-rank updates' scales)``. Without message tokens either way it is plain
+    self-attention (the MIT). Gradients flow to every tensor input but the masks."""
 
     @staticmethod
     def forward(ctx, x, msg, ln1_w, ln1_b, w_in, b_in, wo, bo, ln2_w, ln2_b, w1, b1, w2, b2, mask_a, mask_m,
-                attn_mask, mfc_w, mfc_b, mln_w, mln_b, min_w, min_b, mout_w, mout_b, mask_msg, cfg):
-        heads, batch_first, eps1, eps2, keep, cast, kernel, scale, mlp_backend, level, message = cfg
+                attn_mask, mfc_w, mfc_b, mln_w, mln_b, min_w, min_b, mout_w, mout_b, mask_msg, a1, bl1, a2, bl2,
+                cfg):
+        heads, batch_first, eps1, eps2, keep, cast, kernel, scale, mlp_backend, level, message, scales = cfg
         d = x.shape[-1]
         saved_message = (None,) * 13
         if message is not None:  # the message path, from the class tokens
@@ -240,7 +258,8 @@ class FusedLayer(torch.autograd.Function):
             msg = saved_message[-1].to(x.dtype)  # (the original concatenates it to x, promoting it to x's dtype)
         xn1, h, mean1, rstd1 = _layer_norm(x, ln1_w, ln1_b, eps1)
         weights = (w_in, b_in, wo, bo, w1, b1, w2)  # "block" keeps these, not their autocast copies
-        hc, w_in, b_in, wo, bo, w1, b1, w2, b2 = autocast_cast(cast, h, w_in, b_in, wo, bo, w1, b1, w2, b2)
+        hc, w_in, b_in, wo, bo, w1, b1, w2, b2, a1, bl1, a2, bl2 = autocast_cast(
+            cast, h, w_in, b_in, wo, bo, w1, b1, w2, b2, a1, bl1, a2, bl2)
         qkv = _linear2d(hc.reshape(-1, d), w_in, b_in)
         extra = xm = hm = mean_m = rstd_m = None
         if msg is not None:  # its key and value: the in-projection's last 2d rows
@@ -250,7 +269,8 @@ class FusedLayer(torch.autograd.Function):
         out, lse = packed_forward(kernel, _qkv5(qkv, x, heads, batch_first), extra, scale, attn_mask)
         o = (out if batch_first else out.transpose(0, 1)).flatten(2)
         res, xn2, h2, mean2, rstd2, pre = _post_forward(x, o, wo, bo, ln2_w, ln2_b, w1, b1, w2, b2, mask_a, mask_m,
-                                                        keep, eps2, cast, mlp_backend)
+                                                        keep, eps2, cast, mlp_backend,
+                                                        _low_rank(a1, bl1, a2, bl2, scales))
         if level == "none":
             kept = (hc, qkv, out, lse, xn2, h2, pre)
         elif level == "lean":
@@ -261,7 +281,7 @@ class FusedLayer(torch.autograd.Function):
             weights = (w_in, b_in, wo, bo, w1, b1, w2)
         # (ln_1's input is x itself unless autocast casts it: saved once, so that offloading moves it once)
         ctx.save_for_backward(x, None if xn1 is x else xn1, mean1, rstd1, mean2, rstd2, xm, hm, mean_m, rstd_m, extra,
-                              ln1_w, ln1_b, ln2_w, ln2_b, mask_a, mask_m, attn_mask, *weights, *kept,
+                              ln1_w, ln1_b, ln2_w, ln2_b, mask_a, mask_m, attn_mask, *weights, *kept, a1, bl1, a2, bl2,
                               *saved_message[:-1], mask_msg)
         ctx.cfg = cfg
         return res
@@ -270,8 +290,9 @@ class FusedLayer(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, dout):
         (x, xn1, mean1, rstd1, mean2, rstd2, xm, hm, mean_m, rstd_m, extra, ln1_w, ln1_b, ln2_w, ln2_b, mask_a, mask_m,
-         attn_mask, w_in, b_in, wo, bo, w1, b1, w2, hc, qkv, out, lse, xn2, h2, pre, *saved_message) = ctx.saved_tensors
-        heads, batch_first, eps1, eps2, keep, cast, kernel, scale, mlp_backend, level, message = ctx.cfg
+         attn_mask, w_in, b_in, wo, bo, w1, b1, w2, hc, qkv, out, lse, xn2, h2, pre, a1, bl1, a2, bl2,
+         *saved_message) = ctx.saved_tensors
+        heads, batch_first, eps1, eps2, keep, cast, kernel, scale, mlp_backend, level, message, scales = ctx.cfg
         xn1 = x if xn1 is None else xn1
         need = ctx.needs_input_grad
         if level == "block":
@@ -290,10 +311,11 @@ class FusedLayer(torch.autograd.Function):
             xn2, h2 = _layer_norm(_residual_after_attention(x, o, wo, bo, mask_a, keep), ln2_w, ln2_b, eps2)[:2]
             h2 = autocast_cast(cast, h2)[0].reshape(-1, h2.shape[-1])
         if pre is None:  # block: the MLP's first GEMM again
-            pre = _linear2d(h2, w1, b1)
-        post_need = (True, True, *need[6:14])
-        dx, do, dwo, dbo, dlw2, dlb2, dw1, db1, dw2, db2 = _post_backward(
-            dout, o, xn2, h2, mean2, rstd2, pre, wo, ln2_w, ln2_b, w1, w2, mask_a, mask_m, keep, mlp_backend, post_need)
+            pre = add_low_rank_(_linear2d(h2, w1, b1), h2, _low_rank(a1, bl1, a2, bl2, scales)[0])
+        post_need = (True, True, *need[6:14], *need[26:30])
+        dx, do, dwo, dbo, dlw2, dlb2, dw1, db1, dw2, db2, *low_rank_grads_ = _post_backward(
+            dout, o, xn2, h2, mean2, rstd2, pre, wo, ln2_w, ln2_b, w1, w2, mask_a, mask_m, keep, mlp_backend, post_need,
+            _low_rank(a1, bl1, a2, bl2, scales))
         do = do.unflatten(2, (heads, -1))
         dqkv, dextra = packed_backward(kernel, qkv5, extra, out, lse, do if batch_first else do.transpose(0, 1),
                                        scale, attn_mask, heads_first)
@@ -322,7 +344,7 @@ class FusedLayer(torch.autograd.Function):
             (dx[:, 0] if batch_first else dx[0]).add_(dcls)
             dmsg = None
         return (dx, dmsg, dlw1, dlb1, dw_in, db_in, dwo, dbo, dlw2, dlb2, dw1, db1, dw2, db2, None, None, None,
-                *message_grads, None, None)
+                *message_grads, None, *low_rank_grads_, None)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -365,24 +387,29 @@ class OutMLP(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, o, wo, bo, ln_w, ln_b, w1, b1, w2, b2, mask_a, mask_m, keep: float, eps: float, cast,
-                backend: str, level: str):
-        oc, wo, bo, w1, b1, w2, b2 = autocast_cast(cast, o, wo, bo, w1, b1, w2, b2)
+                backend: str, level: str, a1=None, bl1=None, a2=None, bl2=None, scales=(0.0, 0.0)):
+        oc, wo, bo, w1, b1, w2, b2, a1, bl1, a2, bl2 = autocast_cast(cast, o, wo, bo, w1, b1, w2, b2, a1, bl1, a2, bl2)
+        lora = _low_rank(a1, bl1, a2, bl2, scales)
         res, xn, h2, mean, rstd, pre = _post_forward(x, oc, wo, bo, ln_w, ln_b, w1, b1, w2, b2, mask_a, mask_m, keep,
-                                                     eps, cast, backend)
+                                                     eps, cast, backend, lora)
         kept = (xn, h2, pre) if level == "none" else (None, None, pre if level == "lean" else None)
-        ctx.save_for_backward(x, oc, mean, rstd, wo, bo, ln_w, ln_b, w1, b1, w2, mask_a, mask_m, *kept)
-        ctx.keep, ctx.eps, ctx.cast, ctx.backend = keep, eps, cast, backend
+        ctx.save_for_backward(x, oc, mean, rstd, wo, bo, ln_w, ln_b, w1, b1, w2, mask_a, mask_m, *kept, a1, bl1, a2,
+                              bl2)
+        ctx.keep, ctx.eps, ctx.cast, ctx.backend, ctx.scales = keep, eps, cast, backend, scales
         return res
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dout):
-        x, oc, mean, rstd, wo, bo, ln_w, ln_b, w1, b1, w2, mask_a, mask_m, xn, h2, pre = ctx.saved_tensors
+        x, oc, mean, rstd, wo, bo, ln_w, ln_b, w1, b1, w2, mask_a, mask_m, xn, h2, pre, a1, bl1, a2, bl2 = \
+            ctx.saved_tensors
+        lora = _low_rank(a1, bl1, a2, bl2, ctx.scales)
         if xn is None:  # recompute the residual after attention and its LayerNorm (and, at min, the first GEMM)
             xn, h2 = _layer_norm(_residual_after_attention(x, oc, wo, bo, mask_a, ctx.keep), ln_w, ln_b, ctx.eps)[:2]
             h2 = autocast_cast(ctx.cast, h2)[0].reshape(-1, h2.shape[-1])
             if pre is None:
-                pre = _linear2d(h2, w1, b1)
+                pre = add_low_rank_(_linear2d(h2, w1, b1), h2, lora[0])
+        need = (*ctx.needs_input_grad, *(False,) * (22 - len(ctx.needs_input_grad)))  # (updates are optional)
         grads = _post_backward(dout, oc, xn, h2, mean, rstd, pre, wo, ln_w, ln_b, w1, w2, mask_a, mask_m, ctx.keep,
-                               ctx.backend, ctx.needs_input_grad)
-        return (*grads, None, None, None, None, None, None, None)
+                               ctx.backend, (*need[:10], *need[17:21]), lora)
+        return (*grads[:10], None, None, None, None, None, None, None, *grads[10:], None)

@@ -10,6 +10,7 @@ original classes back.
 The frame count travels explicitly: a patched ``XCLIPModel`` reads T from ``pixel_values (b, T,
 C, H, W)`` and passes ``num_frames=T`` down the model's keyword arguments to every layer, so any T
 works; a bare ``XCLIPVisionModel`` takes ``num_frames=`` in its call (default ``config.num_frames``).
+``frame_parallel=`` travels the same way (see :func:`patch_xclip`).
 The classes are module-level, so a patched model can be deep-copied (EMA, teachers) and pickled
 (``torch.save(model)``); the copy computes with its own weights.
 """
@@ -25,7 +26,7 @@ from xclip_fast.blocks import check_backend, is_int, warn_original
 from xclip_fast.encoder import interpolate_frames
 from xclip_fast.functional import Drop, FusedMLP, Parts, cross_frame_path, residual_path
 from xclip_fast.recompute import check_recompute, checkpointed, recompute_level
-from xclip_fast.submodules import hook_reason, linear_reason, stock_reason
+from xclip_fast.submodules import fused_linear, hook_reason, stock_reason
 
 __all__ = ["patch_xclip", "unpatch_xclip", "is_patched", "set_backend", "set_recompute"]
 
@@ -43,12 +44,14 @@ _QuickGELU = None
 
 def _hf_mlp(mlp: nn.Module):
     """Hugging Face's ``XCLIPMLP`` with QuickGELU as a :class:`FusedMLP` (any hidden width) when all of
-    it is plain (see :mod:`xclip_fast.submodules`); any other activation or module, or a wrapped
-    (PEFT LoRA), pruned or hooked one, is called as it is."""
+    it is plain or its Linears carry a LoRA update the fused MLP applies itself (see
+    :func:`xclip_fast.submodules.fused_linear`); any other activation or module, or an otherwise
+    wrapped, pruned or hooked one, is called as it is."""
     act = getattr(mlp, "activation_fn", None)
-    if stock_reason(mlp, _hfx.XCLIPMLP) is None and type(act) is _QuickGELU and hook_reason(act) is None \
-            and linear_reason(mlp.fc1) is None and linear_reason(mlp.fc2) is None:
-        return FusedMLP(mlp.fc1, mlp.fc2)
+    if stock_reason(mlp, _hfx.XCLIPMLP) is None and type(act) is _QuickGELU and hook_reason(act) is None:
+        fc1, fc2 = fused_linear(mlp.fc1), fused_linear(mlp.fc2)
+        if fc1 is not None and fc2 is not None:
+            return FusedMLP(fc1[0], fc2[0], fc1[1], fc2[1])
     return mlp
 
 
@@ -110,13 +113,19 @@ def _runs_original(layer: nn.Module, kwargs: dict, attention_names: tuple) -> bo
     return False
 
 
-def _original_vision_layer(layer: nn.Module, hidden_states: torch.Tensor, attention_mask, T: int, kwargs: dict):
+def _original_vision_layer(layer: nn.Module, hidden_states: torch.Tensor, attention_mask, T: int, kwargs: dict,
+                           frame_parallel=None):
     """``XCLIPVisionEncoderLayer.forward`` as transformers writes it (every sub-module called), with
-    the frame count T given instead of read from the config."""
+    the frame count T given instead of read from the config; with ``frame_parallel``, the message
+    tokens of the whole clip are gathered for the message attention and this process's kept."""
     N, l, d = hidden_states.shape
     msg_token = layer.message_fc(hidden_states[:, 0, :]).view(N // T, T, d)
+    if frame_parallel is not None:
+        msg_token = frame_parallel.gather(msg_token, 1)
     msg_token = msg_token + layer.drop_path(layer.message_attn(layer.message_ln(msg_token), **kwargs)[0])
-    hidden_states = torch.cat([hidden_states, msg_token.view(-1, 1, d)], dim=1)
+    if frame_parallel is not None:
+        msg_token = frame_parallel.own(msg_token, 1)
+    hidden_states = torch.cat([hidden_states, msg_token.reshape(-1, 1, d)], dim=1)
     residual = hidden_states
     hidden_states, _ = layer.self_attn(hidden_states=layer.layer_norm1(hidden_states), attention_mask=attention_mask,
                                        **kwargs)
@@ -130,6 +139,22 @@ def _check_backend_for_hf(backend: str) -> str:
         raise ValueError("patched Hugging Face layers run 'auto', 'triton' or 'torch' (unpatch_xclip restores the "
                          "original code)")
     return backend
+
+
+def _frame_count(layer: nn.Module, N: int, num_frames, frame_parallel) -> int:
+    """T, the frames per video this process holds in a vision layer's ``N`` frames: ``num_frames``,
+    else this process's slice of ``frame_parallel``, else ``config.num_frames``; checked."""
+    T = num_frames if num_frames is not None else \
+        frame_parallel.local_frames if frame_parallel is not None else layer.num_frames
+    if not is_int(T) or T < 1 or N % T != 0:
+        raise ValueError(f"{N} frames are not a whole number of videos of num_frames={T!r} frames")
+    if frame_parallel is not None:
+        frame_parallel.check_local(T, "a patched X-CLIP vision layer")
+        if getattr(layer, "gradient_checkpointing", False) and layer.training and torch.is_grad_enabled():
+            raise ValueError("frame parallelism does not run under Hugging Face's gradient checkpointing (it would "
+                             "repeat the frames' exchange in backward): call model.gradient_checkpointing_disable() "
+                             "and xclip_fast.hf.set_recompute(model, 'block'), which recomputes each layer without it")
+    return T
 
 
 def _level(layer: nn.Module, x: torch.Tensor) -> str | None:
@@ -163,30 +188,35 @@ def _classes() -> dict:
     from transformers.modeling_outputs import BaseModelOutputWithPooling
     from transformers.models.x_clip import modeling_x_clip as hfx
 
+    from xclip_fast import hf_parallel
+
     _hfx, _QuickGELU = hfx, QuickGELUActivation
 
     class FastXCLIPVisionEncoderLayer(hfx.XCLIPVisionEncoderLayer):
         """An ``XCLIPVisionEncoderLayer`` whose forward is the fast dataflow (batch-first).
 
         Hugging Face applies its drop path to the message branch only; so does this layer. The
-        frame count comes from the ``num_frames`` keyword (default ``config.num_frames``).
+        frame count comes from the ``num_frames`` keyword (default ``config.num_frames``);
+        ``frame_parallel`` (a :class:`xclip_fast.parallel.FrameParallel`): the layer holds this
+        process's frames of each video (``num_frames`` then defaults to their count).
         """
 
         def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                    num_frames: int | None = None, **kwargs) -> torch.Tensor:
+                    num_frames: int | None = None, frame_parallel=None, **kwargs) -> torch.Tensor:
             if attention_mask is not None:
                 raise ValueError("patched X-CLIP vision layers take no attention_mask (the vision encoder passes none)")
-            T = self.num_frames if num_frames is None else num_frames
-            N = hidden_states.shape[0]
-            if not is_int(T) or T < 1 or N % T != 0:
-                raise ValueError(f"{N} frames are not a whole number of videos of num_frames={T!r} frames")
+            T = _frame_count(self, hidden_states.shape[0], num_frames, frame_parallel)
             level = _level(self, hidden_states)
             if _runs_original(self, kwargs, ("message_attn", "self_attn")):
-                return checkpointed(level, self, _original_vision_layer, self, hidden_states, attention_mask, T, kwargs)
+                if frame_parallel is not None and level is not None:  # (no exchange inside a recomputation)
+                    level = "none"
+                return checkpointed(level, self, _original_vision_layer, self, hidden_states, attention_mask, T, kwargs,
+                                    frame_parallel)
             parts = Parts(self.message_fc, self.message_ln, self.message_attn, self.layer_norm1, self.self_attn,
                           self.layer_norm2, _hf_mlp(self.mlp))
             return cross_frame_path(hidden_states, T, parts, self.xclip_fast_backend, batch_first=True,
-                                    drop=_MessageDrop(self.drop_path), recompute=level, module=self)
+                                    drop=_MessageDrop(self.drop_path), recompute=level, frame_parallel=frame_parallel,
+                                    module=self)
 
     class FastXCLIPEncoderLayer(hfx.XCLIPEncoderLayer):
         """An MIT ``XCLIPEncoderLayer`` whose forward is the fast pre-LN block (batch-first)."""
@@ -204,9 +234,13 @@ def _classes() -> dict:
 
     class FastXCLIPMultiframeIntegrationTransformer(hfx.XCLIPMultiframeIntegrationTransformer):
         """The MIT for any frame count: the frame position embedding is interpolated linearly over
-        time when T differs from the trained one (``align_corners=True``)."""
+        time when T differs from the trained one (``align_corners=True``). With ``frame_parallel``,
+        ``hidden_states`` holds this process's frames; the whole clip's are gathered first, so every
+        process computes the same video embedding."""
 
-        def forward(self, hidden_states: torch.Tensor, **kwargs):
+        def forward(self, hidden_states: torch.Tensor, frame_parallel=None, **kwargs):
+            if frame_parallel is not None:
+                hidden_states = frame_parallel.gather(hidden_states, 1)
             residual = hidden_states
             hidden_states = hidden_states + interpolate_frames(self.position_embedding, hidden_states.shape[1])
             kwargs.pop("num_frames", None)  # the MIT's layers see T in their input
@@ -215,18 +249,24 @@ def _classes() -> dict:
             return BaseModelOutputWithPooling(last_hidden_state=last, pooler_output=last.mean(dim=1, keepdim=False))
 
     class PatchedXCLIPModel(hfx.XCLIPModel):
-        """An ``XCLIPModel`` that passes the frame count of ``pixel_values`` to its patched layers."""
+        """An ``XCLIPModel`` that passes the frame count of ``pixel_values`` to its patched layers,
+        and takes ``frame_parallel=`` (see :func:`patch_xclip`)."""
 
         @functools.wraps(hfx.XCLIPModel.get_video_features)
-        def get_video_features(self, pixel_values: torch.Tensor, **kwargs):
+        def get_video_features(self, pixel_values: torch.Tensor, frame_parallel=None, **kwargs):
             kwargs.setdefault("num_frames", pixel_values.shape[1])
-            return super().get_video_features(pixel_values, **kwargs)
+            if frame_parallel is None:
+                return super().get_video_features(pixel_values, **kwargs)
+            return hf_parallel.video_features(self, pixel_values, frame_parallel, **kwargs)
 
         @functools.wraps(hfx.XCLIPModel.forward)
         def forward(self, input_ids=None, pixel_values=None, attention_mask=None, position_ids=None,
-                    return_loss=None, interpolate_pos_encoding=False, **kwargs):
+                    return_loss=None, interpolate_pos_encoding=False, frame_parallel=None, **kwargs):
             if pixel_values is not None:
                 kwargs.setdefault("num_frames", pixel_values.shape[1])
+            if frame_parallel is not None:
+                return hf_parallel.forward(self, input_ids, pixel_values, attention_mask, position_ids, return_loss,
+                                           interpolate_pos_encoding, frame_parallel, **kwargs)
             return super().forward(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask,
                                    position_ids=position_ids, return_loss=return_loss,
                                    interpolate_pos_encoding=interpolate_pos_encoding, **kwargs)
@@ -288,6 +328,16 @@ def patch_xclip(model: nn.Module, backend: str = "auto", recompute: str = "lean"
     computation for the calls that ask for attention weights. A PEFT model (``get_peft_model``) is
     patched in place too (its base model); LoRA adapters and hooks on the sub-modules apply (see
     :mod:`xclip_fast.submodules` and the README's "Errors and limits").
+
+    Frame parallelism (:class:`xclip_fast.parallel.FrameParallel`): pass ``frame_parallel=fp`` to
+    ``model(...)`` or ``model.get_video_features(...)`` with this process's frames of each clip in
+    ``pixel_values`` (``pixel_values[:, fp.frames]``); text inputs are whole on every process. The
+    video embeddings, the prompt-conditioned text embeddings, the logits and the loss are then the
+    same on every process as on one process with the whole clip (``vision_model_output`` holds this
+    process's frames), and the gradients follow :mod:`xclip_fast.parallel`'s convention (DDP/FSDP2
+    over the frame group, or ``fp.average_gradients``). A bare ``XCLIPVisionModel`` takes it too and
+    returns this process's frames. Hugging Face's own gradient checkpointing is refused with it (use
+    ``recompute="block"``).
 
     ``recompute``: what each patched layer keeps for its backward, as for the fast blocks (``"lean"``,
     ``"min"``, ``"none"``, ``"block"``; see :class:`xclip_fast.blocks.RecomputeMixin`); change it

@@ -25,6 +25,7 @@ from torch.autograd.function import once_differentiable
 
 from xclip_fast.checks import attention_problems, packed_problems, raise_problems, scale_problems
 from xclip_fast.dtypes import FLOAT_DTYPES
+from xclip_fast.lowrank import add_low_rank_, cast_low_rank, low_rank_grads, low_rank_input_grad_, low_rank_linear
 from xclip_fast.versions import compiled_cpu_fp64_sdpa_is_broken
 
 __all__ = [
@@ -439,49 +440,66 @@ class _QuickGELUFunction(torch.autograd.Function):
         return quick_gelu_grad(h, dg, "torch")
 
 
+def _lora(a, b, s):
+    return None if a is None else (a, b, s)
+
+
 class QuickGELUMLPFunction(torch.autograd.Function):
     """``fc2(QuickGELU(fc1(x)))`` saving ``x`` and the pre-activation only.
 
     Autograd on the plain modules keeps the pre-activation, the sigmoid and the activation output
     (three hidden-wide tensors per token); this keeps one and recomputes the rest in backward.
     ``backend`` is already resolved (``"triton"`` or ``"torch"``); all tensors share one dtype.
+    ``a1, bl1, a2, bl2`` (or None) and ``scales``: the low-rank updates of the two Linears (see
+    :mod:`xclip_fast.lowrank`).
     """
 
     @staticmethod
-    def forward(ctx, x, w1, b1, w2, b2, backend: str):
+    def forward(ctx, x, w1, b1, w2, b2, backend: str, a1=None, bl1=None, a2=None, bl2=None, scales=(0.0, 0.0)):
         x2 = x.reshape(-1, x.shape[-1])
-        h = torch.addmm(b1, x2, w1.t()) if b1 is not None else x2 @ w1.t()
+        h = add_low_rank_(torch.addmm(b1, x2, w1.t()) if b1 is not None else x2 @ w1.t(), x2, _lora(a1, bl1, scales[0]))
         g = quick_gelu(h, backend)
-        y = torch.addmm(b2, g, w2.t()) if b2 is not None else g @ w2.t()
-        ctx.save_for_backward(x2, h, w1, w2)
-        ctx.backend, ctx.has_b1, ctx.has_b2, ctx.x_shape = backend, b1 is not None, b2 is not None, x.shape
+        y = add_low_rank_(torch.addmm(b2, g, w2.t()) if b2 is not None else g @ w2.t(), g, _lora(a2, bl2, scales[1]))
+        ctx.save_for_backward(x2, h, w1, w2, a1, bl1, a2, bl2)
+        ctx.backend, ctx.has_b1, ctx.has_b2, ctx.x_shape, ctx.scales = (backend, b1 is not None, b2 is not None,
+                                                                        x.shape, scales)
         return y.view(*x.shape[:-1], w2.shape[0])
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dy):
-        x2, h, w1, w2 = ctx.saved_tensors
-        need_x, need_w1, need_b1, need_w2, need_b2, _ = ctx.needs_input_grad
+        x2, h, w1, w2, a1, bl1, a2, bl2 = ctx.saved_tensors
+        need = (*ctx.needs_input_grad, *(False,) * (11 - len(ctx.needs_input_grad)))  # (updates are optional)
+        need_x, need_w1, need_b1, need_w2, need_b2, _, need_a1, need_bl1, need_a2, need_bl2, _ = need
+        lora1, lora2 = _lora(a1, bl1, ctx.scales[0]), _lora(a2, bl2, ctx.scales[1])
         dy2 = dy.reshape(-1, dy.shape[-1])
-        dx = dw1 = db1 = dw2 = db2 = None
+        dx = dw1 = db1 = dw2 = db2 = da1 = dbl1 = da2 = dbl2 = None
+        g = quick_gelu(h, ctx.backend) if need_w2 or need_a2 or need_bl2 else None
         if need_w2:
-            dw2 = dy2.t() @ quick_gelu(h, ctx.backend)
+            dw2 = dy2.t() @ g
         if need_b2 and ctx.has_b2:
             db2 = dy2.sum(0)
-        if need_x or need_w1 or need_b1:
-            dh = quick_gelu_grad(h, dy2 @ w2, ctx.backend)
+        need_dh = need_x or need_w1 or need_b1 or need_a1 or need_bl1
+        dg = dy2 @ w2 if need_dh else None
+        da2, dbl2 = low_rank_grads(dy2, g, low_rank_input_grad_(dy2, dg, lora2), lora2, need_a2, need_bl2)
+        if need_dh:
+            dh = quick_gelu_grad(h, dg, ctx.backend)
             if need_w1:
                 dw1 = dh.t() @ x2
             if need_b1 and ctx.has_b1:
                 db1 = dh.sum(0)
-            if need_x:
-                dx = (dh @ w1).view(ctx.x_shape)
-        return dx, dw1, db1, dw2, db2, None
+            dx2 = dh @ w1 if need_x else None
+            da1, dbl1 = low_rank_grads(dh, x2, low_rank_input_grad_(dh, dx2, lora1), lora1, need_a1, need_bl1)
+            dx = None if dx2 is None else dx2.view(ctx.x_shape)
+        return dx, dw1, db1, dw2, db2, None, da1, dbl1, da2, dbl2, None
 
 
 def quick_gelu_mlp(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2: torch.Tensor,
-                   b2: torch.Tensor | None, *, backend: str = "auto") -> torch.Tensor:
+                   b2: torch.Tensor | None, *, backend: str = "auto", lora1=None, lora2=None) -> torch.Tensor:
     """``linear(quick_gelu(linear(x, w1, b1)), w2, b2)``, CLIP's MLP, fused.
+
+    ``lora1``/``lora2``: a low-rank update ``(A, B, scale)`` of either Linear, applied inside (see
+    :mod:`xclip_fast.lowrank`), or None.
 
     In training only ``x`` and the pre-activation are saved for backward (not the sigmoid and the
     activation); in inference the activation is computed in place where the backend allows. Under
@@ -493,15 +511,22 @@ def quick_gelu_mlp(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w
     if transforms_active():
         if backend == "triton":
             resolve_backend(backend, x.device)  # raises, naming the reason
-        h = F.linear(x, w1, b1)
-        return F.linear(h * torch.sigmoid(_QG * h), w2, b2)
+        h = low_rank_linear(x, w1, b1, lora1)
+        return low_rank_linear(h * torch.sigmoid(_QG * h), w2, b2, lora2)
     cast = autocast_dtype(x.device)
     backend = resolve_backend(backend, x.device, dtype=cast or x.dtype)
     if cast is not None:
         x, w1, b1, w2, b2 = autocast_cast(cast, x, w1, b1, w2, b2)
+        lora1, lora2 = cast_low_rank(cast, lora1), cast_low_rank(cast, lora2)
         with torch.autocast(x.device.type, enabled=False):
-            return quick_gelu_mlp(x, w1, b1, w2, b2, backend=backend)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, w1, b1, w2, b2)):
-        return QuickGELUMLPFunction.apply(x, w1, b1, w2, b2, backend)
-    h = F.linear(x, w1, b1)
-    return F.linear(quick_gelu(h, backend, inplace=True), w2, b2)
+            return quick_gelu_mlp(x, w1, b1, w2, b2, backend=backend, lora1=lora1, lora2=lora2)
+    low_rank = (*(lora1 or (None, None, 0.0))[:2], *(lora2 or (None, None, 0.0))[:2])
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, w1, b1, w2, b2, *low_rank)):
+        return QuickGELUMLPFunction.apply(x, w1, b1, w2, b2, backend, *low_rank,
+                                          ((lora1 or (0, 0, 0.0))[2], (lora2 or (0, 0, 0.0))[2]))
+    if lora1 is None and lora2 is None:
+        h = F.linear(x, w1, b1)
+        return F.linear(quick_gelu(h, backend, inplace=True), w2, b2)
+    x2 = x.reshape(-1, x.shape[-1])
+    g = quick_gelu(add_low_rank_(F.linear(x2, w1, b1), x2, lora1), backend, inplace=True)
+    return add_low_rank_(F.linear(g, w2, b2), g, lora2).view(*x.shape[:-1], w2.shape[0])

@@ -150,6 +150,14 @@ class FrameParallel:
             full = torch.cat([full[r * widest:r * widest + s] for r, s in enumerate(self.sizes)])
         return full.movedim(0, dim)
 
+    def sum(self, x: torch.Tensor) -> torch.Tensor:
+        """The sum over the group of every process's ``x`` (e.g. a sum over its own frames), the
+        same on every process. Differentiable with the gradient convention of the module doc: the
+        backward sums the gradient over the group (each process receives ``W`` times its share)."""
+        if self.world_size == 1:
+            return x
+        return _all_gather(x.unsqueeze(0), self.group).sum(0)
+
     def own(self, full: torch.Tensor, dim: int) -> torch.Tensor:
         """This process's frames of ``full`` (the whole clip along ``dim``)."""
         if full.shape[dim] != self.num_frames:

@@ -24,7 +24,7 @@ from torch import nn
 from torch.nn.modules import module as _module_globals
 
 __all__ = ["hook_reason", "global_hook_reason", "param", "linear_reason", "layer_norm_reason", "mha_reason",
-           "stock_reason", "transformers_capture_hook"]
+           "stock_reason", "transformers_capture_hook", "fused_linear"]
 
 _GLOBAL_HOOKS = (("_global_forward_hooks", "forward hooks"), ("_global_forward_pre_hooks", "forward pre-hooks"),
                  ("_global_backward_hooks", "backward hooks"), ("_global_backward_pre_hooks", "backward pre-hooks"))
@@ -117,3 +117,59 @@ def mha_reason(m: nn.Module) -> str | None:
         return "is batch_first"
     out = linear_reason(m._modules["out_proj"])
     return f"has an out_proj that {out}" if out else None
+
+
+def fused_linear(m: nn.Module) -> tuple[nn.Linear, tuple | None] | None:
+    """How the fused MLP may run the Linear ``m`` without calling it: ``(m, None)`` for a plain
+    ``nn.Linear``; ``(base, (A, B, scale))`` for a Linear with one low-rank update, ``m(x) ==
+    base(x) + scale * linear(linear(x, A), B)``, which the fused MLP adds itself (see
+    :mod:`xclip_fast.lowrank`); None when ``m`` must be called. Low-rank Linears:
+
+    - PEFT's LoRA ``Linear`` (``peft.tuners.lora.layer.Linear``) with one active adapter, not merged,
+      plain LoRA (no DoRA or other variant, no ``lora_bias``), its dropout off (rate 0, or in
+      evaluation), a plain base layer and no hooks on it or its parts; with its adapters disabled
+      (``disable_adapter()``) it is its base layer;
+    - a user's module whose class defines ``xclip_fast_low_rank(self) -> (base, A, B, scale)``
+      (``base`` an ``nn.Linear``, ``A (r, in_features)``, ``B (out_features, r)``), promising the
+      identity above, with no hooks.
+    """
+    if type(m) is nn.Linear or linear_reason(m) is None:
+        return (m, None) if hook_reason(m) is None else None
+    if hook_reason(m) is not None:
+        return None
+    declared = getattr(type(m), "xclip_fast_low_rank", None)
+    if declared is not None:
+        return _declared_low_rank(m)
+    if type(m).__name__ != "Linear" or type(m).__module__ != "peft.tuners.lora.layer":
+        return None
+    return _peft_low_rank(m)
+
+
+def _declared_low_rank(m: nn.Module):
+    base, a, b, scale = m.xclip_fast_low_rank()
+    if not isinstance(base, nn.Linear) or a.dim() != 2 or b.dim() != 2 or a.shape[1] != base.in_features \
+            or b.shape != (base.out_features, a.shape[0]):
+        raise TypeError(f"{type(m).__name__}.xclip_fast_low_rank() must return (base nn.Linear, A (r, in_features), "
+                        "B (out_features, r), scale)")
+    return ((base, (a, b, float(scale))) if linear_reason(base) is None else None)
+
+
+def _peft_low_rank(m: nn.Module):
+    base = m.base_layer
+    if linear_reason(base) is not None or m.merged:
+        return None
+    if m.disable_adapters:
+        return base, None
+    names = [n for n in m.active_adapters if n in m.lora_A]
+    if len(names) != 1:
+        return None
+    name = names[0]
+    lora_a, lora_b, dropout = m.lora_A[name], m.lora_B[name], m.lora_dropout[name]
+    if name in (getattr(m, "lora_variant", None) or {}) or (getattr(m, "use_dora", None) or {}).get(name):
+        return None
+    if linear_reason(lora_a) or linear_reason(lora_b) or lora_a.bias is not None or lora_b.bias is not None:
+        return None
+    if hook_reason(dropout) or not (type(dropout) is nn.Identity or (
+            type(dropout) is nn.Dropout and (dropout.p == 0 or not dropout.training))):
+        return None
+    return base, (param(lora_a, "weight"), param(lora_b, "weight"), float(m.scaling[name]))

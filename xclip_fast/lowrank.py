@@ -1,0 +1,64 @@
+"""A low-rank update (LoRA) applied inside the fused MLP: ``linear(x, W, b) + s * (x A^T) B^T``.
+
+A Linear of the MLP wrapped by a LoRA adapter (PEFT's, or a user's own that declares itself, see
+:func:`xclip_fast.submodules.fused_linear`) keeps the fused MLP: its base weight is read as for a
+plain Linear, and the update is added here, in the forward and the backward of the fused Functions,
+without merging it into a weight. ``lora`` below is ``(A (r, in), B (out, r), s)``, or None for a
+Linear without one. Nothing rank-wide is saved for the backward: ``x A^T`` is recomputed there
+from the input the backward has anyway (a GEMM ``r / out`` the size of the base's).
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["add_low_rank_", "low_rank_input_grad_", "low_rank_grads", "low_rank_linear", "cast_low_rank"]
+
+
+def add_low_rank_(y2: torch.Tensor, x2: torch.Tensor, lora) -> torch.Tensor:
+    """``y2 += s * (x2 A^T) B^T`` in place on the rows ``y2 (N, out)`` of ``x2 (N, in)``; returns ``y2``."""
+    if lora is not None:
+        a, b, s = lora
+        y2.addmm_(x2.mm(a.t()), b.t(), alpha=s)
+    return y2
+
+
+def low_rank_input_grad_(dy2: torch.Tensor, dx2: torch.Tensor | None, lora) -> torch.Tensor | None:
+    """Adds the update's share ``s * (dy2 B) A`` of the input gradient to ``dx2`` in place (when
+    given); returns ``dy2 B`` for :func:`low_rank_grads` (None without an update)."""
+    if lora is None:
+        return None
+    a, b, s = lora
+    dyb = dy2.mm(b)  # (N, r)
+    if dx2 is not None:
+        dx2.addmm_(dyb, a, alpha=s)
+    return dyb
+
+
+def low_rank_grads(dy2: torch.Tensor, x2: torch.Tensor, dyb: torch.Tensor | None, lora, need_a: bool,
+                   need_b: bool) -> tuple:
+    """``(dA, dB)`` of the update from the output's gradient rows ``dy2``, the input rows ``x2`` and
+    ``dyb = dy2 B`` (from :func:`low_rank_input_grad_`); ``(None, None)`` without an update."""
+    if lora is None:
+        return None, None
+    a, b, s = lora
+    da = dyb.t().mm(x2).mul_(s) if need_a else None
+    db = dy2.t().mm(x2.mm(a.t())).mul_(s) if need_b else None
+    return da, db
+
+
+def low_rank_linear(x: torch.Tensor, w: torch.Tensor, bias, lora) -> torch.Tensor:
+    """``linear(x, w, bias)`` plus the update, as recorded operations (autograd, transforms)."""
+    y = torch.nn.functional.linear(x, w, bias)
+    if lora is None:
+        return y
+    a, b, s = lora
+    return y + torch.nn.functional.linear(torch.nn.functional.linear(x, a), b) * s
+
+
+def cast_low_rank(cast, lora):
+    """The update with A and B cast as autocast casts a matrix product's inputs (``cast`` None: as it is)."""
+    if lora is None or cast is None:
+        return lora
+    a, b, s = lora
+    return (*(t.to(cast) if t.dtype != torch.float64 else t for t in (a, b)), s)

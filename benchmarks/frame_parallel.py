@@ -44,7 +44,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from xclip_fast.bench.memory import CollectiveCounter, held_bytes
-from xclip_fast.bench.results import markdown_table
+from xclip_fast.bench.results import markdown_table, write_report
 from xclip_fast.encoder import XCLIPVideoEncoder
 from xclip_fast.parallel import FrameParallel
 
@@ -200,19 +200,7 @@ def _hf_main(args) -> int:
           "### Longest trainable clip per 80 GB GPU, whole model, batch 1, bf16 autocast (extrapolated from CPU)",
           "", markdown_table(t["longest"], ["model", "variant", "held_mib_per_frame", "every_process_mib_per_frame",
                                             "constant_mib", "T_max_80GB_W1", "T_max_80GB_W2", "T_max_80GB_W8"]), ""]
-    return _write(md, dict(torch=torch.__version__, **t), args.out)
-
-
-def _write(md: list[str], result: dict, folder: str | None) -> int:
-    text = "\n".join(md)
-    print(text)
-    if folder:
-        os.makedirs(folder, exist_ok=True)
-        with open(os.path.join(folder, "results.md"), "w") as f:
-            f.write(text + "\n")
-        with open(os.path.join(folder, "results.json"), "w") as f:
-            json.dump(result, f, indent=1)
-    return 0
+    return write_report(md, dict(torch=torch.__version__, **t), args.out)
 
 
 def _worker(rank: int, world: int, store: str, out: str, quick: bool, hf: bool = False) -> None:
@@ -299,7 +287,7 @@ def main(argv=None) -> int:
           "### Longest trainable clip per 80 GB GPU, batch 1, bf16 autocast (extrapolated from CPU)", "",
           markdown_table(longest, ["model", "variant", "held_mib_per_frame", "every_process_mib_per_frame",
                         "T_max_80GB_W1", "T_max_80GB_W2", "T_max_80GB_W8"]), ""]
-    return _write(md, dict(torch=torch.__version__, held=t["held"], comm=t["comm"], longest=longest), args.out)
+    return write_report(md, dict(torch=torch.__version__, held=t["held"], comm=t["comm"], longest=longest), args.out)
 
 
 if __name__ == "__main__":

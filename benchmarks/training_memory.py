@@ -35,8 +35,6 @@ from __future__ import annotations
 import argparse
 import copy
 import functools
-import json
-import os
 import statistics
 import sys
 import time
@@ -48,7 +46,7 @@ from torch.utils.checkpoint import checkpoint, create_selective_checkpoint_conte
 from xclip_fast import reference
 from xclip_fast.bench.measure import host_times
 from xclip_fast.bench.memory import CountingOffload, held_bytes, hooked_bytes, matmul_flops, saved_bytes
-from xclip_fast.bench.results import markdown_table
+from xclip_fast.bench.results import markdown_table, write_report
 from xclip_fast.bench.train import Trainer, save_matmuls
 from xclip_fast.blocks import CrossFrameAttentionBlock
 from xclip_fast.encoder import XCLIPVideoEncoder
@@ -379,14 +377,14 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     torch.set_num_threads(torch.get_num_threads())
     if args.offload:
-        return _write(*_offload(), args.out)
+        return write_report(*_offload(), args.out)
     if args.lora:
         rows = lora_table(50, rounds=5 if args.quick else 20)
         md = [f"torch {torch.__version__}, CPU, {torch.get_num_threads()} threads, float32", "",
               "### One CCT block with LoRA (r=16) on c_fc/c_proj, B/32 sizes (l=50, T=8, d=768), recompute=lean", "",
               markdown_table(rows, ["variant", "held_mib", "held_x_frozen", "flops_x_frozen", "time_ms",
                                     "time_x_frozen"]), ""]
-        return _write(md, {"torch": torch.__version__, "lora": rows}, args.out)
+        return write_report(md, {"torch": torch.__version__, "lora": rows}, args.out)
     out = {"torch": torch.__version__, "threads": torch.get_num_threads(), "host": [], "blocks": {}, "encoders": {},
            "budgets": {}, "longest_clip": {}}
     md = [f"torch {torch.__version__}, CPU, {torch.get_num_threads()} threads, float32 unless stated", ""]
@@ -416,7 +414,7 @@ def main(argv=None) -> int:
         md += [f"### Longest trainable clip, {model}, batch 1, bf16 autocast (extrapolated from CPU)", "",
                markdown_table(rows, ["variant", "held_mib_per_frame", "mib_per_frame", "T_max_80GB", "T_max_141GB",
                           "x_original", "x_selective"]), ""]
-    return _write(md, out, args.out)
+    return write_report(md, out, args.out)
 
 
 def _offload() -> tuple[list[str], dict]:
@@ -429,18 +427,6 @@ def _offload() -> tuple[list[str], dict]:
                "", markdown_table(rows, ["variant", "held_mib", "hooked_mib", "outside_mib", "moved_mib",
                                          "moved_parameters_mib"]), ""]
     return md, out
-
-
-def _write(md: list[str], out: dict, folder: str | None) -> int:
-    text = "\n".join(md)
-    print(text)
-    if folder:
-        os.makedirs(folder, exist_ok=True)
-        with open(os.path.join(folder, "results.md"), "w") as f:
-            f.write(text + "\n")
-        with open(os.path.join(folder, "results.json"), "w") as f:
-            json.dump(out, f, indent=1)
-    return 0
 
 
 if __name__ == "__main__":

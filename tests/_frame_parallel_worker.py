@@ -1,5 +1,5 @@
 """The per-process part of tests/test_frame_parallel.py (spawned; kept out of the test module so
-that the children import no test code). Each scenario writes what the test compares: the video
+that the children import no test module). Each scenario writes what the test compares: the video
 embedding and the gradients after the data-parallel reduction, from rank 0."""
 
 import contextlib
@@ -7,6 +7,7 @@ import contextlib
 import torch
 import torch._inductor.config
 import torch.distributed as dist
+from _helpers import error_messages
 
 from xclip_fast.bench.memory import CollectiveCounter
 from xclip_fast.encoder import XCLIPVideoEncoder
@@ -152,7 +153,6 @@ def inference_scenario(rank: int) -> dict:
 
 def refusals() -> dict:
     """The messages of what frame parallelism refuses, for the test to check."""
-    out = {}
     fp = FrameParallel(4)
     cases = {
         "reference": lambda: make_encoder("reference")(clip(1, 4)[:, fp.frames], frame_parallel=fp),
@@ -161,10 +161,4 @@ def refusals() -> dict:
         "block-T": lambda: make_encoder().visual.blocks[0](torch.zeros(5, 4, 64, dtype=torch.float64), 4,
                                                           frame_parallel=fp),
     }
-    for name, fn in cases.items():
-        try:
-            fn()
-            out[name] = None
-        except (ValueError, TypeError, RuntimeError) as exc:
-            out[name] = f"{type(exc).__name__}: {exc}"
-    return {"refusals": out}
+    return {"refusals": error_messages(cases)}

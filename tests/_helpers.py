@@ -36,6 +36,30 @@ def param_grad_errors(module, ref_module):
     return [(name, p.grad, ref_params[name].grad) for name, p in module.named_parameters()]
 
 
+def spawn_results(worker, world: int, tmp_path_factory, name: str, *args):
+    """Run ``worker(rank, world, store, out_path, *args)`` on ``world`` processes (each initialises
+    gloo on the file ``store``) and return what rank 0 saved to ``out_path`` (``torch.save``)."""
+    import torch.multiprocessing as mp
+
+    folder = tmp_path_factory.mktemp(f"{name}{world}")
+    out = folder / "results.pt"
+    mp.spawn(worker, args=(world, str(folder / "store"), str(out), *args), nprocs=world, join=True)
+    return torch.load(out)
+
+
+def error_messages(cases: dict) -> dict:
+    """``"<exception type>: <message>"`` of each case's call (None if it raised nothing), by name: what
+    a spawned worker sends back for the test to check."""
+    out = {}
+    for name, fn in cases.items():
+        try:
+            fn()
+            out[name] = None
+        except (ValueError, TypeError, RuntimeError) as exc:
+            out[name] = f"{type(exc).__name__}: {exc}"
+    return out
+
+
 def tiny_xclip_config(num_frames: int = 3, attn_implementation: str = "eager", **vision):
     """A tiny random Hugging Face X-CLIP configuration, built offline.
 

@@ -7,7 +7,7 @@ import copy
 
 import torch
 import torch.distributed as dist
-from _helpers import tiny_xclip
+from _helpers import error_messages, tiny_xclip
 
 import xclip_fast
 from xclip_fast.parallel import FrameParallel
@@ -111,7 +111,6 @@ def features_and_vision(fp) -> dict:
 
 
 def refusals(fp) -> dict:
-    out = {}
     model = model_of()
     batch = inputs()
     gc = model_of()
@@ -121,13 +120,7 @@ def refusals(fp) -> dict:
         "hf-checkpointing": lambda: gc(**dict(batch, pixel_values=batch["pixel_values"][:, fp.frames]),
                                        frame_parallel=fp),
     }
-    for name, fn in cases.items():
-        try:
-            fn()
-            out[name] = None
-        except (ValueError, TypeError, RuntimeError) as exc:
-            out[name] = f"{type(exc).__name__}: {exc}"
-    return out
+    return error_messages(cases)
 
 
 def worker(rank: int, world: int, store: str, out_path: str, triton_ok: bool) -> None:

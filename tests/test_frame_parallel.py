@@ -6,9 +6,8 @@ FSDP2, a 2 x 2 (videos x frames) mesh under DDP, and inference (chunked and stre
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from _frame_parallel_worker import CONFIG, clip, loss_of, make_encoder, scenarios, worker
-from _helpers import assert_grads_close, assert_rel
+from _helpers import assert_grads_close, assert_rel, spawn_results
 
 from xclip_fast.ops import triton_status
 from xclip_fast.parallel import FrameParallel, _group_of, frame_sizes
@@ -22,21 +21,14 @@ pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_avai
 F64 = 1e-10
 
 
-def _spawn(world: int, tmp_path_factory) -> dict:
-    folder = tmp_path_factory.mktemp(f"fp{world}")
-    out = folder / "results.pt"
-    mp.spawn(worker, args=(world, str(folder / "store"), str(out), TRITON_OK), nprocs=world, join=True)
-    return torch.load(out)
-
-
 @pytest.fixture(scope="module")
 def two(tmp_path_factory):
-    return _spawn(2, tmp_path_factory)
+    return spawn_results(worker, 2, tmp_path_factory, "fp", TRITON_OK)
 
 
 @pytest.fixture(scope="module")
 def four(tmp_path_factory):
-    return _spawn(4, tmp_path_factory)
+    return spawn_results(worker, 4, tmp_path_factory, "fp", TRITON_OK)
 
 
 def _one_process(sc: dict, b: int = 2, video=None):

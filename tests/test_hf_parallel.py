@@ -9,8 +9,7 @@ DDP, FSDP2 and torch.compile; inference through ``get_video_features`` and a bar
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
-from _helpers import TRITON_OK, assert_grads_close, assert_rel
+from _helpers import TRITON_OK, assert_grads_close, assert_rel, spawn_results
 from _hf_parallel_worker import inputs, model_of, scenarios, step, worker
 
 from xclip_fast.parallel import frame_sizes
@@ -23,21 +22,14 @@ pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_avai
 F64 = 1e-10
 
 
-def _spawn(world: int, tmp_path_factory) -> dict:
-    folder = tmp_path_factory.mktemp(f"hf{world}")
-    out = folder / "results.pt"
-    mp.spawn(worker, args=(world, str(folder / "store"), str(out), TRITON_OK), nprocs=world, join=True)
-    return torch.load(out)
-
-
 @pytest.fixture(scope="module")
 def two(tmp_path_factory):
-    return _spawn(2, tmp_path_factory)
+    return spawn_results(worker, 2, tmp_path_factory, "hf", TRITON_OK)
 
 
 @pytest.fixture(scope="module")
 def three(tmp_path_factory):
-    return _spawn(3, tmp_path_factory)
+    return spawn_results(worker, 3, tmp_path_factory, "hf", TRITON_OK)
 
 
 def _one_process(sc: dict, patched: bool = False):

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from xclip_fast.fused import FusedLayer, NormLinear, OutMLP
-from xclip_fast.lowrank import low_rank_linear
+from xclip_fast.lowrank import as_inputs, low_rank_linear
 from xclip_fast.ops import autocast_dtype, packed_attention, packed_kernel, quick_gelu, quick_gelu_mlp, resolve_backend
 from xclip_fast.recompute import checkpointed, selective, selective_reason
 from xclip_fast.submodules import layer_norm_reason, linear_reason, param
@@ -49,8 +49,7 @@ class FusedMLP(NamedTuple):
     @property
     def low_rank(self) -> tuple:
         """``(A1, B1, A2, B2)`` (None where a Linear has no update) and ``(scale1, scale2)``."""
-        l1, l2 = self.lora1 or (None, None, 0.0), self.lora2 or (None, None, 0.0)
-        return (l1[0], l1[1], l2[0], l2[1]), (l1[2], l2[2])
+        return as_inputs(self.lora1, self.lora2)
 
 
 MLP = Union[FusedMLP, Callable[[torch.Tensor], torch.Tensor]]

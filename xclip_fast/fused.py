@@ -36,7 +36,7 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
-from xclip_fast.lowrank import add_low_rank_, low_rank_grads, low_rank_input_grad_
+from xclip_fast.lowrank import add_low_rank_, from_inputs, low_rank_grads, low_rank_input_grad_
 from xclip_fast.ops import (
     autocast_cast,
     packed_backward,
@@ -128,15 +128,9 @@ def _residual_after_attention(x, o, wo, bo, mask_a, keep: float) -> torch.Tensor
     return x + _dropped(_from_rows(_linear2d(o2, wo, bo), x.shape, transposed), mask_a, keep)
 
 
-def _low_rank(a1, bl1, a2, bl2, scales) -> tuple:
-    """The low-rank updates of the MLP's two Linears from a Function's inputs (see
-    :mod:`xclip_fast.lowrank`): ``(lora1, lora2)``, each ``(A, B, scale)`` or None."""
-    return (None if a1 is None else (a1, bl1, scales[0])), (None if a2 is None else (a2, bl2, scales[1]))
-
-
 def _post_forward(x, o, wo, bo, ln_w, ln_b, w1, b1, w2, b2, mask_a, mask_m, keep, eps, cast, backend, lora=(None,) * 2):
     """The layer after its attention: ``(result, ln_2's input, its output as rows, mean, rstd, pre)``;
-    ``lora``: the MLP's low-rank updates (see :func:`_low_rank`)."""
+    ``lora``: the MLP's low-rank updates (see :func:`xclip_fast.lowrank.from_inputs`)."""
     x1 = _residual_after_attention(x, o, wo, bo, mask_a, keep)
     xn, h, mean, rstd = _layer_norm(x1, ln_w, ln_b, eps)
     h2 = autocast_cast(cast, h)[0].reshape(-1, x.shape[-1])
@@ -270,7 +264,7 @@ class FusedLayer(torch.autograd.Function):
         o = (out if batch_first else out.transpose(0, 1)).flatten(2)
         res, xn2, h2, mean2, rstd2, pre = _post_forward(x, o, wo, bo, ln2_w, ln2_b, w1, b1, w2, b2, mask_a, mask_m,
                                                         keep, eps2, cast, mlp_backend,
-                                                        _low_rank(a1, bl1, a2, bl2, scales))
+                                                        from_inputs(a1, bl1, a2, bl2, scales))
         if level == "none":
             kept = (hc, qkv, out, lse, xn2, h2, pre)
         elif level == "lean":
@@ -310,12 +304,13 @@ class FusedLayer(torch.autograd.Function):
         if xn2 is None:  # lean, min, block: the out-projection, the residual and ln_2 again
             xn2, h2 = _layer_norm(_residual_after_attention(x, o, wo, bo, mask_a, keep), ln2_w, ln2_b, eps2)[:2]
             h2 = autocast_cast(cast, h2)[0].reshape(-1, h2.shape[-1])
+        lora = from_inputs(a1, bl1, a2, bl2, scales)
         if pre is None:  # block: the MLP's first GEMM again
-            pre = add_low_rank_(_linear2d(h2, w1, b1), h2, _low_rank(a1, bl1, a2, bl2, scales)[0])
+            pre = add_low_rank_(_linear2d(h2, w1, b1), h2, lora[0])
         post_need = (True, True, *need[6:14], *need[26:30])
         dx, do, dwo, dbo, dlw2, dlb2, dw1, db1, dw2, db2, *low_rank_grads_ = _post_backward(
             dout, o, xn2, h2, mean2, rstd2, pre, wo, ln2_w, ln2_b, w1, w2, mask_a, mask_m, keep, mlp_backend, post_need,
-            _low_rank(a1, bl1, a2, bl2, scales))
+            lora)
         do = do.unflatten(2, (heads, -1))
         dqkv, dextra = packed_backward(kernel, qkv5, extra, out, lse, do if batch_first else do.transpose(0, 1),
                                        scale, attn_mask, heads_first)
@@ -389,7 +384,7 @@ class OutMLP(torch.autograd.Function):
     def forward(ctx, x, o, wo, bo, ln_w, ln_b, w1, b1, w2, b2, mask_a, mask_m, keep: float, eps: float, cast,
                 backend: str, level: str, a1=None, bl1=None, a2=None, bl2=None, scales=(0.0, 0.0)):
         oc, wo, bo, w1, b1, w2, b2, a1, bl1, a2, bl2 = autocast_cast(cast, o, wo, bo, w1, b1, w2, b2, a1, bl1, a2, bl2)
-        lora = _low_rank(a1, bl1, a2, bl2, scales)
+        lora = from_inputs(a1, bl1, a2, bl2, scales)
         res, xn, h2, mean, rstd, pre = _post_forward(x, oc, wo, bo, ln_w, ln_b, w1, b1, w2, b2, mask_a, mask_m, keep,
                                                      eps, cast, backend, lora)
         kept = (xn, h2, pre) if level == "none" else (None, None, pre if level == "lean" else None)
@@ -403,7 +398,7 @@ class OutMLP(torch.autograd.Function):
     def backward(ctx, dout):
         x, oc, mean, rstd, wo, bo, ln_w, ln_b, w1, b1, w2, mask_a, mask_m, xn, h2, pre, a1, bl1, a2, bl2 = \
             ctx.saved_tensors
-        lora = _low_rank(a1, bl1, a2, bl2, ctx.scales)
+        lora = from_inputs(a1, bl1, a2, bl2, ctx.scales)
         if xn is None:  # recompute the residual after attention and its LayerNorm (and, at min, the first GEMM)
             xn, h2 = _layer_norm(_residual_after_attention(x, oc, wo, bo, mask_a, ctx.keep), ln_w, ln_b, ctx.eps)[:2]
             h2 = autocast_cast(ctx.cast, h2)[0].reshape(-1, h2.shape[-1])

@@ -42,16 +42,16 @@ def video_features(model, pixel_values, frame_parallel, **kwargs):
     return vision_outputs
 
 @can_return_tuple
-def forward(model, input_ids, pixel_values, attention_mask, position_ids, return_loss,
-                            interpolate_pos_encoding, frame_parallel, **kwargs):
+def forward(model, input_ids, pixel_values, attention_mask, position_ids, return_loss, interpolate_pos_encoding,
+            frame_parallel, **kwargs):
     """``XCLIPModel.forward`` with this process's frames in ``pixel_values`` (transformers' steps,
     in its order): the MIT's input and the prompt generator's mean over frames of the visual
     tokens are the whole clip's, so everything after the vision tower is the same on every
     process; ``vision_model_output`` holds this process's frames."""
+    vision_outputs, mit_outputs = video_and_mit(model, pixel_values, frame_parallel,
+                                                dict(kwargs, interpolate_pos_encoding=interpolate_pos_encoding))
     b, t = pixel_values.shape[:2]
-    kwargs["interpolate_pos_encoding"] = interpolate_pos_encoding
-    vision_outputs, mit_outputs = video_and_mit(model, pixel_values, frame_parallel, kwargs)
-    del kwargs["interpolate_pos_encoding"], kwargs["num_frames"]
+    kwargs.pop("num_frames", None)  # (the text tower's layers take none)
     video_embeds = mit_outputs[1]
     img_features = model.prompts_visual_layernorm(vision_outputs[0][:, 1:, :]) @ model.prompts_visual_projection
     # the mean over the clip's frames: summed in float32 at least and rounded once, as mean() does

@@ -12,7 +12,22 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["add_low_rank_", "low_rank_input_grad_", "low_rank_grads", "low_rank_linear", "cast_low_rank"]
+__all__ = ["add_low_rank_", "low_rank_input_grad_", "low_rank_grads", "low_rank_linear", "cast_low_rank",
+           "as_inputs", "from_inputs"]
+
+_NONE = (None, None, 0.0)
+
+
+def as_inputs(lora1, lora2) -> tuple[tuple, tuple]:
+    """The two Linears' updates as an autograd Function takes them: the tensors ``(A1, B1, A2, B2)``
+    (None where a Linear has no update) and the constants ``(scale1, scale2)``."""
+    (a1, b1, s1), (a2, b2, s2) = lora1 or _NONE, lora2 or _NONE
+    return (a1, b1, a2, b2), (s1, s2)
+
+
+def from_inputs(a1, b1, a2, b2, scales) -> tuple:
+    """The inverse of :func:`as_inputs`: ``(lora1, lora2)``, each ``(A, B, scale)`` or None."""
+    return (None if a1 is None else (a1, b1, scales[0])), (None if a2 is None else (a2, b2, scales[1]))
 
 
 def add_low_rank_(y2: torch.Tensor, x2: torch.Tensor, lora) -> torch.Tensor:

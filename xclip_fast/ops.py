@@ -25,7 +25,15 @@ from torch.autograd.function import once_differentiable
 
 from xclip_fast.checks import attention_problems, packed_problems, raise_problems, scale_problems
 from xclip_fast.dtypes import FLOAT_DTYPES
-from xclip_fast.lowrank import add_low_rank_, cast_low_rank, low_rank_grads, low_rank_input_grad_, low_rank_linear
+from xclip_fast.lowrank import (
+    add_low_rank_,
+    as_inputs,
+    cast_low_rank,
+    from_inputs,
+    low_rank_grads,
+    low_rank_input_grad_,
+    low_rank_linear,
+)
 from xclip_fast.versions import compiled_cpu_fp64_sdpa_is_broken
 
 __all__ = [
@@ -440,10 +448,6 @@ class _QuickGELUFunction(torch.autograd.Function):
         return quick_gelu_grad(h, dg, "torch")
 
 
-def _lora(a, b, s):
-    return None if a is None else (a, b, s)
-
-
 class QuickGELUMLPFunction(torch.autograd.Function):
     """``fc2(QuickGELU(fc1(x)))`` saving ``x`` and the pre-activation only.
 
@@ -457,9 +461,10 @@ class QuickGELUMLPFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w1, b1, w2, b2, backend: str, a1=None, bl1=None, a2=None, bl2=None, scales=(0.0, 0.0)):
         x2 = x.reshape(-1, x.shape[-1])
-        h = add_low_rank_(torch.addmm(b1, x2, w1.t()) if b1 is not None else x2 @ w1.t(), x2, _lora(a1, bl1, scales[0]))
+        lora1, lora2 = from_inputs(a1, bl1, a2, bl2, scales)
+        h = add_low_rank_(torch.addmm(b1, x2, w1.t()) if b1 is not None else x2 @ w1.t(), x2, lora1)
         g = quick_gelu(h, backend)
-        y = add_low_rank_(torch.addmm(b2, g, w2.t()) if b2 is not None else g @ w2.t(), g, _lora(a2, bl2, scales[1]))
+        y = add_low_rank_(torch.addmm(b2, g, w2.t()) if b2 is not None else g @ w2.t(), g, lora2)
         ctx.save_for_backward(x2, h, w1, w2, a1, bl1, a2, bl2)
         ctx.backend, ctx.has_b1, ctx.has_b2, ctx.x_shape, ctx.scales = (backend, b1 is not None, b2 is not None,
                                                                         x.shape, scales)
@@ -471,7 +476,7 @@ class QuickGELUMLPFunction(torch.autograd.Function):
         x2, h, w1, w2, a1, bl1, a2, bl2 = ctx.saved_tensors
         need = (*ctx.needs_input_grad, *(False,) * (11 - len(ctx.needs_input_grad)))  # (updates are optional)
         need_x, need_w1, need_b1, need_w2, need_b2, _, need_a1, need_bl1, need_a2, need_bl2, _ = need
-        lora1, lora2 = _lora(a1, bl1, ctx.scales[0]), _lora(a2, bl2, ctx.scales[1])
+        lora1, lora2 = from_inputs(a1, bl1, a2, bl2, ctx.scales)
         dy2 = dy.reshape(-1, dy.shape[-1])
         dx = dw1 = db1 = dw2 = db2 = da1 = dbl1 = da2 = dbl2 = None
         g = quick_gelu(h, ctx.backend) if need_w2 or need_a2 or need_bl2 else None
@@ -520,10 +525,9 @@ def quick_gelu_mlp(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w
         lora1, lora2 = cast_low_rank(cast, lora1), cast_low_rank(cast, lora2)
         with torch.autocast(x.device.type, enabled=False):
             return quick_gelu_mlp(x, w1, b1, w2, b2, backend=backend, lora1=lora1, lora2=lora2)
-    low_rank = (*(lora1 or (None, None, 0.0))[:2], *(lora2 or (None, None, 0.0))[:2])
+    low_rank, scales = as_inputs(lora1, lora2)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, w1, b1, w2, b2, *low_rank)):
-        return QuickGELUMLPFunction.apply(x, w1, b1, w2, b2, backend, *low_rank,
-                                          ((lora1 or (0, 0, 0.0))[2], (lora2 or (0, 0, 0.0))[2]))
+        return QuickGELUMLPFunction.apply(x, w1, b1, w2, b2, backend, *low_rank, scales)
     if lora1 is None and lora2 is None:
         h = F.linear(x, w1, b1)
         return F.linear(quick_gelu(h, backend, inplace=True), w2, b2)

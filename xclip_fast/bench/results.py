@@ -146,6 +146,20 @@ def markdown_table(rows: list[dict], cols: list[str]) -> str:
     return "\n".join(lines)
 
 
+def write_report(md: list[str], result: dict, folder: str | None) -> int:
+    """Print the Markdown lines ``md`` of a benchmark script and, with ``folder``, write them to
+    ``results.md`` and ``result`` to ``results.json`` there; returns 0 (the script's exit status)."""
+    text = "\n".join(md)
+    print(text)
+    if folder:
+        os.makedirs(folder, exist_ok=True)
+        with open(os.path.join(folder, "results.md"), "w") as f:
+            f.write(text + "\n")
+        with open(os.path.join(folder, "results.json"), "w") as f:
+            json.dump(result, f, indent=1)
+    return 0
+
+
 def write_outputs(rows: list[Result], env: dict, out_dir: str, copy_bw: float) -> dict:
     """Append to ``results.csv`` / ``results.jsonl``, write ``run-<time>.json`` and the plot."""
     from xclip_fast.bench.plot import plot

@@ -17,7 +17,7 @@ setup(
     python_requires=">=3.10",  # as torch 2.11
     # kernels/ sits at the top of the repository (kernels only, no PyTorch modules) but installs as
     # xclip_fast.kernels: a top-level import name `kernels` would clash with an existing PyPI package.
-    packages=["xclip_fast", "xclip_fast.bench", "xclip_fast.kernels"],
+    packages=["xclip_fast", "xclip_fast.bench", "xclip_fast.extract", "xclip_fast.kernels"],
     package_dir={"xclip_fast": "xclip_fast", "xclip_fast.kernels": "kernels"},
     # the tuned tile sizes that launch_plan reads (kernels/tuning.py)
     package_data={"xclip_fast.kernels": ["tuned.json"]},

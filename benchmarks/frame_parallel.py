@@ -43,8 +43,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from xclip_fast.bench.memory import CollectiveCounter, held_bytes
-from xclip_fast.bench.results import markdown_table, write_report
+from xclip_fast.bench.memory import CollectiveCounter, held_bytes, longest_clip
+from xclip_fast.bench.results import section, write_report
 from xclip_fast.encoder import XCLIPVideoEncoder
 from xclip_fast.parallel import FrameParallel
 
@@ -67,10 +67,7 @@ def _held(enc, video, fp, amp: bool) -> int:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
             return enc(v, frame_parallel=fp).float().square().sum()
 
-    own = video if fp is None else video[:, fp.frames]
-    out, nbytes = held_bytes(forward, own, keep=[enc])
-    del out
-    return nbytes
+    return held_bytes(forward, video if fp is None else video[:, fp.frames], keep=[enc])[1]
 
 
 def measure(fp: FrameParallel | None, quick: bool) -> dict:
@@ -132,9 +129,7 @@ def _hf_held(model, T: int, fp, amp: bool, text_only: bool = False) -> int:
             logits = model(input_ids=ids, pixel_values=v, **extra).logits_per_video.float()
         return torch.nn.functional.cross_entropy(logits, torch.zeros(1, dtype=torch.long))
 
-    out, nbytes = held_bytes(forward, video if fp is None else video[:, fp.frames], keep=[model])
-    del out
-    return nbytes
+    return held_bytes(forward, video if fp is None else video[:, fp.frames], keep=[model])[1]
 
 
 def measure_hf(fp: FrameParallel | None, quick: bool) -> dict:
@@ -182,7 +177,7 @@ def hf_tables(one: dict, many: dict[int, dict], widths=(1, 2, 8)) -> dict:
         for W in widths if level != "original" else (1,):
             per_frame = s1 / W + (max(r, 0.0) if W > 1 else 0.0) + working / W
             constant = max(h2 - 2 * s1, c2 if W > 1 else 0.0, 0.0)
-            row[f"T_max_80GB_W{W}"] = int((80e9 - 18 * one["params"][model] - constant) // per_frame)
+            row[f"T_max_80GB_W{W}"] = longest_clip(per_frame, one["params"][model], constant=constant)
         longest.append(row)
     return dict(held=held, longest=longest)
 
@@ -194,12 +189,13 @@ def _hf_main(args) -> int:
     t = hf_tables(one, many)
     md = [f"torch {torch.__version__}, CPU, gloo, one thread per process; whole XCLIPModel (patched), one video "
           f"and {CAPTIONS} captions of {TOKENS} tokens", "",
-          "### Held bytes per process after the forward (float32, recompute=lean, T=8), text tower apart", "",
-          markdown_table(t["held"], ["model", "W", "held_mib", "text_tower_mib", "rest_mib",
-                                     "one_process_rest_over_W_mib", "ratio"]), "",
-          "### Longest trainable clip per 80 GB GPU, whole model, batch 1, bf16 autocast (extrapolated from CPU)",
-          "", markdown_table(t["longest"], ["model", "variant", "held_mib_per_frame", "every_process_mib_per_frame",
-                                            "constant_mib", "T_max_80GB_W1", "T_max_80GB_W2", "T_max_80GB_W8"]), ""]
+          *section("Held bytes per process after the forward (float32, recompute=lean, T=8), text tower apart",
+                   t["held"],
+                   ["model", "W", "held_mib", "text_tower_mib", "rest_mib", "one_process_rest_over_W_mib", "ratio"]),
+          *section("Longest trainable clip per 80 GB GPU, whole model, batch 1, bf16 autocast (extrapolated from CPU)",
+                   t["longest"],
+                   ["model", "variant", "held_mib_per_frame", "every_process_mib_per_frame", "constant_mib",
+                    "T_max_80GB_W1", "T_max_80GB_W2", "T_max_80GB_W8"])]
     return write_report(md, dict(torch=torch.__version__, **t), args.out)
 
 
@@ -254,7 +250,7 @@ def longest_table(rows: list[dict], original_per_frame: dict, layers: dict, widt
                    every_process_mib_per_frame=row["r"] / MIB)
         for W in widths:
             per_frame = row["s1"] / W + (max(row["r"], 0.0) if W > 1 else 0.0) + working / W
-            new[f"T_max_80GB_W{W}"] = int((80e9 - 18 * row["params"]) // per_frame)
+            new[f"T_max_80GB_W{W}"] = longest_clip(per_frame, row["params"])
         out.append(new)
     return out
 
@@ -279,14 +275,14 @@ def main(argv=None) -> int:
     layers = {"b16": 12, "l14": 24}
     longest = longest_table([r for r in t["longest"] if r["model"] in original], original, layers)
     md = [f"torch {torch.__version__}, CPU, gloo, one thread per process; batch 1", "",
-          "### Held bytes per process after the forward (float32, recompute=lean, T=8)", "",
-          markdown_table(t["held"], ["model", "W", "held_mib", "one_process_over_W_mib", "ratio"]), "",
-          "### Collectives of one forward + backward (B/16, bf16 autocast, counted on process 0)", "",
-          markdown_table(t["comm"], ["W", "model", "T", "b", "all_gathers", "all_gather_bytes", "reduce_scatters",
-                          "reduce_scatter_bytes"]), "",
-          "### Longest trainable clip per 80 GB GPU, batch 1, bf16 autocast (extrapolated from CPU)", "",
-          markdown_table(longest, ["model", "variant", "held_mib_per_frame", "every_process_mib_per_frame",
-                        "T_max_80GB_W1", "T_max_80GB_W2", "T_max_80GB_W8"]), ""]
+          *section("Held bytes per process after the forward (float32, recompute=lean, T=8)", t["held"],
+                   ["model", "W", "held_mib", "one_process_over_W_mib", "ratio"]),
+          *section("Collectives of one forward + backward (B/16, bf16 autocast, counted on process 0)", t["comm"],
+                   ["W", "model", "T", "b", "all_gathers", "all_gather_bytes", "reduce_scatters",
+                    "reduce_scatter_bytes"]),
+          *section("Longest trainable clip per 80 GB GPU, batch 1, bf16 autocast (extrapolated from CPU)", longest,
+                   ["model", "variant", "held_mib_per_frame", "every_process_mib_per_frame", "T_max_80GB_W1",
+                    "T_max_80GB_W2", "T_max_80GB_W8"])]
     return write_report(md, dict(torch=torch.__version__, held=t["held"], comm=t["comm"], longest=longest), args.out)
 
 

@@ -35,7 +35,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
 
-from xclip_fast import ops, reference  # noqa: E402
+from xclip_fast import mlp, ops, reference  # noqa: E402
 from xclip_fast.testing import attention_f64, rel_err  # noqa: E402
 
 FORWARD, GRADIENT = 2.0, 3.0  # allowed multiples of PyTorch's own error in the same dtype
@@ -101,7 +101,7 @@ def quick_gelu_case(dtype, device, n, gen):
         out = fn(leaf)
         return [out, *_grads(out, [leaf], grad_out)]
 
-    kernel = run(lambda x: ops.quick_gelu(x, backend="triton"), device, dtype)
+    kernel = run(lambda x: mlp.quick_gelu(x, backend="triton"), device, dtype)
     return (f"quick_gelu         {str(dtype)[6:]:8s} n={n}", ["out", "dh"], kernel,
             run(QUICK_GELU, "cpu", torch.float64), run(QUICK_GELU, device, dtype))
 

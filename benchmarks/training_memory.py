@@ -19,7 +19,7 @@ original, our matmul FLOPs against the compiled original's at the same held frac
 between its measured budgets). Longest clip: batch 1, bf16 autocast (the GPU training setting, run
 here on the CPU): bytes per frame from the held bytes at two frame counts plus one block's working
 set in backward, and ``T_max = (capacity - 18 bytes x parameters) / bytes per frame`` (see
-``longest_clip``). An extrapolation: no GPU ran it. Offloading: one block at B/32 and B/16 sizes
+``longest_clip_table``). An extrapolation: no GPU ran it. Offloading: one block at B/32 and B/16 sizes
 (T = 8, batch 1, bf16 autocast, run on the CPU) under saved-tensor hooks: the bytes they see (what
 ``save_on_cpu`` moves of the activations), those kept outside them (what stays on the GPU whatever
 the hooks do), and what ``save_on_cpu`` copies in one forward, a tensor saved twice counted twice,
@@ -37,16 +37,16 @@ import copy
 import functools
 import statistics
 import sys
-import time
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.checkpoint import checkpoint, create_selective_checkpoint_contexts
 
 from xclip_fast import reference
-from xclip_fast.bench.measure import host_times
+from xclip_fast.bench.measure import host_times, interleaved_times
 from xclip_fast.bench.memory import CountingOffload, held_bytes, hooked_bytes, matmul_flops, saved_bytes
-from xclip_fast.bench.results import markdown_table, write_report
+from xclip_fast.bench.memory import longest_clip as t_max
+from xclip_fast.bench.results import markdown_table, section, write_report
 from xclip_fast.bench.train import Trainer, save_matmuls
 from xclip_fast.blocks import CrossFrameAttentionBlock
 from xclip_fast.encoder import XCLIPVideoEncoder
@@ -64,42 +64,41 @@ def _step(fn):
 
 
 def _median_ms(fns: dict, rounds: int) -> dict:
-    times = {k: [] for k in fns}
-    for fn in fns.values():
-        fn()
-    for _ in range(rounds):
-        for k, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            times[k].append((time.perf_counter() - t0) * 1e3)
-    return {k: statistics.median(v) for k, v in times.items()}
+    """Median ms of one call of each callable, in alternating rounds of one call each."""
+    return {k: statistics.median(v) for k, v in interleaved_times(fns, rounds, 0.0).items()}
 
 
-def block_table(l: int, rounds: int) -> list[dict]:
+def _blocks(l: int):
+    """The original block and ours (torch backend, its weights) at B/32 or B/16 sizes (``l``
+    tokens, T = 8, d = 768, 12 heads), and an input of one video."""
     torch.manual_seed(0)
     T, d, h = 8, 768, 12
     ref = reference.CrossFramelAttentionBlock(d, h, None, 0.0, T).train()
     fast = CrossFrameAttentionBlock(d, h, None, 0.0, T, backend="torch").train()
     fast.load_state_dict(ref.state_dict())
-    x = torch.randn(l, T, d, requires_grad=True)
+    return ref, fast, torch.randn(l, T, d, requires_grad=True)
+
+
+def _at_level(block, name):
+    """``block`` called at recompute level ``name``."""
+    def run(x):
+        block.recompute = name
+        return block(x)
+    return run
+
+
+def block_table(l: int, rounds: int) -> list[dict]:
+    ref, fast, x = _blocks(l)
     sac = functools.partial(create_selective_checkpoint_contexts, save_matmuls)
     compiled = torch.compile(ref)
-
-    def level(name):
-        def run(x):
-            fast.recompute = name
-            return fast(x)
-        return run
-
     variants = {"original": ref,
                 "original + selective checkpointing": lambda x: checkpoint(ref, x, use_reentrant=False, context_fn=sac),
                 "original, torch.compile": compiled,
-                **{f"fast, recompute={k}": level(k) for k in RECOMPUTE_LEVELS}}
+                **{f"fast, recompute={k}": _at_level(fast, k) for k in RECOMPUTE_LEVELS}}
     rows = []
     for name, fn in variants.items():
         measure = saved_bytes if "compile" in name else held_bytes
-        out, held = measure(fn, x, keep=[ref, fast])
-        del out
+        held = measure(fn, x, keep=[ref, fast])[1]
         flops = None if "compile" in name else matmul_flops(_step(fn), x)
         rows.append(dict(variant=name, held_mib=held / MIB, flops=flops))
     x.grad = None
@@ -148,8 +147,7 @@ def lora_table(l: int, rounds: int) -> list[dict]:
                 "frozen + LoRA on the MLP, called as modules": called}
     rows = []
     for name, fn in variants.items():
-        out, held = held_bytes(fn, x, keep=[plain, frozen, lora, called])
-        del out
+        held = held_bytes(fn, x, keep=[plain, frozen, lora, called])[1]
         rows.append(dict(variant=name, held_mib=held / MIB, flops=matmul_flops(_step(fn), x)))
     x.grad = None
     times = _median_ms({name: functools.partial(_step(fn), x) for name, fn in variants.items()}, rounds)
@@ -166,12 +164,7 @@ def offload_table(l: int) -> list[dict]:
     """One block (l tokens, T = 8, d = 768, 12 heads, batch 1) under bf16 autocast, the original and
     every level: held bytes, the bytes the saved-tensor hooks see and those they do not, and what
     ``save_on_cpu`` copies (activations; parameters apart), in MiB."""
-    torch.manual_seed(0)
-    T, d, h = 8, 768, 12
-    ref = reference.CrossFramelAttentionBlock(d, h, None, 0.0, T).train()
-    fast = CrossFrameAttentionBlock(d, h, None, 0.0, T, backend="torch").train()
-    fast.load_state_dict(ref.state_dict())
-    x = torch.randn(l, T, d, requires_grad=True)
+    ref, fast, x = _blocks(l)
 
     def autocast(fn):
         def run(x):
@@ -179,20 +172,12 @@ def offload_table(l: int) -> list[dict]:
                 return fn(x)
         return run
 
-    def level(name):
-        def run(x):
-            fast.recompute = name
-            return fast(x)
-        return run
-
-    variants = {"original": ref, **{f"fast, recompute={k}": level(k) for k in RECOMPUTE_LEVELS}}
+    variants = {"original": ref, **{f"fast, recompute={k}": _at_level(fast, k) for k in RECOMPUTE_LEVELS}}
     rows = []
     for name, fn in variants.items():
         fn = autocast(fn)
-        out, held = held_bytes(fn, x, keep=[ref, fast])
-        del out
-        out, hooked, outside = hooked_bytes(fn, x, keep=[ref, fast])
-        del out
+        held = held_bytes(fn, x, keep=[ref, fast])[1]
+        hooked, outside = hooked_bytes(fn, x, keep=[ref, fast])[1:]
         offload = CountingOffload()
         with offload:
             out = fn(x)
@@ -256,8 +241,7 @@ def host_table(rounds: int) -> list[dict]:
 def _held_flops(tr: Trainer, video, compiled: bool = False):
     forward = tr.counted if compiled else None
     measure = saved_bytes if compiled else held_bytes
-    out, held = measure(lambda v: tr.loss(v, forward), video, keep=[tr.modules])
-    del out
+    held = measure(lambda v: tr.loss(v, forward), video, keep=[tr.modules])[1]
     return held, tr.flops(video)
 
 
@@ -324,8 +308,7 @@ def encoder_table(model: str, T: int) -> list[dict]:
     video = torch.randn(1, T, 3, r, r)
     rows = []
     for name, tr in trainers.items():
-        out, held = held_bytes(tr.loss, video, keep=[tr.modules])
-        del out
+        held = held_bytes(tr.loss, video, keep=[tr.modules])[1]
         rows.append(dict(variant=name, held_mib=held / MIB, flops=matmul_flops(tr.fwd_bwd, video)))
     for row in rows:
         row["held_x"] = row["held_mib"] / rows[0]["held_mib"]
@@ -333,7 +316,7 @@ def encoder_table(model: str, T: int) -> list[dict]:
     return rows
 
 
-def longest_clip(model: str, frames=(2, 4)) -> list[dict]:
+def longest_clip_table(model: str, frames=(2, 4)) -> list[dict]:
     """Bytes per frame (bf16 autocast, batch 1) and the longest T that trains in 80 and 141 GB.
 
     Per frame: the slope of the bytes held after the forward between two frame counts (weights and
@@ -349,8 +332,7 @@ def longest_clip(model: str, frames=(2, 4)) -> list[dict]:
         r = enc.config["input_resolution"]
         video = torch.randn(1, T, 3, r, r)
         for name, tr in trainers.items():
-            out, nbytes = held_bytes(tr.loss, video, keep=[tr.modules])
-            del out
+            nbytes = held_bytes(tr.loss, video, keep=[tr.modules])[1]
             held[name].append(nbytes)
         del enc, trainers
     slope = {n: (b2 - b1) / (frames[1] - frames[0]) for n, (b1, b2) in held.items()}
@@ -360,7 +342,7 @@ def longest_clip(model: str, frames=(2, 4)) -> list[dict]:
         per_frame = slope[name] + working
         row = dict(variant=name, model=model, held_mib_per_frame=slope[name] / MIB, mib_per_frame=per_frame / MIB)
         for gb in (80, 141):
-            row[f"T_max_{gb}GB"] = int((gb * 1e9 - 18 * params) // per_frame)
+            row[f"T_max_{gb}GB"] = t_max(per_frame, params, gb * 1e9)
         rows.append(row)
     for row in rows:
         row["x_original"] = row["T_max_80GB"] / rows[0]["T_max_80GB"]
@@ -381,39 +363,38 @@ def main(argv=None) -> int:
     if args.lora:
         rows = lora_table(50, rounds=5 if args.quick else 20)
         md = [f"torch {torch.__version__}, CPU, {torch.get_num_threads()} threads, float32", "",
-              "### One CCT block with LoRA (r=16) on c_fc/c_proj, B/32 sizes (l=50, T=8, d=768), recompute=lean", "",
-              markdown_table(rows, ["variant", "held_mib", "held_x_frozen", "flops_x_frozen", "time_ms",
-                                    "time_x_frozen"]), ""]
+              *section("One CCT block with LoRA (r=16) on c_fc/c_proj, B/32 sizes (l=50, T=8, d=768), "
+                       "recompute=lean", rows,
+                       ["variant", "held_mib", "held_x_frozen", "flops_x_frozen", "time_ms", "time_x_frozen"])]
         return write_report(md, {"torch": torch.__version__, "lora": rows}, args.out)
     out = {"torch": torch.__version__, "threads": torch.get_num_threads(), "host": [], "blocks": {}, "encoders": {},
            "budgets": {}, "longest_clip": {}}
     md = [f"torch {torch.__version__}, CPU, {torch.get_num_threads()} threads, float32 unless stated", ""]
     rows = host_table(rounds=30 if args.quick else 100)
     out["host"] = rows
-    md += ["### Host time of one block step, tiny sizes (d=64, 2 heads, T=2, l=5; one thread)", "",
-           markdown_table(rows, ["variant", "host_ms", "host_x", "aten_ops"]), ""]
+    md += section("Host time of one block step, tiny sizes (d=64, 2 heads, T=2, l=5; one thread)", rows,
+                  ["variant", "host_ms", "host_x", "aten_ops"])
     for tag, l in [("B/32", 50)] + ([] if args.quick else [("B/16", 197)]):
         rows = block_table(l, rounds=5 if args.quick else 15)
         out["blocks"][tag] = rows
-        md += [f"### One CCT block, {tag} sizes (l={l}, T=8, d=768, 12 heads)", "",
-               markdown_table(rows, ["variant", "held_mib", "held_x", "flops_x", "time_ms", "time_x_none"]), ""]
+        md += section(f"One CCT block, {tag} sizes (l={l}, T=8, d=768, 12 heads)", rows,
+                      ["variant", "held_mib", "held_x", "flops_x", "time_ms", "time_x_none"])
     rows = encoder_table("b32", 8)
     out["encoders"]["b32"] = rows
-    md += ["### Whole encoder, B/32, T=8, batch 1", "",
-           markdown_table(rows, ["variant", "held_mib", "held_x", "flops_x"]), ""]
+    md += section("Whole encoder, B/32, T=8, batch 1", rows, ["variant", "held_mib", "held_x", "flops_x"])
     rows, targets = budget_table("b32", 8, args.quick)
     out["budgets"]["b32"] = dict(curve=rows, targets=targets)
-    md += ["### Memory budgets, whole encoder, B/32, T=8, batch 1 (against the eager original)", "",
-           markdown_table(rows, ["variant", "held_x", "flops_x", "levels"]), "",
+    md += [*section("Memory budgets, whole encoder, B/32, T=8, batch 1 (against the eager original)", rows,
+                    ["variant", "held_x", "flops_x", "levels"]),
            "At the original's held fractions 0.30x and 0.10x: ours (the budget that gives it) against the "
            "compiled original under activation_memory_budget at the same held fraction (interpolated):", "",
            markdown_table(targets, ["target", "budget", "held_x", "flops_x", "compiled_flops_x", "levels"]), ""]
     for model in ["b16"] + ([] if args.quick else ["l14"]):
-        rows = longest_clip(model)
+        rows = longest_clip_table(model)
         out["longest_clip"][model] = rows
-        md += [f"### Longest trainable clip, {model}, batch 1, bf16 autocast (extrapolated from CPU)", "",
-               markdown_table(rows, ["variant", "held_mib_per_frame", "mib_per_frame", "T_max_80GB", "T_max_141GB",
-                          "x_original", "x_selective"]), ""]
+        md += section(f"Longest trainable clip, {model}, batch 1, bf16 autocast (extrapolated from CPU)", rows,
+                      ["variant", "held_mib_per_frame", "mib_per_frame", "T_max_80GB", "T_max_141GB", "x_original",
+                       "x_selective"])
     return write_report(md, out, args.out)
 
 
@@ -423,9 +404,9 @@ def _offload() -> tuple[list[str], dict]:
     for tag, l in [("B/32", 50), ("B/16", 197)]:
         rows = offload_table(l)
         out["offload"][tag] = rows
-        md += [f"### Activation offloading, one CCT block, {tag} sizes (l={l}, T=8, d=768, 12 heads, batch 1), MiB",
-               "", markdown_table(rows, ["variant", "held_mib", "hooked_mib", "outside_mib", "moved_mib",
-                                         "moved_parameters_mib"]), ""]
+        md += section(f"Activation offloading, one CCT block, {tag} sizes (l={l}, T=8, d=768, 12 heads, batch 1), MiB",
+                      rows,
+                      ["variant", "held_mib", "hooked_mib", "outside_mib", "moved_mib", "moved_parameters_mib"])
     return md, out
 
 

@@ -42,70 +42,11 @@ import triton.language as tl
 
 from . import wrap_triton
 from .plan import LOG2E, pack_group, plan_for
+from .tiles import bad_rows, col_ptrs, is_finite, load_extra, positions, row_ptrs, scaled
 
 __all__ = ["attention_fwd", "attention_bwd", "MAX_HEAD_DIM"]
 
 MAX_HEAD_DIM = 128  # register tiles of up to 128 columns (ptxas reports, kernels/plan.py)
-
-
-# ----------------------------------------------------------------------------------------------
-# helpers
-# ----------------------------------------------------------------------------------------------
-@triton.jit
-def _scale(b, hi, lo, ACC: tl.constexpr):
-    """``b * (hi + lo)``: the scale travels as two fp32 numbers so fp64 inputs keep fp64 precision.
-    Both are cast to fp32 first, so fp64 scalar arguments change nothing (and cannot promote an fp32
-    accumulator to fp64)."""
-    hi = tl.cast(hi, tl.float32)
-    lo = tl.cast(lo, tl.float32)
-    if ACC == tl.float64:
-        b = b * hi.to(tl.float64) + b * lo.to(tl.float64)
-    else:
-        b = b * hi
-    return b
-
-
-@triton.jit
-def _positions(start, SIZE: tl.constexpr, S, G, i_b0, B):
-    """Virtual indices ``start + [0, SIZE)`` of a group of G sequences of length S -> (sequence in
-    the group, batch index, position as int64, valid). With G == 1 this is a plain tile."""
-    o = start + tl.arange(0, SIZE)
-    o_g = o // S
-    o_b = i_b0 + o_g
-    o_i = (o - o_g * S).to(tl.int64)
-    return o_g, o_b, o_i, (o < G * S) & (o_b < B)
-
-
-@triton.jit
-def _rows(base, o_b, o_i, i_h, stride_b, stride_s, stride_h, o_d):
-    """Pointers to a ``[rows, BD]`` tile of a ``[B, S, H, D]`` tensor: rows (batch o_b, position o_i)
-    of head i_h."""
-    return base + o_b[:, None] * stride_b + o_i[:, None] * stride_s + i_h * stride_h + o_d[None, :]
-
-
-@triton.jit
-def _cols(base, o_b, o_i, i_h, stride_b, stride_s, stride_h, o_d):
-    """The same tile transposed: pointers of shape ``[BD, cols]``."""
-    return base + o_b[None, :] * stride_b + o_i[None, :] * stride_s + i_h * stride_h + o_d[:, None]
-
-
-@triton.jit
-def _load_extra(ek, ev, i_b, i_h, stride_ek_b, stride_ek_h, stride_ev_b, stride_ev_h, o_d, m_d, ACC: tl.constexpr):
-    """The extra key and value of sequence ``i_b``, head ``i_h``: two ``[BD]`` vectors in ACC."""
-    b_ek = tl.load(ek + i_b * stride_ek_b + i_h * stride_ek_h + o_d, mask=m_d, other=0.0).to(ACC)
-    b_ev = tl.load(ev + i_b * stride_ev_b + i_h * stride_ev_h + o_d, mask=m_d, other=0.0).to(ACC)
-    return b_ek, b_ev
-
-
-@triton.jit
-def _finite(b):
-    return (b == b) & (tl.abs(b) < float("inf"))
-
-
-@triton.jit
-def _bad_rows(b, AXIS: tl.constexpr):
-    """1 where a row (AXIS=1) or column (AXIS=0) of ``b`` holds a NaN or an infinity, else 0."""
-    return tl.max(tl.where(_finite(b), 0, 1), axis=AXIS)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -133,18 +74,18 @@ def _attention_fwd_kernel(
     i_b0 = (i_gh // H).to(tl.int64) * G
 
     # virtual rows r -> (sequence g, position i); with G == 1 this is the plain query tile
-    o_rg, o_rb, o_ri, m_r = _positions(i_m * BLOCK_M, BLOCK_M, SQ, G, i_b0, B)
+    o_rg, o_rb, o_ri, m_r = positions(i_m * BLOCK_M, BLOCK_M, SQ, G, i_b0, B)
     o_d = tl.arange(0, BLOCK_D)
     m_d = o_d < HEAD_DIM
 
-    b_q = tl.load(_rows(q, o_rb, o_ri, i_h, stride_q_b, stride_q_s, stride_q_h, o_d),
+    b_q = tl.load(row_ptrs(q, o_rb, o_ri, i_h, stride_q_b, stride_q_s, stride_q_h, o_d),
                   mask=m_r[:, None] & m_d[None, :], other=0.0)
 
     if HAS_EXTRA:
         # seed the online softmax with the extra token (G == 1 here: one sequence per program)
-        b_ek, b_ev = _load_extra(ek, ev, i_b0, i_h, stride_ek_b, stride_ek_h, stride_ev_b, stride_ev_h, o_d, m_d,
+        b_ek, b_ev = load_extra(ek, ev, i_b0, i_h, stride_ek_b, stride_ek_h, stride_ev_b, stride_ev_h, o_d, m_d,
                                  ACC)
-        b_m = _scale(tl.sum(b_q.to(ACC) * b_ek[None, :], axis=1), scale_hi, scale_lo, ACC)
+        b_m = scaled(tl.sum(b_q.to(ACC) * b_ek[None, :], axis=1), scale_hi, scale_lo, ACC)
         b_l = tl.full([BLOCK_M], 1.0, ACC)
         b_acc = tl.zeros([BLOCK_M, BLOCK_D], ACC) + b_ev[None, :]
     else:
@@ -154,13 +95,13 @@ def _attention_fwd_kernel(
     b_bad = tl.zeros([BLOCK_M], tl.int32)  # packed: rows whose own sequence holds a non-finite value
 
     for start_n in range(0, G * SK, BLOCK_N):
-        o_cg, o_cb, o_cj, m_c = _positions(start_n, BLOCK_N, SK, G, i_b0, B)
+        o_cg, o_cb, o_cj, m_c = positions(start_n, BLOCK_N, SK, G, i_b0, B)
 
-        b_kt = tl.load(_cols(k, o_cb, o_cj, i_h, stride_k_b, stride_k_s, stride_k_h, o_d),
+        b_kt = tl.load(col_ptrs(k, o_cb, o_cj, i_h, stride_k_b, stride_k_s, stride_k_h, o_d),
                        mask=m_d[:, None] & m_c[None, :], other=0.0)
         # [BM, BD] @ [BD, BN]
         b_s = tl.dot(b_q, b_kt, input_precision=PRECISION, out_dtype=ACC)
-        b_s = _scale(b_s, scale_hi, scale_lo, ACC)
+        b_s = scaled(b_s, scale_hi, scale_lo, ACC)
         m_s = m_c[None, :]
         if PACKED:
             m_s = m_s & (o_rg[:, None] == o_cg[None, :])
@@ -173,12 +114,12 @@ def _attention_fwd_kernel(
         b_alpha = tl.exp2(b_m - b_m_safe)
         b_l = b_l * b_alpha + tl.sum(b_p, axis=1)
 
-        b_v = tl.load(_rows(v, o_cb, o_cj, i_h, stride_v_b, stride_v_s, stride_v_h, o_d),
+        b_v = tl.load(row_ptrs(v, o_cb, o_cj, i_h, stride_v_b, stride_v_s, stride_v_h, o_d),
                       mask=m_c[:, None] & m_d[None, :], other=0.0)
         if PACKED:
             # P @ V sums over every sequence of the tile: keep another sequence's NaN out of it
-            b_bad = tl.maximum(b_bad, tl.max(tl.where(m_s & (_bad_rows(b_v, 1)[None, :] > 0), 1, 0), axis=1))
-            b_v = tl.where(_finite(b_v), b_v, 0.0)
+            b_bad = tl.maximum(b_bad, tl.max(tl.where(m_s & (bad_rows(b_v, 1)[None, :] > 0), 1, 0), axis=1))
+            b_v = tl.where(is_finite(b_v), b_v, 0.0)
         # [BM, BN] @ [BN, BD]
         b_acc = b_acc * b_alpha[:, None] + tl.dot(
             b_p.to(b_v.dtype), b_v, input_precision=PRECISION, out_dtype=ACC
@@ -189,7 +130,7 @@ def _attention_fwd_kernel(
     b_o = b_acc / b_l_safe[:, None]
     if PACKED:
         b_o = tl.where(b_bad[:, None] > 0, float("nan"), b_o)
-    p_o = _rows(o, o_rb, o_ri, i_h, stride_o_b, stride_o_s, stride_o_h, o_d)
+    p_o = row_ptrs(o, o_rb, o_ri, i_h, stride_o_b, stride_o_s, stride_o_h, o_d)
     tl.store(p_o, b_o.to(o.dtype.element_ty), mask=m_r[:, None] & m_d[None, :])
     p_lse = lse + o_rb * stride_lse_b + i_h * stride_lse_h + o_ri
     tl.store(p_lse, b_m + tl.log2(b_l_safe), mask=m_r)
@@ -256,14 +197,14 @@ def _attention_bwd_kernel(
     o_d = tl.arange(0, BLOCK_D)
     m_d = o_d < HEAD_DIM
     if HAS_EXTRA:
-        b_ek, b_ev = _load_extra(ek, ev, i_b0, i_h, stride_ek_b, stride_ek_h, stride_ev_b, stride_ev_h, o_d, m_d,
+        b_ek, b_ev = load_extra(ek, ev, i_b0, i_h, stride_ek_b, stride_ek_h, stride_ev_b, stride_ev_h, o_d, m_d,
                                  ACC)
 
     if DKDV:
-        o_cg, o_cb, o_cj, m_c = _positions(i_t * BLOCK_N, BLOCK_N, SK, G, i_b0, B)
+        o_cg, o_cb, o_cj, m_c = positions(i_t * BLOCK_N, BLOCK_N, SK, G, i_b0, B)
         m_cd = m_c[:, None] & m_d[None, :]
-        b_k = tl.load(_rows(k, o_cb, o_cj, i_h, stride_k_b, stride_k_s, stride_k_h, o_d), mask=m_cd, other=0.0)
-        b_v = tl.load(_rows(v, o_cb, o_cj, i_h, stride_v_b, stride_v_s, stride_v_h, o_d), mask=m_cd, other=0.0)
+        b_k = tl.load(row_ptrs(k, o_cb, o_cj, i_h, stride_k_b, stride_k_s, stride_k_h, o_d), mask=m_cd, other=0.0)
+        b_v = tl.load(row_ptrs(v, o_cb, o_cj, i_h, stride_v_b, stride_v_s, stride_v_h, o_d), mask=m_cd, other=0.0)
         b_dk = tl.zeros([BLOCK_N, BLOCK_D], ACC)
         b_dv = tl.zeros([BLOCK_N, BLOCK_D], ACC)
         # packed: keys whose own sequence holds a non-finite value that reaches their dk (q, do, lse,
@@ -276,10 +217,10 @@ def _attention_bwd_kernel(
             b_dev = tl.zeros([BLOCK_D], ACC)
 
         for start_m in range(0, G * SQ, BLOCK_M):
-            o_rg, o_rb, o_ri, m_r = _positions(start_m, BLOCK_M, SQ, G, i_b0, B)
-            b_qt = tl.load(_cols(q, o_rb, o_ri, i_h, stride_q_b, stride_q_s, stride_q_h, o_d),
+            o_rg, o_rb, o_ri, m_r = positions(start_m, BLOCK_M, SQ, G, i_b0, B)
+            b_qt = tl.load(col_ptrs(q, o_rb, o_ri, i_h, stride_q_b, stride_q_s, stride_q_h, o_d),
                            mask=m_d[:, None] & m_r[None, :], other=0.0)
-            b_do = tl.load(_rows(do, o_rb, o_ri, i_h, stride_do_b, stride_do_s, stride_do_h, o_d),
+            b_do = tl.load(row_ptrs(do, o_rb, o_ri, i_h, stride_do_b, stride_do_s, stride_do_h, o_d),
                            mask=m_r[:, None] & m_d[None, :], other=0.0)
             o_stat = o_rb * stride_lse_b + i_h * stride_lse_h + o_ri
             b_lse = tl.load(lse + o_stat, mask=m_r, other=0.0)
@@ -289,15 +230,15 @@ def _attention_bwd_kernel(
             if PACKED:
                 m_s = m_s & (o_cg[:, None] == o_rg[None, :])
                 # the products below sum over the queries of every sequence of the tile
-                b_rbad = _bad_rows(b_qt, 0) + _bad_rows(b_do, 1) + tl.where(_finite(b_lse), 0, 1)
+                b_rbad = bad_rows(b_qt, 0) + bad_rows(b_do, 1) + tl.where(is_finite(b_lse), 0, 1)
                 b_bad_v = tl.maximum(b_bad_v, tl.max(tl.where(m_s & (b_rbad[None, :] > 0), 1, 0), axis=1))
-                b_rbad += tl.where(_finite(b_delta), 0, 1)
+                b_rbad += tl.where(is_finite(b_delta), 0, 1)
                 b_bad_k = tl.maximum(b_bad_k, tl.max(tl.where(m_s & (b_rbad[None, :] > 0), 1, 0), axis=1))
-                b_qt = tl.where(_finite(b_qt), b_qt, 0.0)
-                b_do = tl.where(_finite(b_do), b_do, 0.0)
+                b_qt = tl.where(is_finite(b_qt), b_qt, 0.0)
+                b_do = tl.where(is_finite(b_do), b_do, 0.0)
 
             # [BN, BD] @ [BD, BM]: scores transposed, keys on rows
-            b_st = _scale(tl.dot(b_k, b_qt, input_precision=PRECISION, out_dtype=ACC), scale_hi, scale_lo, ACC)
+            b_st = scaled(tl.dot(b_k, b_qt, input_precision=PRECISION, out_dtype=ACC), scale_hi, scale_lo, ACC)
             b_pt = tl.where(m_s, tl.exp2(b_st - b_lse[None, :]), 0.0)
             # [BN, BM] @ [BM, BD]
             b_dv += tl.dot(b_pt.to(b_do.dtype), b_do, input_precision=PRECISION, out_dtype=ACC)
@@ -310,7 +251,7 @@ def _attention_bwd_kernel(
             if HAS_EXTRA:
                 if owns_extra:
                     b_q = tl.trans(b_qt).to(ACC)
-                    b_se = _scale(tl.sum(b_q * b_ek[None, :], axis=1), scale_hi, scale_lo, ACC)
+                    b_se = scaled(tl.sum(b_q * b_ek[None, :], axis=1), scale_hi, scale_lo, ACC)
                     b_pe = tl.where(m_r, tl.exp2(b_se - b_lse), 0.0)
                     b_do_acc = b_do.to(ACC)
                     b_dev += tl.sum(b_pe[:, None] * b_do_acc, axis=0)
@@ -318,62 +259,62 @@ def _attention_bwd_kernel(
                     b_dek += tl.sum(b_dse[:, None] * b_q, axis=0)
 
         # d(score)/dk = natural scale * q: applied once here (dscale_hi + dscale_lo = scale)
-        b_dk = _scale(b_dk, dscale_hi, dscale_lo, ACC)
+        b_dk = scaled(b_dk, dscale_hi, dscale_lo, ACC)
         if PACKED:
             b_dk = tl.where(b_bad_k[:, None] > 0, float("nan"), b_dk)
             b_dv = tl.where(b_bad_v[:, None] > 0, float("nan"), b_dv)
-        p_dk = _rows(dk, o_cb, o_cj, i_h, stride_dk_b, stride_dk_s, stride_dk_h, o_d)
-        p_dv = _rows(dv, o_cb, o_cj, i_h, stride_dv_b, stride_dv_s, stride_dv_h, o_d)
+        p_dk = row_ptrs(dk, o_cb, o_cj, i_h, stride_dk_b, stride_dk_s, stride_dk_h, o_d)
+        p_dv = row_ptrs(dv, o_cb, o_cj, i_h, stride_dv_b, stride_dv_s, stride_dv_h, o_d)
         tl.store(p_dk, b_dk.to(dk.dtype.element_ty), mask=m_cd)
         tl.store(p_dv, b_dv.to(dv.dtype.element_ty), mask=m_cd)
         if HAS_EXTRA:
             if owns_extra:
-                b_dek = _scale(b_dek, dscale_hi, dscale_lo, ACC)
+                b_dek = scaled(b_dek, dscale_hi, dscale_lo, ACC)
                 tl.store(dek + i_b0 * stride_dek_b + i_h * stride_dek_h + o_d, b_dek.to(dek.dtype.element_ty),
                          mask=m_d)
                 tl.store(dev + i_b0 * stride_dev_b + i_h * stride_dev_h + o_d, b_dev.to(dev.dtype.element_ty),
                          mask=m_d)
     else:
-        o_rg, o_rb, o_ri, m_r = _positions(i_t * BLOCK_M, BLOCK_M, SQ, G, i_b0, B)
+        o_rg, o_rb, o_ri, m_r = positions(i_t * BLOCK_M, BLOCK_M, SQ, G, i_b0, B)
         m_rd = m_r[:, None] & m_d[None, :]
-        b_q = tl.load(_rows(q, o_rb, o_ri, i_h, stride_q_b, stride_q_s, stride_q_h, o_d), mask=m_rd, other=0.0)
-        b_do = tl.load(_rows(do, o_rb, o_ri, i_h, stride_do_b, stride_do_s, stride_do_h, o_d), mask=m_rd, other=0.0)
+        b_q = tl.load(row_ptrs(q, o_rb, o_ri, i_h, stride_q_b, stride_q_s, stride_q_h, o_d), mask=m_rd, other=0.0)
+        b_do = tl.load(row_ptrs(do, o_rb, o_ri, i_h, stride_do_b, stride_do_s, stride_do_h, o_d), mask=m_rd, other=0.0)
         o_stat = o_rb * stride_lse_b + i_h * stride_lse_h + o_ri
         b_lse = tl.load(lse + o_stat, mask=m_r, other=0.0)
         b_delta = tl.load(delta + o_stat, mask=m_r, other=0.0)
         b_dq = tl.zeros([BLOCK_M, BLOCK_D], ACC)
         b_bad = tl.zeros([BLOCK_M], tl.int32)  # packed: rows whose own sequence holds a non-finite key
         if HAS_EXTRA:
-            b_se = _scale(tl.sum(b_q.to(ACC) * b_ek[None, :], axis=1), scale_hi, scale_lo, ACC)
+            b_se = scaled(tl.sum(b_q.to(ACC) * b_ek[None, :], axis=1), scale_hi, scale_lo, ACC)
             b_pe = tl.where(m_r, tl.exp2(b_se - b_lse), 0.0)
             b_dse = b_pe * (tl.sum(b_do.to(ACC) * b_ev[None, :], axis=1) - b_delta)
             b_dq += b_dse[:, None] * b_ek[None, :]
 
         for start_n in range(0, G * SK, BLOCK_N):
-            o_cg, o_cb, o_cj, m_c = _positions(start_n, BLOCK_N, SK, G, i_b0, B)
+            o_cg, o_cb, o_cj, m_c = positions(start_n, BLOCK_N, SK, G, i_b0, B)
             m_dc = m_d[:, None] & m_c[None, :]
-            b_kt = tl.load(_cols(k, o_cb, o_cj, i_h, stride_k_b, stride_k_s, stride_k_h, o_d), mask=m_dc, other=0.0)
-            b_vt = tl.load(_cols(v, o_cb, o_cj, i_h, stride_v_b, stride_v_s, stride_v_h, o_d), mask=m_dc, other=0.0)
+            b_kt = tl.load(col_ptrs(k, o_cb, o_cj, i_h, stride_k_b, stride_k_s, stride_k_h, o_d), mask=m_dc, other=0.0)
+            b_vt = tl.load(col_ptrs(v, o_cb, o_cj, i_h, stride_v_b, stride_v_s, stride_v_h, o_d), mask=m_dc, other=0.0)
             m_s = m_r[:, None] & m_c[None, :]
             if PACKED:
                 m_s = m_s & (o_rg[:, None] == o_cg[None, :])
             # [BM, BD] @ [BD, BN]
-            b_s = _scale(tl.dot(b_q, b_kt, input_precision=PRECISION, out_dtype=ACC), scale_hi, scale_lo, ACC)
+            b_s = scaled(tl.dot(b_q, b_kt, input_precision=PRECISION, out_dtype=ACC), scale_hi, scale_lo, ACC)
             b_p = tl.where(m_s, tl.exp2(b_s - b_lse[:, None]), 0.0)
             # [BM, BD] @ [BD, BN]
             b_dp = tl.dot(b_do, b_vt, input_precision=PRECISION, out_dtype=ACC)
             # a row's own non-finite values reach its dq through b_ds; other sequences' stay out
             b_ds = tl.where(m_s, b_p * (b_dp - b_delta[:, None]), 0.0)
             if PACKED:  # dS @ K sums over the keys of every sequence: zero the non-finite keys, flag their rows
-                b_bad = tl.maximum(b_bad, tl.max(tl.where(m_s & (_bad_rows(b_kt, 0)[None, :] > 0), 1, 0), axis=1))
-                b_kt = tl.where(_finite(b_kt), b_kt, 0.0)
+                b_bad = tl.maximum(b_bad, tl.max(tl.where(m_s & (bad_rows(b_kt, 0)[None, :] > 0), 1, 0), axis=1))
+                b_kt = tl.where(is_finite(b_kt), b_kt, 0.0)
             # [BM, BN] @ [BN, BD]
             b_dq += tl.dot(b_ds.to(b_kt.dtype), tl.trans(b_kt), input_precision=PRECISION, out_dtype=ACC)
 
-        b_dq = _scale(b_dq, dscale_hi, dscale_lo, ACC)
+        b_dq = scaled(b_dq, dscale_hi, dscale_lo, ACC)
         if PACKED:
             b_dq = tl.where(b_bad[:, None] > 0, float("nan"), b_dq)
-        p_dq = _rows(dq, o_rb, o_ri, i_h, stride_dq_b, stride_dq_s, stride_dq_h, o_d)
+        p_dq = row_ptrs(dq, o_rb, o_ri, i_h, stride_dq_b, stride_dq_s, stride_dq_h, o_d)
         tl.store(p_dq, b_dq.to(dq.dtype.element_ty), mask=m_rd)
 
 

@@ -15,6 +15,7 @@ from _helpers import assert_rel
 from xclip_fast import extract, testing
 from xclip_fast.cli import main
 from xclip_fast.encoder import XCLIPVideoEncoder
+from xclip_fast.extract import extractor
 from xclip_fast.video import VideoError, VideoReader, preprocess
 
 av = pytest.importorskip("av", reason="PyAV is needed to write and read test videos (pip install av)")
@@ -234,14 +235,16 @@ def test_video_reader_refuses_non_files(tmp_path):
 
 def test_long_windows_are_chunked_when_memory_is_short(tmp_path, monkeypatch):
     enc, _ = _weights(tmp_path)
-    ex = extract.Extractor(enc, torch.device("cpu"), torch.float32, 4, 32)
-    assert ex._chunk(8) is None and ex._chunk(512) is None  # short clips, or memory to spare
-    monkeypatch.setattr(extract, "_free_cpu_memory", lambda: 4 * 2**20)  # 4 MiB free
-    chunk = ex._chunk(512)
-    assert chunk is not None and 1 <= chunk < 512
+
+    def chunk(frames):
+        return extract.chunk_for(enc.config, frames, 1, torch.float32, torch.device("cpu"))
+
+    assert chunk(8) is None and chunk(512) is None  # short clips, or memory to spare
+    monkeypatch.setattr(extractor, "_free_cpu_memory", lambda: 4 * 2**20)  # 4 MiB free
+    assert chunk(512) is not None and 1 <= chunk(512) < 512
     frames = torch.randn(1, 40, 3, 32, 32)
     with torch.no_grad():  # the chunked forward gives the unchunked embedding
-        assert_rel("chunked", enc(frames, chunk_frames=ex._chunk(40) or 40), enc(frames), 1e-5)
+        assert_rel("chunked", enc(frames, chunk_frames=chunk(40) or 40), enc(frames), 1e-5)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from xclip_fast import ops
+from xclip_fast import mlp, ops
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.sh"
 
@@ -84,14 +84,14 @@ def test_sanitize_workload_catches_a_wrong_output_and_a_wrong_gradient(monkeypat
     assert "5/5 cases within their bounds" in capsys.readouterr().out
 
     # errors planted in the triton backend only (the torch backend is PyTorch's own computation)
-    attention, packed, quick_gelu = ops.attention, ops.packed_attention, ops.quick_gelu
+    attention, packed, quick_gelu = ops.attention, ops.packed_attention, mlp.quick_gelu
 
     def planted(fn, error):
         return lambda *a, **k: error(fn(*a, **k)) if k["backend"] == "triton" else fn(*a, **k)
 
     monkeypatch.setattr(ops, "packed_attention", planted(packed, lambda y: y * (1 + 1e-4)))
     monkeypatch.setattr(ops, "attention", planted(attention, _WrongGradient.apply))
-    monkeypatch.setattr(ops, "quick_gelu", planted(quick_gelu, _WrongGradient.apply))
+    monkeypatch.setattr(mlp, "quick_gelu", planted(quick_gelu, _WrongGradient.apply))
     assert sanitize.main(["--quick"]) == 1
     out = capsys.readouterr().out
     lines = out.splitlines()

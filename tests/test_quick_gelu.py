@@ -7,7 +7,7 @@ from _helpers import BACKENDS, assert_rel, needs_triton
 from xclip_fast import reference
 from xclip_fast.blocks import official_mlp
 from xclip_fast.functional import FusedMLP, run_mlp
-from xclip_fast.ops import QuickGELUMLPFunction
+from xclip_fast.mlp import QuickGELUMLPFunction
 
 
 def _gelu64(x):

@@ -16,7 +16,7 @@ from _helpers import assert_grads_close, assert_rel, needs_triton
 from torch.func import functional_call, grad, jacfwd, jacrev, jvp, vmap
 
 import xclip_fast
-from xclip_fast import ops, reference
+from xclip_fast import mlp, ops, reference
 from xclip_fast.blocks import CrossFrameAttentionBlock, ResidualAttentionBlock
 from xclip_fast.testing import attention_f64
 
@@ -78,12 +78,12 @@ def test_attention_grad_jacrev_vmap():
 def test_quick_gelu_mlp_under_transforms():
     x, w1, b1, w2, b2 = (torch.randn(*s, dtype=torch.float64) for s in ((3, 4), (8, 4), (8,), (4, 8), (4,)))
     ref = lambda x: reference.QuickGELU()(x @ w1.t() + b1) @ w2.t() + b2  # noqa: E731
-    fn = lambda x: ops.quick_gelu_mlp(x, w1, b1, w2, b2)  # noqa: E731
+    fn = lambda x: mlp.quick_gelu_mlp(x, w1, b1, w2, b2)  # noqa: E731
     assert_rel("jvp", jvp(fn, (x,), (x,))[1], _jvp_by_jacobian(ref, (x,), (x,)), F64_TOL)
     assert_rel("jacrev", jacrev(fn)(x), _jacobian(ref, x)[0], F64_TOL)
     assert_rel("vmap", vmap(fn)(x), ref(x), F64_TOL)
     want = _jvp_by_jacobian(reference.QuickGELU(), (x,), (x,))
-    assert_rel("quick_gelu jvp", jvp(ops.quick_gelu, (x,), (x,))[1], want, F64_TOL)
+    assert_rel("quick_gelu jvp", jvp(mlp.quick_gelu, (x,), (x,))[1], want, F64_TOL)
 
 
 def _blocks(backend):

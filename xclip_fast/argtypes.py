@@ -69,29 +69,26 @@ def fast_backends(text: str) -> str:
     return ",".join(names)
 
 
-def positive_int(text: str) -> int:
-    """argparse type: an int >= 1."""
+def _at_least_one(text: str, not_int: str, too_small) -> int:
+    """``int(text)`` when it is >= 1; else an ``ArgumentTypeError`` saying ``not_int`` or ``too_small(value)``."""
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        raise argparse.ArgumentTypeError(not_int) from None
     if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+        raise argparse.ArgumentTypeError(too_small(value))
     return value
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an int >= 1."""
+    return _at_least_one(text, f"expected an integer, got {text!r}", lambda v: f"must be >= 1, got {v}")
 
 
 def frame_list(text: str) -> list[int]:
     """A comma list of frame counts, each an int >= 1."""
-    values = []
-    for part in text.split(","):
-        try:
-            value = int(part)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a comma list of ints >= 1, got {text!r}") from None
-        if value < 1:
-            raise argparse.ArgumentTypeError(f"every frame count must be >= 1, got {value} in {text!r}")
-        values.append(value)
-    return values
+    return [_at_least_one(part, f"expected a comma list of ints >= 1, got {text!r}",
+                          lambda v: f"every frame count must be >= 1, got {v} in {text!r}") for part in text.split(",")]
 
 
 def int_range(text: str) -> tuple[int, int]:

@@ -7,8 +7,6 @@ weights. Unlike the official code, the number of frames T comes from the input a
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import torch
 from torch import nn
 
@@ -20,13 +18,18 @@ from xclip_fast.blocks import (
     ResidualAttentionBlock,
     check_backend,
     is_int,
-    official_mlp,
 )
-from xclip_fast.functional import mlp_width
-from xclip_fast.ops import autocast_dtype
-from xclip_fast.recompute import check_budget, check_recompute, level_costs, plan_levels, records_autograd
-from xclip_fast.submodules import hook_reason, layer_norm_reason, stock_reason
-from xclip_fast.video import MEAN, STD
+from xclip_fast.budget import BudgetMixin
+from xclip_fast.longclip import (
+    LongClipMixin,
+    VideoFeatures,
+    as_frames,  # noqa: F401 (part of this module's interface before the long-clip code moved out)
+    check_chunk_frames,
+    refuse_hooks,
+)
+from xclip_fast.longclip import run_blocks as run_chunked
+from xclip_fast.recompute import check_budget, check_recompute
+from xclip_fast.submodules import layer_norm_reason, stock_reason
 
 __all__ = [
     "CrossFrameCommunicationTransformer",
@@ -61,12 +64,30 @@ def _level(recompute: str | float | None, use_checkpoint: bool, budget: bool = F
     return check_budget(recompute) if budget else check_recompute(recompute)
 
 
-def _layer_costs(block: nn.Module, tokens: int, frames: int, sizes: tuple, seq: int) -> dict:
-    """:func:`xclip_fast.recompute.level_costs` of a fast block (``tokens`` rows, ``frames``
-    message tokens, attention over ``seq``; ``sizes``: its element sizes)."""
-    d = block.ln_1.normalized_shape[0]
-    hidden = mlp_width(official_mlp(block.mlp)) or 4 * d
-    return level_costs(d, hidden, tokens, frames, *sizes, seq=seq)
+
+def _config_problems(sizes: dict, droppath, recompute, use_checkpoint: bool, layer_norm_eps) -> tuple[list, object]:
+    """What is wrong with an encoder configuration (``sizes``: the int sizes; the two MLP widths
+    None where defaulted), and its recompute level (None when that is what is wrong)."""
+    sizes = {k: v for k, v in sizes.items() if v is not None or not k.endswith("intermediate_size")}
+    problems = [f"{k}={v!r} must be an int >= 1" for k, v in sizes.items() if not is_int(v) or v < 1]
+    if not problems:
+        if sizes["input_resolution"] % sizes["patch_size"] != 0:
+            problems.append(f"input_resolution={sizes['input_resolution']} must be a multiple of "
+                            f"patch_size={sizes['patch_size']}")
+        if sizes["width"] % sizes["heads"] != 0:
+            problems.append(f"width={sizes['width']} must be divisible by heads={sizes['heads']}")
+        if sizes["embed_dim"] % sizes["mit_heads"] != 0:
+            problems.append(f"embed_dim={sizes['embed_dim']} must be divisible by mit_heads={sizes['mit_heads']}")
+    if not 0.0 <= droppath < 1.0:
+        problems.append(f"droppath={droppath!r} must be in [0, 1)")
+    level = None
+    try:
+        level = _level(recompute, use_checkpoint, budget=True)
+    except ValueError as exc:
+        problems.append(str(exc))
+    if not layer_norm_eps > 0:
+        problems.append(f"layer_norm_eps={layer_norm_eps!r} must be > 0")
+    return problems, level
 
 
 class CheckpointAlias(RecomputeMixin):
@@ -174,29 +195,10 @@ class CrossFrameCommunicationTransformer(CheckpointAlias, BackendMixin, referenc
         check_chunk_frames(chunk_frames)
         refuse_hooks({"visual.transformer": self.transformer, "visual.transformer.resblocks": self.blocks},
                      "the blocks are run one by one (each called as a module)")
-        if chunk_frames is None:
-            for block in self.blocks:
-                x = block(x, T, frame_parallel=frame_parallel)  # each block applies its recompute level
-                if progress is not None:
-                    progress()
-            return x
-        if records_autograd(x, self):
-            raise ValueError("chunk_frames is for inference: run under torch.no_grad() or torch.inference_mode() "
-                             "(for training on long clips use recompute='min' or 'block')")
-        N = x.shape[1]
+        if chunk_frames is not None:
+            return run_chunked(self, x, T, chunk_frames, progress, frame_parallel)
         for block in self.blocks:
-            block.check_input(x, T)
-            if block.backend == "reference":
-                raise ValueError("chunk_frames needs the 'torch' or 'triton' backend, not 'reference'")
-            if any(hook_reason(m) for m in block.modules()):  # hooks on it or in it see the whole block's calls
-                x = block(x, T, frame_parallel=frame_parallel)
-                if progress is not None:
-                    progress()
-                continue
-            msg = block.message_tokens(x, T, frame_parallel)
-            for start in range(0, N, chunk_frames):
-                stop = min(start + chunk_frames, N)
-                x[:, start:stop] = block.update_frames(x[:, start:stop], msg[start:stop])
+            x = block(x, T, frame_parallel=frame_parallel)  # each block applies its recompute level
             if progress is not None:
                 progress()
         return x
@@ -272,53 +274,7 @@ def interpolate_frames(pos: torch.Tensor, frames) -> torch.Tensor:
     return pos[:, lo] * (1 - w) + pos[:, lo + 1] * w
 
 
-def refuse_hooks(containers: dict, why: str) -> None:
-    """A ``ValueError`` when a container module that is never called has hooks (they would not run)."""
-    for name, m in containers.items():
-        reason = hook_reason(m)
-        if reason:
-            raise ValueError(f"{name} {reason}, which would not run: {why}, not {name} as a whole. Register them on "
-                             "the blocks (encoder.visual.blocks[i]), encoder.mit or the encoder itself")
-
-
-def check_chunk_frames(chunk_frames) -> None:
-    """``chunk_frames`` is None or an int >= 1 (else a ``ValueError``)."""
-    if chunk_frames is not None and (not is_int(chunk_frames) or chunk_frames < 1):
-        raise ValueError(f"chunk_frames must be an int >= 1 (or None), got {chunk_frames!r}")
-
-
-def as_frames(x, what: str = "video") -> torch.Tensor:
-    """Frames as float tensors. Floating tensors are taken as normalised already (the model's input);
-    ``uint8`` tensors (or numpy arrays) are raw 0-255 RGB and get the official normalisation
-    (ImageNet mean/std on 0-255, channels at dim -3); other integer or bool dtypes are refused."""
-    if not isinstance(x, torch.Tensor):
-        try:
-            import numpy as np
-        except ImportError:  # pragma: no cover
-            np = None
-        if np is None or not isinstance(x, np.ndarray):
-            raise TypeError(f"{what} must be a torch.Tensor (or a numpy array), got {type(x).__name__}")
-        x = torch.from_numpy(x)
-    if x.dtype == torch.uint8:
-        if x.dim() < 3 or x.shape[-3] != 3:
-            raise ValueError(f"{what}: uint8 frames must have 3 RGB channels at dim -3, got shape {tuple(x.shape)}")
-        mean, std = (torch.tensor(v, device=x.device).view(3, 1, 1) for v in (MEAN, STD))
-        return (x.float() - mean) / std
-    if not x.is_floating_point():
-        raise TypeError(f"{what} must hold floating point (normalised) or uint8 (raw 0-255 RGB) values, got {x.dtype}")
-    return x
-
-
-class VideoFeatures(NamedTuple):
-    """``video_embeds (b, E)``; ``frame_embeds (b, T, E)`` (projected class token per frame, MIT
-    input); ``last_hidden_state (b, T, l, d)`` (tokens after the last block, class token first)."""
-
-    video_embeds: torch.Tensor
-    frame_embeds: torch.Tensor
-    last_hidden_state: torch.Tensor
-
-
-class XCLIPVideoEncoder(CheckpointAlias, BackendMixin, nn.Module):
+class XCLIPVideoEncoder(LongClipMixin, BudgetMixin, CheckpointAlias, BackendMixin, nn.Module):
     """The X-CLIP video encoder: CCT over every frame, then the MIT over the frames of each video.
 
     ``forward(video)`` with ``video: (b, T, 3, H, W)`` returns the video embedding ``(b, E)``
@@ -364,27 +320,11 @@ class XCLIPVideoEncoder(CheckpointAlias, BackendMixin, nn.Module):
         check_backend(backend)
         if mit_heads is None:
             mit_heads = max(1, embed_dim // 64) if is_int(embed_dim) else embed_dim
-        sizes = dict(input_resolution=input_resolution, patch_size=patch_size, width=width, layers=layers,
-                     heads=heads, embed_dim=embed_dim, num_frames=num_frames, mit_layers=mit_layers,
-                     mit_heads=mit_heads)
-        sizes.update({k: v for k, v in (("intermediate_size", intermediate_size),
-                                        ("mit_intermediate_size", mit_intermediate_size)) if v is not None})
-        problems = [f"{k}={v!r} must be an int >= 1" for k, v in sizes.items() if not is_int(v) or v < 1]
-        if not problems:
-            if input_resolution % patch_size != 0:
-                problems.append(f"input_resolution={input_resolution} must be a multiple of patch_size={patch_size}")
-            if width % heads != 0:
-                problems.append(f"width={width} must be divisible by heads={heads}")
-            if embed_dim % mit_heads != 0:
-                problems.append(f"embed_dim={embed_dim} must be divisible by mit_heads={mit_heads}")
-        if not 0.0 <= droppath < 1.0:
-            problems.append(f"droppath={droppath!r} must be in [0, 1)")
-        try:
-            level = _level(recompute, use_checkpoint, budget=True)
-        except ValueError as exc:
-            problems.append(str(exc))
-        if not layer_norm_eps > 0:
-            problems.append(f"layer_norm_eps={layer_norm_eps!r} must be > 0")
+        problems, level = _config_problems(dict(
+            input_resolution=input_resolution, patch_size=patch_size, width=width, layers=layers, heads=heads,
+            embed_dim=embed_dim, num_frames=num_frames, mit_layers=mit_layers, mit_heads=mit_heads,
+            intermediate_size=intermediate_size, mit_intermediate_size=mit_intermediate_size),
+            droppath, recompute, use_checkpoint, layer_norm_eps)
         if problems:
             raise ValueError("XCLIPVideoEncoder: " + "; ".join(problems))
         block = dict(hidden_act=hidden_act, layer_norm_eps=layer_norm_eps)
@@ -406,61 +346,6 @@ class XCLIPVideoEncoder(CheckpointAlias, BackendMixin, nn.Module):
                            mit_heads=mit_heads, droppath=droppath, layer_norm_eps=layer_norm_eps,
                            intermediate_size=intermediate_size or 4 * width,
                            mit_intermediate_size=mit_intermediate_size or 4 * embed_dim, hidden_act=hidden_act)
-
-    takes_budget = True
-
-    # -- the memory budget ----------------------------------------------------------------------------
-    def plan_budget(self, frames: int | None = None, sizes: tuple[int, int, int] | None = None) -> list[str]:
-        """Give each block (CCT, then MIT) its level under the memory budget ``self.recompute`` and
-        return them: the assignment that recomputes the fewest matmul FLOPs while the encoder holds
-        at most the budget times what it holds with every block at ``"none"``
-        (:func:`xclip_fast.recompute.plan_levels`, from the analytic per-level costs of
-        :func:`xclip_fast.recompute.level_costs`; every block ``"block"`` when even that is over it).
-        ``frames``: frames in the batch; ``sizes``: element sizes of the residual stream, of the GEMM
-        outputs and of the weights' autocast copies (0 without autocast). Each forward plans for its
-        own input and autocast; by default, those of the last forward (else ``num_frames`` frames in
-        the weights' dtype). Plans are cached per budget, frames and sizes."""
-        budget = self._recompute
-        if isinstance(budget, str):
-            raise ValueError(f"plan_budget needs a budget (recompute is {budget!r})")
-        if frames is None:
-            size = self.visual.conv1.weight.element_size()
-            frames, sizes = self.__dict__.get("_budget_input", (self.visual.T, (size, size, 0)))
-        self._budget_input = (frames, sizes)
-        l = self.visual.positional_embedding.shape[0]
-        layers = [(b, l * frames, frames, l) for b in self.visual.blocks]
-        layers += [(b, frames, 0, self.visual.T) for b in self.mit.resblocks]
-        key = (budget, frames, sizes, len(layers))
-        plans = self.__dict__.setdefault("_budget_plans", {})
-        if key not in plans:
-            costs = [_layer_costs(b, tokens, n, sizes, seq) for b, tokens, n, seq in layers]
-            # what the encoder keeps outside its blocks whatever their levels: two rows per frame token
-            # of the patch embedding, and under autocast the frames' and the weights' copies
-            conv = self.visual.conv1.weight
-            fixed = 2 * l * frames * conv.shape[0] * sizes[0]
-            if sizes[0] != conv.element_size() or sizes[2]:
-                fixed += frames * 3 * self.visual.input_resolution ** 2 * sizes[1]
-                fixed += (conv.numel() + self.visual.proj.numel()) * sizes[2]
-            plans[key] = plan_levels(costs, budget, fixed)
-        for (block, *_), level in zip(layers, plans[key]):
-            block._recompute = level
-        return plans[key]
-
-    def _apply_budget(self, x: torch.Tensor) -> None:
-        """Under a budget, the levels for this call: its frames and dtypes (``x``: the embedded
-        tokens, the residual stream; autocast's dtype and weight copies). Not while ``torch.compile``
-        traces: the graph takes the levels the blocks have (planned when the budget was set, or by
-        the last eager call)."""
-        if torch.compiler.is_compiling():
-            return
-        if not isinstance(self._recompute, str) and records_autograd(x, self):
-            cast = autocast_dtype(x.device)
-            if cast is None or x.dtype == torch.float64:
-                sizes = (x.element_size(), x.element_size(), 0)
-            else:
-                weights = self.visual.conv1.weight.dtype
-                sizes = (x.element_size(), cast.itemsize, cast.itemsize if weights != cast else 0)
-            self.plan_budget(x.shape[1], sizes)
 
     # -- construction -------------------------------------------------------------------------------
     @classmethod
@@ -503,127 +388,8 @@ class XCLIPVideoEncoder(CheckpointAlias, BackendMixin, nn.Module):
 
         return load_hf(cls, model_or_state_dict_or_path, strict=strict, **overrides)
 
-    # -- forward ------------------------------------------------------------------------------------
-    def _check_video(self, video: torch.Tensor) -> torch.Tensor:
-        video = as_frames(video, "video")
-        if video.dim() != 5:
-            raise ValueError(f"video must be 5-D (b, T, 3, H, W), got shape {tuple(video.shape)}")
-        if video.shape[0] < 1 or video.shape[1] < 1:
-            raise ValueError(f"video needs at least one clip and one frame, got shape {tuple(video.shape)}")
-        self.visual.check_frames(video.flatten(0, 1), what=f"video frames (video shape {tuple(video.shape)})")
-        return video
-
-    def forward_features(self, video: torch.Tensor, chunk_frames: int | None = None, *,
-                         frame_parallel=None) -> VideoFeatures:
-        """Video embedding, per-frame embeddings and last hidden tokens of ``video: (b, T, 3, H, W)``.
-
-        ``chunk_frames=k`` (inference only) bounds peak memory: the patch embedding and, in every
-        layer, the intra-frame attention and MLP run over chunks of k frames of one shared
-        activation; only the message path (one token per frame) sees the whole clip at once.
-
-        ``video`` holds normalised frames (floating point) or raw ``uint8`` RGB frames, which get
-        the official normalisation first (ImageNet mean/std on 0-255).
-
-        ``frame_parallel`` (a :class:`xclip_fast.parallel.FrameParallel`): the clip's frames are
-        spread over the processes of a group and ``video`` holds this process's frames
-        ``(b, T_own, 3, H, W)`` (``video[:, fp.frames]`` of the whole clip). Every process returns
-        the same ``video_embeds`` and the whole clip's ``frame_embeds`` ``(b, T, E)``;
-        ``last_hidden_state`` holds its own frames. Gradients are made for averaging over the
-        frame group (see :mod:`xclip_fast.parallel`).
-        """
-        video = self._check_video(video)
-        if frame_parallel is not None:
-            frame_parallel.check_local(video.shape[1], "video")
-        check_chunk_frames(chunk_frames)
-        refuse_hooks({"visual": self.visual}, "the encoder runs the CCT's embedding, blocks and head itself")
-        b, T = video.shape[:2]
-        frames = video.flatten(0, 1)
-        if chunk_frames is None or self.visual.whole_embedding_reason():  # (hooks see the official call)
-            x = self.visual.embed(frames)
-            self._apply_budget(x)
-        else:
-            x = None
-            for start in range(0, b * T, chunk_frames):
-                part = frames[start:start + chunk_frames]
-                if x is None:
-                    l = self.visual.positional_embedding.shape[0]
-                    x = torch.empty(l, b * T, self.visual.conv1.out_channels, device=video.device,
-                                    dtype=self.visual.conv1.weight.dtype)
-                self.visual.embed(part, out=x[:, start:start + part.shape[0]])
-        x = self.visual.run_blocks(x, T, chunk_frames, frame_parallel=frame_parallel)
-        frame_embeds = self.visual.head(x).view(b, T, -1)
-        if frame_parallel is not None:
-            frame_embeds = frame_parallel.gather(frame_embeds, 1)
-        video_embeds = self.mit(frame_embeds)
-        return VideoFeatures(video_embeds, frame_embeds, x.transpose(0, 1).unflatten(0, (b, T)))
-
     def forward(self, video: torch.Tensor, chunk_frames: int | None = None, *, frame_parallel=None) -> torch.Tensor:
         """``video: (b, T, 3, H, W) -> (b, E)``; see :meth:`forward_features` for ``chunk_frames``
         and ``frame_parallel``."""
         return self.forward_features(video, chunk_frames, frame_parallel=frame_parallel).video_embeds
-
-    @torch.no_grad()
-    def encode_frames(self, frames, num_frames: int, chunk_frames: int | None = None, progress=None, *,
-                      frame_parallel=None) -> VideoFeatures:
-        """Encode one video whose frames arrive from an iterable (e.g. a decoder), inference only.
-
-        ``frames`` yields ``(3, H, W)`` frames or ``(n, 3, H, W)`` groups (tensors or numpy arrays;
-        floating point = normalised, ``uint8`` = raw RGB, normalised here), ``num_frames`` in all, in
-        order. Each group is patch-embedded as soon as ``chunk_frames`` frames (default 1) have
-        arrived, straight into the one activation tensor ``(l, T, d)``, and then dropped.
-
-        What must be held, and why: the embedded tokens of every frame (one activation tensor),
-        because the first layer's message attention needs the class token of every frame before
-        any frame's tokens can go through that layer, and so on for every layer. Decoded frames are
-        never all held at once: at most ``chunk_frames`` of them. ``progress`` is called per block.
-
-        ``frame_parallel`` (a :class:`xclip_fast.parallel.FrameParallel`): a long video's frames
-        over several processes; each one decodes and passes only its own frames
-        (``num_frames == fp.local_frames``, frames ``fp.frames`` of the clip), and every process
-        returns the same video embedding (and the whole clip's frame embeddings).
-        """
-        if frame_parallel is not None:
-            frame_parallel.check_local(num_frames, "encode_frames (num_frames)")
-        if not is_int(num_frames) or num_frames < 1:
-            raise ValueError(f"num_frames must be an int >= 1, got {num_frames!r}")
-        check_chunk_frames(chunk_frames)
-        refuse_hooks({"visual": self.visual}, "the encoder runs the CCT's embedding, blocks and head itself")
-        grouped = self.visual.whole_embedding_reason()
-        if grouped:
-            raise ValueError(f"encode_frames embeds the frames in groups as they arrive, but {grouped}: it would see "
-                             "groups of frames, not the clip's one call. Remove it, or decode the clip and call the "
-                             "encoder itself (forward / forward_features)")
-        step = chunk_frames or 1
-        visual = self.visual
-        w = visual.conv1.weight
-        x = torch.empty(visual.positional_embedding.shape[0], num_frames, w.shape[0], dtype=w.dtype, device=w.device)
-        filled, pending = 0, []
-
-        def flush():
-            nonlocal filled, pending
-            if not pending:
-                return
-            group = torch.cat(pending).to(w.device)
-            visual.check_frames(group, what="frames")
-            if filled + group.shape[0] > num_frames:
-                raise ValueError(f"more than num_frames={num_frames} frames arrived")
-            visual.embed(group, out=x[:, filled:filled + group.shape[0]])
-            filled += group.shape[0]
-            pending = []
-
-        for frame in frames:
-            frame = as_frames(frame, "frames")
-            if frame.dim() not in (3, 4):
-                raise ValueError(f"frames must be (3, H, W) or (n, 3, H, W), got shape {tuple(frame.shape)}")
-            pending.append(frame[None] if frame.dim() == 3 else frame)
-            if sum(f.shape[0] for f in pending) >= step:
-                flush()
-        flush()
-        if filled != num_frames:
-            raise ValueError(f"expected num_frames={num_frames} frames, got {filled}")
-        x = visual.run_blocks(x, num_frames, chunk_frames, progress=progress, frame_parallel=frame_parallel)
-        frame_embeds = visual.head(x)[None]
-        if frame_parallel is not None:
-            frame_embeds = frame_parallel.gather(frame_embeds, 1)
-        return VideoFeatures(self.mit(frame_embeds), frame_embeds, x.transpose(0, 1)[None])
 

@@ -18,41 +18,21 @@ One cross-frame layer, ``x: (l, N, d)`` seq-first (or ``(N, l, d)`` batch-first)
 from __future__ import annotations
 
 import functools
-from typing import Callable, NamedTuple, Union
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from xclip_fast.fused import FusedLayer, NormLinear, OutMLP
-from xclip_fast.lowrank import as_inputs, low_rank_linear
-from xclip_fast.ops import autocast_dtype, packed_attention, packed_kernel, quick_gelu, quick_gelu_mlp, resolve_backend
+from xclip_fast.mlp import MLP, FusedMLP, mlp_width, run_mlp
+from xclip_fast.ops import autocast_dtype, packed_attention, packed_kernel, resolve_backend
 from xclip_fast.recompute import checkpointed, selective, selective_reason
 from xclip_fast.submodules import layer_norm_reason, linear_reason, param
 
 __all__ = ["Parts", "FusedMLP", "Drop", "no_drop", "in_projection", "project_qkv", "project_kv", "run_mlp",
            "mlp_width", "fused_parts", "message_path", "message_inputs", "message_attention", "frame_path",
            "frame_branches", "fused_layer", "cross_frame_path", "residual_path"]
-
-
-class FusedMLP(NamedTuple):
-    """CLIP's MLP as its two linear layers: ``fc2(QuickGELU(fc1(x)))``, run by the fused op.
-    ``lora1``/``lora2``: a low-rank update ``(A, B, scale)`` of either Linear (a LoRA adapter, see
-    :func:`xclip_fast.submodules.fused_linear`), applied inside the fused op; ``fc1``/``fc2`` are
-    then the adapters' base Linears."""
-
-    fc1: nn.Linear
-    fc2: nn.Linear
-    lora1: tuple | None = None
-    lora2: tuple | None = None
-
-    @property
-    def low_rank(self) -> tuple:
-        """``(A1, B1, A2, B2)`` (None where a Linear has no update) and ``(scale1, scale2)``."""
-        return as_inputs(self.lora1, self.lora2)
-
-
-MLP = Union[FusedMLP, Callable[[torch.Tensor], torch.Tensor]]
 
 
 class Parts(NamedTuple):
@@ -145,31 +125,6 @@ def project_kv(attn: nn.Module, packed, h: torch.Tensor) -> torch.Tensor:
         d = w.shape[1]
         return F.linear(h, w[d:], b[d:] if b is not None else None)
     return torch.cat([attn.k_proj(h), attn.v_proj(h)], dim=-1)
-
-
-def run_mlp(mlp: MLP, x: torch.Tensor, backend: str, *, recomputed: bool = False) -> torch.Tensor:
-    """The MLP of ``parts`` on ``x``: fused for a :class:`FusedMLP`, else the module is called.
-
-    ``recomputed``: the MLP runs inside a recomputed region (whole-layer or selective checkpointing,
-    see :mod:`xclip_fast.recompute`), as separate operations (the second GEMM last), so that the
-    recomputation in backward stops before the second GEMM: the fused op saves its tensors only after
-    its forward, which would run that GEMM again."""
-    if isinstance(mlp, FusedMLP):
-        if recomputed:
-            h = quick_gelu(low_rank_linear(x, mlp.fc1.weight, mlp.fc1.bias, mlp.lora1), backend)
-            return low_rank_linear(h, mlp.fc2.weight, mlp.fc2.bias, mlp.lora2)
-        return quick_gelu_mlp(x, mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight, mlp.fc2.bias, backend=backend,
-                              lora1=mlp.lora1, lora2=mlp.lora2)
-    return mlp(x)
-
-
-def mlp_width(mlp: MLP) -> int | None:
-    """The hidden width of an MLP (the pre-activation the lean level keeps): a :class:`FusedMLP`'s, or
-    the ``out_features`` of an MLP module's first layer (official ``c_fc``, Hugging Face ``fc1``, also
-    when wrapped by PEFT); None when it cannot be told (then its first GEMM is recomputed)."""
-    first = mlp.fc1 if isinstance(mlp, FusedMLP) else getattr(mlp, "c_fc", None) or getattr(mlp, "fc1", None)
-    width = getattr(first, "out_features", None)
-    return width if isinstance(width, int) else None
 
 
 def _heads(attn: nn.Module, d: int) -> tuple[int, int]:

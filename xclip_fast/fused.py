@@ -37,14 +37,8 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from xclip_fast.lowrank import add_low_rank_, from_inputs, low_rank_grads, low_rank_input_grad_
-from xclip_fast.ops import (
-    autocast_cast,
-    packed_backward,
-    packed_forward,
-    packed_inputs,
-    quick_gelu_and_grad,
-    quick_gelu_resolved,
-)
+from xclip_fast.mlp import quick_gelu_and_grad, quick_gelu_resolved
+from xclip_fast.ops import autocast_cast, packed_backward, packed_forward, packed_inputs
 
 __all__ = ["FusedLayer", "NormLinear", "OutMLP"]
 

@@ -29,8 +29,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["VideoError", "VideoReader", "sample_indices", "preprocess", "check_regular_file", "read_frames",
-           "load_video", "MEAN", "STD", "VIDEO_EXTENSIONS"]
+__all__ = ["VideoError", "VideoFile", "VideoReader", "sample_indices", "preprocess", "check_regular_file",
+           "read_frames", "load_video", "MEAN", "STD", "VIDEO_EXTENSIONS"]
 
 MEAN = (123.675, 116.28, 103.53)
 STD = (58.395, 57.12, 57.375)
@@ -99,13 +99,10 @@ def check_regular_file(path: str) -> None:
         raise VideoError(f"{path} is not a regular file (a FIFO, socket or device would block): not read")
 
 
-class VideoReader:
-    """One video file, opened once.
-
-    ``info()`` gives frame rate, announced frame count and duration; :meth:`sample` the official
-    test-mode frames; :meth:`frames` any frames by index (seeking where that is cheaper than
-    decoding); :meth:`windows` the frames of sliding windows, decoded once in order. Frames come
-    back as ``(H, W, 3)`` uint8 RGB arrays. ``timeout``: seconds FFmpeg may wait for data.
+class VideoFile:
+    """One video file, opened once: its metadata, its packets' timestamp table (one demux pass) and
+    decoding from any frame position (seeking to the key frame before it). :class:`VideoReader`
+    chooses which frames to take. ``timeout``: seconds FFmpeg may wait for data.
     """
 
     def __init__(self, path: str, timeout: float = 10.0):
@@ -234,6 +231,25 @@ class VideoReader:
         except Exception as exc:
             raise VideoError(f"cannot decode {self.path}: {type(exc).__name__}: {exc}") from None
 
+    def close(self) -> None:
+        self.container.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class VideoReader(VideoFile):
+    """One video file, opened once.
+
+    ``info()`` gives frame rate, announced frame count and duration; :meth:`sample` the official
+    test-mode frames; :meth:`frames` any frames by index (seeking where that is cheaper than
+    decoding); :meth:`windows` the frames of sliding windows, decoded once in order. Frames come
+    back as ``(H, W, 3)`` uint8 RGB arrays. ``timeout``: seconds FFmpeg may wait for data.
+    """
+
     def frames(self, indices: list[int], seek: bool = True) -> list[np.ndarray]:
         """The frames at positions ``indices`` (any order, repeats allowed) as RGB arrays. With
         ``seek``, a target more than ``SEEK_GAP`` frames ahead is reached by seeking; otherwise (or
@@ -327,15 +343,6 @@ class VideoReader:
         if taken < window:  # shorter than one window: the official sampling repeats frames
             frames = [f for _, f in buffer]
             yield 0.0, taken / rate, [frames[i] for i in sample_indices(taken, window)]
-
-    def close(self) -> None:
-        self.container.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
 
 
 def read_frames(path: str, num_frames: int, size: int = 224, seek: bool = True) -> Iterator[torch.Tensor]:

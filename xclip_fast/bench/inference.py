@@ -26,12 +26,10 @@ import time
 
 import torch
 
-from xclip_fast import reference
 from xclip_fast.bench.cases import Case
 from xclip_fast.bench.measure import MIB, cuda_memory, deciles, free, interleaved_times
-from xclip_fast.bench.results import Result
-from xclip_fast.bench.workloads import Skip
-from xclip_fast.checkpoints import split_encoder_state_dict
+from xclip_fast.bench.results import Result, compare_to_reference
+from xclip_fast.bench.workloads import Skip, original_encoder, original_forward
 from xclip_fast.dtypes import dtype_name
 from xclip_fast.encoder import XCLIPVideoEncoder
 from xclip_fast.testing import TOLERANCES, rel_err
@@ -44,28 +42,10 @@ _MODULES = ("reference", "reference-compiled", "xclip-fast", "xclip-fast-compile
 _ARTIFACT = {"pt2": "pt2", "onnxruntime": "onnx"}  # provider -> the artifact format it runs
 
 
-def _original(enc: XCLIPVideoEncoder, T: int):
-    """The original CCT + MIT with ``enc``'s weights, built for T frames (as the official code is);
-    the MIT's frame position embedding is the encoder's for T frames (interpolated when T differs
-    from the trained length), so that every provider computes the same function."""
-    cfg = enc.config
-    visual = reference.CrossFrameCommunicationTransformer(cfg["input_resolution"], cfg["patch_size"], cfg["width"],
-                                                          cfg["layers"], cfg["heads"], cfg["embed_dim"], T=T)
-    mit = reference.MultiframeIntegrationTransformer(T, cfg["embed_dim"], cfg["mit_layers"], cfg["mit_heads"])
-    visual_sd, mit_sd = split_encoder_state_dict(enc.state_dict())
-    mit_sd["positional_embedding"] = enc.mit.position_embedding(T).detach()
-    visual.load_state_dict(visual_sd)
-    mit.load_state_dict(mit_sd)
-    return visual, mit
-
-
 def _original_forward(enc: XCLIPVideoEncoder, T: int, device, dtype):
-    """``video (b, T, 3, H, W) -> (b, E)`` through the original modules (:func:`_original`)."""
-    visual, mit = (m.to(device, dtype).eval().requires_grad_(False) for m in _original(enc, T))
-
-    def original(video):
-        return mit(visual(video.flatten(0, 1))[0].view(video.shape[0], T, -1))
-    return original
+    """``video (b, T, 3, H, W) -> (b, E)`` through the original modules built for T frames
+    (:func:`xclip_fast.bench.workloads.original_encoder`)."""
+    return original_forward(*(m.to(device, dtype).eval().requires_grad_(False) for m in original_encoder(enc, T)))
 
 
 class _Providers:
@@ -214,11 +194,8 @@ def inference_rows(models, frames, batches, dtype: torch.dtype, device: torch.de
                             row.status, row.reason = "mismatch", f"error {row.error:.2e} > {row.tolerance:.1e}"
                             continue
                         timed[name] = functools.partial(_call, fn, inputs[name])
-                    except Skip as exc:
-                        row.status, row.reason = "skipped", str(exc)
                     except Exception as exc:
-                        row.status = "oom" if "out of memory" in str(exc).lower() else "error"
-                        row.reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:200]
+                        row.fail(exc)
                     finally:
                         free(device)
                 # alternating rounds, so that drifts of a shared machine hit every provider alike
@@ -238,12 +215,7 @@ def inference_rows(models, frames, batches, dtype: torch.dtype, device: torch.de
                                 row.peak_mib, row.extra_mib = cuda_memory(timed[name], device)
                         except Exception as exc:
                             row.extras["memory_error"] = f"{type(exc).__name__}: {exc}"[:200]
-                ref = by_name.get("reference")
-                for row in by_name.values():
-                    if row.status == "ok" and ref is not None and ref.status == "ok" and row.median_ms:
-                        row.speedup = ref.median_ms / row.median_ms
-                        if row.extra_mib and ref.extra_mib:
-                            row.memory_ratio = row.extra_mib / ref.extra_mib
+                compare_to_reference(by_name.values())
                 del timed, inputs
                 free(device)
         for r in rows:

@@ -28,7 +28,7 @@ from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import FlopCounterMode
 
 __all__ = ["StorageTracker", "CollectiveCounter", "held_bytes", "saved_bytes", "hooked_bytes", "CountingOffload",
-           "flop_counter", "counting_backend", "matmul_flops"]
+           "flop_counter", "counting_backend", "matmul_flops", "longest_clip"]
 
 
 def _key(t: torch.Tensor) -> int:
@@ -230,3 +230,10 @@ class CollectiveCounter(TorchDispatchMode):
             self.calls[op] = self.calls.get(op, 0) + 1
             self.bytes[op] = self.bytes.get(op, 0) + args[0].numel() * args[0].element_size()
         return func(*args, **(kwargs or {}))
+
+
+def longest_clip(per_frame: float, params: int, capacity: float = 80e9, constant: float = 0.0) -> int:
+    """The longest clip (frames) whose training fits in ``capacity`` bytes: ``per_frame`` bytes a
+    frame beside ``constant`` bytes and 18 bytes per parameter (fp32 weights and gradients, two
+    AdamW states, the bf16 autocast copies). An extrapolation from measured bytes per frame."""
+    return int((capacity - 18 * params - constant) // per_frame)

@@ -14,7 +14,12 @@ import torch
 
 from xclip_fast.bench.cases import Case
 
-__all__ = ["Result", "CSV_FIELDS", "environment", "table", "write_outputs"]
+__all__ = ["Result", "Skip", "compare_to_reference", "CSV_FIELDS", "environment", "table", "write_outputs",
+           "markdown_table", "section", "write_report"]
+
+
+class Skip(Exception):
+    """A provider that cannot run here; the message is the reason shown in the table."""
 
 
 @dataclass
@@ -59,6 +64,16 @@ class Result:
         return cls(**env, level=case.level, case=case.label, model=case.model, dtype=dtype, mode=mode,
                    batch=case.batch, frames=case.frames, tokens=case.tokens, provider=provider, status=status, **kw)
 
+    def fail(self, exc: BaseException) -> None:
+        """Mark the row for an exception its provider raised: skipped (a :class:`Skip`, with its
+        reason), out of memory, or an error (the exception's type and first line)."""
+        if isinstance(exc, Skip):
+            self.status, self.reason = "skipped", str(exc)
+            return
+        oom = isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
+        self.status = "oom" if oom else "error"
+        self.reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:200]
+
     def record(self) -> dict:
         """Everything, ``extras`` merged in (the JSON form)."""
         rec = asdict(self)
@@ -66,6 +81,19 @@ class Result:
 
 
 CSV_FIELDS = [f.name for f in fields(Result) if f.metadata.get("csv", True)]
+
+
+def compare_to_reference(rows, reference: str = "reference") -> None:
+    """``speedup`` and ``memory_ratio`` of every timed row of one case against the row of
+    ``reference`` (when that one ran): its time over theirs, their memory over its."""
+    ref = next((r for r in rows if r.provider == reference), None)
+    if ref is None or ref.status != "ok" or not ref.median_ms:
+        return
+    for row in rows:
+        if row.status == "ok" and row.median_ms:
+            row.speedup = ref.median_ms / row.median_ms
+            if row.extra_mib is not None and ref.extra_mib:
+                row.memory_ratio = row.extra_mib / ref.extra_mib
 
 
 def environment(device) -> dict:
@@ -144,6 +172,11 @@ def markdown_table(rows: list[dict], cols: list[str]) -> str:
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(fmt(r.get(c)) for c in cols) + " |" for r in rows]
     return "\n".join(lines)
+
+
+def section(title: str, rows: list[dict], cols: list[str]) -> list[str]:
+    """The Markdown lines of one table of a report: a ``###`` heading, the table, blank lines."""
+    return [f"### {title}", "", markdown_table(rows, cols), ""]
 
 
 def write_report(md: list[str], result: dict, folder: str | None) -> int:

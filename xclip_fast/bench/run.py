@@ -9,9 +9,9 @@ import torch
 from xclip_fast.argtypes import device_arg, frame_list, positive_int
 from xclip_fast.bench.cases import LEVELS, MODES, build_cases
 from xclip_fast.bench.measure import copy_bandwidth, cpu_memory, cuda_memory, free, time_interleaved, time_ms
-from xclip_fast.bench.results import Result, environment, table, write_outputs
+from xclip_fast.bench.results import Result, compare_to_reference, environment, table, write_outputs
 from xclip_fast.bench.train import TRAIN_PROVIDERS, offloads, train_rows
-from xclip_fast.bench.workloads import ALL_PROVIDERS, PROVIDERS, Skip, Workload, grad_out
+from xclip_fast.bench.workloads import ALL_PROVIDERS, PROVIDERS, Workload, grad_out
 from xclip_fast.dtypes import BY_NAME, dtype_name
 from xclip_fast.encoder import PRESETS
 from xclip_fast.testing import TOLERANCES, rel_err
@@ -83,7 +83,7 @@ def run_case(case, dtype, mode, providers, device, quick, copy_bw, env=None):
             if row.status == "ok":
                 timed[name] = _timed(work, fn, mode, g_out)
         except Exception as exc:
-            _fail(row, exc)
+            row.fail(exc)
         finally:
             work.clear_grads()
             free(device)
@@ -100,37 +100,24 @@ def run_case(case, dtype, mode, providers, device, quick, copy_bw, env=None):
             else:
                 row.extra_mib = cpu_memory(case, dtype, name, mode, quick)
         except Exception as exc:
-            _fail(row, exc)
+            row.fail(exc)
         finally:
             work.clear_grads()
             free(device)
     flops, nbytes = work.flops(mode), work.bytes(mode)
-    ref = by_name.get("reference")
     for row in rows:
         if case.level == "encoder":
             row.extras = dict(weights_mib=work.weights_mib, activation_mib=work.activation_mib)
-        if row.status != "ok" or row.median_ms is None:
-            continue
-        if flops:
+        if row.status == "ok" and row.median_ms is not None and flops:
             row.tflops = flops / (row.median_ms * 1e-3) / 1e12
             row.gbps = nbytes / (row.median_ms * 1e-3) / 1e9
             row.bandwidth_fraction = row.gbps / copy_bw if copy_bw else None
-        if ref is not None and ref.status == "ok" and ref.median_ms:
-            row.speedup = ref.median_ms / row.median_ms
-            if row.extra_mib is not None and ref.extra_mib:
-                row.memory_ratio = row.extra_mib / ref.extra_mib
+    compare_to_reference(rows)
     del work
     free(device)
     return rows
 
 
-def _fail(row, exc):
-    if isinstance(exc, Skip):
-        row.status, row.reason = "skipped", str(exc)
-        return
-    row.status = "oom" if _is_oom(exc) else "error"
-    first = str(exc).splitlines()[0] if str(exc) else ""
-    row.reason = f"{type(exc).__name__}: {first}"[:200]
 
 def _progress(total):
     try:

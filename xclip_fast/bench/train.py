@@ -32,12 +32,11 @@ import functools
 
 import torch
 
-from xclip_fast import reference
 from xclip_fast.bench.cases import Case, model_dims
 from xclip_fast.bench.measure import MIB, cuda_memory, free, gpu_idle_fraction, host_times, time_interleaved, time_ms
 from xclip_fast.bench.memory import CountingOffload, counting_backend, flop_counter, held_bytes, saved_bytes
-from xclip_fast.bench.results import Result
-from xclip_fast.checkpoints import split_encoder_state_dict
+from xclip_fast.bench.results import Result, compare_to_reference
+from xclip_fast.bench.workloads import original_encoder, original_forward
 from xclip_fast.encoder import XCLIPVideoEncoder
 from xclip_fast.recompute import RECOMPUTE_LEVELS
 from xclip_fast.testing import TOLERANCES, rel_err
@@ -113,23 +112,11 @@ class Trainer:
         self.offload = CountingOffload(pin_memory=device.type == "cuda") if offloads(name) else None
         self.counted = None  # compiled providers: the same graphs, run by the FLOP-counting backend
         if name.startswith("reference"):
-            cfg = enc.config
-            visual = reference.CrossFrameCommunicationTransformer(
-                cfg["input_resolution"], cfg["patch_size"], cfg["width"], cfg["layers"], cfg["heads"],
-                cfg["embed_dim"], T=cfg["num_frames"])
-            mit = reference.MultiframeIntegrationTransformer(cfg["num_frames"], cfg["embed_dim"], cfg["mit_layers"],
-                                                             cfg["mit_heads"])
-            visual_sd, mit_sd = split_encoder_state_dict(enc.state_dict())
-            visual.load_state_dict(visual_sd)
-            mit.load_state_dict(mit_sd)
+            visual, mit = original_encoder(enc)
             if name == "reference-sac":
                 visual.transformer.resblocks = SACBlocks(visual.transformer.resblocks)
             self.modules = torch.nn.ModuleList([visual, mit]).to(device).train()
-
-            def forward(video):
-                n, t = video.shape[:2]
-                return mit(visual(video.flatten(0, 1))[0].view(n, t, -1))
-            self.forward = forward
+            self.forward = forward = original_forward(visual, mit)
             if name.startswith("reference-compiled"):
                 self.flop_box = [0]
                 self.forward = _under_budget(torch.compile(forward), budget)
@@ -270,27 +257,22 @@ def train_rows(model: str, frames: list[int], batch: int, device: torch.device, 
                 else:
                     timed[name] = functools.partial(tr.step, video)
                     measure = saved_bytes if compiled else held_bytes
-                    out, held = measure(tr.loss, video, keep=[tr.modules])
-                    del out
+                    held = measure(tr.loss, video, keep=[tr.modules])[1]
                     row.extra_mib = held / MIB
                     row.extras["memory"] = "saved by autograd" if compiled else "held"
             except Exception as exc:  # one provider failing does not stop the others
-                row.status = "oom" if "out of memory" in str(exc).lower() else "error"
-                row.reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:200]
+                row.fail(exc)
             finally:
                 free(device)
         if timed:
             # a step takes seconds on a CPU: the quick run times three rounds
             for name, (med, p20, p80) in time_interleaved(timed, quick, rounds=3 if quick else None).items():
                 by_name[name].median_ms, by_name[name].p20_ms, by_name[name].p80_ms = med, p20, p80
+        compare_to_reference(by_name.values())
         ref = by_name.get("reference")
         for row in by_name.values():
             if row.status != "ok" or row.median_ms is None:
                 continue
-            if ref is not None and ref.status == "ok" and ref.median_ms:
-                row.speedup = ref.median_ms / row.median_ms
-                if row.extra_mib and ref.extra_mib:
-                    row.memory_ratio = row.extra_mib / ref.extra_mib
             flops = row.extras.get("flops")
             if ref is not None and ref.extras.get("flops"):
                 row.extras["flops_x"] = flops / ref.extras["flops"] if flops else None

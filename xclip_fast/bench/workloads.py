@@ -7,13 +7,15 @@ import torch.nn.functional as F
 
 from xclip_fast import reference
 from xclip_fast.bench.cases import Case
+from xclip_fast.bench.results import Skip
 from xclip_fast.blocks import CrossFrameAttentionBlock
 from xclip_fast.checkpoints import split_encoder_state_dict
 from xclip_fast.encoder import PRESETS, XCLIPVideoEncoder
 from xclip_fast.ops import attention as fast_attention
 from xclip_fast.ops import triton_status
 
-__all__ = ["Skip", "SDPA", "PROVIDERS", "ALL_PROVIDERS", "FAST", "Workload", "grad_out"]
+__all__ = ["Skip", "SDPA", "PROVIDERS", "ALL_PROVIDERS", "FAST", "Workload", "grad_out", "original_encoder",
+           "original_forward"]
 
 SDPA = {"sdpa-flash": "FLASH_ATTENTION", "sdpa-efficient": "EFFICIENT_ATTENTION", "sdpa-cudnn": "CUDNN_ATTENTION",
         "sdpa-math": "MATH"}
@@ -36,10 +38,6 @@ PROVIDERS = {
                 "xclip-fast-triton-chunked"],
 }
 ALL_PROVIDERS = sorted({p for ps in PROVIDERS.values() for p in ps})
-
-
-class Skip(Exception):
-    """A provider that cannot run here; the message is the reason shown in the table."""
 
 
 def _only_sdpa(name: str, fn):
@@ -102,26 +100,33 @@ def _triton_or_skip(device):
         raise Skip(why)
 
 
-class Workload:
-    """Inputs and providers of one case, built deterministically from a seed."""
+def original_encoder(enc: XCLIPVideoEncoder, T: int | None = None) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """The original CCT and MIT (``reference.py``) with ``enc``'s weights, built for T frames (as the
+    official code is; default: the trained frame count); the MIT's frame position embedding is the
+    encoder's for T frames (interpolated when T differs from the trained length), so that every
+    provider computes the same function."""
+    cfg = enc.config
+    T = cfg["num_frames"] if T is None else T
+    visual = reference.CrossFrameCommunicationTransformer(cfg["input_resolution"], cfg["patch_size"], cfg["width"],
+                                                          cfg["layers"], cfg["heads"], cfg["embed_dim"], T=T)
+    mit = reference.MultiframeIntegrationTransformer(T, cfg["embed_dim"], cfg["mit_layers"], cfg["mit_heads"])
+    visual_sd, mit_sd = split_encoder_state_dict(enc.state_dict())
+    mit_sd["positional_embedding"] = enc.mit.position_embedding(T).detach()
+    visual.load_state_dict(visual_sd)
+    mit.load_state_dict(mit_sd)
+    return visual, mit
 
-    def __init__(self, case: Case, dtype: torch.dtype, device: torch.device, grad: bool, quick: bool = False):
-        self.case, self.dtype, self.device, self.grad, self.quick = case, dtype, device, grad, quick
-        self.modules = []  # whose parameter gradients are cleared between calls
-        torch.manual_seed(0)
-        getattr(self, f"_setup_{case.level}")()
 
-    def _randn(self, *shape) -> torch.Tensor:
-        """Inputs drawn in float32 on the CPU, then cast: the same values in every dtype and device."""
-        return torch.randn(*shape).to(self.device, self.dtype)
+def original_forward(visual: torch.nn.Module, mit: torch.nn.Module):
+    """``video (b, T, 3, H, W) -> (b, E)`` through the original modules, as the official code calls them."""
+    def forward(video):
+        return mit(visual(video.flatten(0, 1))[0].view(video.shape[0], video.shape[1], -1))
+    return forward
 
-    def _own(self, module):
-        module = module.to(self.device, self.dtype)
-        module.requires_grad_(self.grad)
-        self.modules.append(module)
-        return module
 
-    # -- attention -------------------------------------------------------------------------------
+class _Attention:
+    """The attention level: q/k/v (and the message token) as leaves, SDPA, xformers and our op."""
+
     def _setup_attention(self):
         c = self.case
         H, D = c.heads, c.width // c.heads
@@ -163,7 +168,37 @@ class Workload:
         extra = (L["extra_k"], L["extra_v"]) if self.case.kind == "frames" else ()
         return lambda: fast_attention(L["q"], L["k"], L["v"], *extra, backend=backend)
 
-    # -- block -----------------------------------------------------------------------------------
+    def flops(self, mode: str) -> float | None:
+        """Useful FLOPs (the attention the model needs, not what a provider wastes); None at the
+        other levels."""
+        if self.case.level != "attention":
+            return None
+        c = self.case
+        if c.kind == "frames":
+            B, sq, sk = c.batch * c.frames, c.tokens, c.tokens + 1
+        else:
+            B, sq, sk = c.batch, c.frames, c.frames
+        fwd = 4.0 * B * c.heads * sq * sk * (c.width // c.heads)  # QK^T and PV, 2 FLOPs per MAC
+        return fwd if mode == "fwd" else 3.5 * fwd  # backward: 5 matmuls to the forward's 2
+
+    def bytes(self, mode: str) -> float | None:
+        """Compulsory bytes: fwd reads q, k, v (+ extra k, v) and writes o; fwdbwd also reads
+        q, k, v, o, do (+ extra) and writes dq, dk, dv (+ extra dk, dv); None at the other levels."""
+        if self.case.level != "attention":
+            return None
+        c = self.case
+        elt = torch.finfo(self.dtype).bits // 8
+        if c.kind == "frames":
+            tok, extra = c.batch * c.frames * c.tokens * c.width, c.batch * c.frames * c.width
+        else:
+            tok, extra = c.batch * c.frames * c.width, 0
+        fwd = (4 * tok + 2 * extra) * elt
+        return fwd if mode == "fwd" else fwd + (8 * tok + 4 * extra) * elt
+
+
+class _Block:
+    """The block level: the original CCT block (eager, per SDPA backend, xformers, compiled) and ours."""
+
     def _setup_block(self):
         c = self.case
         self.ref = self._own(reference.CrossFramelAttentionBlock(c.width, c.heads, T=c.frames))
@@ -194,7 +229,11 @@ class Workload:
         fn = _compile(block, self.device, self.quick) if compiled else block
         return lambda: fn(x)
 
-    # -- encoder ---------------------------------------------------------------------------------
+
+class _Encoder:
+    """The encoder level (inference): the original CCT + MIT (eager, compiled) and ours (eager,
+    compiled, chunked)."""
+
     def _setup_encoder(self):
         c = self.case
         p = PRESETS[c.model]
@@ -208,25 +247,17 @@ class Workload:
 
     def _reference_encoder(self):
         if not hasattr(self, "_ref_modules"):
-            c, p = self.case, PRESETS[self.case.model]
-            visual = reference.CrossFrameCommunicationTransformer(
-                p["input_resolution"], p["patch_size"], p["width"], p["layers"], p["heads"], p["embed_dim"], T=c.frames)
-            mit = reference.MultiframeIntegrationTransformer(c.frames, p["embed_dim"], p["mit_layers"], p["mit_heads"])
-            visual_sd, mit_sd = split_encoder_state_dict(self.enc.state_dict())
-            visual.load_state_dict(visual_sd)
-            mit.load_state_dict(mit_sd)
-            self._ref_modules = (visual.to(self.device, self.dtype).eval(), mit.to(self.device, self.dtype).eval())
-            for m in self._ref_modules:
-                m.requires_grad_(False)
+            self._ref_modules = tuple(m.to(self.device, self.dtype).eval().requires_grad_(False)
+                                      for m in original_encoder(self.enc, self.case.frames))
         return self._ref_modules
 
     def _encoder_provider(self, name):
         video, c = self.leaves["video"], self.case
         if name in ("reference", "reference-compiled"):
-            visual, mit = self._reference_encoder()
+            forward = original_forward(*self._reference_encoder())
 
             def original():
-                return mit(visual(video.flatten(0, 1))[0].view(c.batch, c.frames, -1))
+                return forward(video)
             return _compile(original, self.device, self.quick) if name == "reference-compiled" else original
         backend, compiled, chunked = FAST[name]
         if backend == "triton":
@@ -245,7 +276,27 @@ class Workload:
             return enc(video, chunk_frames=chunk)
         return run
 
-    # -- common ----------------------------------------------------------------------------------
+
+class Workload(_Attention, _Block, _Encoder):
+    """Inputs and providers of one case, built deterministically from a seed (each level's in its
+    own base class)."""
+
+    def __init__(self, case: Case, dtype: torch.dtype, device: torch.device, grad: bool, quick: bool = False):
+        self.case, self.dtype, self.device, self.grad, self.quick = case, dtype, device, grad, quick
+        self.modules = []  # whose parameter gradients are cleared between calls
+        torch.manual_seed(0)
+        getattr(self, f"_setup_{case.level}")()
+
+    def _randn(self, *shape) -> torch.Tensor:
+        """Inputs drawn in float32 on the CPU, then cast: the same values in every dtype and device."""
+        return torch.randn(*shape).to(self.device, self.dtype)
+
+    def _own(self, module):
+        module = module.to(self.device, self.dtype)
+        module.requires_grad_(self.grad)
+        self.modules.append(module)
+        return module
+
     def provider(self, name):
         """A callable running provider ``name`` once (forward only); raises :class:`Skip`."""
         if name not in PROVIDERS[self.case.level]:
@@ -279,33 +330,6 @@ class Workload:
                 g = self.leaves[n].grad
                 res[f"grad {n}"] = g.detach() if g is not None else torch.zeros_like(self.leaves[n])
         return res
-
-    # -- attention cost model --------------------------------------------------------------------
-    def flops(self, mode: str) -> float | None:
-        """Useful FLOPs (the attention the model needs, not what a provider wastes)."""
-        if self.case.level != "attention":
-            return None
-        c = self.case
-        if c.kind == "frames":
-            B, sq, sk = c.batch * c.frames, c.tokens, c.tokens + 1
-        else:
-            B, sq, sk = c.batch, c.frames, c.frames
-        fwd = 4.0 * B * c.heads * sq * sk * (c.width // c.heads)  # QK^T and PV, 2 FLOPs per MAC
-        return fwd if mode == "fwd" else 3.5 * fwd  # backward: 5 matmuls to the forward's 2
-
-    def bytes(self, mode: str) -> float | None:
-        """Compulsory bytes: fwd reads q, k, v (+ extra k, v) and writes o; fwdbwd also reads
-        q, k, v, o, do (+ extra) and writes dq, dk, dv (+ extra dk, dv)."""
-        if self.case.level != "attention":
-            return None
-        c = self.case
-        elt = torch.finfo(self.dtype).bits // 8
-        if c.kind == "frames":
-            tok, extra = c.batch * c.frames * c.tokens * c.width, c.batch * c.frames * c.width
-        else:
-            tok, extra = c.batch * c.frames * c.width, 0
-        fwd = (4 * tok + 2 * extra) * elt
-        return fwd if mode == "fwd" else fwd + (8 * tok + 4 * extra) * elt
 
 
 def grad_out(w: Workload, mode: str, seed: int = 1):

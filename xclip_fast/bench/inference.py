@@ -19,7 +19,6 @@ is the float32 tolerance in float32, and in lower precision twice the original's
 from __future__ import annotations
 
 import functools
-import gc
 import os
 import statistics
 import time
@@ -27,7 +26,7 @@ import time
 import torch
 
 from xclip_fast.bench.cases import Case
-from xclip_fast.bench.measure import MIB, cuda_memory, deciles, free, interleaved_times
+from xclip_fast.bench.measure import MIB, cuda_memory, deciles, free, interleaved_times, rss_growth
 from xclip_fast.bench.results import Result, compare_to_reference
 from xclip_fast.bench.workloads import Skip, original_encoder, original_forward
 from xclip_fast.dtypes import dtype_name
@@ -112,21 +111,13 @@ def _call(fn, video):
 
 def _probe(model, overrides, dtype, name, T, batch, workdir, artifacts):
     """Runs in a fresh process: the resident growth (bytes) of one call after a warm-up call."""
-    from xclip_fast.bench.measure import _proc_status
-
     p = _Providers(model, overrides, dtype, torch.device("cpu"), workdir, 1, 1)
     p.artifacts = artifacts
     fn = p.build(name, T)
     r = p.enc.config["input_resolution"]
     video = torch.randn(batch, T, 3, r, r, dtype=dtype if name in _MODULES else torch.float32)
     del p.enc
-    _call(fn, video)
-    gc.collect()
-    base = _proc_status("VmRSS")
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    _call(fn, video)
-    return _proc_status("VmHWM") - base
+    return rss_growth(lambda: _call(fn, video))
 
 
 def _cpu_peak(model, overrides, dtype, name, T, batch, workdir, artifacts):

@@ -13,7 +13,7 @@ import torch
 from xclip_fast.dtypes import BY_NAME, dtype_name
 
 __all__ = ["MIB", "time_ms", "time_interleaved", "interleaved_times", "deciles", "host_times", "gpu_idle_fraction",
-           "cuda_memory", "cpu_memory", "copy_bandwidth", "free"]
+           "cuda_memory", "cpu_memory", "rss_growth", "copy_bandwidth", "free"]
 
 MIB = 2**20
 
@@ -147,6 +147,19 @@ def _proc_status(key):
     raise OSError(f"{key} not in /proc/self/status")
 
 
+def rss_growth(call) -> int:
+    """The resident-memory growth (bytes) of one ``call()`` after a warm-up call (one-time
+    allocations, kernel libraries and thread pools, are not the call's): the high-water mark over
+    the resident size before it. Meant for a fresh process (Linux ``/proc``)."""
+    call()
+    gc.collect()
+    base = _proc_status("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:  # reset the high-water mark to the current RSS
+        f.write("5")
+    call()
+    return _proc_status("VmHWM") - base
+
+
 def _rss_probe(case, dtype_str, provider, mode, quick):
     """Runs in a fresh process: the resident-memory growth of one call (bytes)."""
     from xclip_fast.bench.workloads import Workload
@@ -154,14 +167,11 @@ def _rss_probe(case, dtype_str, provider, mode, quick):
     torch.set_num_threads(max(1, torch.get_num_threads()))
     w = Workload(case, BY_NAME[dtype_str], torch.device("cpu"), grad=mode == "fwdbwd", quick=quick)
     fn = w.provider(provider)
-    w.run(fn, mode)  # warm-up: one-time allocations (kernel libraries, thread pools) are not the op's
-    w.clear_grads()
-    gc.collect()
-    base = _proc_status("VmRSS")
-    with open("/proc/self/clear_refs", "w") as f:  # reset the high-water mark to the current RSS
-        f.write("5")
-    w.run(fn, mode)
-    return _proc_status("VmHWM") - base
+
+    def call():
+        w.run(fn, mode)
+        w.clear_grads()
+    return rss_growth(call)
 
 
 _POOL = None

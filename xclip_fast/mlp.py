@@ -4,6 +4,8 @@
 (``quick_gelu_resolved``, ``quick_gelu_grad``, ``quick_gelu_and_grad``) and ``quick_gelu_mlp``
 (:class:`QuickGELUMLPFunction`: the input and the pre-activation saved, a LoRA update on either
 Linear applied inside, see :mod:`xclip_fast.lowrank`). Backends and autocast as in :mod:`xclip_fast.ops`.
+A layer hands its MLP over as a :class:`FusedMLP` (the two Linears and their LoRA updates), run by
+:func:`run_mlp`; :func:`mlp_width` tells the hidden width the recompute levels account for.
 """
 
 from __future__ import annotations

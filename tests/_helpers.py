@@ -3,6 +3,7 @@
 
 import pytest
 import torch
+import torch.distributed as dist
 
 from xclip_fast.ops import triton_status
 from xclip_fast.testing import rel_err
@@ -94,3 +95,7 @@ def tiny_xclip(dtype=torch.float32, num_frames: int = 3, attn_implementation: st
 needs_triton = pytest.mark.triton
 BACKENDS = ["torch", pytest.param("triton", marks=needs_triton)]
 TRITON_OK = triton_status()[0]
+# the processes of the distributed tests run on CPU: the triton backend there needs the interpreter
+TRITON_CPU_OK, TRITON_CPU_WHY = triton_status("cpu")
+needs_gloo = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
+                                reason="torch.distributed with gloo is not available")

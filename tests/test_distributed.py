@@ -4,18 +4,13 @@ backends, at every recompute level and two memory budgets; so does DDP under act
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 from _distributed_worker import batch, levels, loss_of, make_encoder, worker
-from _helpers import assert_grads_close
+from _helpers import TRITON_CPU_OK, TRITON_CPU_WHY, assert_grads_close, needs_gloo
 
-from xclip_fast.ops import triton_status
-
-TRITON_OK, TRITON_WHY = triton_status("cpu")
-pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
-                                reason="torch.distributed with gloo is not available")
+pytestmark = needs_gloo
 # the children run on CPU: the triton backend needs the interpreter there (set by conftest without CUDA)
-_TRITON = pytest.mark.skipif(not TRITON_OK, reason=TRITON_WHY)
+_TRITON = pytest.mark.skipif(not TRITON_CPU_OK, reason=TRITON_CPU_WHY)
 CASES = [pytest.param("torch", "ddp"), pytest.param("triton", "ddp", marks=_TRITON), pytest.param("torch", "fsdp2"),
          pytest.param("triton", "fsdp2", marks=_TRITON), pytest.param("torch", "ddp-offload")]
 

@@ -7,15 +7,12 @@ import pytest
 import torch
 import torch.distributed as dist
 from _frame_parallel_worker import CONFIG, clip, loss_of, make_encoder, scenarios, worker
-from _helpers import assert_grads_close, assert_rel, spawn_results
+from _helpers import TRITON_CPU_OK, TRITON_CPU_WHY, assert_grads_close, assert_rel, needs_gloo, spawn_results
 
-from xclip_fast.ops import triton_status
 from xclip_fast.parallel import FrameParallel, _group_of, frame_sizes
 from xclip_fast.testing import rel_err
 
-TRITON_OK, TRITON_WHY = triton_status("cpu")
-pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
-                                reason="torch.distributed with gloo is not available")
+pytestmark = needs_gloo
 # float64 on both sides: the same operations on the same values, only GEMMs over fewer rows and the
 # order of the gradient reduction differ
 F64 = 1e-10
@@ -23,12 +20,12 @@ F64 = 1e-10
 
 @pytest.fixture(scope="module")
 def two(tmp_path_factory):
-    return spawn_results(worker, 2, tmp_path_factory, "fp", TRITON_OK)
+    return spawn_results(worker, 2, tmp_path_factory, "fp", TRITON_CPU_OK)
 
 
 @pytest.fixture(scope="module")
 def four(tmp_path_factory):
-    return spawn_results(worker, 4, tmp_path_factory, "fp", TRITON_OK)
+    return spawn_results(worker, 4, tmp_path_factory, "fp", TRITON_CPU_OK)
 
 
 def _one_process(sc: dict, b: int = 2, video=None):
@@ -53,8 +50,8 @@ def _check(res: dict, out, enc, tol: float) -> None:
 def test_two_processes_equal_one(two, name):
     """Drop path 0.2 in training mode throughout: the same random numbers as one process."""
     sc = scenarios(2)[name]
-    if sc["backend"] == "triton" and not TRITON_OK:
-        pytest.skip(TRITON_WHY)
+    if sc["backend"] == "triton" and not TRITON_CPU_OK:
+        pytest.skip(TRITON_CPU_WHY)
     _check(two[name], *_one_process(sc), F64)
 
 

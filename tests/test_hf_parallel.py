@@ -8,15 +8,13 @@ DDP, FSDP2 and torch.compile; inference through ``get_video_features`` and a bar
 
 import pytest
 import torch
-import torch.distributed as dist
-from _helpers import TRITON_OK, assert_grads_close, assert_rel, spawn_results
+from _helpers import TRITON_CPU_OK, TRITON_CPU_WHY, assert_grads_close, assert_rel, needs_gloo, spawn_results
 from _hf_parallel_worker import inputs, model_of, scenarios, step, worker
 
 from xclip_fast.parallel import frame_sizes
 from xclip_fast.testing import rel_err
 
-pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
-                                reason="torch.distributed with gloo is not available")
+pytestmark = needs_gloo
 # float64 on both sides: the same operations on the same values; only GEMMs over fewer rows, the
 # mean over frames taken as a sum over processes, and the order of the gradient reduction differ
 F64 = 1e-10
@@ -24,12 +22,12 @@ F64 = 1e-10
 
 @pytest.fixture(scope="module")
 def two(tmp_path_factory):
-    return spawn_results(worker, 2, tmp_path_factory, "hf", TRITON_OK)
+    return spawn_results(worker, 2, tmp_path_factory, "hf", TRITON_CPU_OK)
 
 
 @pytest.fixture(scope="module")
 def three(tmp_path_factory):
-    return spawn_results(worker, 3, tmp_path_factory, "hf", TRITON_OK)
+    return spawn_results(worker, 3, tmp_path_factory, "hf", TRITON_CPU_OK)
 
 
 def _one_process(sc: dict, patched: bool = False):
@@ -49,8 +47,8 @@ def _check(res: dict, one: dict, model, tol: float) -> None:
 
 def _scenario(world: int, name: str) -> dict:
     sc = scenarios(world)[name]
-    if sc["backend"] == "triton" and not TRITON_OK:
-        pytest.skip("triton cannot run here")
+    if sc["backend"] == "triton" and not TRITON_CPU_OK:
+        pytest.skip(TRITON_CPU_WHY)
     return sc
 
 

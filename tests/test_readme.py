@@ -6,8 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-import torch.distributed as dist
+from _helpers import needs_gloo
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -34,8 +33,6 @@ def _torchrun(section: str, tmp_path) -> str:
     return proc.stdout
 
 
-needs_gloo = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
-                                reason="needs torch.distributed/gloo")
 
 
 @needs_gloo

@@ -15,10 +15,10 @@ setup(
     long_description_content_type="text/markdown",
     license="MIT",
     python_requires=">=3.10",  # as torch 2.11
-    # kernels/ sits at the top of the repository (kernels only, no PyTorch modules) but installs as
-    # xclip_fast.kernels: a top-level import name `kernels` would clash with an existing PyPI package.
+    # the kernels live in xclip_fast/kernels/ (kernels only, no PyTorch modules), not in a top-level
+    # kernels/ folder: that name is a PyPI package which transformers imports, and a checkout's folder
+    # would shadow it wherever the repository root is on sys.path (python -m pytest, python -c).
     packages=["xclip_fast", "xclip_fast.bench", "xclip_fast.extract", "xclip_fast.kernels"],
-    package_dir={"xclip_fast": "xclip_fast", "xclip_fast.kernels": "kernels"},
     # the tuned tile sizes that launch_plan reads (kernels/tuning.py)
     package_data={"xclip_fast.kernels": ["tuned.json"]},
     # The supported range is what CI runs the test suite on (xclip_fast/versions.py, .ci/run): torch 2.11

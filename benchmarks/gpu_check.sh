@@ -10,7 +10,7 @@
 # through the kernels included); every kernel on small shapes under compute-sanitizer's memcheck
 # (benchmarks/sanitize.py: it says so when the machine's sanitizer refuses the device); attention and
 # block benchmarks (bf16, against SDPA, xformers when carried; then torch.compile of the block); the
-# tile-tuning sweep (writes tune/tuned.json: copy it to kernels/tuned.json); the long-clip encoder;
+# tile-tuning sweep (writes tune/tuned.json: copy it to xclip_fast/kernels/tuned.json); the long-clip encoder;
 # training steps at the recompute levels; a CUDA .pt2 package of the triton backend. Results land
 # in $OUT/gpu-check.tar.gz with $OUT/summary.txt beside it, also when a step fails or runs out of time. Environment: PYTHON
 # (default python3), XCLIP_FAST_COMMIT (the commit, where the copy has no .git), GPU_CHECK_BUDGET

@@ -12,7 +12,7 @@ message attention at T = 8, 32, 1024; head dim 64) the forward, the dk/dv pass a
 timed over their candidate tiles (the backward passes one at a time, the other at its best so
 far), and QuickGELU over its (elements per program, warps) candidates. Each winner is checked
 against the default tiles' result before it is kept. Winners go to ``tuned.json`` keyed by
-(GPU architecture, dtype, head dim, extra token, sequence bucket); copy it to ``kernels/tuned.json``
+(GPU architecture, dtype, head dim, extra token, sequence bucket); copy it to ``xclip_fast/kernels/tuned.json``
 to commit it. ``--budget`` stops timing new shapes when the time is spent (what is done is written).
 """
 

@@ -46,7 +46,7 @@ from .tiles import bad_rows, col_ptrs, is_finite, load_extra, positions, row_ptr
 
 __all__ = ["attention_fwd", "attention_bwd", "MAX_HEAD_DIM"]
 
-MAX_HEAD_DIM = 128  # register tiles of up to 128 columns (ptxas reports, kernels/plan.py)
+MAX_HEAD_DIM = 128  # register tiles of up to 128 columns (ptxas reports, xclip_fast/kernels/plan.py)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,10 +1,10 @@
 """The per-process part of tests/test_distributed.py (spawned; kept out of the test module so that
-the children import no test code)."""
+the children import no test module, only the shared helpers)."""
 
 import contextlib
 
 import torch
-import torch.distributed as dist
+from _helpers import gloo_group
 
 from xclip_fast.encoder import XCLIPVideoEncoder
 from xclip_fast.testing import copied_saved_tensors
@@ -43,8 +43,7 @@ def loss_of(out: torch.Tensor) -> torch.Tensor:
 
 
 def worker(rank: int, world: int, store: str, backend: str, mode: str, out_path: str) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
-    try:
+    with gloo_group(rank, world, store):
         results = {}
         for recompute in levels(backend):
             enc = make_encoder(backend, recompute)
@@ -71,6 +70,3 @@ def worker(rank: int, world: int, store: str, backend: str, mode: str, out_path:
             results[recompute] = grads
         if rank == 0:
             torch.save(results, out_path)
-        dist.barrier()  # no rank tears its connections down while another still uses them
-    finally:
-        dist.destroy_process_group()

@@ -6,8 +6,7 @@ import contextlib
 
 import torch
 import torch._inductor.config
-import torch.distributed as dist
-from _helpers import error_messages
+from _helpers import error_messages, gloo_group
 
 from xclip_fast.bench.memory import CollectiveCounter
 from xclip_fast.encoder import XCLIPVideoEncoder
@@ -81,9 +80,8 @@ def scenarios(world: int) -> dict:
 
 
 def worker(rank: int, world: int, store: str, out_path: str, triton_ok: bool) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
-    results = {}
-    try:
+    with gloo_group(rank, world, store):
+        results = {}
         for name, sc in scenarios(world).items():
             if sc["backend"] == "triton" and not triton_ok:
                 continue
@@ -115,9 +113,6 @@ def worker(rank: int, world: int, store: str, out_path: str, triton_ok: bool) ->
             results.update(refusals())
         if rank == 0:
             torch.save(results, out_path)
-        dist.barrier()  # no rank tears its connections down while another still uses them
-    finally:
-        dist.destroy_process_group()
 
 
 def mesh_scenario(rank: int) -> dict:

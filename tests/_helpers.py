@@ -1,6 +1,10 @@
 """Helpers shared by the tests: relative-error assertions, tiny Hugging Face models, the triton marker
 (the float64 attention is ``xclip_fast.testing.attention_f64``)."""
 
+import contextlib
+import os
+import sys
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -46,6 +50,27 @@ def spawn_results(worker, world: int, tmp_path_factory, name: str, *args):
     out = folder / "results.pt"
     mp.spawn(worker, args=(world, str(folder / "store"), str(out), *args), nprocs=world, join=True)
     return torch.load(out)
+
+
+@contextlib.contextmanager
+def gloo_group(rank: int, world: int, store: str):
+    """The body of a spawned worker, in a gloo process group initialised on the file ``store``.
+
+    When the body succeeds, every rank waits for the others, leaves the group and ends its process
+    at once, without the interpreter's teardown: there a DDP reducer freed with the worker's locals
+    destroys the group while gloo's thread still drops a finished collective that holds Python state
+    (the thread waits for the GIL that the destructor holds while it joins the thread: the process
+    hangs, or aborts with "terminate called without an active exception", as seen on torch 2.13).
+    A body that raises leaves the group and lets the spawn report the error."""
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    try:
+        yield
+        dist.barrier()  # no rank tears its connections down while another still uses them
+    finally:
+        dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def error_messages(cases: dict) -> dict:

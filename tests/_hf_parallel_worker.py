@@ -7,7 +7,7 @@ import copy
 
 import torch
 import torch.distributed as dist
-from _helpers import error_messages, tiny_xclip
+from _helpers import error_messages, gloo_group, tiny_xclip
 
 import xclip_fast
 from xclip_fast.parallel import FrameParallel
@@ -124,8 +124,7 @@ def refusals(fp) -> dict:
 
 
 def worker(rank: int, world: int, store: str, out_path: str, triton_ok: bool) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
-    try:
+    with gloo_group(rank, world, store):
         fp = FrameParallel(T)
         results = {}
         for name, sc in scenarios(world).items():
@@ -140,6 +139,3 @@ def worker(rank: int, world: int, store: str, out_path: str, triton_ok: bool) ->
         if rank == 0:
             results["inference"] = gathered
             torch.save(results, out_path)
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()

@@ -63,6 +63,7 @@ def gloo_group(rank: int, world: int, store: str):
     hangs, or aborts with "terminate called without an active exception", as seen on torch 2.13).
     A body that raises leaves the group and lets the spawn report the error."""
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    torch.set_num_threads(1)  # one thread a process, as torchrun sets: the ranks share the machine's cores
     try:
         yield
         dist.barrier()  # no rank tears its connections down while another still uses them

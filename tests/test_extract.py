@@ -213,8 +213,8 @@ def test_torchrun_shards_the_videos(dataset, tmp_path):
     out = tmp_path / "out"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["CUDA_VISIBLE_DEVICES"] = ""
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m",
-                           "xclip_fast.cli", "encode", str(dataset), "--weights", weights, "--trust-weights",
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           "-m", "xclip_fast.cli", "encode", str(dataset), "--weights", weights, "--trust-weights",
                            "--out-dir", str(out), "--workers", "1", "--quiet", "--device", "cpu"],
                           capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]

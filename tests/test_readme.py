@@ -25,8 +25,9 @@ def _torchrun(section: str, tmp_path) -> str:
     script.write_text(_section_code(section))
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["CUDA_VISIBLE_DEVICES"] = ""  # CPU and gloo, as CI runs it
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", str(script)],
-                          capture_output=True, text=True, timeout=900, env=env, cwd=tmp_path)
+    # (--standalone: a free port, so that two of these may run at once)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           str(script)], capture_output=True, text=True, timeout=900, env=env, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     losses = [float(x) for x in re.findall(r"step \d+: loss ([0-9.]+)", proc.stdout)]
     assert len(losses) == 3 and all(x == x for x in losses), proc.stdout

@@ -1,12 +1,15 @@
 """``torch.func`` transforms and forward-mode AD: right, or refused with a message.
 
 - The Python API and the modules run ``grad``, ``jacrev``, ``vmap``, ``jvp``, ``jacfwd`` and
-  ``torch.autograd.forward_ad`` on the torch backend (``"auto"`` picks it; the torch backend writes
-  the attention out under forward-mode AD, where PyTorch's fused SDPA kernels have no formula).
+  ``torch.autograd.forward_ad`` on the torch backend (``"auto"`` picks it on the CPU; the torch backend
+  writes the attention out under forward-mode AD, where PyTorch's fused SDPA kernels have no formula).
   Checked against float64 references computed without any transform (autograd Jacobians).
-- ``backend="triton"`` refuses them with a ``ValueError`` naming the reason.
+- ``backend="triton"`` runs ``grad``, ``jacrev`` and ``vmap`` on the kernels and refuses forward-mode AD
+  and nested reverse mode with a ``ValueError`` naming the reason (vmap and per-sample gradients on
+  both backends in detail: tests/test_vmap.py).
 - The registered operators refuse forward-mode AD (PyTorch would run them without a formula and
-  return zero tangents); under reverse-mode ``torch.func`` transforms PyTorch itself raises.
+  return zero tangents); under reverse-mode ``torch.func`` transforms of the raw operator PyTorch
+  itself raises (the Python API differentiates them through Functions ``torch.func`` accepts).
 """
 
 import pytest
@@ -138,25 +141,39 @@ def test_mit_block_jvp():
 # ------------------------------------------------------------------------------------------------
 # the triton backend and the raw operators refuse
 # ------------------------------------------------------------------------------------------------
-TRANSFORMS = {
-    "jvp": lambda f, x: jvp(f, (x,), (x,)),
-    "jacfwd": lambda f, x: jacfwd(f)(x),
-    "grad": lambda f, x: grad(lambda t: f(t).sum())(x),
-    "jacrev": lambda f, x: jacrev(f)(x),
-    "vmap": lambda f, x: vmap(f)(x[None]),
+REFUSED = {
+    "jvp": (lambda f, x: jvp(f, (x,), (x,)), "forward-mode AD .* not supported by the triton kernels"),
+    "jacfwd": (lambda f, x: jacfwd(f)(x), "forward-mode AD"),
+    "jacrev of jacrev": (lambda f, x: jacrev(jacrev(f))(x), "nested torch.func.grad/vjp/jacrev"),
 }
 
 
 @needs_triton
-@pytest.mark.parametrize("transform", list(TRANSFORMS))
-def test_triton_backend_refuses_transforms(transform, device):
+@pytest.mark.parametrize("transform", list(REFUSED))
+def test_triton_backend_refuses_what_its_kernels_cannot_differentiate(transform, device):
     q = torch.randn(B, S, H, Dh, dtype=torch.float64, device=device)
-    with pytest.raises(ValueError, match="torch.func transforms .* not supported by the triton kernels"):
-        TRANSFORMS[transform](lambda t: xclip_fast.attention(t, q, q, backend="triton"), q)
+    run, message = REFUSED[transform]
+    with pytest.raises(ValueError, match=message):
+        run(lambda t: xclip_fast.attention(t, q, q, backend="triton"), q)
     _, fast = _blocks("triton")
     x = torch.randn(3, 6, 16, dtype=torch.float64, device=device)
-    with pytest.raises(ValueError, match="torch.func transforms"):
-        TRANSFORMS[transform](fast.to(device), x)
+    with pytest.raises(ValueError, match=message):
+        run(fast.to(device), x)
+
+
+@needs_triton
+def test_triton_backend_runs_grad_and_jacrev(device):
+    """Reverse mode on the kernels (one level): gradients and Jacobians equal the float64 reference's
+    (the block's per-sample gradients: tests/test_vmap.py)."""
+    q, k, v, ek, ev = (t.to(device) for t in _attention_inputs())
+    fn = lambda q: xclip_fast.attention(q, k, v, ek, ev, backend="triton")  # noqa: E731
+    ref = lambda q: attention_f64(q, k, v, ek, ev)  # noqa: E731
+    weights = torch.randn(B, S, H, Dh, dtype=torch.float64, device=device)
+    assert_rel("grad", grad(lambda q: (fn(q) * weights).sum())(q), _jacobian(lambda q: (ref(q) * weights).sum(), q)[0],
+               F64_TOL)
+    # (a Jacobian of a few outputs: the interpreter runs each of the vmapped backward's programs in Python)
+    assert_rel("jacrev", jacrev(lambda q: fn(q).sum((1, 2)))(q), _jacobian(lambda q: ref(q).sum((1, 2)), q)[0],
+               F64_TOL)
 
 
 @needs_triton
@@ -173,6 +190,6 @@ def test_raw_operators_refuse_forward_ad(op, device):
         calls[op](fwAD.make_dual(q, q))
     with pytest.raises(RuntimeError, match="setup_context"):  # PyTorch's own refusal, never a silent zero
         grad(lambda t: calls[op](t).sum())(q)
-    # vmap alone runs them (PyTorch loops over the batch)
+    # vmap runs them (their batching rules: tests/test_vmap.py)
     out = vmap(calls[op])(q[None].expand(2, -1, -1, -1, -1))
     assert_rel("vmap of the raw operator", out[1], calls[op](q), F64_TOL)

@@ -30,10 +30,13 @@ the kernels run on; the messages are those of the Python API (:mod:`xclip_fast.c
 
 ``torch.func`` and forward-mode AD. PyTorch runs a custom operator under forward-mode AD without any
 formula (the tangents would silently be zero), so every real implementation refuses to run while a
-dual level is open (``torch.autograd.forward_ad``, ``torch.func.jvp``/``jacfwd``/``hessian``). Under
-``torch.func.grad``/``vjp``/``jacrev`` PyTorch raises by itself (it builds the operator's autograd
-without ``setup_context``); ``vmap`` runs (PyTorch loops over the batch). The Python API
-(:mod:`xclip_fast.ops`) and the modules route all such calls to the torch backend.
+dual level is open (``torch.autograd.forward_ad``, ``torch.func.jvp``/``jacfwd``/``hessian``). Every
+operator has a batching rule for ``vmap`` (one launch whatever the vmapped size, see
+:mod:`xclip_fast.batching`). Under ``torch.func.grad``/``vjp``/``jacrev`` of a raw operator PyTorch
+raises by itself (it builds the operator's autograd without ``setup_context``); the Python API
+(:mod:`xclip_fast.ops`) calls the operators through the Functions below (``AttentionFunction``,
+``PackedAttentionFunction``, ``QuickGELUFunction``: the same operators and formulas), which those
+transforms differentiate, and routes forward-mode AD and nested reverse mode to the torch backend.
 
 Registration. On a GPU the operators are ``torch.library.triton_op``: the body is traceable (its
 launches go through ``wrap_triton``) and is its own fake implementation, so Inductor sees and
@@ -60,6 +63,7 @@ import torch
 import torch.autograd.forward_ad as _fwAD
 from torch import Tensor
 
+from xclip_fast import batching
 from xclip_fast.checks import (
     attention_problems,
     backward_problems,
@@ -76,7 +80,8 @@ from xclip_fast.kernels.attention import attention_fwd as _attention_fwd_launch
 from xclip_fast.kernels.quick_gelu import quick_gelu_bwd as _quick_gelu_bwd_launch
 from xclip_fast.kernels.quick_gelu import quick_gelu_fwd as _quick_gelu_fwd_launch
 
-__all__ = ["OPAQUE", "INTERPRETING", "empty_out"]
+__all__ = ["OPAQUE", "INTERPRETING", "empty_out", "AttentionFunction", "PackedAttentionFunction",
+           "QuickGELUFunction"]
 
 # Triton decides when it is imported: kernels are interpreted iff TRITON_INTERPRET was set then
 INTERPRETING = type(_kernels._attention_fwd_kernel).__name__ == "InterpretedFunction"
@@ -246,6 +251,7 @@ def _attention_bwd_fake(q, k, v, extra_k, extra_v, out, lse, grad, scale):
 
 attention_fwd = _define("attention_fwd", _attention_fwd, _attention_fwd_fake)
 attention_bwd = _define("attention_bwd", _attention_bwd, _attention_bwd_fake)
+_attention_bwd_call = batching.transformable(attention_bwd, _refuse_double_backward("the triton attention"))
 
 
 def _attention_setup(ctx, inputs, output):
@@ -258,7 +264,7 @@ def _attention_setup(ctx, inputs, output):
 
 def _attention_backward(ctx, grad_out, _grad_lse):
     q, k, v, extra_k, extra_v, out, lse = ctx.saved_tensors
-    dq, dk, dv, dek, dev = attention_bwd(q, k, v, extra_k, extra_v, out, lse, grad_out, ctx.scale)
+    dq, dk, dv, dek, dev = _attention_bwd_call(q, k, v, extra_k, extra_v, out, lse, grad_out, ctx.scale)
     if extra_k is None:
         dek = dev = None
     return dq, dk, dv, dek, dev, None
@@ -266,6 +272,9 @@ def _attention_backward(ctx, grad_out, _grad_lse):
 
 attention_fwd.register_autograd(_attention_backward, setup_context=_attention_setup)
 attention_bwd.register_autograd(_refuse_double_backward("the triton attention"))
+attention_fwd.register_vmap(batching.attention_fwd_rule(attention_fwd))
+attention_bwd.register_vmap(batching.attention_bwd_rule(attention_bwd))
+AttentionFunction = batching.function_for("AttentionFunction", attention_fwd, _attention_setup, _attention_backward)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -321,6 +330,7 @@ def _packed_attention_bwd_fake(qkv, extra_kv, out, lse, grad, scale):
 
 packed_attention_fwd = _define("packed_attention_fwd", _packed_attention_fwd, _packed_attention_fwd_fake)
 packed_attention_bwd = _define("packed_attention_bwd", _packed_attention_bwd, _packed_attention_bwd_fake)
+_packed_bwd_call = batching.transformable(packed_attention_bwd, _refuse_double_backward("the triton attention"))
 
 
 def _packed_setup(ctx, inputs, output):
@@ -333,12 +343,16 @@ def _packed_setup(ctx, inputs, output):
 
 def _packed_backward(ctx, grad_out, _grad_lse):
     qkv, extra_kv, out, lse = ctx.saved_tensors
-    dqkv, dextra_kv = packed_attention_bwd(qkv, extra_kv, out, lse, grad_out, ctx.scale)
+    dqkv, dextra_kv = _packed_bwd_call(qkv, extra_kv, out, lse, grad_out, ctx.scale)
     return dqkv, (dextra_kv if extra_kv is not None else None), None
 
 
 packed_attention_fwd.register_autograd(_packed_backward, setup_context=_packed_setup)
 packed_attention_bwd.register_autograd(_refuse_double_backward("the triton attention"))
+packed_attention_fwd.register_vmap(batching.packed_fwd_rule(packed_attention_fwd))
+packed_attention_bwd.register_vmap(batching.packed_bwd_rule(packed_attention_bwd))
+PackedAttentionFunction = batching.function_for("PackedAttentionFunction", packed_attention_fwd, _packed_setup,
+                                                _packed_backward)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -370,6 +384,7 @@ def _quick_gelu_backward_fake(x, grad):
 
 quick_gelu = _define("quick_gelu", _quick_gelu, _quick_gelu_fake)
 quick_gelu_backward = _define("quick_gelu_backward", _quick_gelu_backward, _quick_gelu_backward_fake)
+_quick_gelu_backward_call = batching.transformable(quick_gelu_backward, _refuse_double_backward("the triton QuickGELU"))
 
 
 def _quick_gelu_setup(ctx, inputs, output):
@@ -378,8 +393,11 @@ def _quick_gelu_setup(ctx, inputs, output):
 
 def _quick_gelu_grad(ctx, grad):
     (x,) = ctx.saved_tensors
-    return quick_gelu_backward(x, grad)
+    return _quick_gelu_backward_call(x, grad)
 
 
 quick_gelu.register_autograd(_quick_gelu_grad, setup_context=_quick_gelu_setup)
 quick_gelu_backward.register_autograd(_refuse_double_backward("the triton QuickGELU"))
+quick_gelu.register_vmap(batching.elementwise_rule(quick_gelu))
+quick_gelu_backward.register_vmap(batching.elementwise_rule(quick_gelu_backward))
+QuickGELUFunction = batching.function_for("QuickGELUFunction", quick_gelu, _quick_gelu_setup, _quick_gelu_grad)

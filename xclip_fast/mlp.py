@@ -41,6 +41,12 @@ def quick_gelu(h: torch.Tensor, backend: str = "auto", *, inplace: bool = False)
     backend a new tensor comes back). Differentiable:
     while autograd records ``h`` it saves ``h`` only (never in place)."""
     backend = resolve_backend(backend, h.device, dtype=h.dtype)
+    if transforms_active():  # torch.func: plain operations, or the operator as a Function it differentiates
+        if backend == "torch":
+            return h * torch.sigmoid(_QG * h)
+        from xclip_fast.library import QuickGELUFunction
+
+        return QuickGELUFunction.apply(h)
     if torch.is_grad_enabled() and h.requires_grad and backend == "torch":
         return _QuickGELUFunction.apply(h)
     return quick_gelu_resolved(h, backend, inplace=inplace)
@@ -160,14 +166,14 @@ def quick_gelu_mlp(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w
     activation); in inference the activation is computed in place where the backend allows. Under
     ``torch.autocast`` every tensor is cast to the autocast dtype (as ``linear`` would be) and the
     whole MLP, forward and backward, runs in it. Second-order gradients raise. Under a
-    ``torch.func`` transform or forward-mode AD the MLP runs as plain operations (``linear``,
-    ``sigmoid``, ``linear``), which every transform supports.
+    ``torch.func`` transform or forward-mode AD the MLP runs as ``linear``, :func:`quick_gelu` and
+    ``linear`` (the activation on the triton kernel where it can run the transform, see
+    :func:`xclip_fast.ops.transform_reason`; else plain operations, which every transform supports).
     """
     if transforms_active():
-        if backend == "triton":
-            resolve_backend(backend, x.device)  # raises, naming the reason
+        backend = resolve_backend(backend, x.device, dtype=x.dtype)  # "triton" raises where it cannot run
         h = low_rank_linear(x, w1, b1, lora1)
-        return low_rank_linear(h * torch.sigmoid(_QG * h), w2, b2, lora2)
+        return low_rank_linear(quick_gelu(h, backend), w2, b2, lora2)
     cast = autocast_dtype(x.device)
     backend = resolve_backend(backend, x.device, dtype=cast or x.dtype)
     if cast is not None:

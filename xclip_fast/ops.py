@@ -40,6 +40,7 @@ __all__ = [
     "packed_inputs",
     "packed_backward",
     "transforms_active",
+    "transform_reason",
     "forward_ad_active",
     "ATTENTION_BACKENDS",
     "MODULE_BACKENDS",
@@ -69,11 +70,44 @@ def forward_ad_active() -> bool:
 
 def transforms_active() -> bool:
     """Whether a ``torch.func`` transform (``grad``, ``vjp``, ``jacrev``, ``jvp``, ``jacfwd``,
-    ``vmap``, ``hessian``) or forward-mode AD is running around this call. The registered
-    operators' autograd is not visible to ``torch.func`` (PyTorch builds it as an autograd.Function
-    without ``setup_context``) and has no forward-mode formula, so such calls run on the torch
-    backend, whose operations all support these transforms."""
+    ``vmap``, ``hessian``) or forward-mode AD is running around this call. The fused Functions of
+    the modules (:mod:`xclip_fast.fused`, the recompute levels) then stand aside for plain
+    operations, and the attention operators are called through the Functions that ``torch.func``
+    can differentiate (:mod:`xclip_fast.batching`)."""
     return forward_ad_active() or torch._C._are_functorch_transforms_active()
+
+
+def _transform_kinds() -> list:
+    """The kinds (``TransformType``) of the ``torch.func`` transforms around this call, innermost last."""
+    if not torch._C._are_functorch_transforms_active():
+        return []
+    from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+
+    return [interpreter.key() for interpreter in retrieve_all_functorch_interpreters()]
+
+
+def transform_reason() -> str | None:
+    """Why the triton kernels cannot run under the transforms around this call (None: they can).
+    They run under ``vmap`` (batching rules) and one level of ``grad``/``vjp``/``jacrev`` (its
+    per-sample gradients included); not under forward-mode AD, whose tangents a custom operator
+    cannot see, nor under nested reverse mode, whose second derivative the backward kernels do not
+    have."""
+    if forward_ad_active():
+        return ("forward-mode AD (torch.func.jvp, jacfwd, hessian, torch.autograd.forward_ad) is not supported by "
+                "the triton kernels; backend='torch' runs it")
+    kinds = _transform_kinds()
+    if not kinds:
+        return None
+    from torch._C._functorch import TransformType
+
+    if any(kind not in (TransformType.Vmap, TransformType.Grad) for kind in kinds):
+        names = sorted({str(kind).rsplit(".", 1)[-1] for kind in kinds})
+        return (f"torch.func transforms other than vmap and grad/vjp/jacrev ({', '.join(names)} here) are not "
+                "supported by the triton kernels; backend='torch' runs them")
+    if kinds.count(TransformType.Grad) > 1:
+        return ("nested torch.func.grad/vjp/jacrev (second-order gradients) are not supported by the triton kernels; "
+                "backend='torch' runs them")
+    return None
 
 
 # ------------------------------------------------------------------------------------------------
@@ -114,8 +148,9 @@ def triton_limits(device: torch.device, dtype: torch.dtype | None = None, head_d
     if dropout:
         reasons.append("attention dropout is not supported by the triton kernels")
     if transforms_active():
-        reasons.append("torch.func transforms (grad, jacrev, vmap, jvp, jacfwd, hessian) and forward-mode AD are "
-                       "not supported by the triton kernels; backend='torch' runs them")
+        reason = transform_reason()
+        if reason is not None:
+            reasons.append(reason)
     return reasons
 
 
@@ -125,8 +160,8 @@ def resolve_backend(backend: str, device: torch.device, *, dtype: torch.dtype | 
     """The backend that runs a call: the one place where ``"auto"`` is decided.
 
     ``"auto"`` gives ``"triton"`` for CUDA tensors when the kernels can run the call and ``"torch"``
-    otherwise (head dim over 128, a mask, attention dropout, a ``torch.func`` transform or
-    forward-mode AD, no triton); an explicit ``"triton"``
+    otherwise (head dim over 128, a mask, attention dropout, forward-mode AD or a ``torch.func``
+    transform the kernels cannot run, see :func:`transform_reason`; no triton); an explicit ``"triton"``
     that cannot run raises a ``ValueError`` listing every reason. ``dtype``/``head_dim`` omitted:
     not checked (the MLP has no head dim).
     """
@@ -169,14 +204,17 @@ def _sdpa(q, k, v, extra_k, extra_v, scale, attn_mask=None, dropout_p=0.0):
     """SDPA on ``[B, S, H, D]`` tensors; the extra token is appended to the keys/values only.
 
     Under forward-mode AD the attention is written out (``_math_attention``): PyTorch's fused SDPA
-    kernels (CPU flash, CUDA flash and efficient) have no forward-mode formula. So it is for float64 on
+    kernels (CPU flash, CUDA flash and efficient) have no forward-mode formula. So it is under any
+    ``torch.func`` transform on the CPU: PyTorch's CPU flash kernel, forward and backward, has no
+    batching rule (under ``vmap``, and in the backward that ``jacrev`` vmaps, it would run once per
+    sample, with a warning; the CUDA kernels have one), and for float64 on
     the CPU under ``torch.compile`` with torch < 2.13 (a bug of those releases, see
     :func:`xclip_fast.versions.compiled_cpu_fp64_sdpa_is_broken`)."""
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, S, D] views
     if extra_k is not None:
         k = torch.cat([k, extra_k.unsqueeze(2)], dim=2)
         v = torch.cat([v, extra_v.unsqueeze(2)], dim=2)
-    if forward_ad_active() or compiled_cpu_fp64_sdpa_is_broken(q):
+    if (q.device.type == "cpu" and transforms_active()) or forward_ad_active() or compiled_cpu_fp64_sdpa_is_broken(q):
         o = _math_attention(q, k, v, scale, attn_mask, dropout_p)
     else:
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, scale=scale)
@@ -308,9 +346,11 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     and fp64 (all inputs the same); fp32 runs exact fp32 dot products unless TF32 is enabled in
     PyTorch (``torch.set_float32_matmul_precision("high")``). Under ``torch.autocast`` the inputs
     are cast to the autocast dtype first. Sequences never see each other's values: a NaN in one
-    sequence leaves the others finite. ``torch.func`` transforms (``grad``, ``jacrev``, ``vmap``,
-    ``jvp``, ``jacfwd``) and forward-mode AD run on the torch backend (``"auto"`` picks it;
-    ``"triton"`` refuses them).
+    sequence leaves the others finite. ``torch.func``: ``vmap`` and one level of ``grad``/``vjp``/
+    ``jacrev`` (per-sample gradients ``vmap(grad(f))`` included) run on either backend, the triton
+    kernels once per call whatever the vmapped size (:mod:`xclip_fast.batching`); forward-mode AD
+    (``jvp``, ``jacfwd``, ``hessian``, ``torch.autograd.forward_ad``) and nested reverse mode run on the
+    torch backend (``"auto"`` picks it; ``"triton"`` refuses them).
 
     Raises:
         ValueError: wrong ranks, mismatched shapes, dtypes or devices, only one of
@@ -327,6 +367,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     scale = D**-0.5 if scale is None else float(scale)
     if backend == "torch":
         return _sdpa(q, k, v, extra_k, extra_v, scale)
+    if transforms_active():  # (vmap and one level of reverse mode: resolve_backend refused the others)
+        return _lib.AttentionFunction.apply(q, k, v, extra_k, extra_v, scale)[0]
     return torch.ops.xclip_fast.attention_fwd(q, k, v, extra_k, extra_v, scale)[0]
 
 
@@ -362,4 +404,6 @@ def packed_attention(qkv: torch.Tensor, extra_kv: torch.Tensor | None = None, *,
         q, k, v = qkv.unbind(2)
         ek, ev = extra_kv.unbind(1) if extra_kv is not None else (None, None)
         return _sdpa(q, k, v, ek, ev, scale, attn_mask=attn_mask, dropout_p=dropout_p)
+    if transforms_active():
+        return _lib.PackedAttentionFunction.apply(qkv, extra_kv, scale)[0]
     return torch.ops.xclip_fast.packed_attention_fwd(qkv, extra_kv, scale)[0]

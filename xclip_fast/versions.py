@@ -1,10 +1,10 @@
 """The torch and triton releases xclip-fast supports, checked when the package is imported.
 
 Supported means what CI runs the whole test suite on, twice: the oldest pair we claim (torch 2.11 with
-the triton 3.6 its wheels pin, also the GPU machine's versions) and the newest releases (torch 2.13,
-triton 3.9). Older releases are refused at import with a message that says what to install, instead
-of failing later in some obscure way; newer ones are allowed (a library that caps torch makes pip
-downgrade it), but untested until CI runs them.
+the triton 3.6 its wheels pin, also the GPU machine's versions) and the newest releases (torch 2.15
+with the triton 3.9 its wheels pin). Older releases are refused at import with a message that says
+what to install, instead of failing later in some obscure way; newer ones are allowed (a library
+that caps torch makes pip downgrade it), but untested until CI runs them.
 
 Workarounds for a bug of one supported release live here, each with the release it is for.
 """
@@ -21,7 +21,7 @@ __all__ = ["TORCH_MIN", "TRITON_MIN", "TESTED", "release", "version_problems", "
 TORCH_MIN = (2, 11)
 TRITON_MIN = (3, 6)  # the triton that torch 2.11's wheels pin
 # the releases CI runs the test suite on (.ci/run): the oldest supported pair and the newest
-TESTED = {"torch": ("2.11", "2.13"), "triton": ("3.6", "3.9")}
+TESTED = {"torch": ("2.11", "2.15"), "triton": ("3.6", "3.9")}
 
 
 def release(version: str) -> tuple[int, int]:

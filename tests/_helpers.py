@@ -11,6 +11,8 @@ import torch.distributed as dist
 
 from xclip_fast.ops import triton_status
 from xclip_fast.testing import rel_err
+from xclip_fast.versions import TORCH_MIN
+from xclip_fast.versions import release as versions_release
 
 
 def assert_rel(name: str, out: torch.Tensor, ref: torch.Tensor, tol: float) -> None:
@@ -123,5 +125,22 @@ BACKENDS = ["torch", pytest.param("triton", marks=needs_triton)]
 TRITON_OK = triton_status()[0]
 # the processes of the distributed tests run on CPU: the triton backend there needs the interpreter
 TRITON_CPU_OK, TRITON_CPU_WHY = triton_status("cpu")
+# CI runs the suite under two releases (xclip_fast.versions.TESTED). A few torch.compile checks are
+# expensive on a cold compile cache and come in two variants that exercise the same machinery: each
+# variant runs under one of the releases (a visible skip under the other), so that both releases
+# compile that path and every variant is checked, within CI's time.
+OLDEST = versions_release(torch.__version__) == TORCH_MIN
+
+
+def one_release(param, which: str):
+    """``param`` (a value or a ``pytest.param``) run under the ``which`` ("oldest"/"newest") release only."""
+    run = OLDEST if which == "oldest" else not OLDEST
+    mark = pytest.mark.skipif(not run, reason=f"an expensive compiled variant, checked under the {which} supported "
+                              "release (CI runs the suite under both; the other variant runs here)")
+    if isinstance(param, type(pytest.param(None))):
+        return pytest.param(*param.values, marks=[*param.marks, mark], id=param.id)
+    return pytest.param(param, marks=mark)
+
+
 needs_gloo = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                                 reason="torch.distributed with gloo is not available")

@@ -12,19 +12,23 @@ import sys
 from pathlib import Path
 
 import pytest
+from _helpers import OLDEST as _OLDEST
 
 triton = pytest.importorskip("triton", reason="triton is not installed on this platform")
 
 # Opt-in dynamic shared memory per block (CUDA programming guide, compute capabilities table)
 SHARED_LIMIT = {90: 227 * 1024, 80: 163 * 1024}
 SCRIPT = Path(__file__).with_name("aot_compile.py")
+# sm_90 (the GPU machine's H100/H200) under both releases; sm_80 under the newest only: CI runs the suite
+# under both, and the oldest pair's cold compile cache made the two architectures too long for its time
+ARCHS = (90,) if _OLDEST else (90, 80)
 
 
 @pytest.fixture(scope="module")
 def compiled():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    proc = subprocess.run([sys.executable, str(SCRIPT), "90", "80"], capture_output=True, text=True, env=env,
+    proc = subprocess.run([sys.executable, str(SCRIPT), *map(str, ARCHS)], capture_output=True, text=True, env=env,
                           timeout=1500)
     assert proc.returncode == 0, f"ahead-of-time compilation failed:\n{proc.stderr[-4000:]}"
     rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
@@ -40,7 +44,7 @@ def test_every_kernel_compiles_for_both_architectures(compiled):
     seen = {(r["kernel"], r["arch"]) for r in compiled}
     for kernel in ("_attention_fwd_kernel", "_attention_bwd_dkdv", "_attention_bwd_dq",
                    "_attention_bwd_preprocess_kernel", "_quick_gelu_fwd_kernel", "_quick_gelu_bwd_kernel"):
-        for arch in (90, 80):
+        for arch in ARCHS:
             assert (kernel, arch) in seen, f"{kernel} was not compiled for sm_{arch}"
 
 

@@ -6,6 +6,7 @@ import os
 
 import pytest
 import torch
+from _helpers import one_release
 
 from xclip_fast import bench
 from xclip_fast.cli import build_parser
@@ -101,7 +102,7 @@ def test_fast_providers_choose_their_backend_at_call_time():
     assert w.enc.backend == "torch"
 
 
-@pytest.mark.parametrize("level", ["block", "encoder"])
+@pytest.mark.parametrize("level", [one_release("block", "oldest"), one_release("encoder", "newest")])
 def test_compiled_providers_match_the_reference(level):
     """torch.compile of the original and of the fast modules, checked like every provider."""
     case = (bench.Case("block", "block", "b32", 1, 2, 5, 64, 2) if level == "block"

@@ -9,7 +9,7 @@ import itertools
 
 import pytest
 import torch
-from _helpers import BACKENDS, assert_grads_close, assert_rel, tiny_xclip
+from _helpers import BACKENDS, assert_grads_close, assert_rel, one_release, tiny_xclip
 from torch.utils.checkpoint import checkpoint, create_selective_checkpoint_contexts
 
 import xclip_fast
@@ -235,7 +235,7 @@ def test_autocast_keeps_the_autocast_dtype(level, device):
 # masks are eager's, and the recomputation must reuse them rather than draw new ones
 @torch._inductor.config.patch(fallback_random=True)
 @pytest.mark.parametrize("level", ["none", "min", "block"])
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", [one_release(BACKENDS[0], "newest"), one_release(BACKENDS[1], "oldest")])
 def test_levels_compile_fullgraph(backend, level, device):
     """lean is the default and already compiled by test_compile.py; here the other levels, with
     drop path on: one graph, no break, the gradients of the eager run."""

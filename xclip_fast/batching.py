@@ -25,8 +25,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["attention_fwd_rule", "attention_bwd_rule", "packed_fwd_rule", "packed_bwd_rule", "elementwise_rule",
-           "function_for", "transformable"]
+__all__ = ["folded_rule", "elementwise_rule", "function_for", "transformable"]
 
 
 def _fold(t: torch.Tensor | None, dim: int | None, n: int) -> torch.Tensor | None:
@@ -47,52 +46,17 @@ def _unfold(t: torch.Tensor, n: int) -> torch.Tensor:
     return t.unflatten(0, (n, -1))
 
 
-def attention_fwd_rule(op):
-    """``attention_fwd(q, k, v, extra_k, extra_v, scale) -> (out, lse)`` over ``n`` samples as one call
-    over ``n * B`` sequences."""
+def folded_rule(op):
+    """The rule of an attention operator, forward or backward: every tensor argument folded into the
+    batch of sequences (``None`` and the scale pass through), every output unfolded, except the
+    backward's empty ``(0,)`` placeholders for an absent extra token, which are not batched."""
 
-    def rule(info, in_dims, q, k, v, extra_k, extra_v, scale):
+    def rule(info, in_dims, *args):
         n = info.batch_size
-        out, lse = op(*(_fold(t, d, n) for t, d in zip((q, k, v, extra_k, extra_v), in_dims)), scale)
-        return (_unfold(out, n), _unfold(lse, n)), (0, 0)
-
-    return rule
-
-
-def attention_bwd_rule(op):
-    """``attention_bwd(q, k, v, extra_k, extra_v, out, lse, grad, scale) -> (dq, dk, dv, dextra_k,
-    dextra_v)``; without the extra token its two gradients are the operator's empty placeholders."""
-
-    def rule(info, in_dims, q, k, v, extra_k, extra_v, out, lse, grad, scale):
-        n = info.batch_size
-        tensors = (q, k, v, extra_k, extra_v, out, lse, grad)
-        grads = op(*(_fold(t, d, n) for t, d in zip(tensors, in_dims)), scale)
-        dims = (0, 0, 0) + ((0, 0) if extra_k is not None else (None, None))
-        return tuple(g if d is None else _unfold(g, n) for g, d in zip(grads, dims)), dims
-
-    return rule
-
-
-def packed_fwd_rule(op):
-    """``packed_attention_fwd(qkv, extra_kv, scale) -> (out, lse)``."""
-
-    def rule(info, in_dims, qkv, extra_kv, scale):
-        n = info.batch_size
-        out, lse = op(_fold(qkv, in_dims[0], n), _fold(extra_kv, in_dims[1], n), scale)
-        return (_unfold(out, n), _unfold(lse, n)), (0, 0)
-
-    return rule
-
-
-def packed_bwd_rule(op):
-    """``packed_attention_bwd(qkv, extra_kv, out, lse, grad, scale) -> (dqkv, dextra_kv)``."""
-
-    def rule(info, in_dims, qkv, extra_kv, out, lse, grad, scale):
-        n = info.batch_size
-        dqkv, dextra = op(*(_fold(t, d, n) for t, d in zip((qkv, extra_kv, out, lse, grad), in_dims)), scale)
-        if extra_kv is None:
-            return (_unfold(dqkv, n), dextra), (0, None)
-        return (_unfold(dqkv, n), _unfold(dextra, n)), (0, 0)
+        folded = [_fold(a, d, n) if isinstance(a, torch.Tensor) else a for a, d in zip(args, in_dims)]
+        outs = op(*folded)
+        dims = tuple(None if o.dim() == 1 and o.numel() == 0 else 0 for o in outs)
+        return tuple(o if d is None else _unfold(o, n) for o, d in zip(outs, dims)), dims
 
     return rule
 

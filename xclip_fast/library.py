@@ -272,8 +272,8 @@ def _attention_backward(ctx, grad_out, _grad_lse):
 
 attention_fwd.register_autograd(_attention_backward, setup_context=_attention_setup)
 attention_bwd.register_autograd(_refuse_double_backward("the triton attention"))
-attention_fwd.register_vmap(batching.attention_fwd_rule(attention_fwd))
-attention_bwd.register_vmap(batching.attention_bwd_rule(attention_bwd))
+attention_fwd.register_vmap(batching.folded_rule(attention_fwd))
+attention_bwd.register_vmap(batching.folded_rule(attention_bwd))
 AttentionFunction = batching.function_for("AttentionFunction", attention_fwd, _attention_setup, _attention_backward)
 
 
@@ -349,8 +349,8 @@ def _packed_backward(ctx, grad_out, _grad_lse):
 
 packed_attention_fwd.register_autograd(_packed_backward, setup_context=_packed_setup)
 packed_attention_bwd.register_autograd(_refuse_double_backward("the triton attention"))
-packed_attention_fwd.register_vmap(batching.packed_fwd_rule(packed_attention_fwd))
-packed_attention_bwd.register_vmap(batching.packed_bwd_rule(packed_attention_bwd))
+packed_attention_fwd.register_vmap(batching.folded_rule(packed_attention_fwd))
+packed_attention_bwd.register_vmap(batching.folded_rule(packed_attention_bwd))
 PackedAttentionFunction = batching.function_for("PackedAttentionFunction", packed_attention_fwd, _packed_setup,
                                                 _packed_backward)
 

@@ -7,11 +7,12 @@
 #                                                    # every step on tiny sizes, in about a minute
 #
 # Steps, in order of value: device facts; the test suite on CUDA (bf16, opcheck and torch.compile
-# through the kernels included); every kernel on small shapes under compute-sanitizer's memcheck
-# (benchmarks/sanitize.py: it says so when the machine's sanitizer refuses the device); attention and
-# block benchmarks (bf16, against SDPA, xformers when carried; then torch.compile of the block); the
-# tile-tuning sweep (writes tune/tuned.json: copy it to xclip_fast/kernels/tuned.json); the long-clip encoder;
-# training steps at the recompute levels; a CUDA .pt2 package of the triton backend. Results land
+# through the kernels included; the kernels' own tests first); attention and block benchmarks (bf16,
+# against SDPA, xformers when carried); training steps at the recompute levels (MFU, GPU idle, CUDA
+# graphs); the long-clip encoder; torch.compile of the block; the tile-tuning sweep (writes
+# tune/tuned.json: copy it to xclip_fast/kernels/tuned.json); every kernel on small shapes under
+# compute-sanitizer's memcheck (benchmarks/sanitize.py: it says so when the machine's sanitizer refuses
+# the device); a CUDA .pt2 package of the triton backend. A step that outlives its limit gets SIGINT. Results land
 # in $OUT/gpu-check.tar.gz with $OUT/summary.txt beside it, also when a step fails or runs out of time. Environment: PYTHON
 # (default python3), XCLIP_FAST_COMMIT (the commit, where the copy has no .git), GPU_CHECK_BUDGET
 # (seconds for all steps, default 450), GPU_CHECK_KEEP (keep the working folder after packing).
@@ -54,7 +55,9 @@ step() {  # step NAME SECONDS COMMAND...: time-boxed (within what is left of the
   [ $limit -gt $left ] && limit=$left
   echo "== $name (limit ${limit}s)" | tee -a "$SUMMARY"
   local t0=$SECONDS
-  timeout --kill-after=10 "$limit" "$@" >"$WORK/$name.log" 2>&1
+  # SIGINT first: pytest (and any Python step) stops as after Ctrl-C, printing its summary of
+  # failures and writing its report, instead of dying with nothing said
+  timeout -s INT --kill-after=15 "$limit" "$@" >"$WORK/$name.log" 2>&1
   local rc=$?
   [ $rc -eq 124 ] && echo "   TIMED OUT after ${limit}s" | tee -a "$SUMMARY"
   echo "   rc=$rc in $((SECONDS - t0))s" | tee -a "$SUMMARY"
@@ -92,31 +95,36 @@ if [ $DRY -eq 1 ]; then
   exit $((FAILED > 0))
 fi
 
-# 1. correctness on CUDA: the whole suite (bf16, large shapes, opcheck, compile with Inductor)
+# 1. correctness on CUDA: the whole suite (bf16, large shapes, opcheck, compile with Inductor), the kernels'
+#    own tests first (pytest runs the files in the order named; the folder adds the rest once)
 PYTEST_OPTS=""
-$PY -c "import xdist" 2>/dev/null && PYTEST_OPTS="-n 4"
-$PY -c "import pytest_timeout" 2>/dev/null && PYTEST_OPTS="$PYTEST_OPTS --timeout 150"
-step tests 170 $PY -m pytest -q -p no:cacheprovider tests $PYTEST_OPTS --maxfail=30 --junitxml="$WORK/junit.xml" \
-  --deselect "tests/test_export.py::$EXPORT_CUDA_TEST"
-# 2. every kernel (fwd, both backward passes, packed/plain, extra token or not, odd lengths) under memcheck
-step sanitize 75 $PY benchmarks/sanitize.py --memcheck --quick
-# 3. attention against every SDPA backend (and xformers when carried), bf16, fwd and fwd+bwd
-step bench-attention 50 $BENCH --level attention --dtype bfloat16 \
+$PY -c "import xdist" 2>/dev/null && PYTEST_OPTS="-n 8"
+$PY -c "import pytest_timeout" 2>/dev/null && PYTEST_OPTS="$PYTEST_OPTS --timeout 120"
+FIRST="tests/test_attention_kernel.py tests/test_ops.py tests/test_quick_gelu.py tests/test_blocks.py
+  tests/test_recompute_backward.py tests/test_adversarial.py tests/test_encoder.py tests/test_vmap.py"
+step tests 150 $PY -m pytest -q -p no:cacheprovider $FIRST tests $PYTEST_OPTS --maxfail=30 \
+  --junitxml="$WORK/junit.xml" --deselect "tests/test_export.py::$EXPORT_CUDA_TEST"
+# 2. attention against every SDPA backend (and xformers when carried), bf16, fwd and fwd+bwd
+step bench-attention 40 $BENCH --level attention --dtype bfloat16 \
   --providers sdpa-flash,sdpa-efficient,sdpa-cudnn,xformers,xclip-fast-torch,xclip-fast-triton
-# 4. the block at the released T, eager (both modes), then torch.compile against compiled (fwd+bwd)
-step bench-block 45 $BENCH --level block --model b16 --frames 8 --batch 8 --dtype bfloat16 \
+# 3. the block at the released T, eager (both modes)
+step bench-block 35 $BENCH --level block --model b16 --frames 8 --batch 8 --dtype bfloat16 \
   --providers sdpa-flash,xformers,xclip-fast-triton
-step bench-block-compiled 90 $BENCH --level block --model b16 --frames 8 --batch 8 --dtype bfloat16 --mode fwdbwd \
-  --providers reference-compiled,xclip-fast-triton,xclip-fast-triton-compiled
-# 5. tile tuning at the X-CLIP shapes
-step tune 70 $PY benchmarks/tune.py --out "$WORK/tune" --budget 50
-# 6. long clips: the encoder against T, unchunked and chunked
-step bench-encoder 45 $BENCH --level encoder --model b16 --frames 8,128,1024 --dtype bfloat16 \
+# 4. training steps (B/16, T = 8, batch 8, bf16 autocast) at the recompute levels against the original with
+#    selective checkpointing, the default level under activation offloading (save_on_cpu, pinned) and
+#    under torch.compile(mode="reduce-overhead") (CUDA graphs): MFU, GPU idle fraction, host time
+step bench-train 90 $BENCH --level train --model b16 --frames 8 --batch 8 \
+  --providers reference-sac,xclip-fast-none,xclip-fast-lean,xclip-fast-min,xclip-fast-lean-offload,xclip-fast-cudagraphs
+# 5. long clips: the encoder against T, unchunked and chunked
+step bench-encoder 40 $BENCH --level encoder --model b16 --frames 8,128,1024 --dtype bfloat16 \
   --providers xclip-fast-triton,xclip-fast-triton-chunked
-# 7. training steps (bf16 autocast) at the recompute levels against the original with selective checkpointing,
-#    and the default level under activation offloading (save_on_cpu, pinned)
-step bench-train 50 $BENCH --level train --model b16 --frames 8 --batch 1 \
-  --providers reference-sac,xclip-fast-none,xclip-fast-lean,xclip-fast-min,xclip-fast-lean-offload
-# 8. a CUDA .pt2 package of the triton backend (AOTInductor): kernels inside, parity, loads with torch alone
+# 6. torch.compile of the block against the compiled original (fwd+bwd)
+step bench-block-compiled 70 $BENCH --level block --model b16 --frames 8 --batch 8 --dtype bfloat16 --mode fwdbwd \
+  --providers reference-compiled,xclip-fast-triton,xclip-fast-triton-compiled
+# 7. tile tuning at the X-CLIP shapes
+step tune 60 $PY benchmarks/tune.py --out "$WORK/tune" --budget 45
+# 8. every kernel (fwd, both backward passes, packed/plain, extra token or not, odd lengths) under memcheck
+step sanitize 45 $PY benchmarks/sanitize.py --memcheck --quick
+# 9. a CUDA .pt2 package of the triton backend (AOTInductor): kernels inside, parity, loads with torch alone
 step export-cuda 60 $PY -m pytest -q -p no:cacheprovider tests/test_export.py -k "$EXPORT_CUDA_TEST"
 exit $((FAILED > 0))

@@ -10,7 +10,7 @@ from xclip_fast.argtypes import device_arg, frame_list, positive_int
 from xclip_fast.bench.cases import LEVELS, MODES, build_cases
 from xclip_fast.bench.measure import copy_bandwidth, cpu_memory, cuda_memory, free, time_interleaved, time_ms
 from xclip_fast.bench.results import Result, compare_to_reference, environment, table, write_outputs
-from xclip_fast.bench.train import TRAIN_PROVIDERS, offloads, train_rows
+from xclip_fast.bench.train import TRAIN_PROVIDERS, cuda_only, train_rows
 from xclip_fast.bench.workloads import ALL_PROVIDERS, PROVIDERS, Workload, grad_out
 from xclip_fast.dtypes import BY_NAME, dtype_name
 from xclip_fast.encoder import PRESETS
@@ -145,12 +145,12 @@ def _progress(total):
 def _train_providers(wanted, quick: bool, cuda: bool):
     """The training level's providers: those asked for (the original always), else all of them; a
     quick CPU run leaves the compiled original out (compiling its backward takes minutes on 2 cores)
-    and the memory budgets (``benchmarks/training_memory.py`` measures their curve); offloading runs
-    on CUDA only."""
+    and the memory budgets (``benchmarks/training_memory.py`` measures their curve); offloading and
+    CUDA graphs run on CUDA only."""
     if wanted:
         return ["reference", *[p for p in TRAIN_PROVIDERS if p in wanted and p != "reference"]]
     return [p for p in TRAIN_PROVIDERS if not (quick and not cuda and ("compiled" in p or "budget" in p))
-            and (cuda or not offloads(p))]
+            and (cuda or not cuda_only(p))]
 
 
 def _usage(problem: str) -> int:

@@ -8,7 +8,10 @@ recompute level (``xclip-fast-<level>``) and memory budget (``xclip-fast-budget-
 what its ``"none"`` level holds; backend ``"auto"``: triton on CUDA, torch on CPU), and, on CUDA, each
 level under activation offloading (``xclip-fast-<level>-offload``: every forward under
 ``torch.autograd.graph.save_on_cpu(pin_memory=True)``, which moves what the level keeps to host
-memory; on a CPU it would move nothing). Under bf16 autocast on CUDA, float32 on CPU.
+memory; on a CPU it would move nothing), and, on CUDA, the default level under
+``torch.compile(mode="reduce-overhead")`` (``xclip-fast-cudagraphs``: Inductor with the Triton operators
+inside, replayed as CUDA graphs; on a CPU there are no graphs to replay). Under bf16 autocast on
+CUDA, float32 on CPU.
 
 Columns: time per step; memory: on CUDA the allocator's peak above the weights, gradients and
 optimizer state, on CPU the bytes held after the forward (:func:`xclip_fast.bench.memory.held_bytes`;
@@ -41,15 +44,16 @@ from xclip_fast.encoder import XCLIPVideoEncoder
 from xclip_fast.recompute import RECOMPUTE_LEVELS
 from xclip_fast.testing import TOLERANCES, rel_err
 
-__all__ = ["TRAIN_PROVIDERS", "TRAIN_BUDGETS", "TINY", "train_rows", "dense_bf16_tflops", "save_matmuls",
-           "SACBlocks", "Trainer", "budget_of", "offloads"]
+__all__ = ["TRAIN_PROVIDERS", "TRAIN_BUDGETS", "TINY", "GRAPHS", "train_rows", "dense_bf16_tflops", "save_matmuls",
+           "SACBlocks", "Trainer", "budget_of", "offloads", "cuda_only"]
 
 TRAIN_BUDGETS = (0.5, 0.3, 0.1)
 TRAIN_PROVIDERS = ["reference", "reference-sac", "reference-compiled",
                    *[f"reference-compiled-budget-{b}" for b in TRAIN_BUDGETS],
                    *[f"xclip-fast-{level}" for level in RECOMPUTE_LEVELS],
                    *[f"xclip-fast-budget-{b}" for b in TRAIN_BUDGETS],
-                   *[f"xclip-fast-{level}-offload" for level in RECOMPUTE_LEVELS]]
+                   *[f"xclip-fast-{level}-offload" for level in RECOMPUTE_LEVELS], "xclip-fast-cudagraphs"]
+GRAPHS = "xclip-fast-cudagraphs"  # the default level compiled with mode="reduce-overhead"
 # the host-time step: the issue's tiny block sizes (d = 64, 2 heads, T = 2, l = 5 tokens) in an encoder
 TINY = dict(input_resolution=32, patch_size=16, width=64, layers=2, heads=2, embed_dim=32, num_frames=2, mit_heads=2)
 
@@ -62,6 +66,15 @@ def budget_of(provider: str) -> float | None:
 def offloads(provider: str) -> bool:
     """Whether ``provider`` runs under activation offloading (``...-offload``, CUDA only)."""
     return provider.endswith("-offload")
+
+
+def cuda_only(provider: str) -> str | None:
+    """Why ``provider`` measures nothing on a CPU (None where it does)."""
+    if offloads(provider):
+        return "offloading moves CUDA tensors to the host; a CPU's stay"
+    if provider == GRAPHS:
+        return "CUDA graphs replay CUDA kernels; on a CPU reduce-overhead is the plain compiled step"
+    return None
 
 
 _SAVE = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_scaled_dot_product_flash_attention_for_cpu",
@@ -111,6 +124,7 @@ class Trainer:
         # offloading: every forward under save_on_cpu, counting what it moves
         self.offload = CountingOffload(pin_memory=device.type == "cuda") if offloads(name) else None
         self.counted = None  # compiled providers: the same graphs, run by the FLOP-counting backend
+        self.eager = None  # CUDA graphs: FLOPs are counted on the eager module (the same arithmetic)
         if name.startswith("reference"):
             visual, mit = original_encoder(enc)
             if name == "reference-sac":
@@ -123,9 +137,15 @@ class Trainer:
                 self.counted = _under_budget(torch.compile(forward, backend=counting_backend(self.flop_box)), budget)
         else:
             fast = copy.deepcopy(enc).to(device).train()
-            fast.recompute = budget if budget is not None else name.removeprefix("xclip-fast-").removesuffix("-offload")
             self.modules = fast
             self.forward = fast
+            if name == GRAPHS:
+                fast.recompute = "lean"
+                self.eager = fast
+                self.forward = torch.compile(fast, mode="reduce-overhead")
+            else:
+                level = name.removeprefix("xclip-fast-").removesuffix("-offload")
+                fast.recompute = budget if budget is not None else level
         self.params = list(self.modules.parameters())
         self.opt = torch.optim.AdamW(self.params, lr=1e-6, foreach=False)
 
@@ -151,8 +171,8 @@ class Trainer:
         self.loss(video).backward()
         self.opt.step()
 
-    def fwd_bwd(self, video):
-        self.loss(video).backward()
+    def fwd_bwd(self, video, forward=None):
+        self.loss(video, forward).backward()
         for p in self.params:
             p.grad = None
 
@@ -161,7 +181,7 @@ class Trainer:
         eager providers, inside the partitioned graphs for compiled ones."""
         if self.counted is None:
             with flop_counter() as counter:
-                self.fwd_bwd(video)
+                self.fwd_bwd(video, self.eager)
             return counter.get_total_flops()
         self.loss(video, self.counted).backward()  # compiles the counting copy
         for p in self.params:
@@ -207,7 +227,7 @@ def train_rows(model: str, frames: list[int], batch: int, device: torch.device, 
     peak_rate = dense_bf16_tflops(device) if cuda else None
     names = [p for p in TRAIN_PROVIDERS if providers is None or p in providers]
     try:
-        host = host_rows(names, device, cuda)
+        host = host_rows([n for n in names if cuda or not cuda_only(n)], device, cuda)
     except Exception as exc:  # the host column is an addition: its failure leaves the rest
         host, host_error = {}, f"{type(exc).__name__}: {exc}"[:200]
     else:
@@ -229,8 +249,8 @@ def train_rows(model: str, frames: list[int], batch: int, device: torch.device, 
                 row.extras["host_ms"], row.extras["host_x"] = host[name]
             elif host_error:
                 row.extras["host_error"] = host_error
-            if offloads(name) and not cuda:
-                row.status, row.reason = "skipped", "offloading moves CUDA tensors to the host; a CPU's stay"
+            if cuda_only(name) and not cuda:
+                row.status, row.reason = "skipped", cuda_only(name)
                 continue
             try:
                 tr = Trainer(name, enc, device, cuda)

@@ -211,10 +211,6 @@ def _attention_bwd_kernel(
         # delta) or their dv (q, do, lse: dv = P^T dO does not involve delta)
         b_bad_k = tl.zeros([BLOCK_N], tl.int32)
         b_bad_v = tl.zeros([BLOCK_N], tl.int32)
-        owns_extra = i_t == 0  # key tile 0 also owns the extra token's dk/dv
-        if HAS_EXTRA:
-            b_dek = tl.zeros([BLOCK_D], ACC)
-            b_dev = tl.zeros([BLOCK_D], ACC)
 
         for start_m in range(0, G * SQ, BLOCK_M):
             o_rg, o_rb, o_ri, m_r = positions(start_m, BLOCK_M, SQ, G, i_b0, B)
@@ -248,16 +244,6 @@ def _attention_bwd_kernel(
             # [BN, BM] @ [BM, BD]
             b_dk += tl.dot(b_dst.to(b_qt.dtype), tl.trans(b_qt), input_precision=PRECISION, out_dtype=ACC)
 
-            if HAS_EXTRA:
-                if owns_extra:
-                    b_q = tl.trans(b_qt).to(ACC)
-                    b_se = scaled(tl.sum(b_q * b_ek[None, :], axis=1), scale_hi, scale_lo, ACC)
-                    b_pe = tl.where(m_r, tl.exp2(b_se - b_lse), 0.0)
-                    b_do_acc = b_do.to(ACC)
-                    b_dev += tl.sum(b_pe[:, None] * b_do_acc, axis=0)
-                    b_dse = b_pe * (tl.sum(b_do_acc * b_ev[None, :], axis=1) - b_delta)
-                    b_dek += tl.sum(b_dse[:, None] * b_q, axis=0)
-
         # d(score)/dk = natural scale * q: applied once here (dscale_hi + dscale_lo = scale)
         b_dk = scaled(b_dk, dscale_hi, dscale_lo, ACC)
         if PACKED:
@@ -268,7 +254,27 @@ def _attention_bwd_kernel(
         tl.store(p_dk, b_dk.to(dk.dtype.element_ty), mask=m_cd)
         tl.store(p_dv, b_dv.to(dv.dtype.element_ty), mask=m_cd)
         if HAS_EXTRA:
-            if owns_extra:
+            if i_t == 0:  # key tile 0 also owns the extra token's dk/dv: one more pass over the queries
+                # in its own loop, with q and dO read again as rows, never as the operands of the dots
+                # above (on sm_90 with fp16, computing it inside that loop from tl.trans of the dot's
+                # q operand gave a wrong dk for the tile's keys: error 0.26 on an H200, triton 3.6)
+                b_dek = tl.zeros([BLOCK_D], ACC)
+                b_dev = tl.zeros([BLOCK_D], ACC)
+                for start_m in range(0, SQ, BLOCK_M):  # G == 1 with the extra token
+                    o_rg, o_rb, o_ri, m_r = positions(start_m, BLOCK_M, SQ, 1, i_b0, B)
+                    m_rd = m_r[:, None] & m_d[None, :]
+                    b_q = tl.load(row_ptrs(q, o_rb, o_ri, i_h, stride_q_b, stride_q_s, stride_q_h, o_d), mask=m_rd,
+                                  other=0.0).to(ACC)
+                    b_do = tl.load(row_ptrs(do, o_rb, o_ri, i_h, stride_do_b, stride_do_s, stride_do_h, o_d),
+                                   mask=m_rd, other=0.0).to(ACC)
+                    o_stat = o_rb * stride_lse_b + i_h * stride_lse_h + o_ri
+                    b_lse = tl.load(lse + o_stat, mask=m_r, other=0.0)
+                    b_delta = tl.load(delta + o_stat, mask=m_r, other=0.0)
+                    b_se = scaled(tl.sum(b_q * b_ek[None, :], axis=1), scale_hi, scale_lo, ACC)
+                    b_pe = tl.where(m_r, tl.exp2(b_se - b_lse), 0.0)
+                    b_dev += tl.sum(b_pe[:, None] * b_do, axis=0)
+                    b_dse = b_pe * (tl.sum(b_do * b_ev[None, :], axis=1) - b_delta)
+                    b_dek += tl.sum(b_dse[:, None] * b_q, axis=0)
                 b_dek = scaled(b_dek, dscale_hi, dscale_lo, ACC)
                 tl.store(dek + i_b0 * stride_dek_b + i_h * stride_dek_h + o_d, b_dek.to(dek.dtype.element_ty),
                          mask=m_d)

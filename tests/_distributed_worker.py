@@ -4,7 +4,7 @@ the children import no test module, only the shared helpers)."""
 import contextlib
 
 import torch
-from _helpers import gloo_group
+from _helpers import cpu_mesh, gloo_group
 
 from xclip_fast.encoder import XCLIPVideoEncoder
 from xclip_fast.testing import copied_saved_tensors
@@ -54,9 +54,10 @@ def worker(rank: int, world: int, store: str, backend: str, mode: str, out_path:
             else:
                 from torch.distributed.fsdp import fully_shard
 
+                mesh = cpu_mesh()
                 for block in enc.visual.blocks:
-                    fully_shard(block)
-                fully_shard(enc)
+                    fully_shard(block, mesh=mesh)
+                fully_shard(enc, mesh=mesh)
                 model = enc
             per_rank = BATCH // world
             # "ddp-offload": the forward under hooks that copy what autograd saves (activation offloading)

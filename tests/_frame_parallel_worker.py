@@ -6,7 +6,7 @@ import contextlib
 
 import torch
 import torch._inductor.config
-from _helpers import error_messages, gloo_group
+from _helpers import cpu_mesh, error_messages, gloo_group
 
 from xclip_fast.bench.memory import CollectiveCounter
 from xclip_fast.encoder import XCLIPVideoEncoder
@@ -96,9 +96,10 @@ def worker(rank: int, world: int, store: str, out_path: str, triton_ok: bool) ->
             elif sc["mode"] == "fsdp2":
                 from torch.distributed.fsdp import fully_shard
 
+                mesh = cpu_mesh()
                 for block in enc.visual.blocks:
-                    fully_shard(block)
-                fully_shard(enc)
+                    fully_shard(block, mesh=mesh)
+                fully_shard(enc, mesh=mesh)
             video = clip(2, sc["T"], dtype=dtype)
             counter = CollectiveCounter()
             with counter if sc["mode"] == "plain" else contextlib.nullcontext():

@@ -76,6 +76,15 @@ def gloo_group(rank: int, world: int, store: str):
     os._exit(0)
 
 
+def cpu_mesh():
+    """A one-dimensional CPU device mesh over the group's ranks, for ``fully_shard(..., mesh=)``.
+    Named because FSDP2's default mesh takes the machine's accelerator: with a GPU present, CPU
+    processes on a gloo group would shard onto a CUDA mesh (a worker crashed with SIGSEGV so)."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    return init_device_mesh("cpu", (dist.get_world_size(),))
+
+
 def error_messages(cases: dict) -> dict:
     """``"<exception type>: <message>"`` of each case's call (None if it raised nothing), by name: what
     a spawned worker sends back for the test to check."""

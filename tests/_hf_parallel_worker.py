@@ -7,7 +7,7 @@ import copy
 
 import torch
 import torch.distributed as dist
-from _helpers import error_messages, gloo_group, tiny_xclip
+from _helpers import cpu_mesh, error_messages, gloo_group, tiny_xclip
 
 import xclip_fast
 from xclip_fast.parallel import FrameParallel
@@ -81,9 +81,10 @@ def run_scenario(sc: dict, fp) -> dict:
     elif sc["mode"] == "fsdp2":
         from torch.distributed.fsdp import fully_shard
 
+        mesh = cpu_mesh()
         for layer in model.vision_model.encoder.layers:
-            fully_shard(layer)
-        fully_shard(model, ignored_params={model.logit_scale})  # (FSDP2 refuses a scalar parameter)
+            fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh, ignored_params={model.logit_scale})  # (FSDP2 refuses a scalar parameter)
     elif sc["mode"] == "aot_eager":
         module = torch.compile(model, backend="aot_eager")
     res = step(module, fp, sc["autocast"])

@@ -15,10 +15,19 @@ CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
 
 
+def _traced(t) -> bool:
+    """Whether ``t`` is made while a graph is traced (torch.compile, export, make_fx): a fill there
+    would be recorded into the graph, and an in-place fill of a buffer made inside a backward graph
+    is refused by AOTAutograd ("n=copy_..., n.args[0]=empty..."), as the suite on a GPU showed."""
+    from torch._subclasses.fake_tensor import is_fake
+
+    return torch.compiler.is_compiling() or is_fake(t)
+
+
 def _poisoned(fn):
     def wrapper(*args, **kwargs):
         t = fn(*args, **kwargs)
-        if t.is_floating_point() or t.is_complex():
+        if (t.is_floating_point() or t.is_complex()) and not _traced(t):
             with torch.no_grad():
                 t.fill_(math.nan)
         return t

@@ -167,11 +167,11 @@ def test_attn_mask_torch_backend_matches_reference(mask_kind, device):
     assert_rel("masked output (auto)", fast(x), yr, 1e-12)
 
 
-def test_attn_mask_rejected_by_triton_backend():
-    mask = torch.zeros(8, 8)
-    block = CrossFrameAttentionBlock(64, 2, attn_mask=mask, T=1, backend="triton")
+def test_attn_mask_rejected_by_triton_backend(device):
+    mask = torch.zeros(8, 8, device=device)
+    block = CrossFrameAttentionBlock(64, 2, attn_mask=mask, T=1, backend="triton").to(device)
     with pytest.raises(ValueError, match="cannot run this call: an attention mask is not supported"):
-        block(torch.randn(7, 2, 64))
+        block(torch.randn(7, 2, 64, device=device))
 
 
 def test_attn_mask_wrong_shape():

@@ -53,7 +53,7 @@ def _step(model, run, log, grad_seed=2):
     the calls made in backward (recomputations), which are taken out of ``log``."""
     out = run(model)
     calls = len(log)
-    weights = torch.randn(out.shape, dtype=out.dtype, generator=torch.Generator().manual_seed(grad_seed))
+    weights = torch.randn(out.shape, dtype=out.dtype, generator=torch.Generator().manual_seed(grad_seed)).to(out.device)
     (out * weights).sum().backward()
     again = log[calls:]
     del log[calls:]
@@ -93,12 +93,12 @@ BLOCK_CASES += [pytest.param(sub, "triton", level, marks=needs_triton)
 
 @pytest.mark.filterwarnings("ignore:xclip_fast.*original computation")
 @pytest.mark.parametrize("sub, backend, recompute", BLOCK_CASES)
-def test_hooks_on_a_block_see_the_original_calls(sub, backend, recompute):
+def test_hooks_on_a_block_see_the_original_calls(sub, backend, recompute, device):
     torch.manual_seed(0)
-    ref = reference.CrossFramelAttentionBlock(D, H, T=T).double()
-    fast = CrossFrameAttentionBlock(D, H, T=T, backend=backend, recompute=recompute).double()
+    ref = reference.CrossFramelAttentionBlock(D, H, T=T).to(device, torch.float64)
+    fast = CrossFrameAttentionBlock(D, H, T=T, backend=backend, recompute=recompute).to(device, torch.float64)
     fast.load_state_dict(ref.state_dict())
-    x = torch.randn(L, B * T, D, dtype=torch.float64)
+    x = torch.randn(L, B * T, D, dtype=torch.float64).to(device)
     plain_out = ref(x).detach()
     log_ref, log_fast = [], []
     _probe(ref.get_submodule(sub), sub, log_ref)
@@ -171,10 +171,10 @@ HF_CASES += [pytest.param(VISION + sub, "triton", id=f"layers.1.{sub}-triton", m
 
 @pytest.mark.filterwarnings("ignore:xclip_fast.*original computation")
 @pytest.mark.parametrize("sub, backend", HF_CASES)
-def test_hooks_on_a_hugging_face_model_see_the_original_calls(sub, backend):
-    original = tiny_xclip(torch.float64, attn_implementation="sdpa")
+def test_hooks_on_a_hugging_face_model_see_the_original_calls(sub, backend, device):
+    original = tiny_xclip(torch.float64, attn_implementation="sdpa").to(device)
     patched = xclip_fast.patch_xclip(copy.deepcopy(original), backend=backend)
-    video = torch.randn(2, 3, 3, 32, 32, dtype=torch.float64)
+    video = torch.randn(2, 3, 3, 32, 32, dtype=torch.float64).to(device)
 
     def run(m):
         return m.get_video_features(pixel_values=video).pooler_output

@@ -62,11 +62,11 @@ def _step(model, x, grad):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("level", LEVELS)
-def test_official_block_lora_is_fused_and_exact(level, backend, monkeypatch):
-    fast = _lora(_block(backend, level), ["c_fc", "c_proj"])
+def test_official_block_lora_is_fused_and_exact(level, backend, monkeypatch, device):
+    fast = _lora(_block(backend, level).to(device), ["c_fc", "c_proj"])
     inner = fast.base_model.model
     assert isinstance(official_mlp(inner.mlp), FusedMLP) and official_mlp(inner.mlp).lora1 is not None
-    x, grad = torch.randn(L, B * T, D, dtype=torch.float64), torch.randn(L, B * T, D, dtype=torch.float64)
+    x, grad = (torch.randn(L, B * T, D, dtype=torch.float64, device=device) for _ in range(2))
     calls = _Calls(monkeypatch)
     y, gx, grads = _step(fast, x, grad)
     assert calls.n == 0, "the fused path called the LoRA modules"
@@ -95,12 +95,12 @@ def test_trainable_base_gets_its_gradients_too(level):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_hf_model_lora_on_fc1_fc2_is_fused_and_exact(backend, monkeypatch):
+def test_hf_model_lora_on_fc1_fc2_is_fused_and_exact(backend, monkeypatch, device):
     """Vision layers and the MIT (patched) and the text tower (not patched: PEFT's modules run)."""
-    original = _lora(tiny_xclip(torch.float64, attn_implementation="sdpa").train(), ["fc1", "fc2"])
+    original = _lora(tiny_xclip(torch.float64, attn_implementation="sdpa").to(device).train(), ["fc1", "fc2"])
     patched = xclip_fast.patch_xclip(copy.deepcopy(original), backend=backend)
-    video = torch.randn(2, 3, 3, 32, 32, dtype=torch.float64)
-    ids = torch.randint(0, 99, (2, 6))
+    video = torch.randn(2, 3, 3, 32, 32, dtype=torch.float64).to(device)
+    ids = torch.randint(0, 99, (2, 6)).to(device)
     calls = _Calls(monkeypatch)
     out_p = patched(input_ids=ids, pixel_values=video, return_loss=True)
     text_layers = len(original.base_model.model.text_model.encoder.layers)

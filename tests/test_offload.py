@@ -102,9 +102,9 @@ def _check(fn, inputs, params, names, model):
 @pytest.mark.parametrize("wrapped", [False, True], ids=["plain", "wrapped"])
 @pytest.mark.parametrize("level", LEVELS)
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_hooks_see_what_a_block_level_keeps(backend, level, wrapped):
-    block = _block(level, backend, wrapped)
-    x = _x().requires_grad_()
+def test_hooks_see_what_a_block_level_keeps(backend, level, wrapped, device):
+    block = _block(level, backend, wrapped).to(device)
+    x = _x().to(device).requires_grad_()
     _check(block, [x], [x, *block.parameters()], ["x", *dict(block.named_parameters())], block)
 
 

@@ -77,8 +77,8 @@ def _tiny(backend="torch", **kw):
 
 @pytest.mark.parametrize("level", LEVELS + [0.6, 0.3])
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_encoder_levels_equal_the_original(backend, level):
-    enc = _tiny(backend, recompute=level).train()
+def test_encoder_levels_equal_the_original(backend, level, device):
+    enc = _tiny(backend, recompute=level).to(device).train()
     if isinstance(level, str):
         assert {m.recompute for m in enc.modules() if hasattr(m, "_recompute")} == {level}
     else:  # a budget: the containers report it, the blocks the levels it gave them
@@ -86,12 +86,12 @@ def test_encoder_levels_equal_the_original(backend, level):
         blocks = [*enc.visual.blocks, *enc.mit.resblocks]
         assert [b.recompute for b in blocks] == enc.plan_budget() and len(set(enc.plan_budget())) > 1
     dpr = [x.item() for x in torch.linspace(0, 0.3, 2)]
-    visual = reference.CrossFrameCommunicationTransformer(16, 8, 64, 2, 2, 32, dpr, 3).double().train()
-    mit = reference.MultiframeIntegrationTransformer(3, 32, 1, 2).double().train()
+    visual = reference.CrossFrameCommunicationTransformer(16, 8, 64, 2, 2, 32, dpr, 3).to(device).double().train()
+    mit = reference.MultiframeIntegrationTransformer(3, 32, 1, 2).to(device).double().train()
     visual_sd, mit_sd = split_encoder_state_dict(enc.state_dict())
     visual.load_state_dict(visual_sd)
     mit.load_state_dict(mit_sd)
-    video = torch.randn(2, 3, 3, 16, 16, dtype=torch.float64)
+    video = torch.randn(2, 3, 3, 16, 16, dtype=torch.float64, device=device)
     ref_params = list(visual.parameters()) + list(mit.parameters())
     outs, grads = [], []
     for run, params in ((lambda v: mit(visual(v.flatten(0, 1))[0].view(2, 3, -1)), ref_params),

@@ -147,7 +147,7 @@ OFFICIAL_CASES = [
 ]
 
 
-def _block_pair(wrap, backend):
+def _block_pair(wrap, backend, device="cpu"):
     torch.manual_seed(0)
     ref = reference.CrossFramelAttentionBlock(D, H, T=T).double()
     fast = CrossFrameAttentionBlock(D, H, T=T, backend=backend).double()
@@ -156,7 +156,7 @@ def _block_pair(wrap, backend):
     ref = wrap(ref)
     torch.manual_seed(1)
     fast = wrap(fast)
-    return ref, fast
+    return ref.to(device), fast.to(device)
 
 
 def _run(module, x, grad):
@@ -172,11 +172,11 @@ def _inner(block):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("case, wrap, stays_fast", OFFICIAL_CASES, ids=[c[0] for c in OFFICIAL_CASES])
-def test_wrapped_or_hooked_block_equals_the_original(case, wrap, stays_fast, backend):
-    ref, fast = _block_pair(wrap, backend)
+def test_wrapped_or_hooked_block_equals_the_original(case, wrap, stays_fast, backend, device):
+    ref, fast = _block_pair(wrap, backend, device)
     inner = _inner(fast)
     assert (inner.original_reason() is None) == stays_fast, inner.original_reason()
-    x = torch.randn(L, B * T, D, dtype=torch.float64)
+    x = torch.randn(L, B * T, D, dtype=torch.float64, device=device)
     grad = torch.randn_like(x)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -232,15 +232,15 @@ def test_pruned_block_trains_for_several_steps():
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_mit_block_with_hooked_attention(backend):
+def test_mit_block_with_hooked_attention(backend, device):
     torch.manual_seed(0)
-    ref = reference.ResidualAttentionBlock(D, H).double()
-    fast = ResidualAttentionBlock(D, H, backend=backend).double()
+    ref = reference.ResidualAttentionBlock(D, H).to(device, torch.float64)
+    fast = ResidualAttentionBlock(D, H, backend=backend).to(device, torch.float64)
     fast.load_state_dict(ref.state_dict())
     for m in (ref, fast):
         m.attn.register_forward_hook(lambda mod, a, out: (2 * out[0], out[1]))
         m.mlp.c_fc.register_forward_hook(lambda mod, a, out: out - 1)
-    x = torch.randn(T, B, D, dtype=torch.float64)
+    x = torch.randn(T, B, D, dtype=torch.float64, device=device)
     with pytest.warns(UserWarning, match="attn has forward hooks"):
         y = fast(x)
     assert_rel("MIT block", y, ref(x), F64_TOL)
@@ -298,7 +298,7 @@ HF_CASES = [
 ]
 
 
-def _hf_pair(wrap, backend, patch_after=True):
+def _hf_pair(wrap, backend, patch_after=True, device="cpu"):
     original = tiny_xclip(torch.float64, attn_implementation="sdpa")
     other = copy.deepcopy(original)
     if not patch_after:
@@ -309,7 +309,7 @@ def _hf_pair(wrap, backend, patch_after=True):
     other = wrap(other)
     if patch_after:
         xclip_fast.patch_xclip(other, backend=backend)
-    return original, other
+    return original.to(device), other.to(device)
 
 
 def _model(m):
@@ -318,15 +318,15 @@ def _model(m):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("case, wrap, stays_fast", HF_CASES, ids=[c[0] for c in HF_CASES])
-def test_wrapped_or_hooked_hf_model_equals_the_unpatched_one(case, wrap, stays_fast, backend):
-    original, patched = _hf_pair(wrap, backend, patch_after=case != "lora-q-v-fc1")
-    video = torch.randn(2, 3, 3, 32, 32, dtype=torch.float64)
+def test_wrapped_or_hooked_hf_model_equals_the_unpatched_one(case, wrap, stays_fast, backend, device):
+    original, patched = _hf_pair(wrap, backend, patch_after=case != "lora-q-v-fc1", device=device)
+    video = torch.randn(2, 3, 3, 32, 32, dtype=torch.float64, device=device)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         got = _model(patched).get_video_features(pixel_values=video).pooler_output
     assert bool([w for w in caught if "xclip_fast" in str(w.message)]) != stays_fast
     want = _model(original).get_video_features(pixel_values=video).pooler_output
-    assert (want - _model(tiny_xclip(torch.float64)).get_video_features(pixel_values=video).pooler_output
+    assert (want - _model(tiny_xclip(torch.float64).to(device)).get_video_features(pixel_values=video).pooler_output
             ).abs().max() > 1e-6, "the wrapper changes nothing: the case is void"
     assert_rel(f"{case}: video features", got, want, F64_TOL)
     weights = torch.randn_like(want)

@@ -58,6 +58,35 @@ def test_bench_exits_non_zero_when_a_provider_disagrees(tmp_path, monkeypatch):
     assert rows["xclip-fast-torch"]["status"] == "mismatch" and rows["xclip-fast-torch"]["median_ms"] == ""
 
 
+def test_an_interrupted_run_keeps_the_cases_that_finished(tmp_path, monkeypatch, capsys):
+    """A time limit's SIGINT (KeyboardInterrupt) after the first case: that case's rows are in the
+    table, the CSV and the run file; the exit code says the run was cut short."""
+    from xclip_fast.bench import run as bench_run
+
+    original, calls = bench_run.run_case, []
+
+    def second_interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(bench_run, "run_case", second_interrupted)
+    args = _args(tmp_path, "--level", "block", "--frames", "2,3", "--mode", "fwd", "--providers", "xclip-fast-torch",
+                 "--quick")
+    assert bench.main(args) == 130
+    captured = capsys.readouterr()
+    assert "interrupted: the 2 row(s) of the cases that finished follow" in captured.err
+    assert "block b32 b=1 T=2" in captured.out and "block b32 b=1 T=3" not in captured.out
+    with open(tmp_path / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["case"], r["provider"], r["status"]) for r in rows] == [
+        ("block b32 b=1 T=2", "reference", "ok"), ("block b32 b=1 T=2", "xclip-fast-torch", "ok")]
+    runs = [f for f in os.listdir(tmp_path) if f.startswith("run-") and f.endswith(".json")]
+    with open(tmp_path / runs[0]) as f:
+        assert len(json.load(f)["rows"]) == 2
+
+
 def test_attention_cost_model_counts_the_useful_matmuls():
     """The FLOPs the bench reports for the frame attention equal what torch's FLOP counter counts for
     plain attention over l + 1 keys (QK^T and PV for the l frame-token queries only)."""

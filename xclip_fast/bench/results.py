@@ -15,7 +15,7 @@ import torch
 from xclip_fast.bench.cases import Case
 
 __all__ = ["Result", "Skip", "compare_to_reference", "CSV_FIELDS", "environment", "table", "write_outputs",
-           "markdown_table", "section", "write_report"]
+           "append_rows", "markdown_table", "section", "write_report"]
 
 
 class Skip(Exception):
@@ -193,10 +193,9 @@ def write_report(md: list[str], result: dict, folder: str | None) -> int:
     return 0
 
 
-def write_outputs(rows: list[Result], env: dict, out_dir: str, copy_bw: float) -> dict:
-    """Append to ``results.csv`` / ``results.jsonl``, write ``run-<time>.json`` and the plot."""
-    from xclip_fast.bench.plot import plot
-
+def append_rows(rows: list[Result], out_dir: str) -> None:
+    """Append ``rows`` to ``results.csv`` / ``results.jsonl`` (as each case ends: a run stopped
+    part-way keeps what it measured)."""
     os.makedirs(out_dir, exist_ok=True)
     csv_path = os.path.join(out_dir, "results.csv")
     new = not os.path.exists(csv_path)
@@ -206,10 +205,21 @@ def write_outputs(rows: list[Result], env: dict, out_dir: str, copy_bw: float) -
             writer.writeheader()
         for r in rows:
             writer.writerow({k: ("" if v is None else v) for k, v in asdict(r).items() if k in CSV_FIELDS})
-    records = [r.record() for r in rows]
     with open(os.path.join(out_dir, "results.jsonl"), "a") as f:
-        for rec in records:
-            f.write(json.dumps(rec) + "\n")
+        for r in rows:
+            f.write(json.dumps(r.record()) + "\n")
+
+
+def write_outputs(rows: list[Result], env: dict, out_dir: str, copy_bw: float, appended: bool = False) -> dict:
+    """Append to ``results.csv`` / ``results.jsonl`` (unless ``appended``: :func:`append_rows` did
+    already), write ``run-<time>.json`` and the plot."""
+    from xclip_fast.bench.plot import plot
+
+    if not appended:
+        append_rows(rows, out_dir)
+    os.makedirs(out_dir, exist_ok=True)
+    csv_path = os.path.join(out_dir, "results.csv")
+    records = [r.record() for r in rows]
     stamp = env["timestamp"].replace(":", "").replace("-", "")
     run_path = os.path.join(out_dir, f"run-{stamp}.json")
     with open(run_path, "w") as f:

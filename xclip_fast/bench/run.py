@@ -9,7 +9,7 @@ import torch
 from xclip_fast.argtypes import device_arg, frame_list, positive_int
 from xclip_fast.bench.cases import LEVELS, MODES, build_cases
 from xclip_fast.bench.measure import copy_bandwidth, cpu_memory, cuda_memory, free, time_interleaved, time_ms
-from xclip_fast.bench.results import Result, compare_to_reference, environment, table, write_outputs
+from xclip_fast.bench.results import Result, append_rows, compare_to_reference, environment, table, write_outputs
 from xclip_fast.bench.train import TRAIN_PROVIDERS, cuda_only, train_rows
 from xclip_fast.bench.workloads import ALL_PROVIDERS, PROVIDERS, Workload, grad_out
 from xclip_fast.dtypes import BY_NAME, dtype_name
@@ -206,19 +206,31 @@ def main(args) -> int:
     # the bar counts cases (one case: every provider of one size and mode), not provider runs
     bar = _progress(len(plan) + len(train_frames))
     rows = []
-    for case, mode, provs in plan:
-        bar.set_description(f"{case.label} {mode}")
-        rows += run_case(case, dtype, mode, provs, device, quick, copy_bw, env)
-        bar.update(1)
-    for T in train_frames:
-        bar.set_description(f"train {model} b={batch} T={T}")
-        rows += train_rows(model, [T], batch, device, quick, env, train_providers)
-        bar.update(1)
+    interrupted = False
+    try:
+        for case, mode, provs in plan:
+            bar.set_description(f"{case.label} {mode}")
+            new = run_case(case, dtype, mode, provs, device, quick, copy_bw, env)
+            append_rows(new, args.out)
+            rows += new
+            bar.update(1)
+        for T in train_frames:
+            bar.set_description(f"train {model} b={batch} T={T}")
+            new = train_rows(model, [T], batch, device, quick, env, train_providers)
+            append_rows(new, args.out)
+            rows += new
+            bar.update(1)
+    except KeyboardInterrupt:  # a time limit's SIGINT: report the cases that finished
+        interrupted = True
     bar.close()
+    if interrupted:
+        print(f"interrupted: the {len(rows)} row(s) of the cases that finished follow", file=sys.stderr)
     print(table(rows, env))
     print(f"copy bandwidth: {copy_bw:.0f} GB/s (read + write)")
-    paths = write_outputs(rows, env, args.out, copy_bw)
+    paths = write_outputs(rows, env, args.out, copy_bw, appended=True)
     print("wrote " + ", ".join(paths.values()))
+    if interrupted:
+        return 130
     bad = [r for r in rows if r.status in ("mismatch", "error")]
     if bad:
         print(f"{len(bad)} provider run(s) disagreed with the reference or failed:", file=sys.stderr)

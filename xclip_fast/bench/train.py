@@ -32,6 +32,8 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import sys
+import time
 
 import torch
 
@@ -226,12 +228,14 @@ def train_rows(model: str, frames: list[int], batch: int, device: torch.device, 
     dtype = "bfloat16-amp" if cuda else "float32"
     peak_rate = dense_bf16_tflops(device) if cuda else None
     names = [p for p in TRAIN_PROVIDERS if providers is None or p in providers]
+    t0 = time.perf_counter()
     try:
         host = host_rows([n for n in names if cuda or not cuda_only(n)], device, cuda)
     except Exception as exc:  # the host column is an addition: its failure leaves the rest
         host, host_error = {}, f"{type(exc).__name__}: {exc}"[:200]
     else:
         host_error = None
+    print(f"  train host times of the tiny encoder: {time.perf_counter() - t0:.0f}s", file=sys.stderr)
     rows = []
     for T in frames:
         case = Case("train", "train", model, batch, T, tokens, width, heads)
@@ -241,6 +245,7 @@ def train_rows(model: str, frames: list[int], batch: int, device: torch.device, 
         video = torch.randn(batch, T, 3, r, r, generator=torch.Generator().manual_seed(1)).to(device)
         truth = None
         timed, by_name = {}, {}
+        t0 = time.perf_counter()
         for name in names:
             row = Result.make(env, case, dtype, "step", name, checked_against="reference")
             rows.append(row)
@@ -284,6 +289,8 @@ def train_rows(model: str, frames: list[int], batch: int, device: torch.device, 
                 row.fail(exc)
             finally:
                 free(device)
+                # where a time-limited run spends its time (compiles, first launches) shows in its log
+                print(f"  train T={T} {name}: {row.status} after {time.perf_counter() - t0:.0f}s", file=sys.stderr)
         if timed:
             # a step takes seconds on a CPU: the quick run times three rounds
             for name, (med, p20, p80) in time_interleaved(timed, quick, rounds=3 if quick else None).items():

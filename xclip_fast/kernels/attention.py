@@ -42,7 +42,7 @@ import triton.language as tl
 
 from . import wrap_triton
 from .plan import LOG2E, pack_group, plan_for
-from .tiles import bad_rows, col_ptrs, is_finite, load_extra, positions, row_ptrs, scaled
+from .tiles import bad_rows, col_ptrs, extra_grads, is_finite, load_extra, positions, row_ptrs, scaled
 
 __all__ = ["attention_fwd", "attention_bwd", "MAX_HEAD_DIM"]
 
@@ -270,10 +270,8 @@ def _attention_bwd_kernel(
                     o_stat = o_rb * stride_lse_b + i_h * stride_lse_h + o_ri
                     b_lse = tl.load(lse + o_stat, mask=m_r, other=0.0)
                     b_delta = tl.load(delta + o_stat, mask=m_r, other=0.0)
-                    b_se = scaled(tl.sum(b_q * b_ek[None, :], axis=1), scale_hi, scale_lo, ACC)
-                    b_pe = tl.where(m_r, tl.exp2(b_se - b_lse), 0.0)
+                    b_pe, b_dse = extra_grads(b_q, b_do, b_lse, b_delta, b_ek, b_ev, m_r, scale_hi, scale_lo, ACC)
                     b_dev += tl.sum(b_pe[:, None] * b_do, axis=0)
-                    b_dse = b_pe * (tl.sum(b_do * b_ev[None, :], axis=1) - b_delta)
                     b_dek += tl.sum(b_dse[:, None] * b_q, axis=0)
                 b_dek = scaled(b_dek, dscale_hi, dscale_lo, ACC)
                 tl.store(dek + i_b0 * stride_dek_b + i_h * stride_dek_h + o_d, b_dek.to(dek.dtype.element_ty),
@@ -291,9 +289,8 @@ def _attention_bwd_kernel(
         b_dq = tl.zeros([BLOCK_M, BLOCK_D], ACC)
         b_bad = tl.zeros([BLOCK_M], tl.int32)  # packed: rows whose own sequence holds a non-finite key
         if HAS_EXTRA:
-            b_se = scaled(tl.sum(b_q.to(ACC) * b_ek[None, :], axis=1), scale_hi, scale_lo, ACC)
-            b_pe = tl.where(m_r, tl.exp2(b_se - b_lse), 0.0)
-            b_dse = b_pe * (tl.sum(b_do.to(ACC) * b_ev[None, :], axis=1) - b_delta)
+            _, b_dse = extra_grads(b_q.to(ACC), b_do.to(ACC), b_lse, b_delta, b_ek, b_ev, m_r, scale_hi, scale_lo,
+                                   ACC)
             b_dq += b_dse[:, None] * b_ek[None, :]
 
         for start_n in range(0, G * SK, BLOCK_N):

@@ -4,7 +4,7 @@ scale in two parts, packed-tile positions, pointer tiles, the extra token's load
 import triton
 import triton.language as tl
 
-__all__ = ["scaled", "positions", "row_ptrs", "col_ptrs", "load_extra", "is_finite", "bad_rows"]
+__all__ = ["scaled", "positions", "row_ptrs", "col_ptrs", "load_extra", "extra_grads", "is_finite", "bad_rows"]
 
 
 @triton.jit
@@ -51,6 +51,15 @@ def load_extra(ek, ev, i_b, i_h, stride_ek_b, stride_ek_h, stride_ev_b, stride_e
     b_ek = tl.load(ek + i_b * stride_ek_b + i_h * stride_ek_h + o_d, mask=m_d, other=0.0).to(ACC)
     b_ev = tl.load(ev + i_b * stride_ev_b + i_h * stride_ev_h + o_d, mask=m_d, other=0.0).to(ACC)
     return b_ek, b_ev
+
+
+@triton.jit
+def extra_grads(b_q, b_do, b_lse, b_delta, b_ek, b_ev, m_r, scale_hi, scale_lo, ACC: tl.constexpr):
+    """For query rows ``b_q``/``b_do`` (``[rows, BD]`` in ACC, rows valid where ``m_r``): the extra
+    token's probability ``p_e`` and the gradient of its score ``dS_e = p_e * (dO . v_e - delta)``."""
+    b_se = scaled(tl.sum(b_q * b_ek[None, :], axis=1), scale_hi, scale_lo, ACC)
+    b_pe = tl.where(m_r, tl.exp2(b_se - b_lse), 0.0)
+    return b_pe, b_pe * (tl.sum(b_do * b_ev[None, :], axis=1) - b_delta)
 
 
 @triton.jit

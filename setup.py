@@ -30,7 +30,7 @@ setup(
         "triton>=3.6; platform_system == 'Linux' and platform_machine == 'x86_64'",
     ],
     extras_require={
-        # the tests also run the benchmark runner (plot, progress bar), write/read real videos,
+        # the tests also run the benchmark runner (plot), write/read real videos (progress bar),
         # fine-tune with PEFT LoRA and transformers' Trainer (accelerate), and export to ONNX and run it in
         # ONNX Runtime
         "test": ["pytest>=7", "transformers>=5", "safetensors", "av>=11", "matplotlib", "tqdm", "peft", "accelerate",
@@ -38,7 +38,7 @@ setup(
         # ONNX export (the dynamo exporter needs onnx and onnxscript) and ONNX Runtime for the bench;
         # the .pt2 package needs nothing beyond torch
         "export": ["onnx", "onnxscript", "onnxruntime"],
-        "bench": ["pytest-benchmark", "matplotlib", "tqdm"],
+        "bench": ["pytest-benchmark", "matplotlib"],
         # xformers wheels pin exact torch versions: opt in explicitly
         "xformers": ["xformers"],
         "video": ["av>=11", "tqdm"],

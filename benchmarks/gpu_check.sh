@@ -11,7 +11,7 @@
 # against SDPA, xformers when carried); training steps at the recompute levels (MFU, GPU idle, CUDA
 # graphs); the long-clip encoder; torch.compile of the block; the tile-tuning sweep (writes
 # tune/tuned.json: copy it to xclip_fast/kernels/tuned.json); every kernel on small shapes under
-# compute-sanitizer's memcheck (benchmarks/sanitize.py: it says so when the machine's sanitizer refuses
+# compute-sanitizer's memcheck (tests/sanitize.py: it says so when the machine's sanitizer refuses
 # the device); a CUDA .pt2 package of the triton backend. A step that outlives its limit gets SIGINT. Results land
 # in $OUT/gpu-check.tar.gz with $OUT/summary.txt beside it, also when a step fails or runs out of time. Environment: PYTHON
 # (default python3), XCLIP_FAST_COMMIT (the commit, where the copy has no .git), GPU_CHECK_BUDGET
@@ -82,7 +82,7 @@ EXPORT_CUDA_TEST=test_pt2_package_on_cuda_carries_the_triton_kernels  # its own 
 if [ $DRY -eq 1 ]; then
   step tests 120 $PY -m pytest -q -p no:cacheprovider tests/test_compile.py -k "opcheck and attention_fwd-extra" \
     --junitxml="$WORK/junit.xml"
-  step sanitize 120 $PY benchmarks/sanitize.py --memcheck --quick
+  step sanitize 120 $PY tests/sanitize.py --memcheck --quick
   step bench-attention 120 $BENCH --device cpu --quick --level attention --providers xclip-fast-torch
   step bench-block 120 $BENCH --device cpu --quick --level block --frames 2 --providers xclip-fast-torch
   step bench-block-compiled 120 $BENCH --device cpu --quick --level block --frames 2 --mode fwdbwd \
@@ -135,7 +135,7 @@ step bench-train-graphs 80 $BENCH --level train --model b16 --frames 8 --batch 8
 # 8. tile tuning at the X-CLIP shapes
 step tune 60 $PY benchmarks/tune.py --out "$WORK/tune" --budget 45
 # 9. every kernel (fwd, both backward passes, packed/plain, extra token or not, odd lengths) under memcheck
-step sanitize 45 $PY benchmarks/sanitize.py --memcheck --quick
+step sanitize 45 $PY tests/sanitize.py --memcheck --quick
 # 10. a CUDA .pt2 package of the triton backend (AOTInductor): kernels inside, parity, loads with torch alone
 step export-cuda 60 $PY -m pytest -q -p no:cacheprovider tests/test_export.py -k "$EXPORT_CUDA_TEST"
 exit $((FAILED > 0))

@@ -87,29 +87,46 @@ def _at_level(block, name):
     return run
 
 
+def _measured(variants: dict, x, keep, timed=(), rounds: int = 0) -> list[dict]:
+    """Per variant (name -> ``fn(x)``): the MiB its forward holds for the backward (a compiled one:
+    what its graph saves), the matmul FLOPs of forward + backward (not counted inside a compiled
+    one) and, for the names in ``timed``, the median ms of forward + backward in alternating rounds."""
+    rows = []
+    for name, fn in variants.items():
+        compiled = "compile" in name
+        held = (saved_bytes if compiled else held_bytes)(fn, x, keep=keep)[1]
+        rows.append(dict(variant=name, held_mib=held / MIB, flops=None if compiled else matmul_flops(_step(fn), x)))
+    x.grad = None
+    if timed:
+        times = _median_ms({n: functools.partial(_step(variants[n]), x) for n in timed}, rounds)
+        for r in rows:
+            r["time_ms"] = times.get(r["variant"])
+    return rows
+
+
+def _ratios(rows: list[dict], base: dict, suffix: str = "", time_base: dict | None = None) -> list[dict]:
+    """Held bytes, FLOPs (and with ``time_base``, time) of every row over ``base``'s (``time_base``'s):
+    columns ``held_x<suffix>``, ``flops_x<suffix>``, ``time_x<suffix>``."""
+    for r in rows:
+        r["held_x" + suffix] = r["held_mib"] / base["held_mib"]
+        r["flops_x" + suffix] = r["flops"] / base["flops"] if r["flops"] else None
+        if time_base is not None:
+            r["time_x" + suffix] = r["time_ms"] / time_base["time_ms"] if r["time_ms"] else None
+    return rows
+
+
 def block_table(l: int, rounds: int) -> list[dict]:
     ref, fast, x = _blocks(l)
     sac = functools.partial(create_selective_checkpoint_contexts, save_matmuls)
-    compiled = torch.compile(ref)
     variants = {"original": ref,
                 "original + selective checkpointing": lambda x: checkpoint(ref, x, use_reentrant=False, context_fn=sac),
-                "original, torch.compile": compiled,
+                "original, torch.compile": torch.compile(ref),
                 **{f"fast, recompute={k}": _at_level(fast, k) for k in RECOMPUTE_LEVELS}}
-    rows = []
-    for name, fn in variants.items():
-        measure = saved_bytes if "compile" in name else held_bytes
-        held = measure(fn, x, keep=[ref, fast])[1]
-        flops = None if "compile" in name else matmul_flops(_step(fn), x)
-        rows.append(dict(variant=name, held_mib=held / MIB, flops=flops))
-    x.grad = None
-    times = _median_ms({r["variant"]: functools.partial(_step(variants[r["variant"]]), x) for r in rows
-                        if r["variant"].startswith("fast")}, rounds)
-    base = rows[0]
+    rows = _measured(variants, x, [ref, fast], [n for n in variants if n.startswith("fast")], rounds)
+    _ratios(rows, rows[0])
+    none = next(r for r in rows if r["variant"] == "fast, recompute=none")
     for r in rows:
-        r["held_x"] = r["held_mib"] / base["held_mib"]
-        r["flops_x"] = r["flops"] / base["flops"] if r["flops"] else None
-        r["time_ms"] = times.get(r["variant"])
-        r["time_x_none"] = r["time_ms"] / times["fast, recompute=none"] if r["time_ms"] else None
+        r["time_x_none"] = r["time_ms"] / none["time_ms"] if r["time_ms"] else None
     return rows
 
 
@@ -145,19 +162,8 @@ def lora_table(l: int, rounds: int) -> list[dict]:
     x = torch.randn(l, T, d, requires_grad=True)
     variants = {"trainable, no LoRA": trainable, "frozen, no LoRA": frozen, "frozen + LoRA on the MLP (fused)": lora,
                 "frozen + LoRA on the MLP, called as modules": called}
-    rows = []
-    for name, fn in variants.items():
-        held = held_bytes(fn, x, keep=[plain, frozen, lora, called])[1]
-        rows.append(dict(variant=name, held_mib=held / MIB, flops=matmul_flops(_step(fn), x)))
-    x.grad = None
-    times = _median_ms({name: functools.partial(_step(fn), x) for name, fn in variants.items()}, rounds)
-    base = rows[1]
-    for r in rows:
-        r["held_x_frozen"] = r["held_mib"] / base["held_mib"]
-        r["flops_x_frozen"] = r["flops"] / base["flops"]
-        r["time_ms"] = times[r["variant"]]
-        r["time_x_frozen"] = r["time_ms"] / times[base["variant"]]
-    return rows
+    rows = _measured(variants, x, [plain, frozen, lora, called], list(variants), rounds)
+    return _ratios(rows, rows[1], "_frozen", time_base=rows[1])
 
 
 def offload_table(l: int) -> list[dict]:
@@ -238,11 +244,9 @@ def host_table(rounds: int) -> list[dict]:
     return rows
 
 
-def _held_flops(tr: Trainer, video, compiled: bool = False):
-    forward = tr.counted if compiled else None
-    measure = saved_bytes if compiled else held_bytes
-    held = measure(lambda v: tr.loss(v, forward), video, keep=[tr.modules])[1]
-    return held, tr.flops(video)
+def _held_flops(tr: Trainer, video):
+    """Held bytes (compiled: saved by the counting copy's graphs, the same partition) and FLOPs."""
+    return tr.held(video, tr.counted), tr.flops(video)
 
 
 def budget_table(model: str, T: int, quick: bool) -> tuple[list[dict], list[dict]]:
@@ -266,7 +270,7 @@ def budget_table(model: str, T: int, quick: bool) -> tuple[list[dict], list[dict
     for b in compiled_budgets:
         torch._dynamo.reset()
         tr = Trainer(f"reference-compiled-budget-{b}", enc, torch.device("cpu"), False)
-        add(f"original, torch.compile, activation_memory_budget={b}", *_held_flops(tr, video, compiled=True))
+        add(f"original, torch.compile, activation_memory_budget={b}", *_held_flops(tr, video))
         del tr
     fast = Trainer("xclip-fast-none", enc, torch.device("cpu"), False)
     none_held, none_flops = _held_flops(fast, video)
@@ -305,15 +309,9 @@ def encoder_table(model: str, T: int) -> list[dict]:
     names = ["reference", "reference-sac", *FAST]
     enc, trainers = _trainers(model, T, False, names)
     r = enc.config["input_resolution"]
-    video = torch.randn(1, T, 3, r, r)
-    rows = []
-    for name, tr in trainers.items():
-        held = held_bytes(tr.loss, video, keep=[tr.modules])[1]
-        rows.append(dict(variant=name, held_mib=held / MIB, flops=matmul_flops(tr.fwd_bwd, video)))
-    for row in rows:
-        row["held_x"] = row["held_mib"] / rows[0]["held_mib"]
-        row["flops_x"] = row["flops"] / rows[0]["flops"]
-    return rows
+    rows = _measured({n: tr.loss for n, tr in trainers.items()}, torch.randn(1, T, 3, r, r),
+                     [tr.modules for tr in trainers.values()])
+    return _ratios(rows, rows[0])
 
 
 def longest_clip_table(model: str, frames=(2, 4)) -> list[dict]:
@@ -332,8 +330,7 @@ def longest_clip_table(model: str, frames=(2, 4)) -> list[dict]:
         r = enc.config["input_resolution"]
         video = torch.randn(1, T, 3, r, r)
         for name, tr in trainers.items():
-            nbytes = held_bytes(tr.loss, video, keep=[tr.modules])[1]
-            held[name].append(nbytes)
+            held[name].append(tr.held(video))
         del enc, trainers
     slope = {n: (b2 - b1) / (frames[1] - frames[0]) for n, (b1, b2) in held.items()}
     working = slope["reference"] / layers

@@ -114,6 +114,8 @@ def _compile_or_fail(job):
 # timing
 # ------------------------------------------------------------------------------------------------
 def _timer(device, dry_run: bool):
+    """Milliseconds of one call: the bench's CUDA-event median on a GPU, one call after a warm-up on a
+    dry run (the interpreter is slow)."""
     if dry_run or device.type != "cuda":
         def cpu_time(fn):
             fn()
@@ -121,9 +123,9 @@ def _timer(device, dry_run: bool):
             fn()
             return (time.perf_counter() - t0) * 1e3
         return cpu_time
-    from triton.testing import do_bench
+    from xclip_fast.bench.measure import time_ms
 
-    return lambda fn: do_bench(fn, warmup=10, rep=40, return_mode="median")
+    return lambda fn: time_ms(fn, device, quick=True)[0]
 
 
 class _Problem:
@@ -168,6 +170,7 @@ def _tune_shape(problem, base, pool, bench, dry_run, label):
     """The best tiles of the three kernels for one problem: (rows, best tiles or None if the tuned
     tiles change the results)."""
     from xclip_fast.kernels.plan import Tiles
+    from xclip_fast.testing import rel_err
 
     rows, best = [], {}
     reference = problem.results(base)
@@ -191,7 +194,7 @@ def _tune_shape(problem, base, pool, bench, dry_run, label):
     tuned = problem.results(dataclasses.replace(base, **best))
     tol = 1e-5 if problem.q.dtype.itemsize >= 4 else 2e-2  # two roundings of the output dtype
     for what, a, b in zip(("out", "dq", "dk"), tuned, reference):
-        err = ((a.float() - b.float()).norm() / b.float().norm()).item()
+        err = rel_err(a, b)
         if not err <= tol:
             print(f"{label}: the tuned tiles change {what} by {err:.2e} > {tol}: not kept", file=sys.stderr)
             return rows, None

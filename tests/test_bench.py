@@ -249,3 +249,25 @@ def test_offload_provider_moves_what_the_level_keeps():
     assert tr.offload.moved - tr.offload.parameters >= held > 0
     assert not [p for p in _train_providers(None, True, False) if offloads(p)]
     assert len([p for p in _train_providers(None, False, True) if offloads(p)]) == 4
+
+
+def _touches(mib: int) -> int:
+    """A memory probe (it runs in the fresh process): the resident growth of a call that fills ``mib`` MiB."""
+    from xclip_fast.bench.measure import rss_growth
+
+    return rss_growth(lambda: torch.ones(mib * 2**20, dtype=torch.uint8))
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="resident memory is read from Linux's /proc")
+def test_fresh_process_probe_reads_what_one_call_allocates():
+    """The CPU memory column of every level (``fresh_rss_mib``): a call that fills 64 MiB reads as
+    64 MiB, above what the process held before, and twice that for 128 (the warm-up call's pages
+    are returned, not counted again)."""
+    from xclip_fast.bench.measure import fresh_rss_mib
+
+    small, large = fresh_rss_mib(_touches, 64), fresh_rss_mib(_touches, 128)
+    # the call's own tensor: up to 1 MiB of it may land on pages the process already held (measured
+    # 63.9 for 64), and at most a few MiB of allocator and interpreter pages come on top
+    assert 64 - 1 <= small <= 64 + 8, small
+    assert 128 - 1 <= large <= 128 + 8, large
+    assert 1.9 <= large / small <= 2.1  # proportional to the call's bytes, not a constant

@@ -1,6 +1,6 @@
 """benchmarks/gpu_check.sh cannot be broken on the day a GPU is lent: its dry mode walks every step
 (tests, the sanitizer's workload, the benchmark levels, the tuner, the CUDA export test) on tiny sizes
-and packs one archive; the sanitizer's workload (benchmarks/sanitize.py) catches a wrong output and a
+and packs one archive; the sanitizer's workload (tests/sanitize.py) catches a wrong output and a
 wrong gradient."""
 
 import importlib.util
@@ -50,7 +50,7 @@ def test_dry_run_walks_every_step_and_packs_one_archive(tmp_path):
 
 
 def _sanitize_module():
-    spec = importlib.util.spec_from_file_location("sanitize", SCRIPT.with_name("sanitize.py"))
+    spec = importlib.util.spec_from_file_location("sanitize", Path(__file__).with_name("sanitize.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

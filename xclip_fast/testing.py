@@ -45,7 +45,7 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor, scale: float = 0.0) -> float:
 
 def attention_f64(q, k, v, extra_k=None, extra_v=None, scale=None):
     """Plain float64 attention on (B, S, H, D) tensors with an optional extra token (einsum and
-    softmax, no SDPA): the independent truth of the kernels' tests and of ``benchmarks/sanitize.py``."""
+    softmax, no SDPA): the independent truth of the kernels' tests and of ``tests/sanitize.py``."""
     q, k, v = q.double(), k.double(), v.double()
     if extra_k is not None:
         k = torch.cat([k, extra_k.double()[:, None]], dim=1)

@@ -26,7 +26,7 @@ import time
 import torch
 
 from xclip_fast.bench.cases import Case
-from xclip_fast.bench.measure import MIB, cuda_memory, deciles, free, interleaved_times, rss_growth
+from xclip_fast.bench.measure import MIB, cuda_memory, deciles, free, fresh_rss_mib, interleaved_times, rss_growth
 from xclip_fast.bench.results import Result, compare_to_reference
 from xclip_fast.bench.workloads import Skip, original_encoder, original_forward
 from xclip_fast.dtypes import dtype_name
@@ -110,7 +110,8 @@ def _call(fn, video):
 
 
 def _probe(model, overrides, dtype, name, T, batch, workdir, artifacts):
-    """Runs in a fresh process: the resident growth (bytes) of one call after a warm-up call."""
+    """Runs in a fresh process (:func:`~xclip_fast.bench.measure.fresh_rss_mib`): the resident growth
+    (bytes) of one call after a warm-up call; the weights and the loaded artifact do not count."""
     p = _Providers(model, overrides, dtype, torch.device("cpu"), workdir, 1, 1)
     p.artifacts = artifacts
     fn = p.build(name, T)
@@ -118,26 +119,6 @@ def _probe(model, overrides, dtype, name, T, batch, workdir, artifacts):
     video = torch.randn(batch, T, 3, r, r, dtype=dtype if name in _MODULES else torch.float32)
     del p.enc
     return rss_growth(lambda: _call(fn, video))
-
-
-def _cpu_peak(model, overrides, dtype, name, T, batch, workdir, artifacts):
-    """:func:`_probe` in a fresh interpreter (``python -m xclip_fast.bench.inference``), with glibc
-    returning freed memory at once so that resident memory follows live memory (as in
-    :func:`xclip_fast.bench.measure.cpu_memory`)."""
-    import json
-    import subprocess
-    import sys
-
-    if not os.path.exists("/proc/self/clear_refs"):
-        return None
-    spec = dict(model=model, overrides=overrides, dtype=dtype_name(dtype), name=name, T=T, batch=batch,
-                workdir=workdir, artifacts=artifacts)
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(128 * 1024)}
-    proc = subprocess.run([sys.executable, "-m", "xclip_fast.bench.inference", json.dumps(spec)], env=env,
-                          capture_output=True, text=True, timeout=1800)
-    if proc.returncode != 0:
-        raise RuntimeError(f"memory probe of {name} failed: {proc.stderr.strip().splitlines()[-1:]}")
-    return int(proc.stdout.strip().splitlines()[-1]) / MIB
 
 
 def inference_rows(models, frames, batches, dtype: torch.dtype, device: torch.device, quick: bool, env: dict,
@@ -175,14 +156,13 @@ def inference_rows(models, frames, batches, dtype: torch.dtype, device: torch.de
                         t0 = time.perf_counter()
                         out = _call(fn, inputs[name])
                         row.extras["first_call_s"] = time.perf_counter() - t0  # compiles on the first call
-                        row.error = rel_err(out.float().cpu(), truth)
+                        err = rel_err(out.float().cpu(), truth)
                         if name == "reference":
-                            ref_err = row.error
+                            ref_err = err
                         # float32: rounding only; lower precision: the original's own error in it sets the bar
                         tol = TOLERANCES[torch.float32]
-                        row.tolerance = tol if dtype == torch.float32 or ref_err is None else max(2 * ref_err, tol)
-                        if not row.error <= row.tolerance:
-                            row.status, row.reason = "mismatch", f"error {row.error:.2e} > {row.tolerance:.1e}"
+                        if not row.check({"output": err}, tol if dtype == torch.float32 or ref_err is None
+                                         else max(2 * ref_err, tol)):
                             continue
                         timed[name] = functools.partial(_call, fn, inputs[name])
                     except Exception as exc:
@@ -200,8 +180,8 @@ def inference_rows(models, frames, batches, dtype: torch.dtype, device: torch.de
                     if memory:
                         try:
                             if device.type == "cpu":
-                                row.extra_mib = _cpu_peak(model, overrides, dtype, name, T, batch, workdir,
-                                                          prov.artifacts)
+                                row.extra_mib = fresh_rss_mib(_probe, model, overrides, dtype, name, T, batch,
+                                                              workdir, prov.artifacts)
                             elif name != "onnxruntime":  # ONNX Runtime's allocator is not PyTorch's
                                 row.peak_mib, row.extra_mib = cuda_memory(timed[name], device)
                         except Exception as exc:
@@ -236,13 +216,3 @@ def inference_table(rows: list[Result], env: dict) -> str:
             "the call's start (CUDA); error: relative, against the original in float32\n")
     return head + markdown_table(recs, list(recs[0]) if recs else [])
 
-
-if __name__ == "__main__":  # the memory probe of one provider (see _cpu_peak)
-    import json
-    import sys
-
-    from xclip_fast.dtypes import BY_NAME
-
-    _spec = json.loads(sys.argv[1])
-    print(_probe(_spec["model"], _spec["overrides"], BY_NAME[_spec["dtype"]], _spec["name"], _spec["T"],
-                 _spec["batch"], _spec["workdir"], _spec["artifacts"]))

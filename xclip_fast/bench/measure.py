@@ -13,7 +13,7 @@ import torch
 from xclip_fast.dtypes import BY_NAME, dtype_name
 
 __all__ = ["MIB", "time_ms", "time_interleaved", "interleaved_times", "deciles", "host_times", "gpu_idle_fraction",
-           "cuda_memory", "cpu_memory", "rss_growth", "copy_bandwidth", "free"]
+           "cuda_memory", "cpu_memory", "fresh_rss_mib", "rss_growth", "copy_bandwidth", "free"]
 
 MIB = 2**20
 
@@ -177,9 +177,9 @@ def _rss_probe(case, dtype_str, provider, mode, quick):
 _POOL = None
 
 
-def cpu_memory(case, dtype, provider, mode, quick):
-    """Peak resident-memory growth (MiB) of one call, measured in a fresh process (forkserver:
-    torch is imported once, each measurement forks a clean child)."""
+def fresh_rss_mib(probe, *args) -> float | None:
+    """The bytes ``probe(*args)`` returns (a :func:`rss_growth`), in MiB, run in a fresh process
+    (forkserver: torch is imported once, each measurement forks a clean child); None off Linux."""
     global _POOL
     import multiprocessing as mp
 
@@ -201,7 +201,12 @@ def cpu_memory(case, dtype, provider, mode, quick):
         else:
             os.environ["MALLOC_MMAP_THRESHOLD_"] = saved
     with pool:
-        return pool.apply(_rss_probe, (case, dtype_name(dtype), provider, mode, quick)) / MIB
+        return pool.apply(probe, args) / MIB
+
+
+def cpu_memory(case, dtype, provider, mode, quick):
+    """Peak resident-memory growth (MiB) of one call of a provider, in a fresh process."""
+    return fresh_rss_mib(_rss_probe, case, dtype_name(dtype), provider, mode, quick)
 
 
 def copy_bandwidth(device) -> float:

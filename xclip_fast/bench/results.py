@@ -74,6 +74,15 @@ class Result:
         self.status = "oom" if oom else "error"
         self.reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:200]
 
+    def check(self, errors: dict, tolerance: float) -> bool:
+        """Record the largest of ``errors`` (what -> relative error against the truth) and
+        ``tolerance``; beyond it the row is a mismatch naming the worst. True when within."""
+        worst = max(errors, key=errors.get)
+        self.error, self.tolerance = errors[worst], tolerance
+        if not self.error <= tolerance:
+            self.status, self.reason = "mismatch", f"{worst}: error {self.error:.2e} > {tolerance:.1e}"
+        return self.status == "ok"
+
     def record(self) -> dict:
         """Everything, ``extras`` merged in (the JSON form)."""
         rec = asdict(self)

@@ -71,14 +71,10 @@ def run_case(case, dtype, mode, providers, device, quick, copy_bw, env=None):
             out = work.run(fn, mode, g_out)
             if truth is not None:
                 errs = {k: rel_err(v.float().cpu(), truth[k]) for k, v in work.results(out, mode).items()}
-                row.error = max(errs.values())
                 if name == "reference":
-                    ref_err = row.error
+                    ref_err = max(errs.values())
                 # the reference's own low-precision error sets the bar (at most 10x the dtype's tolerance)
-                row.tolerance = min(max(tol, 2 * ref_err), 10 * tol) if ref_err is not None else tol
-                if not row.error <= row.tolerance:
-                    worst = max(errs, key=errs.get)
-                    row.status, row.reason = "mismatch", f"{worst}: error {errs[worst]:.2e} > {row.tolerance:.1e}"
+                row.check(errs, min(max(tol, 2 * ref_err), 10 * tol) if ref_err is not None else tol)
             del out
             if row.status == "ok":
                 timed[name] = _timed(work, fn, mode, g_out)
@@ -119,27 +115,10 @@ def run_case(case, dtype, mode, providers, device, quick, copy_bw, env=None):
 
 
 
-def _progress(total):
-    try:
-        from tqdm import tqdm
-
-        return tqdm(total=total, unit="run", file=sys.stderr, dynamic_ncols=True)
-    except Exception:
-        class _Plain:
-            def __init__(self):
-                self.n = 0
-
-            def update(self, k=1):
-                self.n += k
-                print(f"\r{self.n}/{total}", end="", file=sys.stderr, flush=True)
-
-            def set_description(self, _):
-                pass
-
-            def close(self):
-                print(file=sys.stderr)
-
-        return _Plain()
+def _progress(n: int, total: int, what: str) -> None:
+    """Case ``n`` of ``total`` starts: one line on stderr (the bench mostly runs into log files, where
+    a progress bar's redraws are noise)."""
+    print(f"[{n}/{total}] {what}", file=sys.stderr, flush=True)
 
 
 def _train_providers(wanted, quick: bool, cuda: bool):
@@ -203,26 +182,23 @@ def main(args) -> int:
             for c in cases for m in modes if not (c.level == "encoder" and m == "fwdbwd")]
     train_frames = (frames or ([8] if quick else [8, 32])) if "train" in levels else []
     train_providers = _train_providers(wanted, quick, cuda)
-    # the bar counts cases (one case: every provider of one size and mode), not provider runs
-    bar = _progress(len(plan) + len(train_frames))
+    # one line per case (one case: every provider of one size and mode), as it starts
+    total = len(plan) + len(train_frames)
     rows = []
     interrupted = False
     try:
-        for case, mode, provs in plan:
-            bar.set_description(f"{case.label} {mode}")
+        for i, (case, mode, provs) in enumerate(plan, 1):
+            _progress(i, total, f"{case.label} {mode}")
             new = run_case(case, dtype, mode, provs, device, quick, copy_bw, env)
             append_rows(new, args.out)
             rows += new
-            bar.update(1)
-        for T in train_frames:
-            bar.set_description(f"train {model} b={batch} T={T}")
+        for i, T in enumerate(train_frames, len(plan) + 1):
+            _progress(i, total, f"train {model} b={batch} T={T}")
             new = train_rows(model, [T], batch, device, quick, env, train_providers)
             append_rows(new, args.out)
             rows += new
-            bar.update(1)
     except KeyboardInterrupt:  # a time limit's SIGINT: report the cases that finished
         interrupted = True
-    bar.close()
     if interrupted:
         print(f"interrupted: the {len(rows)} row(s) of the cases that finished follow", file=sys.stderr)
     print(table(rows, env))

@@ -173,6 +173,12 @@ class Trainer:
         self.loss(video).backward()
         self.opt.step()
 
+    def held(self, video, forward=None) -> int:
+        """Bytes one forward keeps for the backward: :func:`~xclip_fast.bench.memory.held_bytes`, or
+        for a compiled provider what its graph saves (:func:`~xclip_fast.bench.memory.saved_bytes`)."""
+        measure = held_bytes if self.counted is None else saved_bytes
+        return measure(lambda v: self.loss(v, forward), video, keep=[self.modules])[1]
+
     def fwd_bwd(self, video, forward=None):
         self.loss(video, forward).backward()
         for p in self.params:
@@ -262,14 +268,13 @@ def train_rows(model: str, frames: list[int], batch: int, device: torch.device, 
                 loss, g = tr.grads(video)
                 if truth is None:
                     truth = (loss, g)
-                tol = TOLERANCES[torch.bfloat16 if cuda else torch.float32]
-                row.error, row.tolerance = max(rel_err(loss, truth[0]), rel_err(g, truth[1])), tol
+                within = row.check({"loss/gradients": max(rel_err(loss, truth[0]), rel_err(g, truth[1]))},
+                                   TOLERANCES[torch.bfloat16 if cuda else torch.float32])
                 del g
-                if not row.error <= row.tolerance:
-                    row.status, row.reason = "mismatch", f"loss/gradients: error {row.error:.2e} > {tol:.1e}"
+                if not within:
                     continue
                 row.extras["flops"] = tr.flops(video)
-                compiled = name.startswith("reference-compiled")
+                compiled = tr.counted is not None
                 if cuda:
                     row.median_ms, row.p20_ms, row.p80_ms = time_ms(functools.partial(tr.step, video), device, quick)
                     row.peak_mib, row.extra_mib = cuda_memory(functools.partial(tr.step, video), device)
@@ -281,9 +286,7 @@ def train_rows(model: str, frames: list[int], batch: int, device: torch.device, 
                         row.extras["offloaded_parameters_mib"] = tr.offload.parameters / MIB
                 else:
                     timed[name] = functools.partial(tr.step, video)
-                    measure = saved_bytes if compiled else held_bytes
-                    held = measure(tr.loss, video, keep=[tr.modules])[1]
-                    row.extra_mib = held / MIB
+                    row.extra_mib = tr.held(video) / MIB
                     row.extras["memory"] = "saved by autograd" if compiled else "held"
             except Exception as exc:  # one provider failing does not stop the others
                 row.fail(exc)

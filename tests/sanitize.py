@@ -17,8 +17,8 @@ report names its kernel, so PyTorch's kernels running beside ours do not blur wh
 Under the sanitizer ``PYTORCH_NO_CUDA_MEMORY_CACHING=1`` makes every tensor its own allocation, so
 that an access past a tensor's end is caught.
 
-    python benchmarks/sanitize.py [--quick]             # one line per case, a verdict last; 1 on a mismatch
-    python benchmarks/sanitize.py --memcheck [--quick]  # the same under compute-sanitizer (1 on an error)
+    python tests/sanitize.py [--quick]             # one line per case, a verdict last; 1 on a mismatch
+    python tests/sanitize.py --memcheck [--quick]  # the same under compute-sanitizer (1 on an error)
 """
 
 from __future__ import annotations

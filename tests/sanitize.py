@@ -36,9 +36,8 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
 
 from xclip_fast import mlp, ops, reference  # noqa: E402
-from xclip_fast.testing import attention_f64, rel_err  # noqa: E402
+from xclip_fast.testing import OWN_ERROR_FORWARD, OWN_ERROR_GRADIENT, attention_f64, rel_err  # noqa: E402
 
-FORWARD, GRADIENT = 2.0, 3.0  # allowed multiples of PyTorch's own error in the same dtype
 # the floor of "PyTorch's own error": a few units of the dtype's resolution (an exact PyTorch result
 # does not oblige the kernel to be exact)
 FLOOR = {torch.float32: 4 * torch.finfo(torch.float32).eps, torch.float16: 2 * torch.finfo(torch.float16).eps,
@@ -145,7 +144,7 @@ def workload(quick: bool) -> int:
         largest = max(t.double().norm().item() for t in truth[1:])
         worst = []
         for i, (label, y, t, o) in enumerate(zip(labels, kernel, truth, own)):
-            factor, s = (FORWARD, 0.0) if i == 0 else (GRADIENT, largest)
+            factor, s = (OWN_ERROR_FORWARD, 0.0) if i == 0 else (OWN_ERROR_GRADIENT, largest)
             err, bar = rel_err(y, t, s), factor * max(rel_err(o, t, s), FLOOR[dtype])
             worst.append((err / bar, err, bar, label))
         ratio, err, bar, which = max(worst)

@@ -12,7 +12,7 @@ from _helpers import assert_rel, needs_triton
 
 import xclip_fast
 from xclip_fast.ops import packed_attention
-from xclip_fast.testing import TF32_TOLERANCE, TOLERANCES, attention_f64, rel_err
+from xclip_fast.testing import OWN_ERROR_FORWARD, OWN_ERROR_GRADIENT, TF32_TOLERANCE, TOLERANCES, attention_f64, rel_err
 
 pytestmark = needs_triton
 CUDA = torch.cuda.is_available()
@@ -55,18 +55,14 @@ NAMES = ["output", "grad q", "grad k", "grad v", "grad extra_k", "grad extra_v"]
 
 
 def _torch_errors(ins, grad, ref, ref_ins):
-    """PyTorch's own error on the same inputs in the same precision, by name: the concatenation
-    [k; extra k] through SDPA (its math path in fp32, where TF32 reaches the matmuls), forward and
-    backward, against the same float64 truth."""
+    """PyTorch's own error on the same inputs in the same precision, by name: the torch backend (SDPA
+    over [k; extra k]; its math path in fp32, where TF32 reaches the matmuls), forward and backward,
+    against the same float64 truth."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     leaves = [t.detach().clone().requires_grad_() for t in ins]
-    q, k, v = (t.transpose(1, 2) for t in leaves[:3])
-    if len(leaves) == 5:
-        k = torch.cat([k, leaves[3][:, :, None]], 2)
-        v = torch.cat([v, leaves[4][:, :, None]], 2)
-    with sdpa_kernel([SDPBackend.MATH]) if q.dtype == torch.float32 else contextlib.nullcontext():
-        out = torch.nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2)
+    with sdpa_kernel([SDPBackend.MATH]) if leaves[0].dtype == torch.float32 else contextlib.nullcontext():
+        out = xclip_fast.attention(*leaves, backend="torch")
     out.backward(grad)
     return dict(zip(NAMES, [rel_err(out, ref)] + [rel_err(t.grad, r.grad) for t, r in zip(leaves, ref_ins)]))
 
@@ -86,7 +82,7 @@ def _check_against_f64(shape, dtype, device, tol):
     ours = [out] + [t.grad for t in ins]
     theirs = _torch_errors(ins, grad, ref, ref_ins) if device.type == "cuda" and dtype != torch.float64 else {}
     for name, t, r in zip(NAMES, ours, [ref] + [r.grad for r in ref_ins]):
-        bound = max(tol, (2 if name == "output" else 3) * theirs.get(name, 0.0))
+        bound = max(tol, (OWN_ERROR_FORWARD if name == "output" else OWN_ERROR_GRADIENT) * theirs.get(name, 0.0))
         assert_rel(f"{name} (PyTorch's error {theirs.get(name, float('nan')):.1e})", t, r, bound)
 
 

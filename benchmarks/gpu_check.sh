@@ -15,12 +15,27 @@
 # the device); a CUDA .pt2 package of the triton backend. A step that outlives its limit gets SIGINT. Results land
 # in $OUT/gpu-check.tar.gz with $OUT/summary.txt beside it, also when a step fails or runs out of time. Environment: PYTHON
 # (default python3), XCLIP_FAST_COMMIT (the commit, where the copy has no .git), GPU_CHECK_BUDGET
-# (seconds for all steps, default 450), GPU_CHECK_KEEP (keep the working folder after packing).
+# (seconds for all steps, default 450), GPU_CHECK_KEEP (keep the working folder after packing), GPU_CHECK_STEPS
+# (comma-separated step names: run only those, in the order above, e.g. bench-attention,bench-train,bench-encoder
+# when the tests already ran on an earlier machine; an unknown name stops the script before anything runs).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/results/local}
 PY=${PYTHON:-python3}
 BUDGET=${GPU_CHECK_BUDGET:-450}
+# every step name below, in order (tests/test_gpu_check.py checks that this list and the steps agree)
+ALL_STEPS=" tests-kernels racecheck tests bench-attention bench-block bench-train bench-encoder bench-block-compiled
+  bench-train-graphs tune sanitize export-cuda "
+ALL_STEPS=$(echo $ALL_STEPS)
+ONLY=" $(echo "${GPU_CHECK_STEPS:-}" | tr ',' ' ') "
+for name in $ONLY; do
+  case " $ALL_STEPS " in *" $name "*) ;; *) echo "GPU_CHECK_STEPS: no step named '$name' (steps: $ALL_STEPS)" >&2
+    exit 2 ;; esac
+done
+if [ -n "${GPU_CHECK_STEPS:-}" ] && [ -z "$(echo $ONLY)" ]; then
+  echo "GPU_CHECK_STEPS names no step (steps: $ALL_STEPS)" >&2
+  exit 2
+fi
 DRY=0
 [ "${1:-}" = "--dry-run" ] && DRY=1
 if [ $DRY -eq 0 ] && ! $PY -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
@@ -47,6 +62,10 @@ trap pack EXIT
 
 step() {  # step NAME SECONDS COMMAND...: time-boxed (within what is left of the budget), logged
   local name=$1 limit=$2; shift 2
+  if [ -n "${GPU_CHECK_STEPS:-}" ] && [[ "$ONLY" != *" $name "* ]]; then
+    echo "== $name: SKIPPED (not in GPU_CHECK_STEPS)" | tee -a "$SUMMARY"
+    return
+  fi
   local left=$((BUDGET - (SECONDS - START)))
   if [ $left -lt 15 ]; then
     echo "== $name: SKIPPED (budget of ${BUDGET}s spent)" | tee -a "$SUMMARY"
@@ -74,7 +93,7 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 { nvidia-smi 2>&1 || echo "nvidia-smi: not available"
   $PY -c "import sys, torch, triton; print('python', sys.version.split()[0], 'torch', torch.__version__, 'triton',
 triton.__version__); print('device', torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu')"
-  echo "commit $XCLIP_FAST_COMMIT, dry=$DRY, $(date -u +%Y-%m-%dT%H:%M:%SZ)"; } >"$WORK/device.txt" 2>&1
+  echo "commit $XCLIP_FAST_COMMIT, dry=$DRY, steps=${GPU_CHECK_STEPS:-all}, $(date -u +%Y-%m-%dT%H:%M:%SZ)"; } >"$WORK/device.txt" 2>&1
 cat "$WORK/device.txt" >>"$SUMMARY"
 
 BENCH="$PY -m xclip_fast.cli bench --out $WORK/bench"

@@ -1,10 +1,11 @@
 """benchmarks/gpu_check.sh cannot be broken on the day a GPU is lent: its dry mode walks every step
 (tests, the sanitizer's workload, the benchmark levels, the tuner, the CUDA export test) on tiny sizes
 and packs one archive; the sanitizer's workload (tests/sanitize.py) catches a wrong output and a
-wrong gradient."""
+wrong gradient. GPU_CHECK_STEPS runs a chosen few of its steps and refuses a name it lacks."""
 
 import importlib.util
 import os
+import re
 import subprocess
 import sys
 import tarfile
@@ -100,3 +101,43 @@ def test_sanitize_workload_catches_a_wrong_output_and_a_wrong_gradient(monkeypat
     assert len(packed_lines) == 2 and len(gradient_lines) == 3, out
     assert all("worst out" not in line for line in gradient_lines), out  # caught by a gradient alone
     assert "0/5 cases within their bounds" in out
+
+
+def test_step_list_names_every_step_of_the_script():
+    """GPU_CHECK_STEPS is checked against ALL_STEPS: a step missing from the list could not be chosen,
+    a name listed but never run would be accepted and then run nothing."""
+    text = SCRIPT.read_text()
+    listed = re.search(r'ALL_STEPS="([^"]*)"', text).group(1).split()
+    gpu_path = text.split("exit $((FAILED > 0))", 1)[1]  # the steps after the dry branch
+    run = re.findall(r"^step (\S+) \d+ ", gpu_path, flags=re.M)
+    assert listed == run
+    dry = set(re.findall(r"^  step (\S+) \d+ ", text.split("exit $((FAILED > 0))", 1)[0], flags=re.M))
+    assert dry and dry <= set(listed)
+
+
+@pytest.mark.parametrize("steps, said", [("bench-block,tunes", "no step named 'tunes'"), (",", "names no step")])
+def test_unknown_or_no_step_name_stops_before_anything_runs(tmp_path, steps, said):
+    env = {**os.environ, "OUT": str(tmp_path / "out"), "PYTHON": sys.executable, "GPU_CHECK_STEPS": steps}
+    proc = subprocess.run(["bash", str(SCRIPT), "--dry-run"], capture_output=True, text=True, timeout=60, env=env)
+    assert proc.returncode == 2
+    assert said in proc.stderr and "bench-train-graphs" in proc.stderr  # the valid names are listed
+    assert not (tmp_path / "out").exists()  # nothing installed, run or packed
+
+
+@pytest.mark.skipif(not _gpu_image_release(), reason="walked under the oldest supported torch, the GPU image's "
+                    "release (CI runs the suite under both)")
+def test_chosen_steps_run_and_the_others_are_said_skipped(tmp_path):
+    env = {**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable, "XCLIP_FAST_COMMIT": "test",
+           "GPU_CHECK_STEPS": "tune,bench-block"}
+    env.pop("TRITON_INTERPRET", None)
+    proc = subprocess.run(["bash", str(SCRIPT), "--dry-run"], capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = (tmp_path / "summary.txt").read_text()
+    assert "== bench-block (limit" in summary and "== tune (limit" in summary
+    # in the script's order, not the variable's
+    assert summary.index("== bench-block (limit") < summary.index("== tune (limit")
+    for step in ("tests", "sanitize", "bench-attention", "bench-block-compiled", "bench-encoder", "bench-train",
+                 "export-cuda"):
+        assert f"== {step}: SKIPPED (not in GPU_CHECK_STEPS)" in summary, step
+    assert summary.count("rc=0 in") == 2 and "0 step(s) failed, dry=1, commit test" in summary
+    assert "dry=1, steps=tune,bench-block," in summary  # the choice is in the device facts

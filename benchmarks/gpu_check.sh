@@ -24,9 +24,9 @@ OUT=${OUT:-benchmarks/results/local}
 PY=${PYTHON:-python3}
 BUDGET=${GPU_CHECK_BUDGET:-450}
 # every step name below, in order (tests/test_gpu_check.py checks that this list and the steps agree)
-ALL_STEPS=" tests-kernels racecheck tests bench-attention bench-block bench-train bench-encoder bench-block-compiled
-  bench-train-graphs tune sanitize export-cuda "
-ALL_STEPS=$(echo $ALL_STEPS)
+ALL_STEPS="tests-kernels racecheck tests bench-attention bench-block bench-train bench-encoder bench-block-compiled
+  bench-train-graphs tune sanitize export-cuda"
+ALL_STEPS=$(echo $ALL_STEPS)  # one line, single spaces
 ONLY=" $(echo "${GPU_CHECK_STEPS:-}" | tr ',' ' ') "
 for name in $ONLY; do
   case " $ALL_STEPS " in *" $name "*) ;; *) echo "GPU_CHECK_STEPS: no step named '$name' (steps: $ALL_STEPS)" >&2

@@ -116,7 +116,8 @@ def compile_one(job):
     sig, attrs = signature(fn, dtype, constexprs, scale_type)
     compiled = triton.compile(ASTSource(fn, sig, constexprs, attrs), target=GPUTarget("cuda", arch, 32),
                               options=options)
-    row = dict(kernel=kernel_name, dtype=dtype_name, head_dim=head_dim, extra=extra, packed=packed, tf32=tf32,
+    row = dict(kernel=kernel_name, name=compiled.metadata.name, dtype=dtype_name, head_dim=head_dim, extra=extra,
+               packed=packed, tf32=tf32,
                scale_type=scale_type, arch=arch, shared=compiled.metadata.shared, num_warps=options["num_warps"],
                tiles=tiles)
     with tempfile.TemporaryDirectory() as tmp:

@@ -48,6 +48,12 @@ def test_every_kernel_compiles_for_both_architectures(compiled):
             assert (kernel, arch) in seen, f"{kernel} was not compiled for sm_{arch}"
 
 
+def test_every_kernel_compiles_under_its_own_name(compiled):
+    """The name a profiler shows: the two backward passes (one jit function, DKDV) are told apart."""
+    wrong = [f"{_name(r)} compiled as {r['name']}" for r in compiled if r["name"] != r["kernel"]]
+    assert not wrong, "\n".join(wrong)
+
+
 def test_shared_memory_within_limit(compiled):
     over = [f"{_name(r)}: {r['shared']} B > {SHARED_LIMIT[r['arch']]} B" for r in compiled
             if r["shared"] > SHARED_LIMIT[r["arch"]]]

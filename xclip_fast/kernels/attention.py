@@ -22,7 +22,10 @@ Ideas of the kernels:
 - Scores are kept in base 2 (``scale * log2(e)`` folded in) and ``lse`` is stored in base 2.
 - Backward has no atomics: one program per key tile builds dk/dv over all query tiles (the
   program of key tile 0 also owns the extra token's dk/dv), one program per query tile builds dq.
-  Results are bit-identical from run to run.
+  Results are bit-identical from run to run. The two passes are one jit function compiled twice
+  (``DKDV``), under two names, ``_attention_bwd_dkdv`` and ``_attention_bwd_dq``, so that a profiler
+  and a disassembly tell them apart; each of the three backward launches (``delta``, ``dkdv``,
+  ``dq``) can run on its own (:func:`attention_bwd`'s ``passes``), which the tuner and the lab time.
 - Accumulators are fp32 (fp64 for fp64 inputs); the softmax scale travels as two fp32 numbers
   (hi + lo) because Triton passes Python floats as fp32, which would cost fp64 inputs precision.
   The kernels cast both to fp32 on entry, so a caller that passes them as fp64 (Inductor may)
@@ -35,6 +38,7 @@ Launches go through ``torch.library.wrap_triton``: inside a ``torch.library.trit
 from __future__ import annotations
 
 import struct
+from types import SimpleNamespace
 
 import torch
 import triton
@@ -44,9 +48,10 @@ from . import wrap_triton
 from .plan import LOG2E, pack_group, plan_for
 from .tiles import bad_rows, col_ptrs, extra_grads, is_finite, load_extra, positions, row_ptrs, scaled
 
-__all__ = ["attention_fwd", "attention_bwd", "MAX_HEAD_DIM"]
+__all__ = ["attention_fwd", "attention_bwd", "launch_name", "MAX_HEAD_DIM", "BWD_PASSES"]
 
 MAX_HEAD_DIM = 128  # register tiles of up to 128 columns (ptxas reports, xclip_fast/kernels/plan.py)
+BWD_PASSES = ("delta", "dkdv", "dq")  # the backward's launches, in order
 
 
 # ----------------------------------------------------------------------------------------------
@@ -165,7 +170,14 @@ def _attention_bwd_preprocess_kernel(
     tl.store(p_delta, tl.sum(b_o * b_do, axis=1), mask=m_i)
 
 
-@triton.jit
+def _bwd_name(spec) -> str:
+    """The name each backward pass compiles to (``triton.jit(repr=...)``: what profilers, Nsight and
+    ``cuobjdump`` show): ``spec.constants`` holds the launch's compile-time arguments by name."""
+    dkdv = spec.constants.get("DKDV")
+    return "_attention_bwd_dkdv" if bool(getattr(dkdv, "value", dkdv)) else "_attention_bwd_dq"
+
+
+@triton.jit(repr=_bwd_name)
 def _attention_bwd_kernel(
     q, k, v, ek, ev, do, lse, delta,  # as forward; do: [B, SQ, H, D]; lse/delta: [B, H, SQ]
     dq, dk, dv, dek, dev,  # dq: [B, SQ, H, D], dk/dv: [B, SK, H, D], dek/dev: [B, H, D]
@@ -369,12 +381,17 @@ def attention_fwd(q, k, v, ek, ev, o, lse, scale: float, allow_tf32: bool = Fals
 
 
 def attention_bwd(q, k, v, ek, ev, o, lse, do, dq, dk, dv, dek, dev, scale: float,
-                  allow_tf32: bool = False, plan=None) -> None:
+                  allow_tf32: bool = False, plan=None, passes=BWD_PASSES, delta=None) -> None:
     """Backward launcher: writes ``dq, dk, dv`` (and ``dek, dev`` with the extra token).
 
     Every output is fully written (no accumulation into existing values), deterministically.
-    ``plan`` as in :func:`attention_fwd`.
+    ``plan`` as in :func:`attention_fwd`. ``passes``: which of the three launches of
+    :data:`BWD_PASSES` to run, in that order (all by default; the tuner and the lab time each one
+    alone); ``delta`` (``lse``'s shape and strides): the buffer of the ``delta`` pass, which the other
+    two read (made here when None; it must then hold that pass's result if the pass is not run).
     """
+    unknown = set(passes) - set(BWD_PASSES)
+    assert not unknown, f"unknown backward passes {sorted(unknown)}"
     B, SQ, H, D = q.shape
     SK = k.shape[1]
     has_extra = ek is not None
@@ -383,13 +400,17 @@ def attention_bwd(q, k, v, ek, ev, o, lse, do, dq, dk, dv, dek, dev, scale: floa
     consts = plan.constexprs(G > 1)
     if not has_extra:
         ek = ev = dek = dev = q  # never touched
-    delta = torch.empty_like(lse)
+    if delta is None:
+        assert "delta" in passes, "the dk/dv and dq passes read delta: run its pass or pass its buffer"
+        delta = torch.empty_like(lse)
     assert delta.stride() == lse.stride()
-    pre = plan.preprocess
-    wrap_triton(_attention_bwd_preprocess_kernel)[(B * H, triton.cdiv(SQ, pre.block_m))](
-        o, do, delta, *_strides(o, 3), *_strides(do, 3), delta.stride(0), delta.stride(1), H, SQ,
-        HEAD_DIM=plan.head_dim, BLOCK_M=pre.block_m, BLOCK_D=plan.block_d, ACC=plan.acc, num_warps=pre.num_warps,
-    )
+    if "delta" in passes:
+        pre = plan.preprocess
+        wrap_triton(_attention_bwd_preprocess_kernel)[(B * H, triton.cdiv(SQ, pre.block_m))](
+            o, do, delta, *_strides(o, 3), *_strides(do, 3), delta.stride(0), delta.stride(1), H, SQ,
+            HEAD_DIM=plan.head_dim, BLOCK_M=pre.block_m, BLOCK_D=plan.block_d, ACC=plan.acc,
+            num_warps=pre.num_warps,
+        )
     args = (
         q, k, v, ek, ev, do, lse, delta, dq, dk, dv, dek, dev,
         *_strides(q, 3), *_strides(k, 3), *_strides(v, 3), *_extra_strides(ek, ev, has_extra),
@@ -398,9 +419,18 @@ def attention_bwd(q, k, v, ek, ev, o, lse, do, dq, dk, dv, dek, dev, scale: floa
         B, H, SQ, SK, G, *_split(scale * LOG2E), *_split(scale),
     )
     groups_h = triton.cdiv(B, G) * H
-    for dkdv, t, tiles in ((True, plan.dkdv, triton.cdiv(G * SK, plan.dkdv.block_n)),
-                           (False, plan.dq, triton.cdiv(G * SQ, plan.dq.block_m))):
-        wrap_triton(_attention_bwd_kernel)[(groups_h, tiles)](
-            *args, **consts, BLOCK_M=t.block_m, BLOCK_N=t.block_n, DKDV=dkdv, num_warps=t.num_warps,
-            num_stages=t.num_stages,
-        )
+    for name, dkdv, t, tiles in (("dkdv", True, plan.dkdv, triton.cdiv(G * SK, plan.dkdv.block_n)),
+                                 ("dq", False, plan.dq, triton.cdiv(G * SQ, plan.dq.block_m))):
+        if name in passes:
+            wrap_triton(_attention_bwd_kernel)[(groups_h, tiles)](
+                *args, **consts, BLOCK_M=t.block_m, BLOCK_N=t.block_n, DKDV=dkdv, num_warps=t.num_warps,
+                num_stages=t.num_stages,
+            )
+
+
+def launch_name(kernel, constexprs: dict) -> str:
+    """The name a launch of the jit function ``kernel`` with the compile-time arguments ``constexprs``
+    compiles to, as profilers report it (the two backward passes have names of their own)."""
+    if kernel is _attention_bwd_kernel:
+        return _bwd_name(SimpleNamespace(constants=constexprs))
+    return getattr(kernel, "fn", kernel).__name__

@@ -9,9 +9,12 @@
 
 For each dtype (bf16, fp16) and shape (frame attention with the message token at l = 50, 197, 257;
 message attention at T = 8, 32, 1024; head dim 64) the forward, the dk/dv pass and the dq pass are
-timed over their candidate tiles (the backward passes one at a time, the other at its best so
-far), and QuickGELU over its (elements per program, warps) candidates. Each winner is checked
-against the default tiles' result before it is kept. Winners go to ``tuned.json`` keyed by
+timed over their candidate tiles, each kernel launched alone (the backward's delta pass, which has
+no tiles to choose, on a row of its own), and QuickGELU's forward and backward apart over their
+(elements per program, warps) candidates. Times are GPU time by CUDA-graph replay, no Python in
+the timed region, with the host's time per launch in a column of its own
+(``xclip_fast/bench/gputime.py``). Each winner is checked against the default tiles' result
+before it is kept. Winners go to ``tuned.json`` keyed by
 (GPU architecture, dtype, head dim, extra token, sequence bucket); copy it to ``xclip_fast/kernels/tuned.json``
 to commit it. ``--budget`` stops timing new shapes when the time is spent (what is done is written).
 """
@@ -114,66 +117,47 @@ def _compile_or_fail(job):
 # timing
 # ------------------------------------------------------------------------------------------------
 def _timer(device, dry_run: bool):
-    """Milliseconds of one call: the bench's CUDA-event median on a GPU, one call after a warm-up on a
-    dry run (the interpreter is slow)."""
-    if dry_run or device.type != "cuda":
-        def cpu_time(fn):
-            fn()
-            t0 = time.perf_counter()
-            fn()
-            return (time.perf_counter() - t0) * 1e3
-        return cpu_time
-    from xclip_fast.bench.measure import time_ms
+    """GPU time by CUDA-graph replay with the host time apart (xclip_fast.bench.gputime); on a dry
+    run, one round of CPU wall time (the interpreter is slow)."""
+    from xclip_fast.bench.gputime import CPUTimer, GraphTimer
 
-    return lambda fn: time_ms(fn, device, quick=True)[0]
+    return CPUTimer(rounds=1) if dry_run or device.type != "cuda" else GraphTimer(device)
 
 
-class _Problem:
-    """One attention problem with its buffers, run with any launch plan."""
+def _problems(kind, seq, B, H, D, dtype, device):
+    """The problem and, where its inputs fit in L2, copies on other inputs to cycle through."""
+    from xclip_fast.bench.gputime import rotation
+    from xclip_fast.bench.kernels import AttentionProblem, l2_bytes
 
-    def __init__(self, kind, seq, B, H, D, dtype, device):
-        import torch
-
-        from xclip_fast.kernels import attention as A
-
-        self.A = A
-        g = torch.Generator().manual_seed(0)
-
-        def t(*shape):
-            return torch.randn(*shape, generator=g).to(device, dtype)
-
-        self.q, self.k, self.v = t(B, seq, H, D), t(B, seq, H, D), t(B, seq, H, D)
-        self.ek, self.ev = (t(B, H, D), t(B, H, D)) if kind == "frames" else (None, None)
-        self.scale = D ** -0.5
-        self.o = torch.empty_like(self.q)
-        self.lse = torch.empty(B, H, seq, device=device, dtype=torch.float32 if dtype != torch.float64 else dtype)
-        self.do = torch.randn_like(self.q)
-        self.grads = [torch.empty_like(x) for x in (self.q, self.k, self.v)]
-        self.grads += [torch.empty_like(self.ek), torch.empty_like(self.ev)] if self.ek is not None else [None, None]
-
-    def fwd(self, plan):
-        self.A.attention_fwd(self.q, self.k, self.v, self.ek, self.ev, self.o, self.lse, self.scale, False, plan=plan)
-
-    def bwd(self, plan):
-        self.A.attention_bwd(self.q, self.k, self.v, self.ek, self.ev, self.o, self.lse, self.do, *self.grads,
-                             self.scale, False, plan=plan)
-
-    def results(self, plan):
-        """out, dq, dk of one forward and backward with ``plan``."""
-        self.fwd(plan)
-        out = self.o.clone()
-        self.bwd(plan)
-        return out, self.grads[0].clone(), self.grads[1].clone()
+    first = AttentionProblem(B, seq, H, D, dtype, device, extra=kind == "frames")
+    sets = rotation(first.bytes("fwd"), l2_bytes(device))
+    return [first] + [AttentionProblem(B, seq, H, D, dtype, device, kind == "frames", seed=i) for i in range(1, sets)]
 
 
-def _tune_shape(problem, base, pool, bench, dry_run, label):
-    """The best tiles of the three kernels for one problem: (rows, best tiles or None if the tuned
-    tiles change the results)."""
+def _row(label, kernel, tiles, timing, note=""):
+    return dict(**label, kernel=kernel, tiles=tiles, ms=f"{timing.ms:.4f}",
+                host_ms="" if timing.host_ms is None else f"{timing.host_ms:.4f}", timing=timing.how, note=note)
+
+
+def _time(timer, problems, kernel, plan):
+    """One kernel alone, on each input set in turn (see xclip_fast.bench.gputime.rotation)."""
+    return timer.measure([lambda p=p: p.launch(kernel, plan) for p in problems])
+
+
+def _tune_shape(problems, base, pool, timer, dry_run, label):
+    """The best tiles of the three tuned kernels for one problem, each kernel timed alone (the delta
+    pass, which has no tiles to choose, on a row of its own): (rows, {kernel: ms at its best}, best
+    tiles or None if the tuned tiles change the results)."""
     from xclip_fast.kernels.plan import Tiles
     from xclip_fast.testing import rel_err
 
-    rows, best = [], {}
-    reference = problem.results(base)
+    rows, best, best_ms = [], {}, {}
+    reference = problems[0].results(base)
+    for p in problems:
+        p.prepare(base)
+    t = _time(timer, problems, "delta", base)
+    best_ms["delta"] = t.ms
+    rows.append(_row(label, "delta", list(dataclasses.astuple(base.preprocess)), t, note="not tuned"))
     for kernel in ("fwd", "dkdv", "dq"):
         options = [list(dataclasses.astuple(getattr(base, kernel)))]
         options += [c for c in pool.get(kernel, []) if c not in options]
@@ -181,47 +165,48 @@ def _tune_shape(problem, base, pool, bench, dry_run, label):
         for cand in options[:2] if dry_run else options:
             plan = dataclasses.replace(base, **{**best, kernel: Tiles(*cand)})
             try:
-                ms = bench(lambda p=plan: problem.fwd(p) if kernel == "fwd" else problem.bwd(p))  # noqa: B023
+                t = _time(timer, problems, kernel, plan)
             except Exception as exc:  # e.g. out of resources on this GPU
-                rows.append(dict(**label, kernel=kernel, tiles=cand, ms="", note=type(exc).__name__))
+                rows.append(dict(**label, kernel=kernel, tiles=cand, ms="", host_ms="", timing="",
+                                 note=type(exc).__name__))
                 continue
-            timings.append((ms, cand))
-            rows.append(dict(**label, kernel=kernel, tiles=cand, ms=f"{ms:.4f}", note=""))
-        ms, cand = min(timings)
-        best[kernel] = Tiles(*cand)
-        rows.append(dict(**label, kernel=kernel, tiles=cand, ms=f"{ms:.4f}",
-                         note=f"winner ({timings[0][0] / ms:.2f}x the default)"))
-    tuned = problem.results(dataclasses.replace(base, **best))
-    tol = 1e-5 if problem.q.dtype.itemsize >= 4 else 2e-2  # two roundings of the output dtype
-    for what, a, b in zip(("out", "dq", "dk"), tuned, reference):
+            timings.append((t.ms, cand, t))
+            rows.append(_row(label, kernel, cand, t))
+        ms, cand, t = min(timings, key=lambda x: x[0])
+        best[kernel], best_ms[kernel] = Tiles(*cand), ms
+        rows.append(_row(label, kernel, cand, t, note=f"winner ({timings[0][0] / ms:.2f}x the default)"))
+    tuned = problems[0].results(dataclasses.replace(base, **best))
+    tol = 1e-5 if problems[0].q.dtype.itemsize >= 4 else 2e-2  # two roundings of the output dtype
+    for what, a, b in zip(("out", "dq", "dk", "dv"), tuned, reference):
         err = rel_err(a, b)
         if not err <= tol:
             print(f"{label}: the tuned tiles change {what} by {err:.2e} > {tol}: not kept", file=sys.stderr)
-            return rows, None
-    return rows, best
+            return rows, best_ms, None
+    return rows, best_ms, best
 
 
-def _tune_quick_gelu(n, dtype, device, pool, bench, dry_run, label):
-    import torch
-
+def _tune_quick_gelu(n, dtype, device, pool, timer, dry_run, label):
+    """The (elements per program, warps) of the QuickGELU kernels, forward and backward each timed
+    alone; the winner is the fastest pair."""
+    from xclip_fast.bench.kernels import QuickGELUProblem
     from xclip_fast.kernels import plan as P
-    from xclip_fast.kernels import quick_gelu as Q
 
-    x = torch.randn(n, device=device, dtype=dtype)
-    dy, y = torch.randn_like(x), torch.empty_like(x)
+    problem = QuickGELUProblem(n, dtype, device)
     options = [list(P.QUICK_GELU_DEFAULT)] + [c for c in pool if c != list(P.QUICK_GELU_DEFAULT)]
     rows, timings = [], []
     for cand in options[:2] if dry_run else options:
-        ms = bench(lambda c=cand: (Q.quick_gelu_fwd(x, y, tuple(c)), Q.quick_gelu_bwd(x, dy, y, tuple(c))))
-        timings.append((ms, cand))
-        rows.append(dict(**label, kernel="quick_gelu", tiles=cand, ms=f"{ms:.4f}", note=""))
-    ms, cand = min(timings)
-    rows.append(dict(**label, kernel="quick_gelu", tiles=cand, ms=f"{ms:.4f}",
-                     note=f"winner ({timings[0][0] / ms:.2f}x the default)"))
-    return rows, cand, ms
+        ts = {k: timer.measure([lambda k=k, c=cand: problem.launch(k, tuple(c))])
+              for k in ("quick_gelu_fwd", "quick_gelu_bwd")}
+        timings.append((sum(t.ms for t in ts.values()), cand, ts))
+        rows += [_row(label, k, cand, t) for k, t in ts.items()]
+    total, cand, ts = min(timings, key=lambda x: x[0])
+    rows += [_row(label, k, cand, t, note=f"winner ({timings[0][0] / total:.2f}x the default, fwd + bwd)")
+             for k, t in ts.items()]
+    return rows, cand, {k: t.ms for k, t in ts.items()}
 
 
-def tune(out_dir: Path, budget: float, dry_run: bool) -> int:
+def tune(out_dir: Path, budget: float, dry_run: bool, timer=None) -> int:
+    """Time every candidate (``timer``: default :func:`_timer`'s) and write the table and the CSV."""
     import torch
 
     from xclip_fast.kernels.plan import launch_plan, seq_bucket
@@ -234,7 +219,7 @@ def tune(out_dir: Path, budget: float, dry_run: bool) -> int:
     cands = json.loads(CANDIDATES.read_text())["candidates"]
     major, minor = torch.cuda.get_device_capability() if cuda else (9, 0)
     arch, device_name = 10 * major + minor, torch.cuda.get_device_name() if cuda else "dry run (CPU interpreter)"
-    bench = _timer(device, dry_run)
+    timer = timer or _timer(device, dry_run)
     shapes = SHAPES if not dry_run else [("frames-dry", "frames", 9, 2, 1), ("messages-dry", "messages", 5, 3, 1)]
     head_dim = HEAD_DIM if not dry_run else 16
     date = time.strftime("%Y-%m-%d")
@@ -247,34 +232,39 @@ def tune(out_dir: Path, budget: float, dry_run: bool) -> int:
             if time.perf_counter() - start > budget:
                 print(f"budget of {budget:.0f}s spent: stopping before {dtype_name} {name}")
                 break
-            problem = _Problem(kind, seq, B, H, head_dim, dtype, device)
+            problems = _problems(kind, seq, B, H, head_dim, dtype, device)
             base = launch_plan(head_dim, dtype, kind == "frames", False)
-            new_rows, best = _tune_shape(problem, base, pools.get(_variant(kind, seq), {}), bench, dry_run,
-                                         dict(dtype=dtype_name, shape=name))
+            new_rows, ms, best = _tune_shape(problems, base, pools.get(_variant(kind, seq), {}), timer, dry_run,
+                                             dict(dtype=dtype_name, shape=name))
             rows += new_rows
+            del problems
             if best is not None:
                 entries.append({"arch": arch, "dtype": dtype_name, "head_dim": head_dim, "extra": kind == "frames",
                                 "seq_bucket": seq_bucket(seq),
                                 **{k: list(dataclasses.astuple(t)) for k, t in best.items()},
-                                "measured": {"device": device_name, "date": date, "shape": name}})
+                                "measured": {"device": device_name, "date": date, "shape": name, "timing": timer.how,
+                                             "ms": {k: round(v, 5) for k, v in ms.items()}}})
         n = 256 * 197 * 3072 if not dry_run else 4096  # one MLP activation of B/16 over 256 frames
         new_rows, cand, ms = _tune_quick_gelu(n, dtype, device, pools.get("quick_gelu", {}).get("quick_gelu", []),
-                                              bench, dry_run, dict(dtype=dtype_name, shape=f"quick_gelu n={n}"))
+                                              timer, dry_run, dict(dtype=dtype_name, shape=f"quick_gelu n={n}"))
         rows += new_rows
         entries.append({"op": "quick_gelu", "arch": arch, "dtype": dtype_name, "block": cand[0], "num_warps": cand[1],
-                        "measured": {"device": device_name, "date": date, "ms": ms}})
+                        "measured": {"device": device_name, "date": date, "timing": timer.how,
+                                     "ms": {k: round(v, 5) for k, v in ms.items()}}})
 
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "tuned.json").write_text(json.dumps({"format": 1, "entries": entries}, indent=1) + "\n")
     with open(out_dir / "tune.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["dtype", "shape", "kernel", "tiles", "ms", "note"])
+        writer = csv.DictWriter(f, fieldnames=["dtype", "shape", "kernel", "tiles", "ms", "host_ms", "timing", "note"])
         writer.writeheader()
         writer.writerows(rows)
-    print(f"tuning on {device_name}: {len(entries)} table entries in {time.perf_counter() - start:.0f}s")
+    print(f"tuning on {device_name}: {len(entries)} table entries in {time.perf_counter() - start:.0f}s "
+          f"(GPU ms per launch by {timer.how}; host ms: the host's time to issue one launch)")
+    print(f"  {'dtype':9s} {'shape':22s} {'kernel':15s} {'tiles':18s} {'GPU ms':>9s} {'host ms':>8s}")
     for r in rows:
-        if r["note"].startswith("winner"):
-            print(f"  {r['dtype']:9s} {r['shape']:18s} {r['kernel']:10s} {str(r['tiles']):18s} {r['ms']:>9s} ms  "
-                  f"{r['note']}")
+        if r["note"].startswith(("winner", "not tuned")):
+            print(f"  {r['dtype']:9s} {r['shape']:22s} {r['kernel']:15s} {str(r['tiles']):18s} {r['ms']:>9s} "
+                  f"{r['host_ms']:>8s}  {r['note']}")
     print(f"wrote {out_dir / 'tuned.json'} and {out_dir / 'tune.csv'}")
     return 0
 

@@ -99,7 +99,7 @@ def compare_to_reference(rows, reference: str = "reference") -> None:
     if ref is None or ref.status != "ok" or not ref.median_ms:
         return
     for row in rows:
-        if row.status == "ok" and row.median_ms:
+        if row.status == "ok" and row.median_ms and "/" not in row.provider:  # not a kernel row's part
             row.speedup = ref.median_ms / row.median_ms
             if row.extra_mib is not None and ref.extra_mib:
                 row.memory_ratio = row.extra_mib / ref.extra_mib
@@ -140,9 +140,16 @@ def table(rows: list[Result], env: dict) -> str:
              "time: median (p20-p80) ms; speedup and memory ratio against 'reference'; mem: MiB allocated above "
              "inputs and weights during the call (CUDA) / resident-memory growth in a fresh process (CPU)"]
     train = any(r.level == "train" for r in rows)
+    # the attention level on CUDA: GPU time by graph replay, the host's time per call apart
+    host = any(r.level == "attention" and "host_ms" in r.extras for r in rows)
+    if host:
+        lines.append("attention level: time is GPU time by CUDA-graph replay (no Python in it); host ms: what the "
+                     "host spends issuing one call; '<provider>/<kernel>': one of our kernels launched alone")
     pw = max([26, *(len(r.provider) for r in rows)])  # the provider column
     header = f"{'case':38s} {'dtype':8s} {'mode':6s} {'provider':{pw}s} {'time ms':>22s} {'speedup':>8s} " \
              f"{'mem MiB':>9s} {'mem x':>6s} {'TFLOP/s':>8s} {'GB/s':>7s} {'%copy':>6s} {'error':>8s}"
+    if host:
+        header += f" {'host ms':>8s}"
     if train:
         header += f" {'flops x':>8s} {'host x':>7s} {'idle%':>6s} {'to host':>8s}"
         lines.append("train: one forward + backward + AdamW step of the encoder; mem: MiB held after the forward "
@@ -166,6 +173,8 @@ def table(rows: list[Result], env: dict) -> str:
         line = (f"{r.case:38s} {r.dtype:8s} {r.mode:6s} {r.provider:{pw}s} {t:>22s} "
                 f"{_fmt(r.speedup, '.2f'):>8s} {_fmt(r.extra_mib, '.1f'):>9s} {_fmt(r.memory_ratio, '.2f'):>6s} "
                 f"{_fmt(r.tflops, '.2f'):>8s} {_fmt(r.gbps, '.0f'):>7s} {frac:>6s} {_fmt(r.error, '.1e'):>8s}")
+        if host:
+            line += f" {_fmt(r.extras.get('host_ms') if r.level == 'attention' else None, '.3f'):>8s}"
         if train:
             idle = r.extras.get("gpu_idle")
             line += (f" {_fmt(r.extras.get('flops_x'), '.3f'):>8s} {_fmt(r.extras.get('host_x'), '.2f'):>7s} "

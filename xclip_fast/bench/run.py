@@ -8,6 +8,8 @@ import torch
 
 from xclip_fast.argtypes import device_arg, frame_list, positive_int
 from xclip_fast.bench.cases import LEVELS, MODES, build_cases
+from xclip_fast.bench.gputime import GraphTimer
+from xclip_fast.bench.kernels import kernel_rows
 from xclip_fast.bench.measure import copy_bandwidth, cpu_memory, cuda_memory, free, time_interleaved, time_ms
 from xclip_fast.bench.results import Result, append_rows, compare_to_reference, environment, table, write_outputs
 from xclip_fast.bench.train import TRAIN_PROVIDERS, cuda_only, train_rows
@@ -51,10 +53,27 @@ def _timed(work, fn, mode, grad_out):
     return lambda: work.run(fn, mode)
 
 
-def run_case(case, dtype, mode, providers, device, quick, copy_bw, env=None):
+def _time_kernels(row, fn, device, timer) -> None:
+    """The attention level on CUDA: GPU time by CUDA-graph replay, the host's time per call apart
+    (:mod:`xclip_fast.bench.gputime`); a call that cannot be captured is timed with CUDA events
+    around eager calls instead, and says so in ``extras["timing"]``."""
+    try:
+        t = timer.measure([fn])
+    except Exception as exc:
+        row.median_ms, row.p20_ms, row.p80_ms = time_ms(fn, device, quick=True)
+        row.extras["timing"] = f"eager events (graph capture failed: {type(exc).__name__}: {str(exc)[:120]})"
+        return
+    row.median_ms, row.p20_ms, row.p80_ms = t.ms, t.p20, t.p80
+    row.extras.update(host_ms=t.host_ms, timing=t.how)
+
+
+def run_case(case, dtype, mode, providers, device, quick, copy_bw, env=None, timer=None):
     """All providers of one case and mode: check each against the high-precision truth, then time
-    them (interleaved on CPU), then measure their memory."""
+    them (interleaved on CPU; at the attention level on CUDA, by CUDA-graph replay with the host
+    time apart, and each of our kernels alone on rows ``xclip-fast-triton/<kernel>``), then measure
+    their memory. ``timer``: the attention level's on CUDA (default :class:`GraphTimer`)."""
     env = env or environment(device)
+    timer = timer or (GraphTimer(device) if device.type == "cuda" else None)
     rows = []
     truth, truth_name = _truth(case, mode, device, quick)
     tol = TOLERANCES[dtype]
@@ -91,7 +110,10 @@ def run_case(case, dtype, mode, providers, device, quick, copy_bw, env=None):
         row = by_name[name]
         try:
             if device.type == "cuda":
-                row.median_ms, row.p20_ms, row.p80_ms = time_ms(fn, device, quick)
+                if case.level == "attention":
+                    _time_kernels(row, fn, device, timer)
+                else:
+                    row.median_ms, row.p20_ms, row.p80_ms = time_ms(fn, device, quick)
                 row.peak_mib, row.extra_mib = cuda_memory(fn, device)
             else:
                 row.extra_mib = cpu_memory(case, dtype, name, mode, quick)
@@ -100,8 +122,18 @@ def run_case(case, dtype, mode, providers, device, quick, copy_bw, env=None):
         finally:
             work.clear_grads()
             free(device)
+    if device.type == "cuda" and case.level == "attention" and "xclip-fast-triton" in timed:
+        try:  # each of our kernels alone, the backward's three launches on rows of their own
+            rows += kernel_rows(case, dtype, mode, device, env, timer, copy_bw)
+        except Exception as exc:
+            row = Result.make(env, case, dtype_name(dtype), mode, "xclip-fast-triton/kernels")
+            row.fail(exc)
+            rows.append(row)
+        free(device)
     flops, nbytes = work.flops(mode), work.bytes(mode)
     for row in rows:
+        if "/" in row.provider:  # a kernel row counts its own FLOPs and bytes
+            continue
         if case.level == "encoder":
             row.extras = dict(weights_mib=work.weights_mib, activation_mib=work.activation_mib)
         if row.status == "ok" and row.median_ms is not None and flops:

@@ -1,0 +1,168 @@
+"""Our kernels one launch at a time: what the tuner, the bench's attention level and the lab time,
+each kernel on its own row (the backward's three launches apart, QuickGELU's forward and backward
+apart), with the FLOPs and the bytes each must move.
+
+Launches go straight to the launchers of :mod:`xclip_fast.kernels` on buffers made once, outside any
+operator or autograd; a timer (:mod:`xclip_fast.bench.gputime`) captures them in a CUDA graph.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from xclip_fast.bench.gputime import rotation
+from xclip_fast.bench.results import Result
+from xclip_fast.dtypes import dtype_name
+
+__all__ = ["ATTENTION_KERNELS", "QUICK_GELU_KERNELS", "KERNEL_NAMES", "AttentionProblem", "QuickGELUProblem",
+           "kernel_rows", "l2_bytes"]
+
+ATTENTION_KERNELS = ("fwd", "delta", "dkdv", "dq")
+QUICK_GELU_KERNELS = ("quick_gelu_fwd", "quick_gelu_bwd")
+# each row's kernel -> the name its launch compiles to (what a profiler shows)
+KERNEL_NAMES = {"fwd": "_attention_fwd_kernel", "delta": "_attention_bwd_preprocess_kernel",
+                "dkdv": "_attention_bwd_dkdv", "dq": "_attention_bwd_dq",
+                "quick_gelu_fwd": "_quick_gelu_fwd_kernel", "quick_gelu_bwd": "_quick_gelu_bwd_kernel"}
+
+
+def l2_bytes(device) -> int | None:
+    """The L2 cache of a CUDA device in bytes (None elsewhere)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    return getattr(torch.cuda.get_device_properties(device), "L2_cache_size", None)
+
+
+class AttentionProblem:
+    """The buffers of one attention problem and each of our kernels as one launch.
+
+    ``q, k, v: [B, S, H, D]`` (and with ``extra`` the extra token's key and value ``[B, H, D]``: the
+    frame attention with its message token; without it the message attention), ``out``, ``lse``,
+    the output gradient ``do``, ``delta`` and the gradients. :meth:`prepare` runs the forward and the
+    ``delta`` pass once, so that each backward pass alone reads real statistics."""
+
+    def __init__(self, B, S, H, D, dtype, device, extra: bool, seed: int = 0):
+        from xclip_fast.kernels import acc_dtype
+
+        device = torch.device(device)
+        g = torch.Generator(device=device).manual_seed(seed) if device.type != "meta" else None  # (sizes only)
+
+        def t(*shape):
+            return torch.randn(*shape, generator=g, device=device, dtype=torch.float32).to(dtype)
+
+        self.shape, self.dtype = (B, S, H, D), dtype
+        self.q, self.k, self.v = t(B, S, H, D), t(B, S, H, D), t(B, S, H, D)
+        self.ek, self.ev = (t(B, H, D), t(B, H, D)) if extra else (None, None)
+        self.scale = D ** -0.5
+        self.o = torch.empty_like(self.q)
+        self.lse = torch.empty(B, H, S, device=device, dtype=acc_dtype(dtype))
+        self.delta = torch.empty_like(self.lse)
+        self.do = t(B, S, H, D)
+        self.grads = [torch.empty_like(x) for x in (self.q, self.k, self.v)]
+        self.grads += [torch.empty_like(self.ek), torch.empty_like(self.ev)] if extra else [None, None]
+
+    @property
+    def extra(self) -> bool:
+        return self.ek is not None
+
+    def launch(self, kernel: str, plan=None) -> None:
+        """One launch of ``kernel`` (:data:`ATTENTION_KERNELS`) with ``plan`` (default: the launchers')."""
+        from xclip_fast.kernels import attention as A
+
+        if kernel == "fwd":
+            A.attention_fwd(self.q, self.k, self.v, self.ek, self.ev, self.o, self.lse, self.scale, False, plan=plan)
+            return
+        A.attention_bwd(self.q, self.k, self.v, self.ek, self.ev, self.o, self.lse, self.do, *self.grads, self.scale,
+                        False, plan=plan, passes=(kernel,), delta=self.delta)
+
+    def prepare(self, plan=None) -> None:
+        """The forward and the ``delta`` pass, whose results the backward passes read."""
+        self.launch("fwd", plan)
+        self.launch("delta", plan)
+
+    def results(self, plan=None) -> tuple[torch.Tensor, ...]:
+        """out, dq, dk, dv of one forward and backward (every launch) with ``plan``."""
+        for kernel in ATTENTION_KERNELS:
+            self.launch(kernel, plan)
+        return self.o.clone(), *(g.clone() for g in self.grads[:3])
+
+    def _dims(self):
+        B, S, H, D = self.shape
+        return B * H, S, S + self.extra, D
+
+    def flops(self, kernel: str) -> float | None:
+        """The matmul FLOPs ``kernel`` runs: the forward 2 products (QK^T, PV), the dk/dv pass 4 (it
+        recomputes P and dP), the dq pass 3; None for ``delta`` (no matmul)."""
+        products = {"fwd": 2, "dkdv": 4, "dq": 3}.get(kernel)
+        if products is None:
+            return None
+        n, sq, sk, d = self._dims()
+        return products * 2.0 * n * sq * sk * d
+
+    def bytes(self, kernel: str) -> float:
+        """The bytes ``kernel`` must move: each tensor it reads read once, each it writes written once."""
+        n, sq, _, d = self._dims()
+        elt, acc = self.q.element_size(), self.lse.element_size()
+        tok, stat = n * sq * d * elt, n * sq * acc  # one [B, S, H, D] tensor, one row statistic
+        extra = n * d * elt if self.extra else 0  # one extra-token tensor
+        return {"fwd": 4 * tok + 2 * extra + stat,  # q, k, v, (ek, ev) -> o, lse
+                "delta": 2 * tok + stat,  # o, do -> delta
+                "dkdv": 6 * tok + 4 * extra + 2 * stat,  # q, k, v, do, lse, delta, (ek, ev) -> dk, dv, (dek, dev)
+                "dq": 5 * tok + 2 * extra + 2 * stat,  # q, k, v, do, lse, delta, (ek, ev) -> dq
+                }[kernel]
+
+
+class QuickGELUProblem:
+    """One QuickGELU activation of ``n`` elements: forward and backward each as one launch."""
+
+    def __init__(self, n: int, dtype, device, seed: int = 0):
+        g = torch.Generator(device=device).manual_seed(seed)
+        self.x = torch.randn(n, generator=g, device=device, dtype=torch.float32).to(dtype)
+        self.dy = torch.randn(n, generator=g, device=device, dtype=torch.float32).to(dtype)
+        self.y, self.dx = torch.empty_like(self.x), torch.empty_like(self.x)
+
+    def launch(self, kernel: str, config=None) -> None:
+        from xclip_fast.kernels import quick_gelu as Q
+
+        if kernel == "quick_gelu_fwd":
+            Q.quick_gelu_fwd(self.x, self.y, config)
+        else:
+            Q.quick_gelu_bwd(self.x, self.dy, self.dx, config)
+
+    def flops(self, kernel: str) -> None:
+        return None
+
+    def bytes(self, kernel: str) -> float:
+        """Forward: x -> y; backward: x, dy -> dx."""
+        return (2 if kernel == "quick_gelu_fwd" else 3) * self.x.numel() * self.x.element_size()
+
+
+def kernel_rows(case, dtype, mode: str, device, env: dict, timer, copy_bw: float | None,
+                provider: str = "xclip-fast-triton") -> list[Result]:
+    """The bench's kernel rows of one attention case: each of our kernels the mode runs (``fwd``; or
+    ``fwd``, ``delta``, ``dkdv``, ``dq``) launched alone and timed by ``timer``, one row each, named
+    ``<provider>/<kernel>``, with the host time per launch in ``extras``."""
+    H, D = case.heads, case.width // case.heads
+    if case.kind == "frames":
+        B, S, extra = case.batch * case.frames, case.tokens, True
+    else:
+        B, S, extra = case.batch, case.frames, False
+    first = AttentionProblem(B, S, H, D, dtype, device, extra)
+    sets = rotation(first.bytes("fwd"), l2_bytes(device))
+    problems = [first] + [AttentionProblem(B, S, H, D, dtype, device, extra, seed=i) for i in range(1, sets)]
+    for p in problems:
+        p.prepare()
+    rows = []
+    for kernel in ATTENTION_KERNELS if mode == "fwdbwd" else ("fwd",):
+        row = Result.make(env, case, dtype_name(dtype), mode, f"{provider}/{kernel}",
+                          reason=f"{KERNEL_NAMES[kernel]} launched alone")
+        t = timer.measure([lambda p=p: p.launch(kernel) for p in problems])  # noqa: B023
+        row.median_ms, row.p20_ms, row.p80_ms = t.ms, t.p20, t.p80
+        row.extras.update(host_ms=t.host_ms, timing=t.how, kernel=KERNEL_NAMES[kernel], input_sets=sets)
+        flops, nbytes = first.flops(kernel), first.bytes(kernel)
+        row.tflops = flops / (t.ms * 1e-3) / 1e12 if flops else None
+        row.gbps = nbytes / (t.ms * 1e-3) / 1e9
+        row.bandwidth_fraction = row.gbps / copy_bw if copy_bw else None
+        rows.append(row)
+    return rows
+

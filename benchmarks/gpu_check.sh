@@ -6,7 +6,9 @@
 #   OUT=/some/dir benchmarks/gpu_check.sh --dry-run  # anywhere (and automatically without CUDA):
 #                                                    # every step on tiny sizes, in about a minute
 #
-# Steps, in order of value: device facts; the test suite on CUDA (bf16, opcheck and torch.compile
+# Steps, in order of value: device facts; the kernel lab (benchmarks/gpu_lab.py: our kernels against SDPA's
+# backends, one block step and one training step, GPU time without Python in it and host time apart; its
+# short table is copied into the summary); the test suite on CUDA (bf16, opcheck and torch.compile
 # through the kernels included; the kernels' own tests in a step of their own first); attention and block benchmarks (bf16,
 # against SDPA, xformers when carried); training steps at the recompute levels (MFU, GPU idle, CUDA
 # graphs); the long-clip encoder; torch.compile of the block; the tile-tuning sweep (writes
@@ -24,7 +26,7 @@ OUT=${OUT:-benchmarks/results/local}
 PY=${PYTHON:-python3}
 BUDGET=${GPU_CHECK_BUDGET:-450}
 # every step name below, in order (tests/test_gpu_check.py checks that this list and the steps agree)
-ALL_STEPS="tests-kernels racecheck tests bench-attention bench-block bench-train bench-encoder bench-block-compiled
+ALL_STEPS="lab tests-kernels racecheck tests bench-attention bench-block bench-train bench-encoder bench-block-compiled
   bench-train-graphs tune sanitize export-cuda"
 ALL_STEPS=$(echo $ALL_STEPS)  # one line, single spaces
 ONLY=" $(echo "${GPU_CHECK_STEPS:-}" | tr ',' ' ') "
@@ -98,7 +100,13 @@ cat "$WORK/device.txt" >>"$SUMMARY"
 
 BENCH="$PY -m xclip_fast.cli bench --out $WORK/bench"
 EXPORT_CUDA_TEST=test_pt2_package_on_cuda_carries_the_triton_kernels  # its own step, last (AOT compiles)
+show_lab() {  # the lab's short table, into the summary (the reply of a device call shows its end)
+  [ -f "$WORK/lab/table.txt" ] && sed 's/^/   /' "$WORK/lab/table.txt" | tee -a "$SUMMARY"
+  return 0
+}
 if [ $DRY -eq 1 ]; then
+  step lab 120 $PY benchmarks/gpu_lab.py --dry-run --out "$WORK/lab"
+  show_lab
   step tests 120 $PY -m pytest -q -p no:cacheprovider tests/test_compile.py -k "opcheck and attention_fwd-extra" \
     --junitxml="$WORK/junit.xml"
   step sanitize 120 $PY tests/sanitize.py --memcheck --quick
@@ -114,6 +122,10 @@ if [ $DRY -eq 1 ]; then
   exit $((FAILED > 0))
 fi
 
+# 0. the kernel lab: what our kernels, one block step and one training step cost here, each figure without
+#    Python in it (CUDA-graph replay, the profiler's kernel times), host time apart; at most 300 s
+step lab 300 $PY benchmarks/gpu_lab.py --out "$WORK/lab" --budget 280
+show_lab
 # 1. correctness on CUDA: the kernels' own tests first (their own step: with xdist, files named first are not
 #    run first), then the rest of the suite (bf16, large shapes, opcheck, compile with Inductor)
 PYTEST_OPTS=""

@@ -37,16 +37,18 @@ def test_dry_run_walks_every_step_and_packs_one_archive(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert sorted(os.listdir(tmp_path)) == ["gpu-check.tar.gz", "summary.txt"]  # the device returns <= 8 files
     summary = (tmp_path / "summary.txt").read_text()
-    steps = ("tests", "sanitize", "bench-attention", "bench-block", "bench-block-compiled", "tune", "bench-encoder",
-             "bench-train", "export-cuda")
+    steps = ("lab", "tests", "sanitize", "bench-attention", "bench-block", "bench-block-compiled", "tune",
+             "bench-encoder", "bench-train", "export-cuda")
     for step in steps:
         assert f"== {step} (limit" in summary, step
     assert summary.count("rc=0 in") == len(steps) and "0 step(s) failed, dry=1, commit test" in summary
     assert "memcheck: NOT RUN (no CUDA device" in summary  # said, not passed off as a clean memcheck
     with tarfile.open(tmp_path / "gpu-check.tar.gz") as tar:
         names = {n.removeprefix("./") for n in tar.getnames()}
-    for name in ("device.txt", "summary.txt", "tests.log", "junit.xml", "bench/results.csv", "tune/tuned.json",
-                 "tune/tune.csv", "bench-encoder.log", "bench-train.log", "sanitize.log", "export-cuda.log"):
+    assert "xclip-fast lab - " in summary  # the lab's short table, copied into the summary
+    for name in ("device.txt", "summary.txt", "lab/table.txt", "lab/lab.json", "lab.log", "tests.log", "junit.xml",
+                 "bench/results.csv", "tune/tuned.json", "tune/tune.csv", "bench-encoder.log", "bench-train.log",
+                 "sanitize.log", "export-cuda.log"):
         assert name in names, name
 
 

@@ -94,6 +94,13 @@ class Lab:
     def left(self) -> float:
         return self.budget - (time.perf_counter() - self.start)
 
+    def wall_ms(self, fn) -> float:
+        """The eager wall time of one call: CUDA events around eager calls (the host's gaps
+        included, as a user's step has them); on a CPU the timer's wall time."""
+        from xclip_fast.bench.measure import time_ms
+
+        return time_ms(fn, self.device, quick=True)[0] if self.cuda else self.timer.gpu_ms([fn])[0]
+
     def sync(self):
         import torch
 
@@ -275,24 +282,11 @@ def _check(fn, names, s, truth, tol_dtype):
     return errors[worst], worst, TOLERANCES[tol_dtype]
 
 
-def _graph_or_profile(lab: Lab, calls):
-    """A Timing by graph replay; where the calls cannot be captured, the profiler's kernel time per
-    call (the host time then comes from eager calls), said in ``how``."""
-    from xclip_fast.bench.gputime import Timing, kernel_table
-
-    try:
-        return lab.timer.measure(calls)
-    except Exception as exc:
-        lab.sync()
-        busy = kernel_table(calls[0], lab.device)["busy_ms"]
-        return Timing(busy, busy, busy, None, f"profiler (graph capture failed: {_short(exc)})")
-
-
 def kernel_section(lab: Lab, dtype_name: str) -> None:
     import torch
 
-    from xclip_fast.bench.gputime import rotation
-    from xclip_fast.bench.kernels import ATTENTION_KERNELS, AttentionProblem, l2_bytes
+    from xclip_fast.bench.gputime import measure_or_profile, rotation
+    from xclip_fast.bench.kernels import ATTENTION_KERNELS, l2_bytes, problems, time_kernels
 
     dtype = getattr(torch, dtype_name)
     z = lab.sizes
@@ -317,13 +311,10 @@ def kernel_section(lab: Lab, dtype_name: str) -> None:
             try:
                 err, worst, tol = _check(fn, names, sets[0], truths[what], dtype)
 
-                def fwd(s, fn=fn):
-                    return fn(s)
-
                 def fwdbwd(s, fn=fn, names=names):
                     return torch.autograd.grad(fn(s), [getattr(s, n) for n in names], s.do)
-                t_fwd = _graph_or_profile(lab, [lambda s=s: fwd(s) for s in sets])
-                t_all = _graph_or_profile(lab, [lambda s=s: fwdbwd(s) for s in sets])
+                t_fwd = measure_or_profile(lab.timer, [lambda s=s, fn=fn: fn(s) for s in sets], lab.device)
+                t_all = measure_or_profile(lab.timer, [lambda s=s: fwdbwd(s) for s in sets], lab.device)
             except Exception as exc:
                 status = "skipped" if "No available kernel" in str(exc) or "No viable backend" in str(exc) \
                     else "error"
@@ -345,24 +336,22 @@ def kernel_section(lab: Lab, dtype_name: str) -> None:
         del sets, truths
         lab.free()
         # each of our kernels launched alone, on buffers of its own (no autograd, no operator)
-        problems = [AttentionProblem(F, l, H, D, dtype, lab.device, extra=True, seed=i) for i in range(sets_n)]
-        for p in problems:
-            p.prepare()
-        for kernel in ATTENTION_KERNELS:
+        probs = problems(F, l, H, D, dtype, lab.device, extra=True)
+        try:
+            timings = time_kernels(probs, ATTENTION_KERNELS, lab.timer, lab.device)
+        except Exception as exc:
+            lab.add("kernels", dict(**label, provider="ours/*", status="error", reason=_short(exc)))
+            timings = {}
+        for kernel, t in timings.items():
             base = dict(**label, provider=f"ours/{kernel}", direction="fwd" if kernel == "fwd" else "bwd",
-                        input_sets=sets_n)
-            try:
-                t = _graph_or_profile(lab, [lambda p=p, k=kernel: p.launch(k) for p in problems])
-            except Exception as exc:
-                lab.add("kernels", dict(**base, status="error", reason=_short(exc)))
-                continue
-            flops, nbytes = problems[0].flops(kernel), problems[0].bytes(kernel)
+                        input_sets=len(probs))
+            flops, nbytes = probs[0].flops(kernel), probs[0].bytes(kernel)
             floor_ms = nbytes / (copy_gbps * 1e9) * 1e3 if copy_gbps else None
             lab.add("kernels", dict(**base, status="ok", gpu_ms=t.ms, p20_ms=t.p20, p80_ms=t.p80, host_ms=t.host_ms,
                                     timing=t.how, tflops=flops / (t.ms * 1e-3) / 1e12 if flops else None,
                                     floor_bytes=nbytes, floor_pct=100 * floor_ms / t.ms if floor_ms else None,
                                     reason="launched alone; TFLOP/s of the products it runs"))
-        del problems
+        del probs
         lab.free()
 
 
@@ -385,7 +374,6 @@ def block_section(lab: Lab, model: str) -> None:
 
     from xclip_fast import reference
     from xclip_fast.bench.gputime import kernel_table
-    from xclip_fast.bench.measure import time_ms
     from xclip_fast.bench.results import Skip
     from xclip_fast.blocks import CrossFrameAttentionBlock
     from xclip_fast.testing import TOLERANCES, rel_err
@@ -453,17 +441,14 @@ def block_section(lab: Lab, model: str) -> None:
             worst = max(errors, key=errors.get)
             row.update(error=errors[worst], tolerance=tol, status="ok" if errors[worst] <= tol else "mismatch",
                        reason="" if errors[worst] <= tol else f"{worst}: {errors[worst]:.2e} > {tol:.0e}")
-            if lab.cuda:
-                row["wall_ms"] = time_ms(step, lab.device, quick=True)[0]
-            else:
-                row["wall_ms"] = lab.timer.measure([step]).ms
-            row["host_ms"] = lab.timer.host_ms(step) if lab.cuda else row["wall_ms"]
+            row["wall_ms"] = lab.wall_ms(step)
+            row["host_ms"] = lab.timer.host_ms(step)
             table = kernel_table(step, lab.device)
             row["busy_ms"] = table["busy_ms"]
             row["idle_pct"] = max(0.0, 100 * (1 - table["busy_ms"] / row["wall_ms"])) if lab.cuda else None
             _profile(lab, f"block {model} {name}", table, row["wall_ms"])
             try:
-                row["graph_ms"] = lab.timer.gpu_ms([step])[0] if lab.cuda else lab.timer.measure([step]).ms
+                row["graph_ms"] = lab.timer.gpu_ms([step])[0]
             except Exception as exc:
                 lab.sync()
                 row["graph_ms"] = None
@@ -507,7 +492,6 @@ def train_section(lab: Lab) -> None:
     import torch
 
     from xclip_fast.bench.gputime import kernel_table
-    from xclip_fast.bench.measure import time_ms
     from xclip_fast.bench.train import TINY, Trainer
     from xclip_fast.encoder import XCLIPVideoEncoder
     from xclip_fast.testing import TOLERANCES, rel_err
@@ -540,8 +524,8 @@ def train_section(lab: Lab) -> None:
             row.update(error=err, tolerance=tol, status="ok" if err <= tol else "mismatch",
                        reason="" if err <= tol else f"loss/gradients: {err:.2e} > {tol:.0e}")
             step = functools.partial(tr.step, video)
-            row["step_ms"] = time_ms(step, lab.device, quick=True)[0] if lab.cuda else lab.timer.measure([step]).ms
-            row["host_ms"] = lab.timer.host_ms(step) if lab.cuda else row["step_ms"]
+            row["step_ms"] = lab.wall_ms(step)
+            row["host_ms"] = lab.timer.host_ms(step)
             table = kernel_table(step, lab.device, calls=2)
             row["busy_ms"] = table["busy_ms"]
             row["idle_pct"] = max(0.0, 100 * (1 - table["busy_ms"] / row["step_ms"])) if lab.cuda else None

@@ -124,16 +124,6 @@ def _timer(device, dry_run: bool):
     return CPUTimer(rounds=1) if dry_run or device.type != "cuda" else GraphTimer(device)
 
 
-def _problems(kind, seq, B, H, D, dtype, device):
-    """The problem and, where its inputs fit in L2, copies on other inputs to cycle through."""
-    from xclip_fast.bench.gputime import rotation
-    from xclip_fast.bench.kernels import AttentionProblem, l2_bytes
-
-    first = AttentionProblem(B, seq, H, D, dtype, device, extra=kind == "frames")
-    sets = rotation(first.bytes("fwd"), l2_bytes(device))
-    return [first] + [AttentionProblem(B, seq, H, D, dtype, device, kind == "frames", seed=i) for i in range(1, sets)]
-
-
 def _row(label, kernel, tiles, timing, note=""):
     return dict(**label, kernel=kernel, tiles=tiles, ms=f"{timing.ms:.4f}",
                 host_ms="" if timing.host_ms is None else f"{timing.host_ms:.4f}", timing=timing.how, note=note)
@@ -209,6 +199,7 @@ def tune(out_dir: Path, budget: float, dry_run: bool, timer=None) -> int:
     """Time every candidate (``timer``: default :func:`_timer`'s) and write the table and the CSV."""
     import torch
 
+    from xclip_fast.bench.kernels import problems as kernel_problems
     from xclip_fast.kernels.plan import launch_plan, seq_bucket
 
     cuda = torch.cuda.is_available() and not dry_run
@@ -232,7 +223,7 @@ def tune(out_dir: Path, budget: float, dry_run: bool, timer=None) -> int:
             if time.perf_counter() - start > budget:
                 print(f"budget of {budget:.0f}s spent: stopping before {dtype_name} {name}")
                 break
-            problems = _problems(kind, seq, B, H, head_dim, dtype, device)
+            problems = kernel_problems(B, seq, H, head_dim, dtype, device, extra=kind == "frames")
             base = launch_plan(head_dim, dtype, kind == "frames", False)
             new_rows, ms, best = _tune_shape(problems, base, pools.get(_variant(kind, seq), {}), timer, dry_run,
                                              dict(dtype=dtype_name, shape=name))

@@ -264,6 +264,7 @@ def test_kernel_table_on_a_cpu_lists_the_operators_of_a_call():
     names = {k["name"]: k for k in table["kernels"]}
     assert "aten::mm" in names and names["aten::mm"]["calls"] == 1
     assert math.isclose(table["busy_ms"], sum(k["us"] for k in table["kernels"]) / 1e3)
+    assert 0 < table["busy_ms"] <= table["wall_ms"]  # the operators ran inside the profiled wall time
 
 
 def test_bench_attention_level_times_by_graph_replay_and_says_when_it_could_not():
@@ -282,12 +283,14 @@ def test_bench_attention_level_times_by_graph_replay_and_says_when_it_could_not(
             raise RuntimeError("operation not permitted when stream is capturing")
 
     row = Result.make(env, case, "float32", "fwd", "sdpa-flash")
-    run._time_kernels(row, lambda: None, torch.device("cpu"), Replayed())
+    run._time_by_graph(row, lambda: None, torch.device("cpu"), Replayed())
     assert (row.median_ms, row.p20_ms, row.p80_ms) == (0.5, 0.4, 0.6)
     assert row.extras == {"host_ms": 0.125, "timing": "graph"}
     text = table([row], env)
     assert "host ms" in text and "0.125" in text and "no Python in it" in text
+    # a call that cannot be captured: the profiler's kernel time (here the CPU operators'), no host time
+    a = torch.randn(64, 64)
     fallback = Result.make(env, case, "float32", "fwd", "sdpa-flash")
-    run._time_kernels(fallback, lambda: None, torch.device("cpu"), Uncapturable())
-    assert fallback.median_ms > 0 and "host_ms" not in fallback.extras
-    assert fallback.extras["timing"].startswith("eager events (graph capture failed: RuntimeError: operation not")
+    run._time_by_graph(fallback, lambda: a @ a, torch.device("cpu"), Uncapturable())
+    assert fallback.median_ms > 0 and fallback.extras["host_ms"] is None
+    assert fallback.extras["timing"].startswith("profiler (graph capture failed: RuntimeError: operation not")

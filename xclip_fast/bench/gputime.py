@@ -18,8 +18,10 @@ kernels that is often the host. This module measures the two apart:
   and time per call, and their sum (the GPU's busy time, from which an idle fraction follows).
 - :class:`CPUTimer`: the same interface on a CPU (dry runs), where every call is host time.
 
-A timer's one method, ``measure(calls)``, returns a :class:`Timing`. The tuner, the bench's
-attention level and the lab take the timer as an argument, so the tests give them a fake one.
+A timer's ``measure(calls)`` returns a :class:`Timing` (its ``gpu_ms`` and ``host_ms`` are the two
+halves); :func:`measure_or_profile` falls back on the profiler's kernel time where a call cannot be
+captured. The tuner, the bench's attention level and the lab take the timer as an argument, so the
+tests give them a fake one.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["Timing", "GraphTimer", "CPUTimer", "timer_for", "kernel_table", "rotation", "quantiles"]
+__all__ = ["Timing", "GraphTimer", "CPUTimer", "measure_or_profile", "kernel_table", "rotation", "quantiles"]
 
 
 @dataclass
@@ -47,11 +49,11 @@ class Timing:
 
 
 def quantiles(ts) -> tuple[float, float, float]:
-    """(median, p20, p80) of ``ts``; one sample stands for all three."""
+    """(median, p20, p80) of ``ts`` (:func:`~xclip_fast.bench.measure.deciles`)."""
+    from xclip_fast.bench.measure import deciles
+
     ts = list(ts)
-    if len(ts) < 2:
-        return ts[0], ts[0], ts[0]
-    q = statistics.quantiles(ts, n=10)
+    q = deciles(ts)
     return statistics.median(ts), q[1], q[7]
 
 
@@ -63,7 +65,18 @@ def rotation(bytes_per_call: float, l2_bytes: int | None, most: int = 8) -> int:
     return max(1, min(most, math.ceil(3 * l2_bytes / bytes_per_call)))
 
 
-class GraphTimer:
+class _Timer:
+    """``measure`` = ``gpu_ms`` + ``host_ms``: what every timer shares."""
+
+    how = ""
+
+    def measure(self, calls) -> Timing:
+        calls = list(calls)
+        ms, p20, p80 = self.gpu_ms(calls)
+        return Timing(ms, p20, p80, self.host_ms(calls[0]), self.how)
+
+
+class GraphTimer(_Timer):
     """GPU time per call by CUDA-graph replay (see the module doc), host time apart.
 
     ``cuda``: the CUDA API it uses (``torch.cuda``; the tests pass a fake that records what runs
@@ -139,43 +152,52 @@ class GraphTimer:
         cuda.synchronize(self.device)
         return statistics.median(times)
 
-    def measure(self, calls) -> Timing:
-        calls = list(calls)
-        ms, p20, p80 = self.gpu_ms(calls)
-        return Timing(ms, p20, p80, self.host_ms(calls[0]), self.how)
 
-
-class CPUTimer:
-    """:class:`GraphTimer`'s interface on a CPU: wall time per call (all of it host time)."""
+class CPUTimer(_Timer):
+    """:class:`GraphTimer`'s interface on a CPU: wall time per call, all of it host time."""
 
     how = "cpu"
 
     def __init__(self, rounds: int = 5):
         self.rounds = rounds
 
-    def measure(self, calls) -> Timing:
+    def gpu_ms(self, calls) -> tuple[float, float, float]:
+        """(median, p20, p80) wall milliseconds per call of ``calls`` (after one warm-up round)."""
         calls = list(calls)
-        for fn in calls:
-            fn()
         times = []
-        for _ in range(self.rounds):
+        for _ in range(self.rounds + 1):
             t0 = time.perf_counter()
             for fn in calls:
                 fn()
             times.append((time.perf_counter() - t0) * 1e3 / len(calls))
-        ms, p20, p80 = quantiles(times)
-        return Timing(ms, p20, p80, ms, self.how)
+        return quantiles(times[1:])
+
+    def host_ms(self, fn) -> float:
+        return self.gpu_ms([fn])[0]
 
 
-def timer_for(device, **kw):
-    """A :class:`GraphTimer` on a CUDA device, a :class:`CPUTimer` otherwise."""
-    return GraphTimer(device, **kw) if torch.device(device).type == "cuda" else CPUTimer()
+def measure_or_profile(timer, calls, device) -> Timing:
+    """``timer.measure(calls)``; where the calls cannot be captured into a graph, the profiler's
+    kernel time per call instead (still GPU time without the host's share; no host time), with
+    the reason in ``how``."""
+    calls = list(calls)
+    try:
+        return timer.measure(calls)
+    except Exception as exc:
+        device = torch.device(device)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        busy = kernel_table(calls[0], device)["busy_ms"]
+        why = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:160]
+        return Timing(busy, busy, busy, None, f"profiler (graph capture failed: {why})")
 
 
 def kernel_table(fn, device, calls: int = 3) -> dict:
-    """What the device runs per call of ``fn``, from the profiler: ``{"busy_ms": ..., "kernels":
-    [{"name", "calls", "us"}, ...]}`` (per call, longest first). On CUDA the device activity:
-    kernels, memory copies and sets; on a CPU, which is then the device, each operator's self time."""
+    """What the device runs per call of ``fn``, from the profiler: ``{"busy_ms": ..., "wall_ms": ...,
+    "kernels": [{"name", "calls", "us"}, ...]}`` (per call, longest first; ``wall_ms``: the profiled
+    calls' synchronised wall time, the profiler's own overhead included). On CUDA the device
+    activity: kernels, memory copies and sets; on a CPU, which is then the device, each operator's
+    self time. Overlapping kernels (several streams) would count twice."""
     from torch.profiler import ProfilerActivity, profile
 
     device = torch.device(device)
@@ -189,9 +211,11 @@ def kernel_table(fn, device, calls: int = 3) -> dict:
     sync()
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     with profile(activities=activities) as prof:
+        t0 = time.perf_counter()
         for _ in range(calls):
             fn()
         sync()
+        wall_ms = (time.perf_counter() - t0) * 1e3 / calls
     totals: dict[str, list] = {}
     for event in prof.events():
         on_device = str(getattr(event, "device_type", "")).endswith("CUDA")
@@ -208,4 +232,4 @@ def kernel_table(fn, device, calls: int = 3) -> dict:
         entry[1] += us
     kernels = sorted(({"name": name, "calls": n / calls, "us": us / calls} for name, (n, us) in totals.items()),
                      key=lambda k: -k["us"])
-    return {"busy_ms": sum(k["us"] for k in kernels) / 1e3, "kernels": kernels}
+    return {"busy_ms": sum(k["us"] for k in kernels) / 1e3, "wall_ms": wall_ms, "kernels": kernels}

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import torch
 
-from xclip_fast.bench.gputime import rotation
+from xclip_fast.bench.gputime import measure_or_profile, rotation
 from xclip_fast.bench.results import Result
 from xclip_fast.dtypes import dtype_name
 
 __all__ = ["ATTENTION_KERNELS", "QUICK_GELU_KERNELS", "KERNEL_NAMES", "AttentionProblem", "QuickGELUProblem",
-           "kernel_rows", "l2_bytes"]
+           "problems", "time_kernels", "kernel_rows", "l2_bytes"]
 
 ATTENTION_KERNELS = ("fwd", "delta", "dkdv", "dq")
 QUICK_GELU_KERNELS = ("quick_gelu_fwd", "quick_gelu_bwd")
@@ -137,6 +137,23 @@ class QuickGELUProblem:
         return (2 if kernel == "quick_gelu_fwd" else 3) * self.x.numel() * self.x.element_size()
 
 
+def problems(B, S, H, D, dtype, device, extra: bool) -> list[AttentionProblem]:
+    """One problem and, where its forward's bytes are under three times L2, copies on other inputs
+    to cycle through (:func:`~xclip_fast.bench.gputime.rotation`)."""
+    first = AttentionProblem(B, S, H, D, dtype, device, extra)
+    sets = rotation(first.bytes("fwd"), l2_bytes(device))
+    return [first] + [AttentionProblem(B, S, H, D, dtype, device, extra, seed=i) for i in range(1, sets)]
+
+
+def time_kernels(probs: list[AttentionProblem], kernels, timer, device, plan=None) -> dict:
+    """kernel -> :class:`~xclip_fast.bench.gputime.Timing` of each kernel launched alone, on each
+    input set in turn (the problems are prepared first, so the backward passes read real statistics)."""
+    for p in probs:
+        p.prepare(plan)
+    return {k: measure_or_profile(timer, [lambda p=p, k=k: p.launch(k, plan) for p in probs], device)
+            for k in kernels}
+
+
 def kernel_rows(case, dtype, mode: str, device, env: dict, timer, copy_bw: float | None,
                 provider: str = "xclip-fast-triton") -> list[Result]:
     """The bench's kernel rows of one attention case: each of our kernels the mode runs (``fwd``; or
@@ -147,22 +164,17 @@ def kernel_rows(case, dtype, mode: str, device, env: dict, timer, copy_bw: float
         B, S, extra = case.batch * case.frames, case.tokens, True
     else:
         B, S, extra = case.batch, case.frames, False
-    first = AttentionProblem(B, S, H, D, dtype, device, extra)
-    sets = rotation(first.bytes("fwd"), l2_bytes(device))
-    problems = [first] + [AttentionProblem(B, S, H, D, dtype, device, extra, seed=i) for i in range(1, sets)]
-    for p in problems:
-        p.prepare()
+    probs = problems(B, S, H, D, dtype, device, extra)
     rows = []
-    for kernel in ATTENTION_KERNELS if mode == "fwdbwd" else ("fwd",):
+    timings = time_kernels(probs, ATTENTION_KERNELS if mode == "fwdbwd" else ("fwd",), timer, device)
+    for kernel, t in timings.items():
         row = Result.make(env, case, dtype_name(dtype), mode, f"{provider}/{kernel}",
                           reason=f"{KERNEL_NAMES[kernel]} launched alone")
-        t = timer.measure([lambda p=p: p.launch(kernel) for p in problems])  # noqa: B023
         row.median_ms, row.p20_ms, row.p80_ms = t.ms, t.p20, t.p80
-        row.extras.update(host_ms=t.host_ms, timing=t.how, kernel=KERNEL_NAMES[kernel], input_sets=sets)
-        flops, nbytes = first.flops(kernel), first.bytes(kernel)
+        row.extras.update(host_ms=t.host_ms, timing=t.how, kernel=KERNEL_NAMES[kernel], input_sets=len(probs))
+        flops, nbytes = probs[0].flops(kernel), probs[0].bytes(kernel)
         row.tflops = flops / (t.ms * 1e-3) / 1e12 if flops else None
         row.gbps = nbytes / (t.ms * 1e-3) / 1e9
         row.bandwidth_fraction = row.gbps / copy_bw if copy_bw else None
         rows.append(row)
     return rows
-

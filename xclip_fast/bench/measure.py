@@ -106,24 +106,14 @@ def host_times(fns: dict, device, rounds: int = 30, calls: int = 10) -> dict:
 
 def gpu_idle_fraction(fn, device) -> float | None:
     """The fraction of one call's wall time the GPU ran no kernel: 1 - (kernel time, from the
-    profiler's CUDA activity) / (wall time of the call, synchronised). None off CUDA. Overlapping
-    kernels (several streams) would count twice; the training step issues on one stream."""
+    profiler's CUDA activity) / (wall time of the call, synchronised)
+    (:func:`xclip_fast.bench.gputime.kernel_table`). None off CUDA."""
     if device.type != "cuda":
         return None
-    from torch.profiler import ProfilerActivity, profile
+    from xclip_fast.bench.gputime import kernel_table
 
-    fn()
-    _sync(device)
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        wall_us = (time.perf_counter() - t0) * 1e6
-    busy_us = 0.0
-    for event in prof.events():
-        if str(getattr(event, "device_type", "")).endswith("CUDA"):
-            busy_us += getattr(event, "self_device_time_total", None) or getattr(event, "self_cuda_time_total", 0.0)
-    return max(0.0, 1.0 - busy_us / wall_us)
+    table = kernel_table(fn, device, calls=1)
+    return max(0.0, 1.0 - table["busy_ms"] / table["wall_ms"])
 
 
 def cuda_memory(fn, device):

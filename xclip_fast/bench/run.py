@@ -8,7 +8,7 @@ import torch
 
 from xclip_fast.argtypes import device_arg, frame_list, positive_int
 from xclip_fast.bench.cases import LEVELS, MODES, build_cases
-from xclip_fast.bench.gputime import GraphTimer
+from xclip_fast.bench.gputime import GraphTimer, measure_or_profile
 from xclip_fast.bench.kernels import kernel_rows
 from xclip_fast.bench.measure import copy_bandwidth, cpu_memory, cuda_memory, free, time_interleaved, time_ms
 from xclip_fast.bench.results import Result, append_rows, compare_to_reference, environment, table, write_outputs
@@ -53,16 +53,11 @@ def _timed(work, fn, mode, grad_out):
     return lambda: work.run(fn, mode)
 
 
-def _time_kernels(row, fn, device, timer) -> None:
+def _time_by_graph(row, fn, device, timer) -> None:
     """The attention level on CUDA: GPU time by CUDA-graph replay, the host's time per call apart
-    (:mod:`xclip_fast.bench.gputime`); a call that cannot be captured is timed with CUDA events
-    around eager calls instead, and says so in ``extras["timing"]``."""
-    try:
-        t = timer.measure([fn])
-    except Exception as exc:
-        row.median_ms, row.p20_ms, row.p80_ms = time_ms(fn, device, quick=True)
-        row.extras["timing"] = f"eager events (graph capture failed: {type(exc).__name__}: {str(exc)[:120]})"
-        return
+    (:mod:`xclip_fast.bench.gputime`); a call that cannot be captured gets the profiler's kernel
+    time, and ``extras["timing"]`` says so."""
+    t = measure_or_profile(timer, [fn], device)
     row.median_ms, row.p20_ms, row.p80_ms = t.ms, t.p20, t.p80
     row.extras.update(host_ms=t.host_ms, timing=t.how)
 
@@ -111,7 +106,7 @@ def run_case(case, dtype, mode, providers, device, quick, copy_bw, env=None, tim
         try:
             if device.type == "cuda":
                 if case.level == "attention":
-                    _time_kernels(row, fn, device, timer)
+                    _time_by_graph(row, fn, device, timer)
                 else:
                     row.median_ms, row.p20_ms, row.p80_ms = time_ms(fn, device, quick)
                 row.peak_mib, row.extra_mib = cuda_memory(fn, device)

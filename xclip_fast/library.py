@@ -72,7 +72,7 @@ from xclip_fast.checks import (
     raise_problems,
     scale_problems,
 )
-from xclip_fast.kernels import acc_dtype
+from xclip_fast.kernels import acc_dtype, dispatch_mode_active
 from xclip_fast.kernels import attention as _kernels
 from xclip_fast.kernels.attention import MAX_HEAD_DIM
 from xclip_fast.kernels.attention import attention_bwd as _attention_bwd_launch
@@ -80,7 +80,8 @@ from xclip_fast.kernels.attention import attention_fwd as _attention_fwd_launch
 from xclip_fast.kernels.quick_gelu import quick_gelu_bwd as _quick_gelu_bwd_launch
 from xclip_fast.kernels.quick_gelu import quick_gelu_fwd as _quick_gelu_fwd_launch
 
-__all__ = ["OPAQUE", "INTERPRETING", "empty_out", "AttentionFunction", "PackedAttentionFunction",
+__all__ = ["OPAQUE", "INTERPRETING", "empty_out", "eager", "direct_packed_fwd", "direct_packed_bwd",
+           "direct_quick_gelu", "direct_quick_gelu_backward", "AttentionFunction", "PackedAttentionFunction",
            "QuickGELUFunction"]
 
 # Triton decides when it is imported: kernels are interpreted iff TRITON_INTERPRET was set then
@@ -203,6 +204,15 @@ def _tf32() -> bool:
     return torch.get_float32_matmul_precision() != "highest"
 
 
+def eager() -> bool:
+    """Whether this call runs eagerly: nothing traces it (``torch.compile``, ``torch.export``, a TorchScript
+    trace), and no dispatch mode (a fake, proxy or functional mode, or a user's, which must see the
+    operators) is active. Autograd Functions that resolved the triton backend on inputs they built
+    themselves then launch through the ``direct_*`` functions: the operator's work without PyTorch's
+    dispatch of a Python operator and without checking its inputs a second time."""
+    return not (torch.compiler.is_compiling() or torch.jit.is_tracing() or dispatch_mode_active())
+
+
 # ------------------------------------------------------------------------------------------------
 # attention on separate q, k, v
 # ------------------------------------------------------------------------------------------------
@@ -287,6 +297,12 @@ def _unbind_extra(extra_kv: Optional[Tensor]):
 def _packed_attention_fwd(qkv: Tensor, extra_kv: Optional[Tensor], scale: float) -> tuple[Tensor, Tensor]:
     _check_packed("packed_attention_fwd", qkv, extra_kv, scale)
     _enter("packed_attention_fwd", qkv)
+    return direct_packed_fwd(qkv, extra_kv, scale)
+
+
+def direct_packed_fwd(qkv: Tensor, extra_kv: Optional[Tensor], scale: float) -> tuple[Tensor, Tensor]:
+    """``packed_attention_fwd``'s launch without the operator or its checks, for an eager caller that
+    resolved the triton backend on inputs it built itself (see :func:`eager`)."""
     qkv, extra_kv = _last_dim_contiguous(qkv), _last_dim_contiguous(extra_kv)
     q, k, v = qkv.unbind(2)
     out, lse = empty_out(q), _empty_lse(q)
@@ -305,6 +321,12 @@ def _packed_attention_bwd(qkv: Tensor, extra_kv: Optional[Tensor], out: Tensor, 
     _check_packed("packed_attention_bwd", qkv, extra_kv, scale)
     _check_backward("packed_attention_bwd", _packed_q_shape(qkv), qkv, out, lse, grad)
     _enter("packed_attention_bwd", qkv)
+    return direct_packed_bwd(qkv, extra_kv, out, lse, grad, scale)
+
+
+def direct_packed_bwd(qkv: Tensor, extra_kv: Optional[Tensor], out: Tensor, lse: Tensor, grad: Tensor,
+                      scale: float) -> tuple[Tensor, Tensor]:
+    """``packed_attention_bwd``'s launches without the operator or its checks (see :func:`direct_packed_fwd`)."""
     qkv, extra_kv, out, grad = (_last_dim_contiguous(t) for t in (qkv, extra_kv, out, grad))
     lse = lse.contiguous()
     dqkv = _empty_grad(qkv)
@@ -361,6 +383,11 @@ PackedAttentionFunction = batching.function_for("PackedAttentionFunction", packe
 def _quick_gelu(x: Tensor) -> Tensor:
     _check_elementwise("quick_gelu", x=x)
     _enter("quick_gelu", x)
+    return direct_quick_gelu(x)
+
+
+def direct_quick_gelu(x: Tensor) -> Tensor:
+    """``quick_gelu``'s launch without the operator or its checks (see :func:`direct_packed_fwd`)."""
     x = x.contiguous()
     return _quick_gelu_fwd_launch(x, torch.empty(x.shape, dtype=x.dtype, device=x.device))
 
@@ -373,6 +400,11 @@ def _quick_gelu_fake(x):
 def _quick_gelu_backward(x: Tensor, grad: Tensor) -> Tensor:
     _check_elementwise("quick_gelu_backward", x=x, grad=grad)
     _enter("quick_gelu_backward", x)
+    return direct_quick_gelu_backward(x, grad)
+
+
+def direct_quick_gelu_backward(x: Tensor, grad: Tensor) -> Tensor:
+    """``quick_gelu_backward``'s launch without the operator or its checks (see :func:`direct_packed_fwd`)."""
     x, grad = x.contiguous(), grad.contiguous()
     return _quick_gelu_bwd_launch(x, grad, torch.empty(x.shape, dtype=x.dtype, device=x.device))
 

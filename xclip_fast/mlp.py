@@ -47,16 +47,28 @@ def quick_gelu(h: torch.Tensor, backend: str = "auto", *, inplace: bool = False)
         from xclip_fast.library import QuickGELUFunction
 
         return QuickGELUFunction.apply(h)
-    if torch.is_grad_enabled() and h.requires_grad and backend == "torch":
-        return _QuickGELUFunction.apply(h)
+    if torch.is_grad_enabled() and h.requires_grad:  # recorded: a Function, or the operator and its formula
+        return _QuickGELUFunction.apply(h) if backend == "torch" else torch.ops.xclip_fast.quick_gelu(h)
     return quick_gelu_resolved(h, backend, inplace=inplace)
+
+
+def _triton_quick_gelu(h: torch.Tensor) -> torch.Tensor:
+    from xclip_fast import library as lib
+
+    return lib.direct_quick_gelu(h) if lib.eager() else torch.ops.xclip_fast.quick_gelu(h)
+
+
+def _triton_quick_gelu_backward(h: torch.Tensor, dg: torch.Tensor) -> torch.Tensor:
+    from xclip_fast import library as lib
+
+    return lib.direct_quick_gelu_backward(h, dg) if lib.eager() else torch.ops.xclip_fast.quick_gelu_backward(h, dg)
 
 
 def quick_gelu_resolved(h: torch.Tensor, backend: str, *, inplace: bool = False) -> torch.Tensor:
     """:func:`quick_gelu` with ``backend`` already resolved (``"triton"`` or ``"torch"``), not recorded
     by autograd: for code that writes its own backward (:func:`quick_gelu_grad`)."""
     if backend == "triton":
-        return torch.ops.xclip_fast.quick_gelu(h)
+        return _triton_quick_gelu(h)
     if torch.compiler.is_compiling():
         # Out of place when traced: Inductor fuses it into one pass anyway, and torch 2.11 computes
         # wrong gradients for in-place ops inside an autograd.Function's forward within a
@@ -71,7 +83,7 @@ def quick_gelu_grad(h: torch.Tensor, dg: torch.Tensor, backend: str) -> torch.Te
     """d/dh of QuickGELU times ``dg``, ``backend`` resolved: ``dg (s + 1.702 h s (1 - s))`` with
     ``s = sigmoid(1.702 h)`` recomputed from ``h``."""
     if backend == "triton":
-        return torch.ops.xclip_fast.quick_gelu_backward(h, dg)
+        return _triton_quick_gelu_backward(h, dg)
     hs = torch.mul(h, _QG)
     s = torch.sigmoid(hs)
     # dg s (1 - s) 1.702 h + dg s, in four passes
@@ -82,7 +94,7 @@ def quick_gelu_and_grad(h: torch.Tensor, dg: torch.Tensor, backend: str) -> tupl
     """QuickGELU of ``h`` and :func:`quick_gelu_grad` of ``dg`` together (``backend`` resolved): the
     torch backend computes the sigmoid once for both."""
     if backend == "triton":
-        return torch.ops.xclip_fast.quick_gelu(h), torch.ops.xclip_fast.quick_gelu_backward(h, dg)
+        return _triton_quick_gelu(h), _triton_quick_gelu_backward(h, dg)
     hs = torch.mul(h, _QG)
     s = torch.sigmoid(hs)
     return torch.mul(h, s), torch.ops.aten.sigmoid_backward(dg, s).mul_(hs).addcmul_(dg, s)

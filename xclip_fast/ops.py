@@ -273,6 +273,8 @@ def packed_forward(kernel: str, qkv: torch.Tensor, extra_kv, scale: float, attn_
     out-projection reads it without a copy), ``lse (B, H, S)``. ``heads``: the CPU kernel's inputs
     from :func:`packed_inputs`, when the caller has them (a backward that recomputes the attention)."""
     if kernel == "triton":
+        if _lib.eager():  # (the caller built qkv and resolved the backend: no operator, no second check)
+            return _lib.direct_packed_fwd(qkv, extra_kv, scale)
         return torch.ops.xclip_fast.packed_attention_fwd(qkv, extra_kv, scale)
     o, lse = _FLASH_CPU(*(heads or _heads_first(qkv, extra_kv)), 0.0, False, attn_mask=attn_mask, scale=scale)
     if qkv.stride(0) < qkv.stride(1):  # seq-first
@@ -291,7 +293,8 @@ def packed_backward(kernel: str, qkv: torch.Tensor, extra_kv, out, lse, dout, sc
     """``(dqkv, dextra_kv)`` for :func:`packed_forward`'s results: ``dqkv`` one buffer in ``qkv``'s
     layout (a permutation of the in-projection's output), ``dextra_kv`` None without the token."""
     if kernel == "triton":
-        dqkv, dextra = torch.ops.xclip_fast.packed_attention_bwd(qkv, extra_kv, out, lse, dout, scale)
+        bwd = _lib.direct_packed_bwd if _lib.eager() else torch.ops.xclip_fast.packed_attention_bwd
+        dqkv, dextra = bwd(qkv, extra_kv, out, lse, dout, scale)
         return dqkv, (dextra if extra_kv is not None else None)
     q, k, v = heads or _heads_first(qkv, extra_kv)
     dq, dk, dv = _FLASH_CPU_BWD(dout.transpose(1, 2), q, k, v, out.transpose(1, 2), lse, 0.0, False,

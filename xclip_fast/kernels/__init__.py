@@ -8,6 +8,9 @@ import torch
 import triton.language as tl
 from torch.library import wrap_triton as _torch_wrap_triton
 
+_INFRA_MODES = (torch._C._TorchDispatchModeKey.FAKE, torch._C._TorchDispatchModeKey.PROXY,
+                torch._C._TorchDispatchModeKey.FUNCTIONAL)
+
 _TL = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32, torch.float64: tl.float64}
 
 
@@ -21,10 +24,30 @@ def tl_dtype(dtype: torch.dtype):
     return _TL[dtype]
 
 
+def dispatch_mode_active() -> bool:
+    """Whether a dispatch mode is active here: a fake, proxy or functional mode (``torch.compile``,
+    ``torch.export`` and ``make_fx`` run a ``triton_op``'s body under them) or any mode on the stack (a
+    user's, e.g. ``FlopCounterMode``). Inside a mode's own handler the mode is off the stack: a call
+    that a mode hands on (as AOTAutograd's runtime checks do) runs eagerly."""
+    return torch._C._len_torch_dispatch_stack() > 0 or any(torch._C._get_dispatch_mode(k) is not None
+                                                           for k in _INFRA_MODES)
+
+
+def _interpreted(kernel) -> bool:
+    return type(kernel).__name__ == "InterpretedFunction"
+
+
 def wrap_triton(kernel):
-    """``torch.library.wrap_triton(kernel)`` where it applies: launches inside a ``triton_op`` that
-    ``torch.compile`` traces become graph nodes, eager launches go straight to the kernel. Kernels of
-    Triton's interpreter (``TRITON_INTERPRET=1``) launch as they are."""
-    if type(kernel).__name__ == "InterpretedFunction":
+    """The launcher of ``kernel``: the kernel itself for an eager launch, ``torch.library.wrap_triton(kernel)``
+    while a graph is traced.
+
+    A launch is traced only under a dispatch mode: the fake, functional and proxy modes through which
+    ``torch.compile``, ``torch.export`` and ``make_fx`` run a ``triton_op``'s body, where the wrapper
+    records the kernel in the graph. Everywhere else the launch is eager and goes straight to the kernel:
+    outside a ``triton_op`` (the tuner, the lab, the opaque operators), ``torch.library.wrap_triton``
+    would otherwise send every launch through its tracing path, which costs host time and keeps one
+    entry per call in PyTorch's kernel side table. Kernels of Triton's interpreter (``TRITON_INTERPRET=1``)
+    launch as they are."""
+    if not dispatch_mode_active() or _interpreted(kernel):
         return kernel
     return _torch_wrap_triton(kernel)

@@ -31,7 +31,7 @@ Ideas of the kernels:
   The kernels cast both to fp32 on entry, so a caller that passes them as fp64 (Inductor may)
   gets the same arithmetic.
 
-Launches go through ``torch.library.wrap_triton``: inside a ``torch.library.triton_op`` traced by
+Launches go through ``xclip_fast.kernels.wrap_triton``: inside a ``torch.library.triton_op`` traced by
 ``torch.compile`` the kernels then appear in the graph; in eager mode it returns the kernel itself.
 """
 

@@ -20,7 +20,7 @@ setup(
     # would shadow it wherever the repository root is on sys.path (python -m pytest, python -c).
     packages=["xclip_fast", "xclip_fast.bench", "xclip_fast.extract", "xclip_fast.kernels"],
     # the tuned tile sizes that launch_plan reads (kernels/tuning.py)
-    package_data={"xclip_fast.kernels": ["tuned.json"]},
+    package_data={"xclip_fast": ["auto_table.json"], "xclip_fast.kernels": ["tuned.json"]},
     # The supported range is what CI runs the test suite on (xclip_fast/versions.py, .ci/run): torch 2.11
     # with its triton 3.6 (the oldest pair) and the newest releases. No upper bound: newer releases are
     # allowed (capping torch would make pip downgrade it), older ones are refused here and at import.

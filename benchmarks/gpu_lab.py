@@ -21,8 +21,9 @@ and is written out as it ends, so a run cut short (or stopped with SIGINT) keeps
    each kernel runs), and the HBM floor: the bytes each must move (in the output) at the measured copy
    bandwidth, over the time. Every provider's output and input gradients are checked against float32.
 3. one block step (forward + backward, bf16, B/16 and B/32 sizes, batch 8, T = 8): the original eager
-   and compiled, ours eager (triton and torch backends at the recompute levels none and lean) and
-   compiled: wall time (CUDA events around eager steps), the GPU's busy time (the profiler's kernel
+   and compiled, ours eager (triton and torch backends at the recompute levels none and lean, and
+   ``backend="auto"`` at lean: what a user gets) and compiled (triton, auto): wall time (CUDA events
+   around eager steps), the GPU's busy time (the profiler's kernel
    time per step) and idle fraction, the graph-replay time, the host time, and each provider's top
    kernels (profile.txt).
 4. one training step of the B/16 encoder (T = 8, batch 8, fused AdamW, bf16 autocast): the original and
@@ -32,7 +33,9 @@ and is written out as it ends, so a run cut short (or stopped with SIGINT) keeps
 
 Files under ``--out`` (at most 7: a GPU machine hands back 8): lab.json (everything, with the device,
 versions, commit and date), kernels.csv, block.csv, train.csv, profile.txt, table.txt (the short
-table, printed last). Exit status: 0, 1 when a provider failed its check or raised, 130 when stopped.
+table, printed last). ``benchmarks/auto_table.py DIR`` turns lab.json into rows of the table from which
+``backend="auto"`` chooses (``xclip_fast/auto_table.json``). Exit status: 0, 1 when a provider failed its
+check or raised, 130 when stopped.
 """
 
 from __future__ import annotations
@@ -81,6 +84,9 @@ class Lab:
         self.device = torch.device("cuda" if torch.cuda.is_available() and not dry else "cpu")
         self.cuda = self.device.type == "cuda"
         self.env = environment(self.device)
+        if self.cuda:  # (the key of the rows benchmarks/auto_table.py makes of this run)
+            major, minor = torch.cuda.get_device_capability(self.device)
+            self.env["arch"] = 10 * major + minor
         self.timer = GraphTimer(self.device) if self.cuda else CPUTimer(rounds=3)
         self.sizes = sizes(dry)
         self.ceilings: dict = {}
@@ -124,6 +130,7 @@ class Lab:
                 writer.writeheader()
                 writer.writerows({k: _csv(v) for k, v in r.items()} for r in self.rows[section])
         doc = {"environment": self.env, "dry_run": self.dry, "budget_s": self.budget,
+               "sizes": {k: v for k, v in self.sizes.items() if k in ("heads", "head_dim", "batch", "frames")},
                "elapsed_s": round(time.perf_counter() - self.start, 1), "ceilings": self.ceilings,
                "notes": self.notes, **self.rows}
         (self.out / "lab.json").write_text(json.dumps(doc, indent=1, default=str) + "\n")
@@ -359,7 +366,7 @@ def kernel_section(lab: Lab, dtype_name: str) -> None:
 # 3. one block step
 # ------------------------------------------------------------------------------------------------
 BLOCK_PROVIDERS = ("original", "original-compiled", "triton-none", "triton-lean", "torch-none", "torch-lean",
-                   "triton-compiled")
+                   "auto-lean", "triton-compiled", "auto-compiled")
 
 
 def _block_dims(lab: Lab, model: str):

@@ -74,3 +74,21 @@ def fixed_seed():
 @pytest.fixture
 def device():
     return DEVICE
+
+
+@pytest.fixture(autouse=True, scope="session")
+def own_auto_cache(tmp_path_factory):
+    """The suite never reads or writes the user's ``backend="auto"`` cache (xclip_fast.autochoice): its
+    own empty folder, for every process it starts too (the variable is inherited)."""
+    import os
+
+    from xclip_fast import autochoice
+
+    saved = os.environ.get(autochoice.CACHE_ENV)
+    os.environ[autochoice.CACHE_ENV] = str(tmp_path_factory.mktemp("auto-cache"))
+    autochoice.forget()
+    yield
+    if saved is None:
+        os.environ.pop(autochoice.CACHE_ENV, None)
+    else:
+        os.environ[autochoice.CACHE_ENV] = saved

@@ -24,6 +24,9 @@ def test_bench_writes_table_csv_json_and_plot(tmp_path, capsys):
     assert "the triton provider is left out" in out
     assert "block b32 b=1 T=2" in out and "xclip-fast-torch" in out
     assert "xclip-fast-triton          SKIPPED: triton kernels need CUDA" in out
+    # what backend='auto' runs for the case's two attentions, and why
+    assert "backend='auto'" in out and "frame attention 50 x 2 forward eager: torch (" in out
+    assert "message attention 2 x 1 forward compiled: torch (" in out
     with open(tmp_path / "results.csv") as f:
         rows = list(csv.DictReader(f))
     assert [r["provider"] for r in rows] == ["reference", "xformers", "xclip-fast-torch", "xclip-fast-triton"]

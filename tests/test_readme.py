@@ -58,3 +58,13 @@ def test_hf_finetuning_script_runs_under_torchrun(tmp_path):
     found = re.search(r"reloaded: XCLIPModel, max logit difference ([0-9.e+-]+)", out)
     assert found and float(found.group(1)) < 1e-4, out
     assert (tmp_path / "xclip-finetuned" / "config.json").exists()
+
+
+def test_how_auto_chooses_runs(tmp_path):
+    """The Backends section's snippet: what auto would run for B/16's frame attention, and why."""
+    script = tmp_path / "auto.py"
+    script.write_text(_section_code("Backends"))
+    env = dict(os.environ, XCLIP_FAST_CACHE_DIR=str(tmp_path / "cache"))
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "Decision(backend='torch'" in proc.stdout and "source=" in proc.stdout, proc.stdout

@@ -11,6 +11,7 @@ from xclip_fast.versions import check_versions as _check_versions
 # before anything uses torch or triton: older releases than supported are refused here, clearly
 _check_versions()
 
+from xclip_fast.autochoice import tune  # noqa: E402
 from xclip_fast.blocks import (  # noqa: E402
     CrossFrameAttentionBlock,
     CrossFramelAttentionBlock,
@@ -26,6 +27,7 @@ __version__ = "0.1.0"
 __all__ = [
     "attention",
     "triton_status",
+    "tune",
     "CrossFrameAttentionBlock",
     "CrossFramelAttentionBlock",
     "ResidualAttentionBlock",

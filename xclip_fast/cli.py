@@ -56,6 +56,8 @@ def _check(args) -> int:
           f"in {args.dtype})")
     print(f"  {'original':8s}    : output {ref_errors['output']:.2e}, grad x {ref_errors['grad x']:.2e} "
           f"(the original block run in {args.dtype})")
+    for line in auto_lines(device, dtype, l, b, T, d, H):
+        print(line)
     failed = False
     for backend in backends:
         reasons = triton_limits(device, dtype, d // H) if backend == "triton" else []
@@ -74,6 +76,27 @@ def _check(args) -> int:
         for k in bad:
             print(f"           {k}: {errors[k]:.2e} > max({TOLERANCES[dtype]:g}, 2 x {ref_errors[k]:.2e})")
     return 1 if failed else 0
+
+
+def auto_lines(device, dtype, l: int, b: int, T: int, d: int, H: int) -> list[str]:
+    """What ``backend="auto"`` runs for the two attentions of a block of these sizes on ``device``, forward
+    and training, eager and compiled, and why (:func:`xclip_fast.autochoice.describe`)."""
+    from xclip_fast.autochoice import Call, describe
+
+    lines = []
+    for what, call in (("frame attention", Call(b * T, l, l, H, True, False)),
+                       ("message attention", Call(b, T, T, H, False, False))):
+        for training in (False, True):
+            for compiled in (False, True):
+                decision = describe(device, dtype, d // H, call._replace(training=training), compiled=compiled)
+                mode = f"{'training' if training else 'forward'}, {'compiled' if compiled else 'eager'}"
+                lines.append((f"{what:17s} {mode:18s}", decision))
+    head = "  backend='auto' on this machine (the README's 'How auto chooses')"
+    if len({(dec.backend, dec.reason) for _, dec in lines}) == 1:
+        dec = lines[0][1]
+        return [f"{head}: {dec.backend} for both attentions, forward and training, eager and compiled ({dec.source}: "
+                f"{dec.reason})"]
+    return [f"{head}:"] + [f"    {what} -> {dec.backend:6s} ({dec.source}: {dec.reason})" for what, dec in lines]
 
 
 def load_encoder(weights: str | None, preset: str | None, frames: int | None, trust: bool):

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from xclip_fast.autochoice import Call
 from xclip_fast.fused import FusedLayer, NormLinear, OutMLP
 from xclip_fast.mlp import MLP, FusedMLP, mlp_width, run_mlp
 from xclip_fast.ops import autocast_dtype, packed_attention, packed_kernel, resolve_backend
@@ -303,15 +304,18 @@ def fused_layer(x: torch.Tensor, parts: Parts, backend: str, level: str, msg: to
     cast = autocast_dtype(device)
     dtype = cast if cast is not None and x.dtype != torch.float64 else x.dtype  # the GEMMs' and the attention's
     p = _dropout(attn)
+    call = Call(B, S, S, H, msg is not None or T is not None, True)  # (a FusedLayer runs while autograd records)
     kernel = packed_kernel(resolve_backend(backend, device, dtype=dtype, head_dim=Dh, attn_mask=attn_mask is not None,
-                                           dropout=p > 0.0), device, dtype, p)
+                                           dropout=p > 0.0, call=call, like=x), device, dtype, p)
     if kernel is None and (level == "block" or T is not None):
         return None
     message, message_cfg = (None,) * 9, None
     if T is not None:  # the message path's parameters, its attention's kernel and its drop-path mask
         m_attn = parts.message_attn
         Hm, Dm = _heads(m_attn, d)
-        m_kernel = packed_kernel(resolve_backend(backend, device, dtype=dtype, head_dim=Dm), device, dtype, 0.0)
+        m_call = Call(B // T, T, T, Hm, False, True)
+        m_backend = resolve_backend(backend, device, dtype=dtype, head_dim=Dm, call=m_call, like=x)
+        m_kernel = packed_kernel(m_backend, device, dtype, 0.0)
         if m_kernel is None:
             return None
         message = (*_weight_bias(parts.message_fc), *_weight_bias(parts.message_ln), *in_projection(m_attn),

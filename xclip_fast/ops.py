@@ -6,8 +6,10 @@ Backends:
   :mod:`xclip_fast.library` (CUDA tensors, or CPU tensors when ``TRITON_INTERPRET=1`` was set before
   triton was imported).
 - ``"torch"``: ``torch.nn.functional.scaled_dot_product_attention`` and plain PyTorch, any device.
-- ``"auto"``: ``"triton"`` for CUDA tensors when the kernels can run the call, ``"torch"`` otherwise.
-  It never raises for something the torch backend can do.
+- ``"auto"``: ``"torch"`` wherever the kernels cannot run the call; on CUDA, the kernels for an attention
+  only where they were measured to win on this GPU (:mod:`xclip_fast.autochoice`: the committed table,
+  the user's own measurement), SDPA on the concatenated input otherwise; the MLP's QuickGELU kernel on
+  CUDA. It never raises for something the torch backend can do.
 
 Modules additionally know ``"reference"`` (the original computation, see ``reference.py``).
 
@@ -23,6 +25,8 @@ import torch.autograd.forward_ad as _fwAD
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
+from xclip_fast import autochoice
+from xclip_fast.autochoice import Call
 from xclip_fast.checks import attention_problems, packed_problems, raise_problems, scale_problems
 from xclip_fast.dtypes import FLOAT_DTYPES
 from xclip_fast.versions import compiled_cpu_fp64_sdpa_is_broken
@@ -31,6 +35,7 @@ __all__ = [
     "attention",
     "packed_attention",
     "resolve_backend",
+    "attention_call",
     "triton_limits",
     "triton_status",
     "autocast_dtype",
@@ -156,14 +161,16 @@ def triton_limits(device: torch.device, dtype: torch.dtype | None = None, head_d
 
 def resolve_backend(backend: str, device: torch.device, *, dtype: torch.dtype | None = None,
                     head_dim: int | None = None, attn_mask: bool = False, dropout: bool = False,
-                    allowed=ATTENTION_BACKENDS) -> str:
+                    allowed=ATTENTION_BACKENDS, call: Call | None = None, like: torch.Tensor | None = None) -> str:
     """The backend that runs a call: the one place where ``"auto"`` is decided.
 
-    ``"auto"`` gives ``"triton"`` for CUDA tensors when the kernels can run the call and ``"torch"``
-    otherwise (head dim over 128, a mask, attention dropout, forward-mode AD or a ``torch.func``
-    transform the kernels cannot run, see :func:`transform_reason`; no triton); an explicit ``"triton"``
-    that cannot run raises a ``ValueError`` listing every reason. ``dtype``/``head_dim`` omitted:
-    not checked (the MLP has no head dim).
+    ``"auto"`` gives ``"torch"`` wherever the kernels cannot run the call (not CUDA, head dim over 128,
+    a mask, attention dropout, forward-mode AD or a ``torch.func`` transform they cannot run, see
+    :func:`transform_reason`; no triton). For an attention (``call``, its shape, and ``like``, one of
+    its tensors) on CUDA it runs the kernels only where they were measured to win on this GPU, else
+    SDPA (:mod:`xclip_fast.autochoice`); for the MLP's activation (no ``call``) it gives ``"triton"``
+    on CUDA. An explicit ``"triton"`` that cannot run raises a ``ValueError`` listing every reason.
+    ``dtype``/``head_dim`` omitted: not checked (the MLP has no head dim).
     """
     if backend not in allowed:
         raise ValueError(f"backend must be one of {allowed}, got {backend!r}")
@@ -171,11 +178,24 @@ def resolve_backend(backend: str, device: torch.device, *, dtype: torch.dtype | 
         return backend
     reasons = triton_limits(device, dtype, head_dim, attn_mask=attn_mask, dropout=dropout)
     if backend == "auto":
-        return "triton" if device.type == "cuda" and not reasons else "torch"
+        if reasons:
+            return "torch"
+        if call is None:
+            return "triton" if device.type == "cuda" else "torch"
+        return autochoice.choose(device, dtype, head_dim, call, like)
     if reasons:
         raise ValueError("backend='triton' cannot run this call: " + "; ".join(reasons)
                          + " (backend='auto' falls back to 'torch')")
     return "triton"
+
+
+def attention_call(qkv: torch.Tensor, extra: torch.Tensor | None, training: bool | None = None) -> Call:
+    """The :class:`~xclip_fast.autochoice.Call` of a packed attention ``qkv (B, S, 3, H, D)`` (``training``
+    None: whether autograd records ``qkv`` or the extra token now)."""
+    if training is None:
+        training = torch.is_grad_enabled() and (qkv.requires_grad or (extra is not None and extra.requires_grad))
+    B, S, _, H, _ = qkv.shape
+    return Call(B, S, S, H, extra is not None, training)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -366,7 +386,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     D = q.shape[-1]
     cast = autocast_dtype(q.device)
     q, k, v, extra_k, extra_v = autocast_cast(cast, q, k, v, extra_k, extra_v)
-    backend = resolve_backend(backend, q.device, dtype=q.dtype, head_dim=D)
+    training = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, extra_k, extra_v))
+    call = Call(q.shape[0], q.shape[1], k.shape[1], q.shape[2], extra_k is not None, training, False)
+    backend = resolve_backend(backend, q.device, dtype=q.dtype, head_dim=D, call=call, like=q)
     scale = D**-0.5 if scale is None else float(scale)
     if backend == "torch":
         return _sdpa(q, k, v, extra_k, extra_v, scale)
@@ -395,7 +417,7 @@ def packed_attention(qkv: torch.Tensor, extra_kv: torch.Tensor | None = None, *,
     D = qkv.shape[-1]
     qkv, extra_kv = autocast_cast(autocast_dtype(qkv.device), qkv, extra_kv)
     backend = resolve_backend(backend, qkv.device, dtype=qkv.dtype, head_dim=D, attn_mask=attn_mask is not None,
-                              dropout=dropout_p > 0.0)
+                              dropout=dropout_p > 0.0, call=attention_call(qkv, extra_kv), like=qkv)
     scale = D**-0.5 if scale is None else float(scale)
     if backend == "torch":
         if attn_mask is not None:

@@ -165,6 +165,32 @@ def _usage(problem: str) -> int:
     return 2
 
 
+def auto_lines(plan, dtype: torch.dtype, device: torch.device) -> list[str]:
+    """What ``backend="auto"`` runs for the attentions of each (case, mode) on ``device``, eager and compiled,
+    and why (:func:`xclip_fast.autochoice.describe`): one line per attention and mode."""
+    from xclip_fast.autochoice import Call, describe
+
+    seen, lines = set(), ["backend='auto' (the README's 'How auto chooses'):"]
+    for case, mode in plan:
+        calls = []
+        if case.kind in ("frames", "block", "encoder"):
+            calls.append(("frame attention", Call(case.batch * case.frames, case.tokens, case.tokens, case.heads,
+                                                  True, mode == "fwdbwd")))
+        if case.kind in ("messages", "block", "encoder"):
+            calls.append(("message attention", Call(case.batch, case.frames, case.frames, case.heads, False,
+                                                    mode == "fwdbwd")))
+        for what, call in calls:
+            for compiled in (False, True):
+                dec = describe(device, dtype, case.width // case.heads, call, compiled=compiled)
+                line = (f"  {what} {case.tokens if 'frame' in what else case.frames} x {call.batch} "
+                        f"{'training' if call.training else 'forward'} {'compiled' if compiled else 'eager'}: "
+                        f"{dec.backend} ({dec.source}: {dec.reason})")
+                if line not in seen:
+                    seen.add(line)
+                    lines.append(line)
+    return lines if len(lines) > 1 else []
+
+
 def main(args) -> int:
     """``xclip-fast bench``: see ``xclip-fast bench --help``."""
     import os
@@ -230,6 +256,8 @@ def main(args) -> int:
         print(f"interrupted: the {len(rows)} row(s) of the cases that finished follow", file=sys.stderr)
     print(table(rows, env))
     print(f"copy bandwidth: {copy_bw:.0f} GB/s (read + write)")
+    for line in auto_lines([(c, m) for c, m, _ in plan], dtype, device):
+        print(line)
     paths = write_outputs(rows, env, args.out, copy_bw, appended=True)
     print("wrote " + ", ".join(paths.values()))
     if interrupted:

@@ -131,6 +131,35 @@ def test_a_measurement_never_chooses_a_slower_or_disagreeing_kernel(fake_gpu, de
     assert entry["backend"] == "torch" and not entry["agrees"]
 
 
+def test_a_failed_measurement_runs_sdpa_and_is_not_cached(fake_gpu, device, monkeypatch):
+    def broken(call, backend, tensors, grad):
+        def run():
+            raise RuntimeError("out of resources: shared memory")
+        run.backend = backend
+        return run
+    monkeypatch.setattr(autochoice, "_candidate", broken)
+    monkeypatch.setattr(autochoice, "_default_timer", lambda device: FakeTimer({"triton": 1.0, "torch": 2.0}))
+    monkeypatch.setenv(autochoice.MEASURE_ENV, "1")
+    assert not _ran_ours(lambda: one_call(device))  # the user's call itself runs, on SDPA
+    decision = autochoice.describe(device, torch.float32, 16, Call(3, 5, 5, 2, True, False))
+    assert decision.backend == "torch" and "out of resources" in decision.reason
+    assert not os.path.exists(autochoice.cache_path())
+
+
+def test_a_cache_that_cannot_be_written_is_said_once_and_the_choice_still_applies(fake_gpu, device, monkeypatch):
+    blocker = fake_gpu / "a-file"
+    blocker.write_text("")
+    monkeypatch.setenv(autochoice.CACHE_ENV, str(blocker / "cache"))  # a folder inside a file
+    monkeypatch.setattr(autochoice, "_default_timer", lambda device: FakeTimer({"triton": 1.0, "torch": 2.0}))
+    monkeypatch.setenv(autochoice.MEASURE_ENV, "1")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert _ran_ours(lambda: one_call(device))
+        autochoice.tune(lambda: one_call(device), timer=FakeTimer({"triton": 1.0, "torch": 2.0}))
+    said = [str(w.message) for w in caught if "could not write" in str(w.message)]
+    assert len(said) == 1, said
+
+
 @pytest.mark.parametrize("content", ["{not json", json.dumps({"format": 1, "entries": []}),
                                      json.dumps({"producer": "xclip_fast", "format": 7, "entries": []}),
                                      json.dumps({"producer": "xclip_fast", "format": 1, "entries": [{"key": 3}]})],

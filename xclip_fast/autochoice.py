@@ -277,6 +277,20 @@ def _write_cache(path: str, ident: dict, measured: dict) -> None:
     os.replace(tmp, path)
 
 
+def _save(ident: dict, measured: dict) -> None:
+    """Writes the measurements that succeeded into the cache; a cache that cannot be written is said once
+    (the choices still apply to this process)."""
+    good = {k: e for k, e in measured.items() if not e.get("error")}
+    if not good:
+        return
+    try:
+        _write_cache(cache_path(), ident, good)
+    except OSError as exc:
+        _warn_once(f"write {cache_path()}", f"xclip_fast: could not write the auto-choice cache {cache_path()} "
+                   f"({exc}); the measured choices apply to this process only (set {CACHE_ENV} to a writable "
+                   "folder)")
+
+
 # ------------------------------------------------------------------------------------------------
 # choosing
 # ------------------------------------------------------------------------------------------------
@@ -337,7 +351,7 @@ def _decide(key: Key, call: Call, dtype, head_dim, device, like) -> Decision:
                 decision = _measured_decision(entry)
             elif os.environ.get(MEASURE_ENV, "0") not in ("", "0") and like is not None and _can_measure(like):
                 entry = measure(call, dtype, head_dim, device)
-                _write_cache(cache_path(), ident, {key: entry})
+                _save(ident, {key: entry})
                 decision = _measured_decision(entry)
         elif os.environ.get(MEASURE_ENV, "0") not in ("", "0"):
             _warn_once("measure in group", f"xclip_fast: {MEASURE_ENV}=1 is not used in a process group of "
@@ -349,6 +363,8 @@ def _decide(key: Key, call: Call, dtype, head_dim, device, like) -> Decision:
 
 
 def _measured_decision(entry: dict) -> Decision:
+    if entry.get("error"):
+        return Decision("torch", "measured", f"the measurement on this GPU failed ({entry['error']}): SDPA")
     ms = entry["ms"]
     return Decision(entry["backend"], "measured",
                     f"measured on this GPU ({entry.get('date', '?')}): ours {ms['triton']:.4f} ms, SDPA "
@@ -441,8 +457,14 @@ def measure(call: Call, dtype: torch.dtype, head_dim: int, device, timer=None) -
     device = torch.device(device)
     timer = timer if timer is not None else _default_timer(device)
     # (a first call may meet a key inside the user's no_grad, inference or autocast region: none applies here)
-    with torch.inference_mode(False), torch.enable_grad(), torch.autocast(device.type, enabled=False):
-        return _measure(call, dtype, head_dim, device, timer)
+    try:
+        with torch.inference_mode(False), torch.enable_grad(), torch.autocast(device.type, enabled=False):
+            return _measure(call, dtype, head_dim, device, timer)
+    except Exception as exc:  # (out of memory, a kernel that does not compile...): SDPA, and said why
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        why = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:200]
+        return {"backend": "torch", "error": why, "date": datetime.date.today().isoformat()}
 
 
 def _measure(call: Call, dtype, head_dim: int, device: torch.device, timer) -> dict:
@@ -516,7 +538,7 @@ def tune(fn=None, *args, group=None, timer=None, save: bool = True, **kwargs) ->
             mine[key] = _measured_decision(entry)
         if save and measured:
             device = next(iter(met.values()))[3]
-            _write_cache(cache_path(), identity(_device_index(device)), measured)
+            _save(identity(_device_index(device)), measured)
     decisions = _agree(mine, group)
     if in_group and dist.get_rank() != src:
         decisions = {k: Decision(d.backend, "agreed", f"rank 0's measurement: {d.reason}")

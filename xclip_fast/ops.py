@@ -431,4 +431,7 @@ def packed_attention(qkv: torch.Tensor, extra_kv: torch.Tensor | None = None, *,
         return _sdpa(q, k, v, ek, ev, scale, attn_mask=attn_mask, dropout_p=dropout_p)
     if transforms_active():
         return _lib.PackedAttentionFunction.apply(qkv, extra_kv, scale)[0]
+    if not (torch.is_grad_enabled() and (qkv.requires_grad or (extra_kv is not None and extra_kv.requires_grad))) \
+            and _lib.eager():  # inference: the launch itself (checked above; nothing to record)
+        return _lib.direct_packed_fwd(qkv, extra_kv, scale)[0]
     return torch.ops.xclip_fast.packed_attention_fwd(qkv, extra_kv, scale)[0]

@@ -8,8 +8,9 @@ import torch
 import triton.language as tl
 from torch.library import wrap_triton as _torch_wrap_triton
 
-_INFRA_MODES = (torch._C._TorchDispatchModeKey.FAKE, torch._C._TorchDispatchModeKey.PROXY,
-                torch._C._TorchDispatchModeKey.FUNCTIONAL)
+_FAKE, _PROXY, _FUNCTIONAL = (torch._C._TorchDispatchModeKey.FAKE, torch._C._TorchDispatchModeKey.PROXY,
+                               torch._C._TorchDispatchModeKey.FUNCTIONAL)
+_stack_len, _infra_mode = torch._C._len_torch_dispatch_stack, torch._C._get_dispatch_mode
 
 _TL = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32, torch.float64: tl.float64}
 
@@ -24,13 +25,19 @@ def tl_dtype(dtype: torch.dtype):
     return _TL[dtype]
 
 
+def cdiv(a, b):
+    """``ceil(a / b)`` in plain integer arithmetic (symbolic sizes too; ``triton.cdiv`` unwraps constexprs
+    on every call, which the launchers make several times a launch)."""
+    return (a + b - 1) // b
+
+
 def dispatch_mode_active() -> bool:
     """Whether a dispatch mode is active here: a fake, proxy or functional mode (``torch.compile``,
     ``torch.export`` and ``make_fx`` run a ``triton_op``'s body under them) or any mode on the stack (a
     user's, e.g. ``FlopCounterMode``). Inside a mode's own handler the mode is off the stack: a call
     that a mode hands on (as AOTAutograd's runtime checks do) runs eagerly."""
-    return torch._C._len_torch_dispatch_stack() > 0 or any(torch._C._get_dispatch_mode(k) is not None
-                                                           for k in _INFRA_MODES)
+    return (_stack_len() > 0 or _infra_mode(_FAKE) is not None or _infra_mode(_PROXY) is not None
+            or _infra_mode(_FUNCTIONAL) is not None)
 
 
 def _interpreted(kernel) -> bool:

@@ -37,6 +37,7 @@ Launches go through ``xclip_fast.kernels.wrap_triton``: inside a ``torch.library
 
 from __future__ import annotations
 
+import functools
 import struct
 from types import SimpleNamespace
 
@@ -44,7 +45,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import wrap_triton
+from . import cdiv, wrap_triton
 from .plan import LOG2E, pack_group, plan_for
 from .tiles import bad_rows, col_ptrs, extra_grads, is_finite, load_extra, positions, row_ptrs, scaled
 
@@ -338,16 +339,27 @@ def _attention_bwd_kernel(
 # ----------------------------------------------------------------------------------------------
 def _split(s: float):
     """``s`` as fp32 hi + fp32 lo (Triton passes Python floats as fp32). Plain Python arithmetic:
-    no tensor is made, so this also runs while a graph is being traced."""
+    no tensor is made, so this also runs while a graph is being traced. (A module's scale is the same
+    on every call: remembered.)"""
+    if type(s) is float:
+        return _split_float(s)
     hi = struct.unpack("f", struct.pack("f", s))[0]
     lo = struct.unpack("f", struct.pack("f", s - hi))[0]
     return hi, lo
 
 
+@functools.lru_cache(maxsize=64)
+def _split_float(s: float):
+    hi = struct.unpack("f", struct.pack("f", s))[0]
+    return hi, struct.unpack("f", struct.pack("f", s - hi))[0]
+
+
 def _strides(t: torch.Tensor, n: int):
+    """The first ``n`` strides of ``t`` (one call: this runs for every tensor of every launch)."""
+    strides = t.stride()
     # the kernels address the last dimension with stride 1; a size-1 last dimension is never strided
-    assert t.stride(-1) == 1 or t.shape[-1] == 1, "last dimension must be contiguous"
-    return tuple(t.stride(i) for i in range(n))
+    assert strides[-1] == 1 or t.shape[-1] == 1, "last dimension must be contiguous"
+    return strides[:n]
 
 
 def _extra_strides(ek, ev, has_extra: bool):
@@ -369,7 +381,7 @@ def attention_fwd(q, k, v, ek, ev, o, lse, scale: float, allow_tf32: bool = Fals
     if not has_extra:
         ek = ev = q  # never read (HAS_EXTRA is False); any valid pointer will do
     t = plan.fwd
-    grid = (triton.cdiv(B, G) * H, triton.cdiv(G * SQ, t.block_m))
+    grid = (cdiv(B, G) * H, cdiv(G * SQ, t.block_m))
     wrap_triton(_attention_fwd_kernel)[grid](
         q, k, v, ek, ev, o, lse,
         *_strides(q, 3), *_strides(k, 3), *_strides(v, 3), *_extra_strides(ek, ev, has_extra),
@@ -390,8 +402,7 @@ def attention_bwd(q, k, v, ek, ev, o, lse, do, dq, dk, dv, dek, dev, scale: floa
     alone); ``delta`` (``lse``'s shape and strides): the buffer of the ``delta`` pass, which the other
     two read (made here when None; it must then hold that pass's result if the pass is not run).
     """
-    unknown = set(passes) - set(BWD_PASSES)
-    assert not unknown, f"unknown backward passes {sorted(unknown)}"
+    assert passes is BWD_PASSES or not set(passes) - set(BWD_PASSES), f"unknown backward passes {passes}"
     B, SQ, H, D = q.shape
     SK = k.shape[1]
     has_extra = ek is not None
@@ -406,7 +417,7 @@ def attention_bwd(q, k, v, ek, ev, o, lse, do, dq, dk, dv, dek, dev, scale: floa
     assert delta.stride() == lse.stride()
     if "delta" in passes:
         pre = plan.preprocess
-        wrap_triton(_attention_bwd_preprocess_kernel)[(B * H, triton.cdiv(SQ, pre.block_m))](
+        wrap_triton(_attention_bwd_preprocess_kernel)[(B * H, cdiv(SQ, pre.block_m))](
             o, do, delta, *_strides(o, 3), *_strides(do, 3), delta.stride(0), delta.stride(1), H, SQ,
             HEAD_DIM=plan.head_dim, BLOCK_M=pre.block_m, BLOCK_D=plan.block_d, ACC=plan.acc,
             num_warps=pre.num_warps,
@@ -418,9 +429,9 @@ def attention_bwd(q, k, v, ek, ev, o, lse, do, dq, dk, dv, dek, dev, scale: floa
         *_strides(dq, 3), *_strides(dk, 3), *_strides(dv, 3), *_extra_strides(dek, dev, has_extra),
         B, H, SQ, SK, G, *_split(scale * LOG2E), *_split(scale),
     )
-    groups_h = triton.cdiv(B, G) * H
-    for name, dkdv, t, tiles in (("dkdv", True, plan.dkdv, triton.cdiv(G * SK, plan.dkdv.block_n)),
-                                 ("dq", False, plan.dq, triton.cdiv(G * SQ, plan.dq.block_m))):
+    groups_h = cdiv(B, G) * H
+    for name, dkdv, t, tiles in (("dkdv", True, plan.dkdv, cdiv(G * SK, plan.dkdv.block_n)),
+                                 ("dq", False, plan.dq, cdiv(G * SQ, plan.dq.block_m))):
         if name in passes:
             wrap_triton(_attention_bwd_kernel)[(groups_h, tiles)](
                 *args, **consts, BLOCK_M=t.block_m, BLOCK_N=t.block_n, DKDV=dkdv, num_warps=t.num_warps,

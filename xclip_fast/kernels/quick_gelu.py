@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import acc_dtype, tl_dtype, wrap_triton
+from . import acc_dtype, cdiv, tl_dtype, wrap_triton
 from .plan import quick_gelu_config
 
 __all__ = ["quick_gelu_fwd", "quick_gelu_bwd"]
@@ -54,7 +54,7 @@ def quick_gelu_fwd(x: torch.Tensor, out: torch.Tensor, config: tuple[int, int] |
     assert x.is_contiguous() and out.is_contiguous() and x.shape == out.shape
     n = x.numel()
     block, warps = config or quick_gelu_config(x)
-    wrap_triton(_quick_gelu_fwd_kernel)[(triton.cdiv(n, block),)](
+    wrap_triton(_quick_gelu_fwd_kernel)[(cdiv(n, block),)](
         x, out, n, BLOCK=block, ACC=tl_dtype(acc_dtype(x.dtype)), num_warps=warps
     )
     return out
@@ -66,7 +66,7 @@ def quick_gelu_bwd(x: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor,
     assert x.is_contiguous() and dy.is_contiguous() and dx.is_contiguous()
     n = x.numel()
     block, warps = config or quick_gelu_config(x)
-    wrap_triton(_quick_gelu_bwd_kernel)[(triton.cdiv(n, block),)](
+    wrap_triton(_quick_gelu_bwd_kernel)[(cdiv(n, block),)](
         x, dy, dx, n, BLOCK=block, ACC=tl_dtype(acc_dtype(x.dtype)), num_warps=warps
     )
     return dx

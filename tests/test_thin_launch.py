@@ -126,3 +126,19 @@ def test_a_trace_gets_the_tracing_wrapper(traced):
     with FakeTensorMode():
         kernels.wrap_triton(_attention_fwd_kernel)
     assert traced == ["_attention_fwd_kernel"]
+
+
+def test_the_launch_host_benchmark_reports_every_level(tmp_path):
+    """benchmarks/launch_host.py runs (one process, one round) and writes its table."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "launch_host.py"
+    proc = subprocess.run([sys.executable, str(script), "--processes", "1", "--rounds", "1", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    table = (tmp_path / "results.md").read_text()
+    for level in ("none", "lean", "min", "block"):
+        for step in ("train", "infer"):
+            assert f"| {level} | {step} | " in table

@@ -162,10 +162,15 @@ def test_a_cache_that_cannot_be_written_is_said_once_and_the_choice_still_applie
 
 @pytest.mark.parametrize("content", ["{not json", json.dumps({"format": 1, "entries": []}),
                                      json.dumps({"producer": "xclip_fast", "format": 7, "entries": []}),
-                                     json.dumps({"producer": "xclip_fast", "format": 1, "entries": [{"key": 3}]})],
-                         ids=["corrupt", "foreign", "other-format", "bad-entry"])
+                                     json.dumps({"producer": "xclip_fast", "format": 1, "entries": [{"key": 3}]}),
+                                     "no-ms"],
+                         ids=["corrupt", "foreign", "other-format", "bad-entry", "entry-without-times"])
 def test_a_corrupt_or_foreign_cache_is_ignored_with_one_warning(fake_gpu, device, content):
     os.makedirs(os.path.dirname(autochoice.cache_path()), exist_ok=True)
+    if content == "no-ms":  # a valid entry for this very key, its times removed by hand
+        entry = _entry(_key(device), "triton")
+        del entry["ms"]
+        content = json.dumps({"producer": "xclip_fast", "format": 1, "entries": [entry]})
     Path(autochoice.cache_path()).write_text(content)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

@@ -251,6 +251,7 @@ def _read_cache(path: str) -> list:
         entries = raw["entries"]
         for e in entries:
             _key_of(e["key"])
+            float(e["ms"]["triton"]), float(e["ms"]["torch"])
             if e["backend"] not in ("triton", "torch") or not isinstance(e["identity"], dict):
                 raise ValueError(f"bad entry {e!r:.80}")
         return entries
@@ -506,7 +507,8 @@ def tune(fn=None, *args, group=None, timer=None, save: bool = True, **kwargs) ->
     ``fn(*args, **kwargs)`` (an ``nn.Module`` or any callable, e.g. one training step) runs once, eagerly;
     every attention call in it that ``auto`` decides on CUDA is recorded with its shape, and for each
     key (:class:`Key`) our kernels and SDPA are timed on that shape (CUDA-graph replay; a training key
-    forward and backward). Without ``fn``: the keys this process met so far. The choices apply at once
+    forward and backward; calls inside a compiled graph are not recorded: compiled graphs take the table).
+    Without ``fn``: the keys this process met so far. The choices apply at once
     to eager calls of this process and are saved (``save``) in :func:`cache_path` for later processes
     with the same GPU, driver, torch and triton; compiled graphs keep using the committed table.
 

@@ -38,7 +38,7 @@ from typing import NamedTuple
 
 import torch
 
-__all__ = ["Key", "Decision", "Call", "choose", "describe", "tune", "forget", "cache_path", "identity",
+__all__ = ["Key", "Decision", "Call", "block_calls", "choose", "describe", "tune", "forget", "cache_path", "identity",
            "load_table", "TABLE_PATH", "MARGIN", "SEQ_BUCKETS", "ROW_BUCKETS", "MEASURE_ENV", "CACHE_ENV"]
 
 TABLE_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "auto_table.json")
@@ -305,11 +305,21 @@ _recording: list = []  # the active tune() recordings
 def key_for(device: torch.device, dtype: torch.dtype, head_dim: int, call: Call, compiled: bool) -> Key | None:
     """The key of a call (None on a device without an architecture: not CUDA)."""
     arch = arch_of(device)
-    if arch is None:
-        return None
+    return None if arch is None else _key(arch, dtype, head_dim, call, compiled)
+
+
+def _key(arch: int, dtype: torch.dtype, head_dim: int, call: Call, compiled: bool) -> Key:
     return Key(arch, str(dtype).removeprefix("torch."), int(head_dim),
                _bucket(call.seq_k + call.extra, SEQ_BUCKETS), _bucket(call.batch * call.heads, ROW_BUCKETS),
                bool(call.training), compiled)
+
+
+def block_calls(b: int, T: int, l: int, heads: int, training: bool) -> list[tuple[str, Call]]:
+    """The two attention calls of a CCT block over ``b`` videos of ``T`` frames of ``l`` tokens:
+    ``("frame attention", ...)`` (b*T sequences of l tokens and the message token) and
+    ``("message attention", ...)`` (b sequences of T message tokens)."""
+    return [("frame attention", Call(b * T, l, l, heads, True, training)),
+            ("message attention", Call(b, T, T, heads, False, training))]
 
 
 def _default(key: Key) -> Decision:
@@ -321,19 +331,18 @@ def choose(device: torch.device, dtype: torch.dtype, head_dim: int, call: Call, 
            ) -> str:
     """``"triton"`` or ``"torch"`` for an attention call the kernels can run (see the module doc).
     ``like``: one of the call's tensors (whether it is traced, and the measurement's device)."""
-    if arch_of(device) is None:  # (not CUDA: the common case on a CPU, decided first)
+    arch = arch_of(device)
+    if arch is None:  # (not CUDA: the common case on a CPU, decided first)
         return "torch"
     if tracing(like):
-        row = _TABLE.get(key_for(device, dtype, head_dim, call, True))  # (plain lookups: torch.compile traces them)
+        row = _TABLE.get(_key(arch, dtype, head_dim, call, True))  # (plain lookups: torch.compile traces them)
         return "torch" if row is None else row["backend"]
-    key = key_for(device, dtype, head_dim, call, False)
-    decision = _agreed.get(key) or _decided.get(key)
-    if _recording:
-        _met.setdefault(key, (call, dtype, head_dim, device))
-        for rec in _recording:
-            rec.setdefault(key, (call, dtype, head_dim, device))
-    elif key not in _met:
+    key = _key(arch, dtype, head_dim, call, False)
+    if key not in _met:
         _met[key] = (call, dtype, head_dim, device)
+    for rec in _recording:  # (tune() measures the shape its own run met)
+        rec.setdefault(key, (call, dtype, head_dim, device))
+    decision = _agreed.get(key) or _decided.get(key)
     if decision is None:
         decision = _decide(key, call, dtype, head_dim, device, like)
     return decision.backend
@@ -344,23 +353,28 @@ def _decide(key: Key, call: Call, dtype, head_dim, device, like) -> Decision:
     with _lock:
         if key in _decided:
             return _decided[key]
-        decision = None
-        if _world() == 1:
-            ident = identity(_device_index(device))
-            entry = _cached(cache_path(), ident).get(key)
-            if entry is not None:
-                decision = _measured_decision(entry)
-            elif os.environ.get(MEASURE_ENV, "0") not in ("", "0") and like is not None and _can_measure(like):
-                entry = measure(call, dtype, head_dim, device)
-                _save(ident, {key: entry})
-                decision = _measured_decision(entry)
-        elif os.environ.get(MEASURE_ENV, "0") not in ("", "0"):
+        decision = _cache_decision(key, device)
+        if decision is None and _world() == 1 and os.environ.get(MEASURE_ENV, "0") not in ("", "0") \
+                and like is not None and _can_measure(like):
+            entry = measure(call, dtype, head_dim, device)
+            _save(identity(_device_index(device)), {key: entry})
+            decision = _measured_decision(entry)
+        if _world() > 1 and os.environ.get(MEASURE_ENV, "0") not in ("", "0"):
             _warn_once("measure in group", f"xclip_fast: {MEASURE_ENV}=1 is not used in a process group of "
                        f"{_world()} ranks (each would measure alone and could choose differently): call "
                        "xclip_fast.tune(...) on every rank, which gives every rank rank 0's choice")
         decision = decision or _table_decision(key) or _default(key)
         _decided[key] = decision
         return decision
+
+
+def _cache_decision(key: Key, device: torch.device) -> Decision | None:
+    """The user's cached measurement of ``key`` on this GPU, outside a process group of several ranks
+    (where the ranks' machines could hold different files); None without one."""
+    if _world() > 1:
+        return None
+    entry = _cached(cache_path(), identity(_device_index(device))).get(key)
+    return None if entry is None else _measured_decision(entry)
 
 
 def _measured_decision(entry: dict) -> Decision:
@@ -387,11 +401,8 @@ def describe(device: torch.device | str, dtype: torch.dtype, head_dim: int, call
         return Decision("torch", "limits", f"{device.type} tensors: auto runs the kernels on CUDA only")
     if compiled:
         return _table_decision(key) or _default(key)
-    found = _agreed.get(key) or _decided.get(key)
-    if found is None and _world() == 1:
-        entry = _cached(cache_path(), identity(_device_index(device))).get(key)
-        found = _measured_decision(entry) if entry is not None else None
-    return found or _table_decision(key) or _default(key)
+    return (_agreed.get(key) or _decided.get(key) or _cache_decision(key, device) or _table_decision(key)
+            or _default(key))
 
 
 def forget() -> None:

@@ -81,11 +81,10 @@ def _check(args) -> int:
 def auto_lines(device, dtype, l: int, b: int, T: int, d: int, H: int) -> list[str]:
     """What ``backend="auto"`` runs for the two attentions of a block of these sizes on ``device``, forward
     and training, eager and compiled, and why (:func:`xclip_fast.autochoice.describe`)."""
-    from xclip_fast.autochoice import Call, describe
+    from xclip_fast.autochoice import block_calls, describe
 
     lines = []
-    for what, call in (("frame attention", Call(b * T, l, l, H, True, False)),
-                       ("message attention", Call(b, T, T, H, False, False))):
+    for what, call in block_calls(b, T, l, H, False):
         for training in (False, True):
             for compiled in (False, True):
                 decision = describe(device, dtype, d // H, call._replace(training=training), compiled=compiled)

@@ -189,13 +189,16 @@ def resolve_backend(backend: str, device: torch.device, *, dtype: torch.dtype | 
     return "triton"
 
 
+def _recorded(*tensors) -> bool:
+    """Whether autograd records a call on ``tensors`` (None entries allowed)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def attention_call(qkv: torch.Tensor, extra: torch.Tensor | None, training: bool | None = None) -> Call:
     """The :class:`~xclip_fast.autochoice.Call` of a packed attention ``qkv (B, S, 3, H, D)`` (``training``
     None: whether autograd records ``qkv`` or the extra token now)."""
-    if training is None:
-        training = torch.is_grad_enabled() and (qkv.requires_grad or (extra is not None and extra.requires_grad))
     B, S, _, H, _ = qkv.shape
-    return Call(B, S, S, H, extra is not None, training)
+    return Call(B, S, S, H, extra is not None, _recorded(qkv, extra) if training is None else training)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -386,8 +389,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     D = q.shape[-1]
     cast = autocast_dtype(q.device)
     q, k, v, extra_k, extra_v = autocast_cast(cast, q, k, v, extra_k, extra_v)
-    training = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, extra_k, extra_v))
-    call = Call(q.shape[0], q.shape[1], k.shape[1], q.shape[2], extra_k is not None, training, False)
+    call = Call(q.shape[0], q.shape[1], k.shape[1], q.shape[2], extra_k is not None,
+                _recorded(q, k, v, extra_k, extra_v), False)
     backend = resolve_backend(backend, q.device, dtype=q.dtype, head_dim=D, call=call, like=q)
     scale = D**-0.5 if scale is None else float(scale)
     if backend == "torch":
@@ -416,8 +419,9 @@ def packed_attention(qkv: torch.Tensor, extra_kv: torch.Tensor | None = None, *,
     raise_problems(scale_problems(scale, problems), "packed_attention")
     D = qkv.shape[-1]
     qkv, extra_kv = autocast_cast(autocast_dtype(qkv.device), qkv, extra_kv)
+    call = attention_call(qkv, extra_kv)
     backend = resolve_backend(backend, qkv.device, dtype=qkv.dtype, head_dim=D, attn_mask=attn_mask is not None,
-                              dropout=dropout_p > 0.0, call=attention_call(qkv, extra_kv), like=qkv)
+                              dropout=dropout_p > 0.0, call=call, like=qkv)
     scale = D**-0.5 if scale is None else float(scale)
     if backend == "torch":
         if attn_mask is not None:
@@ -431,7 +435,6 @@ def packed_attention(qkv: torch.Tensor, extra_kv: torch.Tensor | None = None, *,
         return _sdpa(q, k, v, ek, ev, scale, attn_mask=attn_mask, dropout_p=dropout_p)
     if transforms_active():
         return _lib.PackedAttentionFunction.apply(qkv, extra_kv, scale)[0]
-    if not (torch.is_grad_enabled() and (qkv.requires_grad or (extra_kv is not None and extra_kv.requires_grad))) \
-            and _lib.eager():  # inference: the launch itself (checked above; nothing to record)
+    if not call.training and _lib.eager():  # inference: the launch itself (checked above; nothing to record)
         return _lib.direct_packed_fwd(qkv, extra_kv, scale)[0]
     return torch.ops.xclip_fast.packed_attention_fwd(qkv, extra_kv, scale)[0]

@@ -168,17 +168,14 @@ def _usage(problem: str) -> int:
 def auto_lines(plan, dtype: torch.dtype, device: torch.device) -> list[str]:
     """What ``backend="auto"`` runs for the attentions of each (case, mode) on ``device``, eager and compiled,
     and why (:func:`xclip_fast.autochoice.describe`): one line per attention and mode."""
-    from xclip_fast.autochoice import Call, describe
+    from xclip_fast.autochoice import block_calls, describe
 
     seen, lines = set(), ["backend='auto' (the README's 'How auto chooses'):"]
+    wanted = {"frames": ("frame attention",), "messages": ("message attention",)}
     for case, mode in plan:
-        calls = []
-        if case.kind in ("frames", "block", "encoder"):
-            calls.append(("frame attention", Call(case.batch * case.frames, case.tokens, case.tokens, case.heads,
-                                                  True, mode == "fwdbwd")))
-        if case.kind in ("messages", "block", "encoder"):
-            calls.append(("message attention", Call(case.batch, case.frames, case.frames, case.heads, False,
-                                                    mode == "fwdbwd")))
+        calls = [(what, call) for what, call in block_calls(case.batch, case.frames, case.tokens, case.heads,
+                                                            mode == "fwdbwd")
+                 if what in wanted.get(case.kind, (what,))]
         for what, call in calls:
             for compiled in (False, True):
                 dec = describe(device, dtype, case.width // case.heads, call, compiled=compiled)

@@ -337,21 +337,19 @@ def _attention_bwd_kernel(
 # ----------------------------------------------------------------------------------------------
 # launchers
 # ----------------------------------------------------------------------------------------------
-def _split(s: float):
-    """``s`` as fp32 hi + fp32 lo (Triton passes Python floats as fp32). Plain Python arithmetic:
-    no tensor is made, so this also runs while a graph is being traced. (A module's scale is the same
-    on every call: remembered.)"""
-    if type(s) is float:
-        return _split_float(s)
-    hi = struct.unpack("f", struct.pack("f", s))[0]
-    lo = struct.unpack("f", struct.pack("f", s - hi))[0]
-    return hi, lo
-
-
-@functools.lru_cache(maxsize=64)
-def _split_float(s: float):
+def _split_exact(s):
     hi = struct.unpack("f", struct.pack("f", s))[0]
     return hi, struct.unpack("f", struct.pack("f", s - hi))[0]
+
+
+_split_float = functools.lru_cache(maxsize=64)(_split_exact)  # (a module's scale is the same on every call)
+
+
+def _split(s: float):
+    """``s`` as fp32 hi + fp32 lo (Triton passes Python floats as fp32). Plain Python arithmetic:
+    no tensor is made, so this also runs while a graph is being traced; a Python float's split is
+    remembered."""
+    return _split_float(s) if type(s) is float else _split_exact(s)
 
 
 def _strides(t: torch.Tensor, n: int):

@@ -11,8 +11,8 @@ and is written out as it ends, so a run cut short (or stopped with SIGINT) keeps
 1. ceilings, measured here: the copy bandwidth (bytes read + written) and the dense bf16 matmul rate.
 2. kernels, bf16: the frame attention at l = 50, 197, 257 patch tokens + the message token and N = 768,
    3072 sequences (frames x 12 heads of 64), forward and backward apart. Ours (``xclip_fast.attention``
-   through autograd, and each of its kernels launched alone: ``ours/fwd``, ``/delta``, ``/dkdv``,
-   ``/dq``) against SDPA's flash, cuDNN and efficient backends on the concatenated input (the
+   through autograd, and each of its kernels launched alone: ``ours/fwd`` and ``ours/bwd``, the
+   one-launch backward) against SDPA's flash, cuDNN and efficient backends on the concatenated input (the
    concatenation and the slice included, as the original runs it) and on the patch tokens alone
    (``-alone``: one SDPA call over l tokens, what attention at that length costs without the token).
    GPU ms by CUDA-graph replay over rotating input sets (``xclip_fast/bench/gputime.py``), the host's
@@ -350,7 +350,7 @@ def kernel_section(lab: Lab, dtype_name: str) -> None:
             lab.add("kernels", dict(**label, provider="ours/*", status="error", reason=_short(exc)))
             timings = {}
         for kernel, t in timings.items():
-            base = dict(**label, provider=f"ours/{kernel}", direction="fwd" if kernel == "fwd" else "bwd",
+            base = dict(**label, provider=f"ours/{kernel}", direction="fwd" if kernel.endswith("fwd") else "bwd",
                         input_sets=len(probs))
             flops, nbytes = probs[0].flops(kernel), probs[0].bytes(kernel)
             floor_ms = nbytes / (copy_gbps * 1e9) * 1e3 if copy_gbps else None

@@ -8,10 +8,11 @@
     python benchmarks/tune.py --dry-run --out DIR      # anywhere: walk every step on tiny shapes
 
 For each dtype (bf16, fp16) and shape (frame attention with the message token at l = 50, 197, 257;
-message attention at T = 8, 32, 1024; head dim 64) the forward, the dk/dv pass and the dq pass are
-timed over their candidate tiles, each kernel launched alone (the backward's delta pass, which has
-no tiles to choose, on a row of its own), and QuickGELU's forward and backward apart over their
-(elements per program, warps) candidates. Times are GPU time by CUDA-graph replay, no Python in
+message attention at T = 8, 32, 1024; head dim 64) each kernel the shape runs is timed over its
+candidate tiles, launched alone: the sequence kernels' forward and one-launch backward (then the
+backward's persistent programs per SM), or the packed kernels' forward, dk/dv pass and dq pass (their
+delta pass, which has no tiles to choose, on a row of its own); and QuickGELU's forward and backward
+apart over their (elements per program, warps) candidates. Times are GPU time by CUDA-graph replay, no Python in
 the timed region, with the host's time per launch in a column of its own
 (``xclip_fast/bench/gputime.py``). Each winner is checked against the default tiles' result
 before it is kept. Winners go to ``tuned.json`` keyed by
@@ -49,16 +50,25 @@ HEAD_DIM = 64
 DTYPES = ("bfloat16", "float16")
 # [BLOCK_M, BLOCK_N, num_warps, num_stages] per kernel; pruned by --prune
 RAW_CANDIDATES = {
-    "fwd": [[64, 64, 4, 2], [64, 64, 4, 3], [128, 64, 8, 2], [128, 64, 8, 3], [64, 32, 4, 3], [128, 32, 8, 2],
-            [128, 128, 8, 2]],
-    "dkdv": [[32, 64, 4, 2], [32, 64, 4, 3], [64, 64, 4, 2], [64, 64, 8, 2], [16, 64, 4, 2], [32, 128, 8, 2],
-             [64, 128, 8, 2]],
-    "dq": [[64, 64, 4, 2], [64, 64, 4, 3], [128, 64, 8, 2], [64, 32, 4, 2], [128, 32, 8, 2], [64, 128, 8, 2]],
+    "fwd": [[64, 64, 4, 2], [64, 64, 4, 3], [128, 64, 8, 2], [128, 64, 8, 3], [64, 128, 8, 2], [128, 128, 8, 2],
+            [64, 32, 4, 3], [32, 64, 4, 3]],
+    "bwd": [[32, 64, 4, 2], [32, 64, 4, 1], [64, 64, 8, 2], [32, 128, 8, 2], [16, 64, 4, 2], [16, 128, 8, 2],
+            [64, 32, 4, 2]],
+    "packed_fwd": [[64, 64, 4, 2], [64, 64, 4, 3], [128, 64, 8, 2], [128, 64, 8, 3], [64, 32, 4, 3],
+                   [128, 32, 8, 2], [128, 128, 8, 2]],
+    "packed_dkdv": [[32, 64, 4, 2], [32, 64, 4, 3], [64, 64, 4, 2], [64, 64, 8, 2], [16, 64, 4, 2], [32, 128, 8, 2],
+                    [64, 128, 8, 2]],
+    "packed_dq": [[64, 64, 4, 2], [64, 64, 4, 3], [128, 64, 8, 2], [64, 32, 4, 2], [128, 32, 8, 2], [64, 128, 8, 2]],
 }
+BWD_PER_SM = (1, 2, 3, 4)  # the sequence backward's persistent programs per SM, tried after its tiles
 QUICK_GELU_CANDIDATES = [[1024, 4], [2048, 4], [2048, 8], [4096, 8], [8192, 8]]
 VARIANTS = {"frames": dict(extra=True, packed=False), "messages-packed": dict(extra=False, packed=True),
             "messages": dict(extra=False, packed=False)}
-_AOT_KERNEL = {"fwd": "_attention_fwd_kernel", "dkdv": "_attention_bwd_dkdv", "dq": "_attention_bwd_dq"}
+# the tuned kernels of each variant (the packed delta pass has nothing to tune)
+VARIANT_KERNELS = {"frames": ("fwd", "bwd"), "messages": ("fwd", "bwd"),
+                   "messages-packed": ("packed_fwd", "packed_dkdv", "packed_dq")}
+_AOT_KERNEL = {"fwd": "_sequence_fwd_kernel", "bwd": "_sequence_bwd_kernel", "packed_fwd": "_packed_fwd_kernel",
+               "packed_dkdv": "_packed_bwd_dkdv", "packed_dq": "_packed_bwd_dq"}
 
 
 def _variant(kind: str, seq: int) -> str:
@@ -77,9 +87,9 @@ def prune(out_path: Path) -> dict:
 
     jobs = []
     for dtype in DTYPES:
-        for flags in VARIANTS.values():
-            for kernel, cands in RAW_CANDIDATES.items():
-                for cand in cands:
+        for variant, flags in VARIANTS.items():
+            for kernel in VARIANT_KERNELS[variant]:
+                for cand in RAW_CANDIDATES[kernel]:
                     jobs.append((_AOT_KERNEL[kernel], dtype, HEAD_DIM, flags["extra"], flags["packed"], False, "fp32",
                                  90, {kernel: cand}))
         for cand in QUICK_GELU_CANDIDATES:
@@ -135,25 +145,32 @@ def _time(timer, problems, kernel, plan):
 
 
 def _tune_shape(problems, base, pool, timer, dry_run, label):
-    """The best tiles of the three tuned kernels for one problem, each kernel timed alone (the delta
-    pass, which has no tiles to choose, on a row of its own): (rows, {kernel: ms at its best}, best
-    tiles or None if the tuned tiles change the results)."""
-    from xclip_fast.kernels.plan import Tiles
+    """The best tiles of each tuned kernel of one problem, each kernel timed alone (the packed delta
+    pass, which has no tiles to choose, on a row of its own; the sequence backward's programs per SM
+    after its tiles): (rows, {kernel: ms at its best}, {plan field: best value} or None if the tuned
+    tiles change the results)."""
+    from xclip_fast.kernels.plan import Tiles, pack_group
     from xclip_fast.testing import rel_err
 
     rows, best, best_ms = [], {}, {}
+    kernels = problems[0].kernels(base)
+    seq = problems[0].shape[1]
+    packed = pack_group(base, seq, seq) > 1
     reference = problems[0].results(base)
     for p in problems:
         p.prepare(base)
-    t = _time(timer, problems, "delta", base)
-    best_ms["delta"] = t.ms
-    rows.append(_row(label, "delta", list(dataclasses.astuple(base.preprocess)), t, note="not tuned"))
-    for kernel in ("fwd", "dkdv", "dq"):
+    if "packed_delta" in kernels:
+        t = _time(timer, problems, "packed_delta", base)
+        best_ms["packed_delta"] = t.ms
+        rows.append(_row(label, "packed_delta", list(dataclasses.astuple(base.packed_delta)), t, note="not tuned"))
+    for kernel in (k for k in kernels if k != "packed_delta"):
         options = [list(dataclasses.astuple(getattr(base, kernel)))]
         options += [c for c in pool.get(kernel, []) if c not in options]
         timings = []
         for cand in options[:2] if dry_run else options:
             plan = dataclasses.replace(base, **{**best, kernel: Tiles(*cand)})
+            if (pack_group(plan, seq, seq) > 1) != packed:  # these tiles would run the other kernels
+                continue
             try:
                 t = _time(timer, problems, kernel, plan)
             except Exception as exc:  # e.g. out of resources on this GPU
@@ -165,6 +182,17 @@ def _tune_shape(problems, base, pool, timer, dry_run, label):
         ms, cand, t = min(timings, key=lambda x: x[0])
         best[kernel], best_ms[kernel] = Tiles(*cand), ms
         rows.append(_row(label, kernel, cand, t, note=f"winner ({timings[0][0] / ms:.2f}x the default)"))
+    if "bwd" in kernels:
+        timings = []
+        for per_sm in BWD_PER_SM[:2] if dry_run else BWD_PER_SM:
+            plan = dataclasses.replace(base, **best, bwd_per_sm=per_sm)
+            t = _time(timer, problems, "bwd", plan)
+            timings.append((t.ms, per_sm, t))
+            rows.append(_row(label, "bwd", [*dataclasses.astuple(best["bwd"]), f"{per_sm}/SM"], t))
+        ms, per_sm, t = min(timings, key=lambda x: x[0])
+        best["bwd_per_sm"], best_ms["bwd"] = per_sm, ms
+        rows.append(_row(label, "bwd", [*dataclasses.astuple(best["bwd"]), f"{per_sm}/SM"], t,
+                         note="winner (programs per SM)"))
     tuned = problems[0].results(dataclasses.replace(base, **best))
     tol = 1e-5 if problems[0].q.dtype.itemsize >= 4 else 2e-2  # two roundings of the output dtype
     for what, a, b in zip(("out", "dq", "dk", "dv"), tuned, reference):
@@ -232,7 +260,8 @@ def tune(out_dir: Path, budget: float, dry_run: bool, timer=None) -> int:
             if best is not None:
                 entries.append({"arch": arch, "dtype": dtype_name, "head_dim": head_dim, "extra": kind == "frames",
                                 "seq_bucket": seq_bucket(seq),
-                                **{k: list(dataclasses.astuple(t)) for k, t in best.items()},
+                                **{k: t if isinstance(t, int) else list(dataclasses.astuple(t))
+                                   for k, t in best.items()},
                                 "measured": {"device": device_name, "date": date, "shape": name, "timing": timer.how,
                                              "ms": {k: round(v, 5) for k, v in ms.items()}}})
         n = 256 * 197 * 3072 if not dry_run else 4096  # one MLP activation of B/16 over 256 frames
@@ -244,7 +273,7 @@ def tune(out_dir: Path, budget: float, dry_run: bool, timer=None) -> int:
                                      "ms": {k: round(v, 5) for k, v in ms.items()}}})
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "tuned.json").write_text(json.dumps({"format": 1, "entries": entries}, indent=1) + "\n")
+    (out_dir / "tuned.json").write_text(json.dumps({"format": 2, "entries": entries}, indent=1) + "\n")
     with open(out_dir / "tune.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=["dtype", "shape", "kernel", "tiles", "ms", "host_ms", "timing", "note"])
         writer.writeheader()

@@ -6,6 +6,7 @@ of ``kernels.attention.launch_plan`` it compiles each kernel for each requested 
 kernel: shared memory, whether the SASS holds tensor-core instructions, registers and spills.
 
     python tests/aot_compile.py 90 80
+    python tests/aot_compile.py --table triton-3.6.0.jsonl triton-3.9.0.jsonl > table.md
 """
 
 import dataclasses
@@ -28,7 +29,8 @@ from xclip_fast.kernels import plan as P
 from xclip_fast.kernels import quick_gelu as Q
 
 # (dtype, head dim, extra token, packed, tf32, scale type): each tile configuration of launch_plan
-# and each flag combination appears at least once. The softmax scale arrives as fp32 scalars from
+# and each flag combination appears at least once. Packed cases compile the packed kernels, the others
+# the sequence kernels. The softmax scale arrives as fp32 scalars from
 # the launchers; under Inductor it may arrive as fp64, which the kernels must accept unchanged.
 CASES = [
     (torch.float16, 64, True, False, False, "fp32"),  # the X-CLIP frame attention
@@ -44,14 +46,20 @@ CASES = [
     (torch.float32, 64, False, True, False, "fp64"),
     (torch.float64, 64, True, False, False, "fp64"),
 ]
-# kernel name as reported -> (the jit function, its launch-plan tiles, extra constexprs)
+# kernel name as reported -> (the jit function, its launch-plan tiles, extra constexprs); the sequence
+# backward's variant that leaves dq partials (key chunks split) is reported under its own key
 KERNELS = {
-    "_attention_fwd_kernel": ("_attention_fwd_kernel", "fwd", {}),
-    "_attention_bwd_dkdv": ("_attention_bwd_kernel", "dkdv", {"DKDV": True}),
-    "_attention_bwd_dq": ("_attention_bwd_kernel", "dq", {"DKDV": False}),
+    "_sequence_fwd_kernel": ("_sequence_fwd_kernel", "fwd", {}),
+    "_sequence_bwd_kernel": ("_sequence_bwd_kernel", "bwd", {"PARTIAL": False}),
+    "_sequence_bwd_kernel/partial": ("_sequence_bwd_kernel", "bwd", {"PARTIAL": True}),
+    "_packed_fwd_kernel": ("_packed_fwd_kernel", "packed_fwd", {}),
+    "_packed_bwd_dkdv": ("_packed_bwd_kernel", "packed_dkdv", {"DKDV": True}),
+    "_packed_bwd_dq": ("_packed_bwd_kernel", "packed_dq", {"DKDV": False}),
 }
+SEQUENCE_KERNELS = ("_sequence_fwd_kernel", "_sequence_bwd_kernel", "_sequence_bwd_kernel/partial")
+PACKED_KERNELS = ("_packed_fwd_kernel", "_packed_bwd_dkdv", "_packed_bwd_dq")
 _PTR = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32", torch.float64: "*fp64"}
-_INTS = {"B", "H", "SQ", "SK", "G", "N"}
+_INTS = {"B", "H", "SQ", "SK", "G", "N", "M_TILES", "ITEMS", "SPLIT", "SPLIT_KEYS", "SQP"}
 _DIV16 = [["tt.divisibility", 16]]
 
 
@@ -70,7 +78,8 @@ def signature(fn, dtype, constexprs, scale_type="fp32"):
         elif "scale" in name:
             sig[name] = scale_type
         else:
-            sig[name], attrs[(i,)] = (stat if name in ("lse", "delta") else _PTR[dtype]), _DIV16
+            stat_ptr = name in ("lse", "delta", "work_dq", "work_delta")  # accumulator-dtype buffers
+            sig[name], attrs[(i,)] = (stat if stat_ptr else _PTR[dtype]), _DIV16
     return sig, attrs
 
 
@@ -92,31 +101,43 @@ def _tool(name):
 
 
 def compile_one(job):
+    """Compile one kernel launch choice ``(kernel, dtype, head dim, extra, packed, tf32, scale type, arch,
+    tiles)`` and report shared memory, registers, spills and what the SASS holds: the tensor-core
+    instruction kinds, how many matrix instructions, how many wgmma waits (``WARPGROUP.DEPBAR``) and
+    block barriers."""
     kernel_name, dtype_name, head_dim, extra, packed, tf32, scale_type, arch, tiles = job
     dtype = getattr(torch, dtype_name)
     sq = 8 if packed else 197
-    plan = P.launch_plan(head_dim, dtype, extra, tf32)
+    plan = P.launch_plan(head_dim, dtype, extra, tf32, arch)
     if tiles is not None:  # a candidate of the tuning sweep instead of the default tiles
         plan = dataclasses.replace(plan, **{k: P.Tiles(*v) for k, v in tiles.items() if k in P.KERNELS})
     assert (P.pack_group(plan, sq, sq) > 1) == packed
     fn_name, plan_field, flags = KERNELS.get(kernel_name, (kernel_name, None, {}))
+    if kernel_name in SEQUENCE_KERNELS:
+        flags = dict(flags, HAS_EXTRA=extra, **({} if kernel_name == "_sequence_fwd_kernel" else {"DQ_T": plan.dq_t}))
     fn = getattr(A, fn_name, None) or getattr(Q, fn_name)
     if kernel_name.startswith("_quick_gelu"):
         constexprs = dict(BLOCK=P.QUICK_GELU_DEFAULT[0], ACC=tl_dtype(acc_dtype(dtype)))
         options = dict(num_warps=P.QUICK_GELU_DEFAULT[1])
         if tiles is not None:
             constexprs["BLOCK"], options["num_warps"] = tiles["quick_gelu"]
-    elif kernel_name == "_attention_bwd_preprocess_kernel":
-        constexprs = dict(HEAD_DIM=head_dim, BLOCK_M=plan.preprocess.block_m, BLOCK_D=plan.block_d, ACC=plan.acc)
-        options = dict(num_warps=plan.preprocess.num_warps)
+    elif kernel_name == "_packed_bwd_delta_kernel":
+        constexprs = dict(HEAD_DIM=head_dim, BLOCK_M=plan.packed_delta.block_m, BLOCK_D=plan.block_d, ACC=plan.acc)
+        options = dict(num_warps=plan.packed_delta.num_warps)
+    elif kernel_name == "_sequence_dq_sum_kernel":
+        constexprs = dict(HEAD_DIM=head_dim, BLOCK_M=plan.bwd.block_m, BLOCK_D=plan.block_d, ACC=plan.acc,
+                          DQ_T=plan.dq_t)
+        options = dict(num_warps=4)
     else:
         t = getattr(plan, plan_field)
-        constexprs = dict(plan.constexprs(packed), BLOCK_M=t.block_m, BLOCK_N=t.block_n, **flags)
+        constexprs = dict(plan.constexprs(), BLOCK_M=t.block_m, BLOCK_N=t.block_n, **flags)
         options = dict(num_warps=t.num_warps, num_stages=t.num_stages)
     sig, attrs = signature(fn, dtype, constexprs, scale_type)
     compiled = triton.compile(ASTSource(fn, sig, constexprs, attrs), target=GPUTarget("cuda", arch, 32),
                               options=options)
-    row = dict(kernel=kernel_name, name=compiled.metadata.name, dtype=dtype_name, head_dim=head_dim, extra=extra,
+    row = dict(kernel=kernel_name, name=compiled.metadata.name,
+               block=[constexprs.get("BLOCK_M"), constexprs.get("BLOCK_N")], stages=options.get("num_stages"),
+               dtype=dtype_name, head_dim=head_dim, extra=extra,
                packed=packed, tf32=tf32,
                scale_type=scale_type, arch=arch, shared=compiled.metadata.shared, num_warps=options["num_warps"],
                tiles=tiles)
@@ -135,23 +156,65 @@ def compile_one(job):
         row["spill_bytes"] = int(spills[0]) if spills else None
         sass = subprocess.run([_tool("cuobjdump"), "-sass", cubin], capture_output=True, text=True).stdout
     row["tensor_core_ops"] = sorted(set(re.findall(r"\b(HGMMA|HMMA|DMMA|IMMA)\b", sass)))
+    row["mma_instructions"] = len(re.findall(r"\b(?:HGMMA|HMMA|DMMA)\.", sass))
+    row["mma_shapes"] = sorted(set(re.findall(r"\b(?:HGMMA|HMMA|DMMA)\.(\d+x\d+x\d+)", sass)))
+    row["wgmma_waits"] = len(re.findall(r"\bWARPGROUP\.DEPBAR", sass))
+    row["barriers"] = len(re.findall(r"\bBAR\.SYNC", sass))
     return row
 
 
 def jobs(archs):
     for arch in archs:
         for dtype, d, extra, packed, tf32, scale_type in CASES:
-            for k in KERNELS:
+            for k in PACKED_KERNELS if packed else SEQUENCE_KERNELS:
                 yield (k, str(dtype).split(".")[1], d, extra, packed, tf32, scale_type, arch, None)
         for dtype in (torch.float16, torch.float64):
-            yield ("_attention_bwd_preprocess_kernel", str(dtype).split(".")[1], 128, False, False, False, "fp32",
-                   arch, None)
+            for k in ("_packed_bwd_delta_kernel", "_sequence_dq_sum_kernel"):
+                yield (k, str(dtype).split(".")[1], 128, False, False, False, "fp32", arch, None)
         for k in ("_quick_gelu_fwd_kernel", "_quick_gelu_bwd_kernel"):
             for dtype in ("bfloat16", "float32"):
                 yield (k, dtype, 64, False, False, False, "fp32", arch, None)
 
 
+def table(paths) -> str:
+    """A Markdown table of compile reports (one JSON-lines file per triton release, named
+    ``triton-<version>.jsonl``) side by side: registers, spilled bytes, shared memory, the matrix
+    instructions and the wgmma waits of each kernel launch choice."""
+    runs = []
+    for path in paths:
+        version = os.path.basename(path).removeprefix("triton-").removesuffix(".jsonl")
+        with open(path) as f:
+            runs.append((version, [json.loads(line) for line in f if line.startswith("{")]))
+    key = ("kernel", "dtype", "head_dim", "extra", "packed", "tf32", "scale_type", "arch")
+    per_run = [{tuple(r[k] for k in key): r for r in rows} for _, rows in runs]
+    head = ["kernel", "dtype", "D", "extra", "packed", "tf32", "scale", "sm", "tiles"]
+    for version, _ in runs:
+        head += [f"{version} regs", f"{version} spill B", f"{version} smem", f"{version} MMA (waits)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for k, first in per_run[0].items():
+        tiles = "" if first.get("block") is None or first["block"][0] is None else \
+            f"{first['block'][0]}x{first['block'][1] or '-'} w{first['num_warps']} s{first.get('stages') or '-'}"
+        cells = [first["kernel"], first["dtype"], str(first["head_dim"]), "y" if first["extra"] else "",
+                 "y" if first["packed"] else "", "y" if first["tf32"] else "", first["scale_type"], str(first["arch"]),
+                 tiles]
+        for run in per_run:
+            r = run.get(k)
+            if r is None:
+                cells += ["-"] * 4
+                continue
+            mma = ",".join(r["tensor_core_ops"]) or "-"
+            if r.get("mma_shapes"):
+                mma += f" {'/'.join(r['mma_shapes'])}"
+            waits = r.get("wgmma_waits", "-")
+            cells += [str(r["registers"]), str(r["spill_bytes"]), str(r["shared"]), f"{mma} ({waits})"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv):
+    if argv[:1] == ["--table"]:
+        sys.stdout.write(table(argv[1:]))
+        return
     archs = [int(a) for a in argv] or [90, 80]
     with ProcessPoolExecutor(max_workers=max(1, os.cpu_count() or 1)) as pool:
         for row in pool.map(compile_one, list(jobs(archs))):

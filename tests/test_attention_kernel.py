@@ -164,6 +164,105 @@ def test_triton_rejects_head_dim_over_128(device):
 
 
 # ------------------------------------------------------------------------------------------------
+# the sequence backward's grid: persistent programs, key chunks split below the SM count
+# ------------------------------------------------------------------------------------------------
+def _launch_direct(ins, grad, sms, dtype=torch.float32):
+    """out and (dq, dk, dv, dek, dev) from the launchers themselves, planning for ``sms`` SMs, with every
+    kernel launch recorded by name."""
+    from xclip_fast.kernels import acc_dtype
+    from xclip_fast.kernels import attention as A
+
+    q, k, v, *extra = (t.detach() for t in ins)
+    ek, ev = extra if extra else (None, None)
+    B, SQ, H, _ = q.shape
+    out, lse = torch.empty_like(q), torch.empty(B, H, SQ, dtype=acc_dtype(dtype), device=q.device)
+    A.attention_fwd(q, k, v, ek, ev, out, lse, q.shape[-1] ** -0.5)
+    grads = [torch.full_like(t, float("nan")) for t in (q, k, v)]  # every element must be written
+    grads += [torch.full_like(ek, float("nan")), torch.full_like(ev, float("nan"))] if extra else [None, None]
+    launched, saved = [], A.wrap_triton
+
+    def recording(kernel):
+        launched.append(A.launch_name(kernel, {}))
+        return saved(kernel)
+    A.wrap_triton = recording
+    try:
+        A.attention_bwd(q, k, v, ek, ev, out, lse, grad, *grads, q.shape[-1] ** -0.5, sms=sms)
+    finally:
+        A.wrap_triton = saved
+    return out, [g for g in grads if g is not None], launched
+
+
+def _reference_grads(ins, grad):
+    ref_ins = [t.detach().double().requires_grad_() for t in ins]
+    attention_f64(*ref_ins).backward(grad.double())
+    return [t.grad for t in ref_ins]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("sms, mode", [(64, "split into 3 slices"), (8, "split into 2 slices"),
+                                       (6, "one program per sequence x head"), (2, "persistent"),
+                                       (1, "persistent")])
+def test_sequence_backward_grid_modes(sms, mode, dtype, device):
+    """6 sequences x heads of 140 keys (3 key chunks: of 64 at 16 bits, where dq is computed transposed;
+    of 32 with 40 idle at fp32, where it is not): each grid the SM count leads to gives float64's
+    gradients; dk, dv and the extra token's are bit-identical in every mode (each key chunk's loop is the
+    same), dq in every mode that does not split (the same sum in the same order)."""
+    from xclip_fast.kernels import attention as A
+    from xclip_fast.kernels.plan import launch_plan
+
+    sk = 140 if dtype == torch.float16 else 70
+    shape = (2, 9, sk, 3, 16, True)
+    torch.manual_seed(0)
+    ins = _make(shape, dtype, device, requires_grad=False)
+    grad = torch.randn(ins[0].shape, device=device, dtype=dtype)
+    split, _, items, programs = A.sequence_bwd_grid(launch_plan(16, dtype, True, False), 2, 3, sk, sms)
+    assert mode == (f"split into {split} slices" if split > 1 else "one program per sequence x head"
+                    if programs == items else "persistent")
+    _, grads, launched = _launch_direct(ins, grad, sms, dtype)
+    assert launched == ["_sequence_bwd_kernel"] + (["_sequence_dq_sum_kernel"] if split > 1 else [])
+    for name, g, r in zip(NAMES[1:], grads, _reference_grads(ins, grad)):
+        assert_rel(name, g, r, TOLERANCES[dtype])
+    _, base, _ = _launch_direct(ins, grad, 6, dtype)
+    for name, g, b in zip(NAMES[1:], grads, base):
+        if name != "grad q" or split == 1:
+            assert torch.equal(g, b), f"{name} differs between {mode} and one program per sequence x head"
+
+
+def test_frame_backward_is_one_launch_at_a_thousand_sequences(device):
+    """1,024 frames x heads (the target's lower end), planned for an H100's 132 SMs: one launch, and
+    each frame's gradients are float64's."""
+    shape = (256, 3, 3, 4, 16, True)
+    torch.manual_seed(1)
+    ins = _make(shape, torch.float32, device, requires_grad=False)
+    grad = torch.randn(ins[0].shape, device=device)
+    _, grads, launched = _launch_direct(ins, grad, sms=132)
+    assert launched == ["_sequence_bwd_kernel"]
+    for name, g, r in zip(NAMES[1:], grads, _reference_grads(ins, grad)):
+        assert_rel(name, g, r, TOLERANCES[torch.float32])
+
+
+@pytest.mark.parametrize("sms", [1, 64], ids=["persistent", "split"])
+def test_sequence_backward_keeps_a_nan_inside_its_sequence(sms, device):
+    """A NaN in one frame's query reaches only that frame's gradients, also when one program's scratch
+    serves every frame in turn (persistent) and when the frame's key chunks are split."""
+    shape = (3, 9, 40, 2, 16, True)
+    torch.manual_seed(2)
+    ins = _make(shape, torch.float32, device, requires_grad=False)
+    grad = torch.randn(ins[0].shape, device=device)
+    _, clean, _ = _launch_direct(ins, grad, sms)
+    ins[0][1, 4, 0, 3] = float("nan")  # frame 1, head 0
+    _, dirty, _ = _launch_direct(ins, grad, sms)
+    for name, c, d in zip(NAMES[1:], clean, dirty):
+        frame_first = name.startswith("grad extra")  # [B, H, D]; the others [B, S, H, D]
+        for b in (0, 2):
+            assert torch.equal(c[b], d[b]), f"{name}: the NaN of frame 1 reached frame {b}"
+        one = d[1, 0] if frame_first else d[1, :, 0]
+        other_head = d[1, 1] if frame_first else d[1, :, 1]
+        assert torch.isnan(one).any(), f"{name}: frame 1 head 0 lost its NaN"
+        assert torch.equal(other_head, c[1, 1] if frame_first else c[1, :, 1]), f"{name}: the NaN crossed heads"
+
+
+# ------------------------------------------------------------------------------------------------
 # native CUDA only
 # ------------------------------------------------------------------------------------------------
 @needs_cuda

@@ -146,12 +146,12 @@ def _timed_regions(log):
 
 @pytest.mark.triton
 def test_graph_timer_keeps_python_out_of_the_timed_region():
-    problem = AttentionProblem(2, 5, 1, 16, torch.float32, torch.device("cpu"), extra=True)
+    problem = AttentionProblem(8, 5, 1, 16, torch.float32, torch.device("cpu"), extra=True)  # 8 x 1: not split
     problem.prepare()
     log = []
     timer = GraphTimer("cpu", rounds=4, replays=3, warmup=1, target_ms=0.5, host_calls=2, cuda=FakeCuda(log))
     with record_launches(log):
-        t = timer.measure([lambda: problem.launch("dkdv")])
+        t = timer.measure([lambda: problem.launch("bwd")])
     regions = _timed_regions(log)
     assert len(regions) == 1 + 4  # the calibration, then the rounds
     assert all(region and set(region) == {("replay",)} for region in regions), regions
@@ -159,11 +159,11 @@ def test_graph_timer_keeps_python_out_of_the_timed_region():
     # every launch happened outside the timed regions: warm-up, the two captures (one replay of the
     # first took 1/3 ms < 0.5: the second holds the call twice), the host-time bursts
     launches = [e for e in log if e[0] == "launch"]
-    assert set(launches) == {("launch", "_attention_bwd_dkdv")}
+    assert set(launches) == {("launch", "_sequence_bwd_kernel")}
     captures = [i for i, e in enumerate(log) if e == ("capture",)]
     assert len(captures) == 2
     second = log[captures[1]:log.index(("captured",), captures[1])]
-    assert second.count(("launch", "_attention_bwd_dkdv")) == 2
+    assert second.count(("launch", "_sequence_bwd_kernel")) == 2
     # 1 ms per region of 3 replays of a graph holding the call twice
     assert t.ms == pytest.approx(1 / 6) and t.how == "graph" and t.host_ms >= 0
 
@@ -175,6 +175,15 @@ def _tune_module():
     return module
 
 
+def _own_launches(kernel, launched):
+    """What a row of ``kernel`` may launch: its own kernel, and for the sequence backward the sum of split
+    key chunks' dq when the grid is small."""
+    own = {KERNEL_NAMES[kernel]}
+    if kernel == "bwd" and "_sequence_dq_sum_kernel" in launched:
+        own.add("_sequence_dq_sum_kernel")
+    return own
+
+
 @pytest.mark.triton
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the dry run is the CPU interpreter's")
 def test_tuner_times_each_kernel_alone_under_its_own_name(tmp_path, capsys):
@@ -184,11 +193,11 @@ def test_tuner_times_each_kernel_alone_under_its_own_name(tmp_path, capsys):
     assert _tune_module().tune(tmp_path, budget=600, dry_run=True, timer=timer) == 0
     with open(tmp_path / "tune.csv") as f:
         rows = [r for r in csv.DictReader(f) if r["ms"]]
-    assert {r["kernel"] for r in rows} == {*("fwd", "delta", "dkdv", "dq"), "quick_gelu_fwd", "quick_gelu_bwd"}
+    assert {r["kernel"] for r in rows} == {*ATTENTION_KERNELS, "quick_gelu_fwd", "quick_gelu_bwd"}
     names = {}
     for r in rows:
         launched = set(timer.sequence(r["ms"]))
-        assert launched == {KERNEL_NAMES[r["kernel"]]}, (r, launched)  # one kernel, its own
+        assert launched == _own_launches(r["kernel"], launched), (r, launched)  # one kernel, its own
         names.setdefault(launched.pop(), set()).add(r["kernel"])
     assert all(len(kernels) == 1 for kernels in names.values()), names  # no sequence under two names
     assert {r["timing"] for r in rows} == {"fake"} and all(r["host_ms"] for r in rows)
@@ -204,33 +213,37 @@ def test_bench_kernel_rows_time_each_kernel_alone(kind):
     env = dict(timestamp="t", commit="c", device="cpu", torch="x", triton="y", xformers="z")
     timer = RecordingTimer()
     rows = kernel_rows(case, torch.float32, "fwdbwd", torch.device("cpu"), env, timer, copy_bw=None)
-    assert [r.provider for r in rows] == [f"xclip-fast-triton/{k}" for k in ATTENTION_KERNELS]
-    for kernel, r in zip(ATTENTION_KERNELS, rows):
-        assert timer.sequence(r.median_ms) == (KERNEL_NAMES[kernel],)
+    # the frame attention runs the sequence kernels; the message attention at T = 7 packs its sequences
+    kernels = ("fwd", "bwd") if kind == "frames" else ("packed_fwd", "packed_delta", "packed_dkdv", "packed_dq")
+    assert [r.provider for r in rows] == [f"xclip-fast-triton/{k}" for k in kernels]
+    for kernel, r in zip(kernels, rows):
+        launched = timer.sequence(r.median_ms)
+        assert set(launched) == _own_launches(kernel, launched) and launched[0] == KERNEL_NAMES[kernel]
         assert r.extras["kernel"] == KERNEL_NAMES[kernel] and r.extras["host_ms"] == 0.0
-        assert r.gbps and (r.tflops is None) == (kernel == "delta")
+        assert r.gbps and (r.tflops is None) == (kernel == "packed_delta")
     fwd_only = kernel_rows(case, torch.float32, "fwd", torch.device("cpu"), env, RecordingTimer(), copy_bw=None)
-    assert [r.provider for r in fwd_only] == ["xclip-fast-triton/fwd"]
+    assert [r.provider for r in fwd_only] == [f"xclip-fast-triton/{kernels[0]}"]
 
 
 @pytest.mark.triton
-@pytest.mark.parametrize("extra", [True, False])
-def test_backward_passes_launched_alone_give_the_whole_backward(extra):
-    """The tuner and the lab launch delta, dk/dv and dq one at a time: the same results, bit for bit,
-    as the one backward call (which autograd runs)."""
+def test_packed_backward_passes_launched_alone_give_the_whole_backward():
+    """The tuner and the lab launch the packed delta, dk/dv and dq passes one at a time: the same
+    results, bit for bit, as the one backward call (which autograd runs)."""
     from xclip_fast.kernels import attention as A
 
-    p = AttentionProblem(2, 13, 2, 16, torch.float32, torch.device("cpu"), extra=extra)
-    p.launch("fwd")
+    p = AttentionProblem(5, 7, 2, 16, torch.float32, torch.device("cpu"), extra=False)
+    assert p.kernels() == ("packed_fwd", "packed_delta", "packed_dkdv", "packed_dq")
+    p.launch("packed_fwd")
     whole = [torch.empty_like(g) if g is not None else None for g in p.grads]
     A.attention_bwd(p.q, p.k, p.v, p.ek, p.ev, p.o, p.lse, p.do, *whole, p.scale)
-    for kernel in ("delta", "dkdv", "dq"):
+    for kernel in ("packed_delta", "packed_dkdv", "packed_dq"):
         p.launch(kernel)
-    for name, a, b in zip(("dq", "dk", "dv", "dek", "dev"), p.grads, whole):
-        if b is not None:
-            assert torch.equal(a, b), name
+    for name, a, b in zip(("dq", "dk", "dv"), p.grads, whole):
+        assert torch.equal(a, b), name
     with pytest.raises(AssertionError, match="read delta"):
         A.attention_bwd(p.q, p.k, p.v, p.ek, p.ev, p.o, p.lse, p.do, *whole, p.scale, passes=("dq",))
+    with pytest.raises(AssertionError, match="not a kernel of this problem"):
+        p.launch("bwd")
 
 
 def test_quick_gelu_problem_counts_its_bytes():
@@ -241,14 +254,14 @@ def test_quick_gelu_problem_counts_its_bytes():
 def test_attention_problem_counts_the_floor_of_the_issue():
     """l = 197 with the message token, 3072 sequences of head dim 64, bf16: the forward must move
     >= 310 MB (q, k, v read, o written) and the backward >= 620 MB (q, k, v, o, dO read; dq, dk, dv
-    written); computed on meta tensors."""
+    written), which the one-launch backward moves once; computed on meta tensors."""
     p = AttentionProblem(3072, 197, 1, 64, torch.bfloat16, torch.device("meta"), extra=True)
     tok = 3072 * 197 * 64 * 2
     assert 4 * tok <= p.bytes("fwd") <= 4.05 * tok
-    backward = p.bytes("delta") + p.bytes("dkdv") + p.bytes("dq")
-    assert backward >= 8 * tok  # passes re-read what another pass also reads
+    assert 8 * tok <= p.bytes("bwd") <= 8.1 * tok  # + lse and the extra token
     assert p.flops("fwd") == 2 * 2.0 * 3072 * 197 * 198 * 64
-    assert p.flops("dkdv") + p.flops("dq") == 3.5 * p.flops("fwd") and p.flops("delta") is None
+    assert p.flops("bwd") == 2.5 * p.flops("fwd")  # five products, P computed once
+    assert p.flops("packed_dkdv") + p.flops("packed_dq") == 3.5 * p.flops("fwd") and p.flops("packed_delta") is None
 
 
 def test_rotation_moves_three_caches_between_two_runs_of_an_input_set():

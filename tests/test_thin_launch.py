@@ -93,6 +93,7 @@ def _kernels_alone(device):
 
     timer = GraphTimer(device, rounds=1, replays=1, warmup=1) if device.type == "cuda" else CPUTimer(rounds=1)
     time_kernels(problems(2, 5, 2, 16, DT, device, extra=True), ATTENTION_KERNELS, timer, device)
+    time_kernels(problems(3, 5, 2, 16, DT, device, extra=False), ATTENTION_KERNELS, timer, device)  # packed
 
 
 def _compiled(device):
@@ -120,12 +121,12 @@ def test_a_trace_gets_the_tracing_wrapper(traced):
     """The recorder sees what it must: under a dispatch mode (a trace) the wrapper is handed out."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from xclip_fast.kernels.attention import _attention_fwd_kernel
+    from xclip_fast.kernels.attention import _sequence_fwd_kernel
 
-    assert kernels.wrap_triton(_attention_fwd_kernel) is _attention_fwd_kernel and traced == []
+    assert kernels.wrap_triton(_sequence_fwd_kernel) is _sequence_fwd_kernel and traced == []
     with FakeTensorMode():
-        kernels.wrap_triton(_attention_fwd_kernel)
-    assert traced == ["_attention_fwd_kernel"]
+        kernels.wrap_triton(_sequence_fwd_kernel)
+    assert traced == ["_sequence_fwd_kernel"]
 
 
 def test_the_launch_host_benchmark_reports_every_level(tmp_path):

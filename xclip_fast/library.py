@@ -85,7 +85,7 @@ __all__ = ["OPAQUE", "INTERPRETING", "empty_out", "eager", "direct_packed_fwd", 
            "QuickGELUFunction"]
 
 # Triton decides when it is imported: kernels are interpreted iff TRITON_INTERPRET was set then
-INTERPRETING = type(_kernels._attention_fwd_kernel).__name__ == "InterpretedFunction"
+INTERPRETING = type(_kernels._sequence_fwd_kernel).__name__ == "InterpretedFunction"
 OPAQUE = INTERPRETING or os.environ.get("XCLIP_FAST_OPAQUE_OPS", "0") not in ("", "0")
 
 

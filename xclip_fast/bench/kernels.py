@@ -1,6 +1,7 @@
 """Our kernels one launch at a time: what the tuner, the bench's attention level and the lab time,
-each kernel on its own row (the backward's three launches apart, QuickGELU's forward and backward
-apart), with the FLOPs and the bytes each must move.
+each kernel on its own row (the sequence kernels' forward and one-launch backward, the packed kernels'
+forward and three backward launches apart, QuickGELU's forward and backward apart), with the FLOPs and
+the bytes each must move.
 
 Launches go straight to the launchers of :mod:`xclip_fast.kernels` on buffers made once, outside any
 operator or autograd; a timer (:mod:`xclip_fast.bench.gputime`) captures them in a CUDA graph.
@@ -17,12 +18,17 @@ from xclip_fast.dtypes import dtype_name
 __all__ = ["ATTENTION_KERNELS", "QUICK_GELU_KERNELS", "KERNEL_NAMES", "AttentionProblem", "QuickGELUProblem",
            "problems", "time_kernels", "kernel_rows", "l2_bytes"]
 
-ATTENTION_KERNELS = ("fwd", "delta", "dkdv", "dq")
+# every attention row: the sequence kernels' two, then the packed kernels' four (a problem runs one family:
+# AttentionProblem.kernels)
+ATTENTION_KERNELS = ("fwd", "bwd", "packed_fwd", "packed_delta", "packed_dkdv", "packed_dq")
 QUICK_GELU_KERNELS = ("quick_gelu_fwd", "quick_gelu_bwd")
-# each row's kernel -> the name its launch compiles to (what a profiler shows)
-KERNEL_NAMES = {"fwd": "_attention_fwd_kernel", "delta": "_attention_bwd_preprocess_kernel",
-                "dkdv": "_attention_bwd_dkdv", "dq": "_attention_bwd_dq",
+# each row's kernel -> the name its launch compiles to (what a profiler shows); the sequence backward
+# adds _sequence_dq_sum_kernel when it splits key chunks (fewer sequences x heads than SMs)
+KERNEL_NAMES = {"fwd": "_sequence_fwd_kernel", "bwd": "_sequence_bwd_kernel", "packed_fwd": "_packed_fwd_kernel",
+                "packed_delta": "_packed_bwd_delta_kernel", "packed_dkdv": "_packed_bwd_dkdv",
+                "packed_dq": "_packed_bwd_dq",
                 "quick_gelu_fwd": "_quick_gelu_fwd_kernel", "quick_gelu_bwd": "_quick_gelu_bwd_kernel"}
+_PACKED_PASS = {"packed_delta": "delta", "packed_dkdv": "dkdv", "packed_dq": "dq"}
 
 
 def l2_bytes(device) -> int | None:
@@ -38,8 +44,8 @@ class AttentionProblem:
 
     ``q, k, v: [B, S, H, D]`` (and with ``extra`` the extra token's key and value ``[B, H, D]``: the
     frame attention with its message token; without it the message attention), ``out``, ``lse``,
-    the output gradient ``do``, ``delta`` and the gradients. :meth:`prepare` runs the forward and the
-    ``delta`` pass once, so that each backward pass alone reads real statistics."""
+    the output gradient ``do``, ``delta`` and the gradients. :meth:`prepare` runs the forward (and the
+    packed kernels' ``delta`` pass) once, so that each backward launch alone reads real statistics."""
 
     def __init__(self, B, S, H, D, dtype, device, extra: bool, seed: int = 0):
         from xclip_fast.kernels import acc_dtype
@@ -65,24 +71,36 @@ class AttentionProblem:
     def extra(self) -> bool:
         return self.ek is not None
 
+    def kernels(self, plan=None) -> tuple[str, ...]:
+        """The rows of one forward and backward with ``plan`` (default: the launchers'): ``("fwd", "bwd")``
+        or, where short sequences are packed, ``("packed_fwd", "packed_delta", "packed_dkdv", "packed_dq")``."""
+        from xclip_fast.kernels import attention as A
+        from xclip_fast.kernels.plan import plan_for
+
+        S = self.shape[1]
+        return A.kernels_of(plan or plan_for(self.q, S, self.extra, False), S, S)
+
     def launch(self, kernel: str, plan=None) -> None:
-        """One launch of ``kernel`` (:data:`ATTENTION_KERNELS`) with ``plan`` (default: the launchers')."""
+        """One launch of ``kernel`` (one of :meth:`kernels`) with ``plan`` (default: the launchers')."""
         from xclip_fast.kernels import attention as A
 
-        if kernel == "fwd":
+        assert kernel in self.kernels(plan), f"{kernel} is not a kernel of this problem: {self.kernels(plan)}"
+        if kernel in ("fwd", "packed_fwd"):
             A.attention_fwd(self.q, self.k, self.v, self.ek, self.ev, self.o, self.lse, self.scale, False, plan=plan)
             return
+        passes = (_PACKED_PASS[kernel],) if kernel in _PACKED_PASS else None
         A.attention_bwd(self.q, self.k, self.v, self.ek, self.ev, self.o, self.lse, self.do, *self.grads, self.scale,
-                        False, plan=plan, passes=(kernel,), delta=self.delta)
+                        False, plan=plan, passes=passes, delta=self.delta if passes else None)
 
     def prepare(self, plan=None) -> None:
-        """The forward and the ``delta`` pass, whose results the backward passes read."""
-        self.launch("fwd", plan)
-        self.launch("delta", plan)
+        """The forward (and the packed ``delta`` pass), whose results the backward launches read."""
+        for kernel in self.kernels(plan):
+            if kernel in ("fwd", "packed_fwd", "packed_delta"):
+                self.launch(kernel, plan)
 
     def results(self, plan=None) -> tuple[torch.Tensor, ...]:
         """out, dq, dk, dv of one forward and backward (every launch) with ``plan``."""
-        for kernel in ATTENTION_KERNELS:
+        for kernel in self.kernels(plan):
             self.launch(kernel, plan)
         return self.o.clone(), *(g.clone() for g in self.grads[:3])
 
@@ -91,9 +109,10 @@ class AttentionProblem:
         return B * H, S, S + self.extra, D
 
     def flops(self, kernel: str) -> float | None:
-        """The matmul FLOPs ``kernel`` runs: the forward 2 products (QK^T, PV), the dk/dv pass 4 (it
-        recomputes P and dP), the dq pass 3; None for ``delta`` (no matmul)."""
-        products = {"fwd": 2, "dkdv": 4, "dq": 3}.get(kernel)
+        """The matmul FLOPs ``kernel`` runs: a forward 2 products (QK^T, PV), the sequence backward 5
+        (S, dV, dP, dK, dQ: P computed once), the packed dk/dv pass 4 (it recomputes P and dP), the
+        packed dq pass 3; None for the packed ``delta`` pass (no matmul)."""
+        products = {"fwd": 2, "packed_fwd": 2, "bwd": 5, "packed_dkdv": 4, "packed_dq": 3}.get(kernel)
         if products is None:
             return None
         n, sq, sk, d = self._dims()
@@ -105,10 +124,14 @@ class AttentionProblem:
         elt, acc = self.q.element_size(), self.lse.element_size()
         tok, stat = n * sq * d * elt, n * sq * acc  # one [B, S, H, D] tensor, one row statistic
         extra = n * d * elt if self.extra else 0  # one extra-token tensor
-        return {"fwd": 4 * tok + 2 * extra + stat,  # q, k, v, (ek, ev) -> o, lse
-                "delta": 2 * tok + stat,  # o, do -> delta
-                "dkdv": 6 * tok + 4 * extra + 2 * stat,  # q, k, v, do, lse, delta, (ek, ev) -> dk, dv, (dek, dev)
-                "dq": 5 * tok + 2 * extra + 2 * stat,  # q, k, v, do, lse, delta, (ek, ev) -> dq
+        fwd = 4 * tok + 2 * extra + stat  # q, k, v, (ek, ev) -> o, lse
+        return {"fwd": fwd, "packed_fwd": fwd,
+                # q, k, v, o, do, lse, (ek, ev) -> dq, dk, dv, (dek, dev); its scratch stays in L2 (the dq
+                # partials of split key chunks, a small grid's, are not counted)
+                "bwd": 8 * tok + 4 * extra + stat,
+                "packed_delta": 2 * tok + stat,  # o, do -> delta
+                "packed_dkdv": 6 * tok + 2 * stat,  # q, k, v, do, lse, delta -> dk, dv
+                "packed_dq": 5 * tok + 2 * stat,  # q, k, v, do, lse, delta -> dq
                 }[kernel]
 
 
@@ -147,7 +170,9 @@ def problems(B, S, H, D, dtype, device, extra: bool) -> list[AttentionProblem]:
 
 def time_kernels(probs: list[AttentionProblem], kernels, timer, device, plan=None) -> dict:
     """kernel -> :class:`~xclip_fast.bench.gputime.Timing` of each kernel launched alone, on each
-    input set in turn (the problems are prepared first, so the backward passes read real statistics)."""
+    input set in turn (the problems are prepared first, so the backward passes read real statistics).
+    ``kernels``: names of :data:`ATTENTION_KERNELS`; those the problems do not run are left out."""
+    kernels = [k for k in kernels if k in probs[0].kernels(plan)]
     for p in probs:
         p.prepare(plan)
     return {k: measure_or_profile(timer, [lambda p=p, k=k: p.launch(k, plan) for p in probs], device)
@@ -156,9 +181,9 @@ def time_kernels(probs: list[AttentionProblem], kernels, timer, device, plan=Non
 
 def kernel_rows(case, dtype, mode: str, device, env: dict, timer, copy_bw: float | None,
                 provider: str = "xclip-fast-triton") -> list[Result]:
-    """The bench's kernel rows of one attention case: each of our kernels the mode runs (``fwd``; or
-    ``fwd``, ``delta``, ``dkdv``, ``dq``) launched alone and timed by ``timer``, one row each, named
-    ``<provider>/<kernel>``, with the host time per launch in ``extras``."""
+    """The bench's kernel rows of one attention case: each of our kernels the mode runs (the forward; or
+    every launch of :meth:`AttentionProblem.kernels`) launched alone and timed by ``timer``, one row each,
+    named ``<provider>/<kernel>``, with the host time per launch in ``extras``."""
     H, D = case.heads, case.width // case.heads
     if case.kind == "frames":
         B, S, extra = case.batch * case.frames, case.tokens, True
@@ -166,7 +191,8 @@ def kernel_rows(case, dtype, mode: str, device, env: dict, timer, copy_bw: float
         B, S, extra = case.batch, case.frames, False
     probs = problems(B, S, H, D, dtype, device, extra)
     rows = []
-    timings = time_kernels(probs, ATTENTION_KERNELS if mode == "fwdbwd" else ("fwd",), timer, device)
+    kernels = probs[0].kernels()
+    timings = time_kernels(probs, kernels if mode == "fwdbwd" else kernels[:1], timer, device)
     for kernel, t in timings.items():
         row = Result.make(env, case, dtype_name(dtype), mode, f"{provider}/{kernel}",
                           reason=f"{KERNEL_NAMES[kernel]} launched alone")

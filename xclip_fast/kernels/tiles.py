@@ -1,10 +1,12 @@
 """Tile helpers of the attention kernels (``@triton.jit`` functions inlined into them): the softmax
-scale in two parts, packed-tile positions, pointer tiles, the extra token's load, non-finite rows."""
+scale in two parts, the head-dim mask, packed-tile positions, pointer tiles, the extra token's load,
+non-finite rows."""
 
 import triton
 import triton.language as tl
 
-__all__ = ["scaled", "positions", "row_ptrs", "col_ptrs", "load_extra", "extra_grads", "is_finite", "bad_rows"]
+__all__ = ["scaled", "dim_mask", "positions", "row_ptrs", "col_ptrs", "load_extra", "extra_grads", "is_finite",
+           "bad_rows"]
 
 
 @triton.jit
@@ -19,6 +21,16 @@ def scaled(b, hi, lo, ACC: tl.constexpr):
     else:
         b = b * hi
     return b
+
+
+@triton.jit
+def dim_mask(o_d, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Which of the ``BLOCK_D`` columns ``o_d`` are inside the head dim: a constant all-true mask when the
+    head dim fills the tile, so that the compiler drops it and keeps the loads vectorised."""
+    m = o_d < HEAD_DIM
+    if HEAD_DIM == BLOCK_D:
+        m = tl.full([BLOCK_D], 1, tl.int1)
+    return m
 
 
 @triton.jit

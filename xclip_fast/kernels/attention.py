@@ -694,6 +694,7 @@ def attention_bwd(q, k, v, ek, ev, o, lse, do, dq, dk, dv, dek, dev, scale: floa
         _packed_bwd(q, k, v, o, lse, do, dq, dk, dv, scale, plan, G, passes or PACKED_BWD_PASSES, delta)
         return
     assert passes is None or tuple(passes) == ("bwd",), f"the sequence backward is one launch, not {passes}"
+    assert SK > 0, "dq is written at the last key chunk: the input checks refuse sequences without keys"
     split, split_keys, items, programs = sequence_bwd_grid(plan, B, H, SK, sm_count(q) if sms is None else sms)
     if items == 0:
         return

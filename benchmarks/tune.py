@@ -68,7 +68,7 @@ VARIANTS = {"frames": dict(extra=True, packed=False), "messages-packed": dict(ex
 VARIANT_KERNELS = {"frames": ("fwd", "bwd"), "messages": ("fwd", "bwd"),
                    "messages-packed": ("packed_fwd", "packed_dkdv", "packed_dq")}
 _AOT_KERNEL = {"fwd": "_sequence_fwd_kernel", "bwd": "_sequence_bwd_kernel", "packed_fwd": "_packed_fwd_kernel",
-               "packed_dkdv": "_packed_bwd_dkdv", "packed_dq": "_packed_bwd_dq"}
+               "packed_dkdv": "_packed_bwd_kernel_dkdv", "packed_dq": "_packed_bwd_kernel_dq"}
 
 
 def _variant(kind: str, seq: int) -> str:

@@ -53,11 +53,11 @@ KERNELS = {
     "_sequence_bwd_kernel": ("_sequence_bwd_kernel", "bwd", {"PARTIAL": False}),
     "_sequence_bwd_kernel/partial": ("_sequence_bwd_kernel", "bwd", {"PARTIAL": True}),
     "_packed_fwd_kernel": ("_packed_fwd_kernel", "packed_fwd", {}),
-    "_packed_bwd_dkdv": ("_packed_bwd_kernel", "packed_dkdv", {"DKDV": True}),
-    "_packed_bwd_dq": ("_packed_bwd_kernel", "packed_dq", {"DKDV": False}),
+    "_packed_bwd_kernel_dkdv": ("_packed_bwd_kernel", "packed_dkdv", {"DKDV": True}),
+    "_packed_bwd_kernel_dq": ("_packed_bwd_kernel", "packed_dq", {"DKDV": False}),
 }
 SEQUENCE_KERNELS = ("_sequence_fwd_kernel", "_sequence_bwd_kernel", "_sequence_bwd_kernel/partial")
-PACKED_KERNELS = ("_packed_fwd_kernel", "_packed_bwd_dkdv", "_packed_bwd_dq")
+PACKED_KERNELS = ("_packed_fwd_kernel", "_packed_bwd_kernel_dkdv", "_packed_bwd_kernel_dq")
 _PTR = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32", torch.float64: "*fp64"}
 _INTS = {"B", "H", "SQ", "SK", "G", "N", "M_TILES", "ITEMS", "SPLIT", "SPLIT_KEYS", "SQP"}
 _DIV16 = [["tt.divisibility", 16]]

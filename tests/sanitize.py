@@ -1,8 +1,10 @@
 """Every Triton kernel of xclip-fast once, on small shapes, each result checked: the workload that
 ``benchmarks/gpu_check.sh`` runs under ``compute-sanitizer --tool memcheck``.
 
-Cases: the attention forward, its backward preprocess and both backward programs (dk/dv per key
-tile, dq per query tile), through the plain entry (separate q, k, v; Sq != Sk too) and the packed
+Cases: the attention kernels (the sequence kernels' forward and one-launch backward in each of its
+grids: key chunks split with the dq sum (few sequences x heads), one program per sequence x head, and
+persistent programs taking several each; the packed kernels' forward, delta, dk/dv and dq passes),
+through the plain entry (separate q, k, v; Sq != Sk too) and the packed
 one (the modules' seq-first qkv buffer), with and without the extra token, at odd lengths that
 give packed tiles (several short sequences per program) and ordinary ones, head dims 64 and 40
 (masked columns); QuickGELU forward and backward on an odd element count; in bf16 and fp32 on CUDA,
@@ -114,6 +116,11 @@ def cases(device, quick: bool):
     shapes = [(3, 7, 7, 2, 64), (2, 1, 1, 2, 64), (2, 37, 37, 2, 64), (2, 5, 9, 2, 64), (2, 13, 13, 3, 40)]
     if device.type == "cuda" and not quick:
         shapes.append((2, 197, 197, 2, 64))  # B/16's frame length: several query and key tiles
+    if device.type == "cuda":
+        # more sequences x heads than the backward's programs (at most 2 per SM): each program takes
+        # several in turn, reusing its scratch (the shapes above are split or one program each)
+        count = torch.cuda.get_device_properties(device).multi_processor_count
+        shapes.append((2 * count + 3, 13, 13, 2, 64))
     runs = [(torch.float32, shapes)]
     if device.type == "cuda":
         runs = [(torch.bfloat16, shapes), (torch.float16, shapes[:1]), *runs]

@@ -43,7 +43,7 @@ def _name(r):
 def test_every_kernel_compiles_for_both_architectures(compiled):
     seen = {(r["kernel"], r["arch"]) for r in compiled}
     for kernel in ("_sequence_fwd_kernel", "_sequence_bwd_kernel", "_sequence_bwd_kernel/partial",
-                   "_sequence_dq_sum_kernel", "_packed_fwd_kernel", "_packed_bwd_dkdv", "_packed_bwd_dq",
+                   "_sequence_dq_sum_kernel", "_packed_fwd_kernel", "_packed_bwd_kernel_dkdv", "_packed_bwd_kernel_dq",
                    "_packed_bwd_delta_kernel", "_quick_gelu_fwd_kernel", "_quick_gelu_bwd_kernel"):
         for arch in ARCHS:
             assert (kernel, arch) in seen, f"{kernel} was not compiled for sm_{arch}"

@@ -4,14 +4,17 @@ On CUDA the operators are ``torch.library.triton_op``: their bodies are their ow
 implementations, and under functionalization (what torch.compile's AOTAutograd does) they decompose
 into ``triton_kernel_wrapper_functional`` nodes that Inductor schedules. This script builds fake CUDA
 tensors on a machine without one, traces every operator that way and prints one JSON line per
-operator: the kernels that appear and the output layouts. The GPU's architecture is taken as sm_90.
+operator: the kernels that appear, the inputs each kernel node has cloned before it runs (what
+PyTorch's analysis of the kernel's Triton IR found it writes; a kernel it cannot analyse has every
+input cloned, a copy of each per call) and the output layouts. The GPU's architecture is taken as
+sm_90, also by Triton's code generator for that analysis.
 """
 
 import json
-import logging
 import sys
 
 import torch
+import triton
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torch._subclasses.functional_tensor import dispatch_functionalize
 from torch.fx.experimental.proxy_tensor import make_fx
@@ -20,9 +23,20 @@ import xclip_fast  # noqa: F401  (registers the operators)
 from xclip_fast import library
 from xclip_fast.kernels import plan
 
-logging.getLogger("torch._higher_order_ops.triton_kernel_wrap").setLevel(logging.ERROR)  # no driver here
 plan._device_arch = lambda index: 90
 torch.cuda.current_device = lambda: 0
+
+
+class _Sm90:
+    """Triton's active driver as PyTorch's kernel analysis asks it: the target to generate IR for."""
+
+    def get_current_target(self):
+        from triton.backends.compiler import GPUTarget
+
+        return GPUTarget("cuda", 90, 32)
+
+
+triton.runtime.driver.set_active(_Sm90())
 
 
 def main() -> int:
@@ -48,11 +62,14 @@ def main() -> int:
     def plain_bwd(q, k, v, grad):
         return ops.attention_bwd(q, k, v, None, None, *ops.attention_fwd(q, k, v, None, None, 0.125), grad, 0.125)
 
+    mq, mk, mv, mgrad = (fake(32, 8, H, D) for _ in range(4))  # the message attention at T = 8: packed kernels
+
     cases = {  # name: (function, its fake CUDA arguments)
         "packed_attention_fwd": (lambda qkv, ekv: ops.packed_attention_fwd(qkv, ekv, 0.125), (qkv, ekv)),
         "packed_attention_bwd": (packed_bwd, (qkv, ekv, grad)),
         "attention_fwd": (lambda q, k, v, ek, ev: ops.attention_fwd(q, k, v, ek, ev, 0.125), (q, k, v, ek, ev)),
         "attention_bwd": (plain_bwd, (q, k, v, grad)),
+        "attention_bwd-messages": (plain_bwd, (mq, mk, mv, mgrad)),
         "quick_gelu": (ops.quick_gelu, (x,)),
         "quick_gelu_backward": (ops.quick_gelu_backward, (x, x)),
     }
@@ -61,7 +78,9 @@ def main() -> int:
         row = {"op": name}
         try:
             gm = make_fx(dispatch_functionalize(fn), tracing_mode="fake")(*args)
-            row["kernels"] = sum(1 for n in gm.graph.nodes if "triton_kernel_wrapper" in str(n.target))
+            nodes = [n for n in gm.graph.nodes if "triton_kernel_wrapper" in str(n.target)]
+            row["kernels"] = len(nodes)
+            row["clones"] = [sorted(n.kwargs.get("tensors_to_clone", [])) for n in nodes]
             with mode:
                 out = fn(*args)
             out = out if isinstance(out, tuple) else (out,)

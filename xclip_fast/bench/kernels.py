@@ -25,8 +25,8 @@ QUICK_GELU_KERNELS = ("quick_gelu_fwd", "quick_gelu_bwd")
 # each row's kernel -> the name its launch compiles to (what a profiler shows); the sequence backward
 # adds _sequence_dq_sum_kernel when it splits key chunks (fewer sequences x heads than SMs)
 KERNEL_NAMES = {"fwd": "_sequence_fwd_kernel", "bwd": "_sequence_bwd_kernel", "packed_fwd": "_packed_fwd_kernel",
-                "packed_delta": "_packed_bwd_delta_kernel", "packed_dkdv": "_packed_bwd_dkdv",
-                "packed_dq": "_packed_bwd_dq",
+                "packed_delta": "_packed_bwd_delta_kernel", "packed_dkdv": "_packed_bwd_kernel_dkdv",
+                "packed_dq": "_packed_bwd_kernel_dq",
                 "quick_gelu_fwd": "_quick_gelu_fwd_kernel", "quick_gelu_bwd": "_quick_gelu_bwd_kernel"}
 _PACKED_PASS = {"packed_delta": "delta", "packed_dkdv": "dkdv", "packed_dq": "dq"}
 

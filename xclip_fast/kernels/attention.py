@@ -41,7 +41,7 @@ another sequence's NaN would be NaN, so operands shared across sequences in one 
 with non-finite entries zeroed, and the rows of a sequence that held one are set to NaN at the end (as
 unpacked attention would give them). One corrupt clip never spoils its batch. Their backward is three
 launches (``delta``, ``dkdv``, ``dq``; one jit function compiled twice for the last two, under the
-names ``_packed_bwd_dkdv`` and ``_packed_bwd_dq``), each runnable alone (:func:`attention_bwd`'s
+names ``_packed_bwd_kernel_dkdv`` and ``_packed_bwd_kernel_dq``), each runnable alone (:func:`attention_bwd`'s
 ``passes``), which the tuner and the lab time.
 
 Common to both: scores are kept in base 2 (``scale * log2(e)`` folded in) and ``lse`` is stored in
@@ -459,9 +459,11 @@ def _packed_bwd_delta_kernel(
 
 def _packed_bwd_name(spec) -> str:
     """The name each packed backward pass compiles to (``triton.jit(repr=...)``: what profilers, Nsight
-    and ``cuobjdump`` show): ``spec.constants`` holds the launch's compile-time arguments by name."""
+    and ``cuobjdump`` show): ``spec.constants`` holds the launch's compile-time arguments by name. Both
+    names contain the function's: PyTorch finds a user kernel in its Triton IR by that name to learn
+    which buffers it writes, and without it ``torch.compile`` copies every input of the launch first."""
     dkdv = spec.constants.get("DKDV")
-    return "_packed_bwd_dkdv" if bool(getattr(dkdv, "value", dkdv)) else "_packed_bwd_dq"
+    return "_packed_bwd_kernel_dkdv" if bool(getattr(dkdv, "value", dkdv)) else "_packed_bwd_kernel_dq"
 
 
 @triton.jit(repr=_packed_bwd_name)

@@ -66,6 +66,7 @@ class AttentionProblem:
         self.do = t(B, S, H, D)
         self.grads = [torch.empty_like(x) for x in (self.q, self.k, self.v)]
         self.grads += [torch.empty_like(self.ek), torch.empty_like(self.ev)] if extra else [None, None]
+        self._kernels = None
 
     @property
     def extra(self) -> bool:
@@ -78,7 +79,11 @@ class AttentionProblem:
         from xclip_fast.kernels.plan import plan_for
 
         S = self.shape[1]
-        return A.kernels_of(plan or plan_for(self.q, S, self.extra, False), S, S)
+        if plan is not None:
+            return A.kernels_of(plan, S, S)
+        if self._kernels is None:  # (asked on every launch: the launchers' plan is looked up once)
+            self._kernels = A.kernels_of(plan_for(self.q, S, self.extra, False), S, S)
+        return self._kernels
 
     def launch(self, kernel: str, plan=None) -> None:
         """One launch of ``kernel`` (one of :meth:`kernels`) with ``plan`` (default: the launchers')."""

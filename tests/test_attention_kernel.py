@@ -9,6 +9,7 @@ import contextlib
 import pytest
 import torch
 from _helpers import assert_rel, needs_triton
+from test_gputime import record_launches
 
 import xclip_fast
 from xclip_fast.ops import packed_attention
@@ -179,17 +180,9 @@ def _launch_direct(ins, grad, sms, dtype=torch.float32):
     A.attention_fwd(q, k, v, ek, ev, out, lse, q.shape[-1] ** -0.5)
     grads = [torch.full_like(t, float("nan")) for t in (q, k, v)]  # every element must be written
     grads += [torch.full_like(ek, float("nan")), torch.full_like(ev, float("nan"))] if extra else [None, None]
-    launched, saved = [], A.wrap_triton
-
-    def recording(kernel):
-        launched.append(A.launch_name(kernel, {}))
-        return saved(kernel)
-    A.wrap_triton = recording
-    try:
+    with record_launches() as log:
         A.attention_bwd(q, k, v, ek, ev, out, lse, grad, *grads, q.shape[-1] ** -0.5, sms=sms)
-    finally:
-        A.wrap_triton = saved
-    return out, [g for g in grads if g is not None], launched
+    return out, [g for g in grads if g is not None], [name for _, name in log]
 
 
 def _reference_grads(ins, grad):

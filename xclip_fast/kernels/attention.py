@@ -66,7 +66,18 @@ import triton.language as tl
 
 from . import acc_dtype, cdiv, wrap_triton
 from .plan import LOG2E, pack_group, plan_for, sm_count
-from .tiles import bad_rows, col_ptrs, dim_mask, extra_grads, is_finite, load_extra, positions, row_ptrs, scaled
+from .tiles import (
+    bad_rows,
+    col_ptrs,
+    dim_mask,
+    extra_grads,
+    is_finite,
+    load_extra,
+    online_softmax,
+    positions,
+    row_ptrs,
+    scaled,
+)
 
 __all__ = ["attention_fwd", "attention_bwd", "launch_name", "kernels_of", "sequence_bwd_grid", "MAX_HEAD_DIM",
            "PACKED_BWD_PASSES"]
@@ -128,16 +139,10 @@ def _sequence_fwd_kernel(
         # [BM, BD] @ [BD, BN]
         b_s = scaled(tl.dot(b_q, b_kt, input_precision=PRECISION, out_dtype=ACC), scale_hi, scale_lo, ACC)
         b_s = tl.where(m_n[None, :], b_s, float("-inf"))
-        b_m_new = tl.maximum(b_m, tl.max(b_s, axis=1))
-        # a row that has seen no valid key yet keeps m = -inf; shift by 0 instead (no inf - inf)
-        b_m_safe = tl.where(b_m_new == float("-inf"), 0.0, b_m_new)
-        b_p = tl.exp2(b_s - b_m_safe[:, None])
-        b_alpha = tl.exp2(b_m - b_m_safe)
-        b_l = b_l * b_alpha + tl.sum(b_p, axis=1)
+        b_p, b_alpha, b_m, b_l = online_softmax(b_s, b_m, b_l)
         b_v = tl.load(p_v, mask=m_n[:, None] & m_d[None, :], other=0.0)
         # [BM, BN] @ [BN, BD]
         b_acc = b_acc * b_alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, input_precision=PRECISION, out_dtype=ACC)
-        b_m = b_m_new
         p_kt += BLOCK_N * stride_k_s
         p_v += BLOCK_N * stride_v_s
 
@@ -406,12 +411,7 @@ def _packed_fwd_kernel(
         m_s = m_c[None, :] & (o_rg[:, None] == o_cg[None, :])
         b_s = tl.where(m_s, b_s, float("-inf"))
 
-        b_m_new = tl.maximum(b_m, tl.max(b_s, axis=1))
-        # a row that has seen no valid key yet keeps m = -inf; shift by 0 instead (no inf - inf)
-        b_m_safe = tl.where(b_m_new == float("-inf"), 0.0, b_m_new)
-        b_p = tl.exp2(b_s - b_m_safe[:, None])
-        b_alpha = tl.exp2(b_m - b_m_safe)
-        b_l = b_l * b_alpha + tl.sum(b_p, axis=1)
+        b_p, b_alpha, b_m, b_l = online_softmax(b_s, b_m, b_l)
 
         b_v = tl.load(row_ptrs(v, o_cb, o_cj, i_h, stride_v_b, stride_v_s, stride_v_h, o_d),
                       mask=m_c[:, None] & m_d[None, :], other=0.0)
@@ -420,7 +420,6 @@ def _packed_fwd_kernel(
         b_v = tl.where(is_finite(b_v), b_v, 0.0)
         # [BM, BN] @ [BN, BD]
         b_acc = b_acc * b_alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, input_precision=PRECISION, out_dtype=ACC)
-        b_m = b_m_new
 
     b_l_safe = tl.where(m_r, b_l, 1.0)
     b_o = b_acc / b_l_safe[:, None]

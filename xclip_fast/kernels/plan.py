@@ -212,8 +212,12 @@ def _device_arch(index: int) -> int:
     return 10 * major + minor
 
 
+def _device_index(t: torch.Tensor) -> int:
+    return t.device.index if t.device.index is not None else torch.cuda.current_device()
+
+
 def _arch_of(t: torch.Tensor) -> int:
-    return _device_arch(t.device.index if t.device.index is not None else torch.cuda.current_device())
+    return _device_arch(_device_index(t))
 
 
 @functools.lru_cache(maxsize=16)
@@ -224,7 +228,7 @@ def _cuda_sms(index: int) -> int:
 def sm_count(t: torch.Tensor) -> int:
     """The SM count of ``t``'s GPU (:data:`DEFAULT_SMS` where it cannot be read)."""
     if t.device.type == "cuda" and torch.cuda.is_available():
-        return _cuda_sms(t.device.index if t.device.index is not None else torch.cuda.current_device())
+        return _cuda_sms(_device_index(t))
     return DEFAULT_SMS.get(t.device.type, DEFAULT_SMS["cpu"])
 
 

@@ -1,12 +1,12 @@
 """Tile helpers of the attention kernels (``@triton.jit`` functions inlined into them): the softmax
-scale in two parts, the head-dim mask, packed-tile positions, pointer tiles, the extra token's load,
-non-finite rows."""
+scale in two parts, the head-dim mask, one step of the online softmax, packed-tile positions, pointer
+tiles, the extra token's load, non-finite rows."""
 
 import triton
 import triton.language as tl
 
-__all__ = ["scaled", "dim_mask", "positions", "row_ptrs", "col_ptrs", "load_extra", "extra_grads", "is_finite",
-           "bad_rows"]
+__all__ = ["scaled", "dim_mask", "online_softmax", "positions", "row_ptrs", "col_ptrs", "load_extra", "extra_grads",
+           "is_finite", "bad_rows"]
 
 
 @triton.jit
@@ -31,6 +31,19 @@ def dim_mask(o_d, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
     if HEAD_DIM == BLOCK_D:
         m = tl.full([BLOCK_D], 1, tl.int1)
     return m
+
+
+@triton.jit
+def online_softmax(b_s, b_m, b_l):
+    """One key tile of the online softmax: scores ``b_s`` ([rows, cols], base 2, masked columns -inf), the
+    running row maximum ``b_m`` and sum ``b_l`` -> (probabilities, the factor that rescales what was
+    accumulated so far, the new maximum, the new sum)."""
+    b_m_new = tl.maximum(b_m, tl.max(b_s, axis=1))
+    # a row that has seen no valid key yet keeps m = -inf; shift by 0 instead (no inf - inf)
+    b_m_safe = tl.where(b_m_new == float("-inf"), 0.0, b_m_new)
+    b_p = tl.exp2(b_s - b_m_safe[:, None])
+    b_alpha = tl.exp2(b_m - b_m_safe)
+    return b_p, b_alpha, b_m_new, b_l * b_alpha + tl.sum(b_p, axis=1)
 
 
 @triton.jit

@@ -236,3 +236,119 @@ def test_compiled_block_with_lora_equals_eager():
     assert_rel("compiled grad x", gx_c, gx, F64)
     assert_grads_close(list(grads), [grads_c["_orig_mod." + n] if "_orig_mod." + n in grads_c else grads_c[n]
                                      for n in grads], list(grads.values()), F64)
+
+
+def _mixed_step(model, video, ids):
+    """A training step of an X-CLIP model's video tower: its video features and the adapters'
+    gradients (float64 copies). The loss is a fixed random weighting of the features (the logits of
+    a random tiny model are cosines of nearly parallel embeddings, whose bf16 gradients are mostly
+    rounding noise)."""
+    y = model.get_video_features(pixel_values=video)
+    y = getattr(y, "pooler_output", y)
+    weight = torch.randn(y.shape, generator=torch.Generator().manual_seed(5))
+    (y * weight.to(y.dtype)).sum().backward()
+    grads = {n: p.grad.double() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    return y.double(), grads
+
+
+@pytest.mark.parametrize("model_dtype,adapter_dtype", [(torch.float64, torch.float32), (torch.float32, torch.float64)])
+@pytest.mark.parametrize("level", LEVELS)
+def test_adapters_in_another_dtype_compute_what_peft_computes(level, model_dtype, adapter_dtype, monkeypatch):
+    """Adapters whose dtype is not the model's (PEFT keeps them in float32 in a bfloat16 model): the
+    update is computed as PEFT computes it (the input cast to the adapters' dtype, the sum cast back).
+    Here float64 against float32, so that the comparison is tight: both sides compute the float32 part
+    the same way, the rest rounds at float64 (1e-5: float32 rounding of the update, summed in another
+    order)."""
+    original = _lora(tiny_xclip(model_dtype, attn_implementation="sdpa").train(), ["fc1", "fc2"])
+    for n, p in original.named_parameters():
+        if "lora_" in n:
+            p.data = p.data.to(adapter_dtype)
+    patched = xclip_fast.patch_xclip(copy.deepcopy(original), backend="torch", recompute=level)
+    video, ids = torch.randn(2, 3, 3, 32, 32, dtype=model_dtype), torch.randint(0, 99, (2, 6))
+    calls = _Calls(monkeypatch)
+    logits, grads = _mixed_step(patched, video, ids)
+    assert calls.n == 0, "the fused path called the LoRA modules"
+    logits_ref, ref = _mixed_step(original, video, ids)
+    assert sorted(grads) == sorted(ref) and all("lora_" in n for n in grads)
+    assert all(p.grad is None for p in patched.parameters())
+    assert_rel("features", logits, logits_ref, 1e-5)
+    assert_grads_close(list(ref), [grads[n] for n in ref], list(ref.values()), 1e-5)
+    with torch.no_grad():
+        assert_rel("inference", patched(input_ids=ids, pixel_values=video).logits_per_video,
+                   original(input_ids=ids, pixel_values=video).logits_per_video, 1e-5)
+
+
+@pytest.mark.parametrize("model_dtype,adapter_dtype", [(torch.bfloat16, None), (torch.float32, torch.bfloat16)])
+@pytest.mark.parametrize("level", LEVELS)
+def test_peft_default_adapters_in_a_bf16_model(level, model_dtype, adapter_dtype):
+    """``from_pretrained(torch_dtype=torch.bfloat16)`` + ``get_peft_model``: PEFT keeps the adapters in
+    float32 (``adapter_dtype`` None: as PEFT leaves them); and the converse, a float32 model with bf16
+    adapters. Training steps and inference run patched, as accurate as PEFT's own modules against the
+    float64 truth (at most 2x their error plus 2^-9: both round at bf16)."""
+    original = _lora(tiny_xclip(model_dtype, attn_implementation="sdpa").train(), ["fc1", "fc2"])
+    adapters = {n: p for n, p in original.named_parameters() if "lora_" in n}
+    if adapter_dtype is not None:
+        for p in adapters.values():
+            p.data = p.data.to(adapter_dtype)
+    assert {p.dtype for p in adapters.values()} == {adapter_dtype or torch.float32}
+    truth = copy.deepcopy(original).double()
+    patched = xclip_fast.patch_xclip(copy.deepcopy(original), backend="torch", recompute=level)
+    torch.manual_seed(4)
+    video, ids = torch.randn(2, 3, 3, 32, 32), torch.randint(0, 99, (2, 6))
+    logits, grads = _mixed_step(patched, video.to(model_dtype), ids)
+    logits_peft, peft_grads = _mixed_step(original, video.to(model_dtype), ids)
+    logits_ref, ref = _mixed_step(truth, video.double(), ids)
+    assert {p.grad for p in patched.parameters() if not p.requires_grad} == {None}
+    assert sorted(grads) == sorted(ref) and len(ref) == 12  # 2 vision layers and the MIT's one: fc1, fc2 x A, B
+    assert rel_err(logits, logits_ref) <= 2 * rel_err(logits_peft, logits_ref) + 2**-9
+    for n in ref:
+        assert rel_err(grads[n], ref[n]) <= 2 * rel_err(peft_grads[n], ref[n]) + 2**-9, n
+    with torch.no_grad():
+        y = patched(input_ids=ids, pixel_values=video.to(model_dtype)).logits_per_video
+        y_peft = original(input_ids=ids, pixel_values=video.to(model_dtype)).logits_per_video
+    assert y.dtype == y_peft.dtype
+    y_ref = truth(input_ids=ids, pixel_values=video.double()).logits_per_video
+    assert rel_err(y, y_ref) <= 2 * rel_err(y_peft, y_ref) + 2**-9
+
+
+@pytest.mark.parametrize("case", ["A-and-B-dtypes", "B-on-meta", "A-not-a-tensor"])
+def test_a_declaration_on_another_device_or_dtype_is_refused(case):
+    """A user's ``xclip_fast_low_rank()`` returning A and B of two dtypes, on another device than the
+    base (a meta tensor: a silently wrong output once), or not tensors: a TypeError naming the method."""
+    class AsList(LowRankLinear):
+        def xclip_fast_low_rank(self):
+            return self.base, self.A.tolist(), self.B, self.scale
+
+    block = _block().eval()
+    wrapper = (AsList if case == "A-not-a-tensor" else LowRankLinear)(block.mlp.c_fc)
+    if case == "A-and-B-dtypes":
+        wrapper.B = nn.Parameter(wrapper.B.float())
+    elif case == "B-on-meta":
+        wrapper.B = nn.Parameter(wrapper.B.to("meta"))
+    block.mlp.c_fc = wrapper
+    with pytest.raises(TypeError, match=r"xclip_fast_low_rank\(\)"), torch.no_grad():
+        block(torch.randn(L, B * T, D, dtype=torch.float64))
+
+
+def test_a_declaration_with_adapters_in_another_dtype_is_applied_as_peft_would():
+    """A and B in float32 in a float64 block: the update in float32 from the input cast to it."""
+    block = _block("torch", "lean")
+    torch.manual_seed(2)
+    block.mlp.c_fc = LowRankLinear(block.mlp.c_fc).float()
+    block.mlp.c_fc.base.double()
+    for name, p in block.named_parameters():
+        p.requires_grad_(name.endswith((".A", ".B")))
+
+    def reference(x):  # the update as PEFT computes it
+        w = block.mlp.c_fc
+        return (w.base(x) + w.scale * nn.functional.linear(nn.functional.linear(x.float(), w.A), w.B)).double()
+    x, grad = torch.randn(L, B * T, D, dtype=torch.float64), torch.randn(L, B * T, D, dtype=torch.float64)
+    y, gx, grads = _step(block, x, grad)
+    block.backend = "reference"
+    block.mlp.c_fc.forward = reference
+    y_ref, gx_ref, grads_ref = _step(block, x, grad)
+    assert {g.dtype for g in grads.values()} == {torch.float32}
+    assert_rel("output", y, y_ref, 1e-6)
+    assert_rel("grad x", gx, gx_ref, 1e-6)
+    assert_grads_close(list(grads), list(grads.values()), [grads_ref[n] for n in grads], 1e-5)

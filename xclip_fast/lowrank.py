@@ -6,6 +6,12 @@ plain Linear, and the update is added here, in the forward and the backward of t
 without merging it into a weight. ``lora`` below is ``(A (r, in), B (out, r), s)``, or None for a
 Linear without one. Nothing rank-wide is saved for the backward: ``x A^T`` is recomputed there
 from the input the backward has anyway (a GEMM ``r / out`` the size of the base's).
+
+A and B may hold another dtype than the base Linear: PEFT keeps its adapters in float32 by default,
+also in a bfloat16 model. The update is then computed as PEFT's LoRA ``Linear`` computes it: the input
+cast to the adapters' dtype, ``(x A^T) B^T * s`` in that dtype, added to the base's output in the
+promoted dtype and the sum cast back to the base's (its gradients likewise, each in its own tensor's
+dtype). That costs a cast copy of the input (as in PEFT); with one dtype everywhere nothing is cast.
 """
 
 from __future__ import annotations
@@ -30,23 +36,34 @@ def from_inputs(a1, b1, a2, b2, scales) -> tuple:
     return (None if a1 is None else (a1, b1, scales[0])), (None if a2 is None else (a2, b2, scales[1]))
 
 
+def _as(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``t`` in ``like``'s dtype (itself when it is already)."""
+    return t if t.dtype == like.dtype else t.to(like.dtype)
+
+
 def add_low_rank_(y2: torch.Tensor, x2: torch.Tensor, lora) -> torch.Tensor:
     """``y2 += s * (x2 A^T) B^T`` in place on the rows ``y2 (N, out)`` of ``x2 (N, in)``; returns ``y2``."""
     if lora is not None:
         a, b, s = lora
-        y2.addmm_(x2.mm(a.t()), b.t(), alpha=s)
+        if a.dtype == y2.dtype == x2.dtype:
+            y2.addmm_(x2.mm(a.t()), b.t(), alpha=s)
+        else:  # PEFT's order: in A's dtype, scaled last, added in the promoted dtype (an in-place add's)
+            y2.add_(_as(x2, a).mm(a.t()).mm(b.t()).mul_(s))
     return y2
 
 
 def low_rank_input_grad_(dy2: torch.Tensor, dx2: torch.Tensor | None, lora) -> torch.Tensor | None:
     """Adds the update's share ``s * (dy2 B) A`` of the input gradient to ``dx2`` in place (when
-    given); returns ``dy2 B`` for :func:`low_rank_grads` (None without an update)."""
+    given); returns ``dy2 B`` (in the adapters' dtype) for :func:`low_rank_grads` (None without an update)."""
     if lora is None:
         return None
     a, b, s = lora
-    dyb = dy2.mm(b)  # (N, r)
+    dyb = _as(dy2, b).mm(b)  # (N, r)
     if dx2 is not None:
-        dx2.addmm_(dyb, a, alpha=s)
+        if dx2.dtype == a.dtype:
+            dx2.addmm_(dyb, a, alpha=s)
+        else:
+            dx2.add_(dyb.mm(a), alpha=s)
     return dyb
 
 
@@ -54,21 +71,24 @@ def low_rank_grads(dy2: torch.Tensor, x2: torch.Tensor, dyb: torch.Tensor | None
                    need_b: bool) -> tuple:
     """``(dA, dB)`` of the update from the output's gradient rows ``dy2``, the input rows ``x2`` and
     ``dyb = dy2 B`` (from :func:`low_rank_input_grad_`); ``(None, None)`` without an update."""
-    if lora is None:
+    if lora is None or not (need_a or need_b):
         return None, None
     a, b, s = lora
-    da = dyb.t().mm(x2).mul_(s) if need_a else None
-    db = dy2.t().mm(x2.mm(a.t())).mul_(s) if need_b else None
+    xc = _as(x2, a)
+    da = dyb.t().mm(xc).mul_(s) if need_a else None
+    db = _as(dy2, b).t().mm(xc.mm(a.t())).mul_(s) if need_b else None
     return da, db
 
 
 def low_rank_linear(x: torch.Tensor, w: torch.Tensor, bias, lora) -> torch.Tensor:
-    """``linear(x, w, bias)`` plus the update, as recorded operations (autograd, transforms)."""
+    """``linear(x, w, bias)`` plus the update, as recorded operations (autograd, transforms); with the
+    adapters in another dtype, PEFT's computation (see the module's docstring)."""
     y = torch.nn.functional.linear(x, w, bias)
     if lora is None:
         return y
     a, b, s = lora
-    return y + torch.nn.functional.linear(torch.nn.functional.linear(x, a), b) * s
+    update = torch.nn.functional.linear(torch.nn.functional.linear(_as(x, a), a), b) * s
+    return y + update if update.dtype == y.dtype else (y + update).to(y.dtype)
 
 
 def cast_low_rank(cast, lora):

@@ -20,6 +20,7 @@ a recomputation that would call modules again in backward asks :func:`global_hoo
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 from torch.nn.modules import module as _module_globals
 
@@ -130,8 +131,10 @@ def fused_linear(m: nn.Module) -> tuple[nn.Linear, tuple | None] | None:
       evaluation), a plain base layer and no hooks on it or its parts; with its adapters disabled
       (``disable_adapter()``) it is its base layer;
     - a user's module whose class defines ``xclip_fast_low_rank(self) -> (base, A, B, scale)``
-      (``base`` an ``nn.Linear``, ``A (r, in_features)``, ``B (out_features, r)``), promising the
-      identity above, with no hooks.
+      (``base`` an ``nn.Linear``, ``A (r, in_features)``, ``B (out_features, r)``, A and B of one
+      floating dtype on the base's device), promising the identity above, with no hooks. A and B in
+      another dtype than the base are applied as PEFT applies its adapters (see
+      :mod:`xclip_fast.lowrank`); a declaration that breaks these rules is refused with a TypeError.
     """
     if type(m) is nn.Linear or linear_reason(m) is None:
         return (m, None) if hook_reason(m) is None else None
@@ -147,10 +150,18 @@ def fused_linear(m: nn.Module) -> tuple[nn.Linear, tuple | None] | None:
 
 def _declared_low_rank(m: nn.Module):
     base, a, b, scale = m.xclip_fast_low_rank()
-    if not isinstance(base, nn.Linear) or a.dim() != 2 or b.dim() != 2 or a.shape[1] != base.in_features \
+    what = f"{type(m).__name__}.xclip_fast_low_rank()"
+    if not isinstance(base, nn.Linear) or not isinstance(a, torch.Tensor) or not isinstance(b, torch.Tensor) \
+            or a.dim() != 2 or b.dim() != 2 or a.shape[1] != base.in_features \
             or b.shape != (base.out_features, a.shape[0]):
-        raise TypeError(f"{type(m).__name__}.xclip_fast_low_rank() must return (base nn.Linear, A (r, in_features), "
-                        "B (out_features, r), scale)")
+        raise TypeError(f"{what} must return (base nn.Linear, A (r, in_features), B (out_features, r), scale)")
+    weight = base.weight
+    if a.dtype != b.dtype or not a.is_floating_point():
+        raise TypeError(f"{what} returned A ({a.dtype}) and B ({b.dtype}): they must share one floating dtype "
+                        f"(which may differ from the base's, {weight.dtype})")
+    if a.device != weight.device or b.device != weight.device:
+        raise TypeError(f"{what} returned A on {a.device} and B on {b.device}: both must be on the base "
+                        f"Linear's device ({weight.device}); move the module with .to(device)")
     return ((base, (a, b, float(scale))) if linear_reason(base) is None else None)
 
 
@@ -169,6 +180,10 @@ def _peft_low_rank(m: nn.Module):
         return None
     if linear_reason(lora_a) or linear_reason(lora_b) or lora_a.bias is not None or lora_b.bias is not None:
         return None
+    a, b, weight = lora_a.weight, lora_b.weight, base.weight
+    if a.dtype != b.dtype or a.device != weight.device or b.device != weight.device or (
+            a.dtype != weight.dtype and not getattr(m, "cast_input_dtype_enabled", True)):
+        return None  # (what PEFT's module does with these, its own error included, is called)
     if hook_reason(dropout) or not (type(dropout) is nn.Identity or (
             type(dropout) is nn.Dropout and (dropout.p == 0 or not dropout.training))):
         return None

@@ -352,3 +352,46 @@ def test_a_declaration_with_adapters_in_another_dtype_is_applied_as_peft_would()
     assert_rel("output", y, y_ref, 1e-6)
     assert_rel("grad x", gx, gx_ref, 1e-6)
     assert_grads_close(list(grads), list(grads.values()), [grads_ref[n] for n in grads], 1e-5)
+
+
+@pytest.mark.parametrize("switch", ["disable_adapter", "set_adapter", "set_adapter-all-trainable"])
+@pytest.mark.parametrize("level", LEVELS)
+def test_switching_adapters_between_forward_and_backward(level, switch):
+    """The backward of a forward that ran with the default adapter, run inside ``disable_adapter()`` or
+    after ``set_adapter("other")``: the gradients of the forward that ran, as unpatched PEFT gives
+    them (LoRA on q_proj/v_proj: the recomputation calls those modules, and replays the forward's
+    adapter state; on fc1/fc2: fused, the update's tensors are saved). With every adapter trainable
+    in backward, the default adapter's parameters get their gradients."""
+    torch.manual_seed(0)
+    targets = ["q_proj", "v_proj", "fc1", "fc2"]
+    original = _lora(tiny_xclip(torch.float64, attn_implementation="sdpa").train(), targets)
+    original.add_adapter("other", peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False))
+    original.set_adapter("default")
+    patched = xclip_fast.patch_xclip(copy.deepcopy(original), backend="torch", recompute=level)
+    video = torch.randn(2, 3, 3, 32, 32, dtype=torch.float64)
+
+    def step(model):
+        v = video.clone().requires_grad_()
+        y = model.get_video_features(pixel_values=v)
+        y = getattr(y, "pooler_output", y)
+        if switch == "disable_adapter":
+            with model.disable_adapter():
+                y.sum().backward()
+        else:
+            model.set_adapter("other")
+            if switch.endswith("all-trainable"):
+                for n, p in model.named_parameters():
+                    p.requires_grad_("lora_" in n)
+            y.sum().backward()
+            model.set_adapter("default")
+        grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+        return y.detach(), v.grad, grads
+
+    y, gv, grads = step(patched)
+    y_ref, gv_ref, ref = step(original)
+    assert sorted(grads) == sorted(ref)
+    assert all(".default." in n for n in ref) and bool(ref) == switch.endswith("all-trainable")
+    assert_rel("features", y, y_ref, F64)
+    assert_rel("grad video", gv, gv_ref, F64)
+    if ref:
+        assert_grads_close(list(ref), [grads[n] for n in ref], list(ref.values()), F64)

@@ -107,14 +107,21 @@ def _modules(m: nn.Module, out: list) -> list:
     return out
 
 
+# a PEFT layer's adapter state (``peft.tuners.tuners_utils.BaseTunerLayer``): the active adapter(s)
+# (``set_adapter``) and whether adapters are disabled (``disable_adapter()``); its forward reads these
+_ADAPTER_STATE = ("_active_adapter", "_disable_adapters")
+
+
 class Replay:
     """``fn`` as checkpointing calls it: once in the forward, again (per backward) to recompute.
 
     The recomputation sees the forward's training flags and ``requires_grad`` of ``module``'s
-    sub-modules and parameters (``model.eval()`` or ``requires_grad_(False)`` between a forward and
-    its backward backpropagate the forward that ran), and refuses, naming it, a parameter modified
-    in place since the forward (an optimizer step, clipping or an EMA update before this loss's
-    backward), which it would otherwise read with its new values."""
+    sub-modules and parameters, and the adapter state of its PEFT layers (which adapters are active,
+    whether they are disabled): ``model.eval()``, ``requires_grad_(False)``, ``set_adapter(...)`` or
+    ``with model.disable_adapter():`` between a forward and its backward backpropagate the forward
+    that ran. It refuses, naming it, a parameter modified in place since the forward (an optimizer
+    step, clipping, an EMA update or merging an adapter before this loss's backward), which it would
+    otherwise read with its new values."""
 
     __slots__ = ("fn", "module", "state")
 
@@ -126,9 +133,11 @@ class Replay:
             modules = _modules(self.module, [])
             params = [(p, p._version, p.requires_grad) for m in modules for p in m._parameters.values()
                       if p is not None]
-            self.state = (params, [(m, m.training) for m in modules])
+            adapters = [(m, *(m.__dict__[a] for a in _ADAPTER_STATE)) for m in modules
+                        if _ADAPTER_STATE[0] in m.__dict__]
+            self.state = (params, [(m, m.training) for m in modules], adapters)
             return self.fn(*args, **kwargs)
-        params, modules = self.state
+        params, modules, adapters = self.state
         changed = [p for p, version, _ in params if p._version != version]
         if changed:
             names = [n for n, p in self.module.named_parameters() if any(p is c for c in changed)]
@@ -139,10 +148,14 @@ class Replay:
                 "before changing the parameters, as autograd requires for the original model too.")
         flags = [(m, t) for m, t in modules if m.training != t]
         grads = [(p, r) for p, _, r in params if p.requires_grad != r]
+        switched = [(m, state, tuple(m.__dict__[a] for a in _ADAPTER_STATE)) for m, *state in adapters
+                    if any(m.__dict__[a] != v for a, v in zip(_ADAPTER_STATE, state))]
         for m, t in flags:
             m.training = t
         for p, r in grads:
             p.requires_grad_(r)
+        for m, state, _ in switched:
+            m.__dict__.update(zip(_ADAPTER_STATE, state))
         try:
             return self.fn(*args, **kwargs)
         finally:
@@ -150,6 +163,8 @@ class Replay:
                 m.training = not t
             for p, r in grads:
                 p.requires_grad_(not r)
+            for m, _, now in switched:
+                m.__dict__.update(zip(_ADAPTER_STATE, now))
 
 
 def checkpointed(level: str | None, module: nn.Module, fn: Callable, *args, **kwargs):

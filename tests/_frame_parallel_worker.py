@@ -40,7 +40,7 @@ def one_step(model, video, fp, seed: int = 7, autocast: bool = False, offload: b
     ``offload``: the forward under hooks that copy what autograd saves (activation offloading)."""
     torch.manual_seed(seed)
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast), \
-            copied_saved_tensors() if offload else contextlib.nullcontext():
+            copied_saved_tensors() if offload else contextlib.nullcontext(), fp.expect_exchange():
         out = model(video, frame_parallel=fp)
     loss_of(out.double()).backward()
     return out.detach().double()
@@ -141,8 +141,10 @@ def inference_scenario(rank: int) -> dict:
     own = video[:, fp.frames]
     with torch.no_grad():
         plain = enc(own, frame_parallel=fp)
-        chunked = enc(own, chunk_frames=1, frame_parallel=fp)
-        streamed = enc.encode_frames(iter(own[0]), fp.local_frames, frame_parallel=fp)
+        with fp.expect_exchange():
+            chunked = enc(own, chunk_frames=1, frame_parallel=fp)
+        with fp.expect_exchange():
+            streamed = enc.encode_frames(iter(own[0]), fp.local_frames, frame_parallel=fp)
     return {"inference": dict(plain=plain, chunked=chunked, streamed=streamed.video_embeds,
                               frame_embeds=streamed.frame_embeds)}
 

@@ -87,15 +87,15 @@ def cpu_mesh():
 
 
 def error_messages(cases: dict) -> dict:
-    """``"<exception type>: <message>"`` of each case's call (None if it raised nothing), by name: what
-    a spawned worker sends back for the test to check."""
+    """``"<exception type>: <message>"`` of each case's call (None if it raised nothing), by name, with
+    the exception's notes on the lines after: what a spawned worker sends back for the test to check."""
     out = {}
     for name, fn in cases.items():
         try:
             fn()
             out[name] = None
         except (ValueError, TypeError, RuntimeError) as exc:
-            out[name] = f"{type(exc).__name__}: {exc}"
+            out[name] = "\n".join([f"{type(exc).__name__}: {exc}", *getattr(exc, "__notes__", ())])
     return out
 
 

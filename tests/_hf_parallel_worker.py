@@ -87,7 +87,8 @@ def run_scenario(sc: dict, fp) -> dict:
         fully_shard(model, mesh=mesh, ignored_params={model.logit_scale})  # (FSDP2 refuses a scalar parameter)
     elif sc["mode"] == "aot_eager":
         module = torch.compile(model, backend="aot_eager")
-    res = step(module, fp, sc["autocast"])
+    with fp.expect_exchange():  # (under every wrapper: DDP, FSDP2, compiled)
+        res = step(module, fp, sc["autocast"])
     if sc["mode"] == "fsdp2":  # the parameter FSDP2 leaves alone
         dist.all_reduce(model.logit_scale.grad)
         model.logit_scale.grad /= fp.world_size
@@ -116,7 +117,24 @@ def refusals(fp) -> dict:
     batch = inputs()
     gc = model_of()
     gc.gradient_checkpointing_enable()
+    # unpatched, as from_pretrained gives it: transformers passes frame_parallel= down unused. Configured
+    # for this process's frames, it runs (on them alone); configured for the clip, it fails on a shape
+    unpatched = tiny_xclip(torch.float64, num_frames=fp.local_frames, attn_implementation="sdpa").train()
+    whole = model_of(patched=False)
+    fresh = FrameParallel(T)
+
+    def unpatched_call(model):
+        with fp.expect_exchange():
+            step(model, fp)
+
+    def unpatched_average():
+        step(unpatched, fresh)
+        fresh.average_gradients(unpatched)
+
     cases = {
+        "unpatched": lambda: unpatched_call(unpatched),
+        "unpatched-shape": lambda: unpatched_call(whole),
+        "unpatched-average": unpatched_average,
         "wrong-slice": lambda: model(**batch, frame_parallel=fp),
         "hf-checkpointing": lambda: gc(**dict(batch, pixel_values=batch["pixel_values"][:, fp.frames]),
                                        frame_parallel=fp),

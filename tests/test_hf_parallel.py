@@ -6,6 +6,8 @@ recompute level, both fast backends, drop path, autocast, a layer on the origina
 DDP, FSDP2 and torch.compile; inference through ``get_video_features`` and a bare
 ``XCLIPVisionModel``."""
 
+import sys
+
 import pytest
 import torch
 from _helpers import TRITON_CPU_OK, TRITON_CPU_WHY, assert_grads_close, assert_rel, needs_gloo, spawn_results
@@ -103,3 +105,19 @@ def test_refusals(two):
     msgs = two["refusals"]
     assert "pass video[:, fp.frames]" in msgs["wrong-slice"]
     assert "gradient checkpointing" in msgs["hf-checkpointing"]
+
+
+def test_an_unpatched_model_given_frame_parallel_is_caught(two):
+    """transformers passes ``frame_parallel=`` down unused: each process computes its own frames
+    alone. ``fp.expect_exchange()`` raises after such a call (a model configured for the process's
+    frames runs; one configured for the clip fails on a shape, and the note says why), and
+    ``fp.average_gradients`` refuses when no exchange ever ran. Every training scenario above ran
+    inside ``expect_exchange()``: the patched model exchanges under DDP, FSDP2 and torch.compile."""
+    msgs = two["refusals"]
+    assert msgs["unpatched"].startswith("RuntimeError: xclip_fast: no frame exchange ran")
+    assert "patch_xclip(model), again after from_pretrained" in msgs["unpatched"]
+    shape = msgs["unpatched-shape"]
+    assert shape is not None and "ignored frame_parallel=" not in shape.split("\n")[0]  # transformers' own error
+    if sys.version_info >= (3, 11):  # (exception notes)
+        assert "xclip_fast: no frame exchange ran" in shape.split("\n", 1)[1]
+    assert msgs["unpatched-average"].startswith("RuntimeError: xclip_fast: average_gradients: no frame exchange")

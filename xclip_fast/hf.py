@@ -337,7 +337,9 @@ def patch_xclip(model: nn.Module, backend: str = "auto", recompute: str = "lean"
     process's frames), and the gradients follow :mod:`xclip_fast.parallel`'s convention (DDP/FSDP2
     over the frame group, or ``fp.average_gradients``). A bare ``XCLIPVisionModel`` takes it too and
     returns this process's frames. Hugging Face's own gradient checkpointing is refused with it (use
-    ``recompute="block"``).
+    ``recompute="block"``). An *unpatched* model (patch again after ``from_pretrained``) passes the
+    keyword down unused and computes each process's frames alone: wrap such calls in
+    ``with fp.expect_exchange():``, which raises when no exchange ran.
 
     ``recompute``: what each patched layer keeps for its backward, as for the fast blocks (``"lean"``,
     ``"min"``, ``"none"``, ``"block"``; see :class:`xclip_fast.blocks.RecomputeMixin`); change it

@@ -12,7 +12,14 @@ The exchange is a ``torch.distributed`` functional collective (all-gather forwar
 backward), which autograd, ``torch.compile``, DDP and FSDP2 understand. Use::
 
     fp = FrameParallel(num_frames=64, group=mesh["frames"])   # or a ProcessGroup, or None (world)
-    embeds = encoder(video[:, fp.frames], frame_parallel=fp)   # each process: its own frames only
+    with fp.expect_exchange():                                 # raises if the model ignored frame_parallel=
+        embeds = encoder(video[:, fp.frames], frame_parallel=fp)   # each process: its own frames only
+
+A model that does not know ``frame_parallel=`` may ignore it: an unpatched Hugging Face model (not
+passed through :func:`xclip_fast.patch_xclip`, or reloaded with ``from_pretrained``) passes the
+keyword down without using it, and each process then computes its own frames only, silently. Every
+exchange marks the :class:`FrameParallel` that ran it, so :meth:`FrameParallel.expect_exchange` and
+:meth:`FrameParallel.average_gradients` can tell.
 
 Gradients. The loss is the same on every process (it reads the video embedding), and every
 process's gradients are made for the average over the frame group that data-parallel training takes
@@ -26,6 +33,8 @@ frames carry the same factor ``W``.
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 import torch.distributed as dist
@@ -113,6 +122,9 @@ class FrameParallel:
         self.sizes = frame_sizes(num_frames, self.world_size)
         self.start = sum(self.sizes[:self.rank])
         self.local_frames = self.sizes[self.rank]
+        # whether an exchange ran through this object: since expect_exchange() began, and ever
+        # (constant stores: a compiled graph replays them on every call without a guard)
+        self._exchanged = self._ever_exchanged = False
 
     def __repr__(self) -> str:
         return (f"FrameParallel(num_frames={self.num_frames}, rank={self.rank}/{self.world_size}, "
@@ -127,6 +139,44 @@ class FrameParallel:
         """This process's frames of the clip, ``slice(start, stop)``."""
         return slice(self.start, self.stop)
 
+    @property
+    def exchanged(self) -> bool:
+        """Whether an exchange (:meth:`gather`, :meth:`sum`) ran through this object since it was made
+        or since the innermost :meth:`expect_exchange` began."""
+        return self._exchanged
+
+    @contextlib.contextmanager
+    def expect_exchange(self):
+        """A context that raises a ``RuntimeError`` on exit when no exchange ran through this object
+        inside it: the model called there ignored ``frame_parallel=`` (an unpatched Hugging Face model
+        passes the keyword down without using it) and each process computed only its own frames. Wrap
+        each frame-parallel forward in it::
+
+            with fp.expect_exchange():
+                out = model(..., pixel_values=video[:, fp.frames], frame_parallel=fp)
+
+        Costs nothing (a flag); works around compiled models too. An exception raised inside before
+        any exchange (an unpatched model given fewer frames than its configuration's fails on a shape)
+        goes on with a note saying so (Python 3.11 and later)."""
+        self._exchanged = False
+        try:
+            yield self
+        except Exception as e:
+            if not self._exchanged and hasattr(e, "add_note"):
+                e.add_note(f"xclip_fast: {self._ignored()}")
+            raise
+        if not self._exchanged:
+            raise RuntimeError(f"xclip_fast: {self._ignored()}")
+
+    def _ignored(self) -> str:
+        return (f"no frame exchange ran inside {self!r}.expect_exchange(): the model ignored frame_parallel= "
+                "and each process computed only its own frames. A Hugging Face XCLIPModel (or XCLIPVisionModel) "
+                "takes it only once patched: xclip_fast.patch_xclip(model), again after from_pretrained, which "
+                "builds the original classes; transformers passes an unknown keyword down without using it.")
+
+    def _mark(self) -> None:
+        self._exchanged = self._ever_exchanged = True
+
     def check_local(self, n: int, what: str) -> None:
         """A ``ValueError`` when ``n`` (the frames per video a process was given) is not its slice's."""
         if n != self.local_frames:
@@ -139,6 +189,7 @@ class FrameParallel:
         Differentiable; the backward sums the gradient over the group and gives each process its
         frames' rows (reduce-scatter). Uneven slices travel padded to the largest one."""
         self.check_local(x.shape[dim], "the tensor to gather")
+        self._mark()
         if self.world_size == 1:
             return x
         rows = x.movedim(dim, 0)
@@ -154,6 +205,7 @@ class FrameParallel:
         """The sum over the group of every process's ``x`` (e.g. a sum over its own frames), the
         same on every process. Differentiable with the gradient convention of the module doc: the
         backward sums the gradient over the group (each process receives ``W`` times its share)."""
+        self._mark()
         if self.world_size == 1:
             return x
         return _all_gather(x.unsqueeze(0), self.group).sum(0)
@@ -168,7 +220,14 @@ class FrameParallel:
     def average_gradients(self, module: nn.Module) -> None:
         """Average the gradients of ``module``'s parameters over the frame group (all-reduce), for
         training loops where no DDP/FSDP2 reduction spans it; afterwards every process holds the
-        gradient one process computes over the whole clip."""
+        gradient one process computes over the whole clip. Raises a ``RuntimeError`` when no exchange
+        has ever run through this object (the model ignored ``frame_parallel=``, see
+        :meth:`expect_exchange`): the gradients would average different computations."""
+        if not self._ever_exchanged:
+            raise RuntimeError(
+                f"xclip_fast: average_gradients: no frame exchange has run through {self!r}, so the model "
+                "ignored frame_parallel= and each process computed only its own frames (an unpatched Hugging "
+                "Face model: call xclip_fast.patch_xclip(model) first, again after from_pretrained).")
         for p in module.parameters():
             if p.grad is not None:
                 dist.all_reduce(p.grad, group=self.group)

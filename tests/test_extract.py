@@ -180,7 +180,8 @@ def test_resume_after_a_killed_run(dataset, tmp_path):
     assert os.stat(out / "one.npy").st_mtime_ns == before, "the video done before the kill was encoded again"
     assert (out / "b" / "two.npy").exists() and (out / "a" / "three.npy").exists()
     assert (out / "b" / "notes.tmp-v2.txt").read_text() == "the user's"
-    leftovers = [f for _, _, files in os.walk(state) for f in files]
+    # (the lock stays: removing a file others may have opened to lock would let two runs hold it)
+    leftovers = [f for _, _, files in os.walk(state) for f in files if f != "lock"]
     assert not leftovers, leftovers
 
 
@@ -213,16 +214,87 @@ def test_torchrun_shards_the_videos(dataset, tmp_path):
     out = tmp_path / "out"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["CUDA_VISIBLE_DEVICES"] = ""
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                           "-m", "xclip_fast.cli", "encode", str(dataset), "--weights", weights, "--trust-weights",
-                           "--out-dir", str(out), "--workers", "1", "--quiet", "--device", "cpu"],
-                          capture_output=True, text=True, timeout=600, env=env)
+    argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m",
+            "xclip_fast.cli", "encode", str(dataset), "--weights", weights, "--trust-weights", "--out-dir", str(out),
+            "--workers", "1", "--quiet", "--device", "cpu"]
+    held = extract.lock_out_dir(str(out))  # another run writes there: every rank stops (rank 0 says why)
+    try:
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=600, env=env)
+    finally:
+        held.close()
+    assert proc.returncode != 0 and "in use by another xclip-fast encode run" in proc.stderr, proc.stderr[-4000:]
+    assert not (out / "index.jsonl").exists()
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     index = _index(out)
     assert set(index) == {"one.mp4", "three.mkv", "two.avi"}
     assert all(r["status"] == "ok" for r in index.values())
     assert not [f for f in os.listdir(out) if f.startswith("index.rank")]
     assert proc.stdout.count("encoded ") == 1  # one summary (rank 0)
+
+
+def _cli(*argv) -> list:
+    return [sys.executable, "-m", "xclip_fast.cli", "encode", *map(str, argv), "--quiet", "--device", "cpu",
+            "--dtype", "float32"]
+
+
+def test_a_second_run_into_one_out_dir_is_refused_while_the_first_runs(dataset, tmp_path, capsys):
+    """The run writing into an --out-dir holds its lock (here this process, as another run would):
+    a second run is refused before any work, naming the holder and what to do if it is stale; once
+    the holder ends, the run goes on."""
+    _, weights = _weights(tmp_path)
+    out = tmp_path / "out"
+    argv = [dataset / "a" / "one.mp4", "--weights", weights, "--trust-weights", "--out-dir", out, "--workers", 0]
+    held = extract.lock_out_dir(str(out))
+    try:
+        assert _encode(*argv) == 2
+        err = capsys.readouterr().err
+        assert f"is in use by another xclip-fast encode run (pid {os.getpid()} on " in err
+        assert "remove " + os.path.join(str(out), extract.STATE, "lock") in err
+        assert not (out / "index.jsonl").exists() and not (out / "one.npy").exists()
+    finally:
+        held.close()
+    assert _encode(*argv) == 0
+    assert set(_index(out)) == {"one.mp4"}
+    extract.lock_out_dir(str(out)).close()  # (the run let it go)
+
+
+def test_two_runs_at_once_into_one_out_dir_never_mix(tmp_path):
+    N = 12
+    """Two folders with the same relative names (different videos), encoded by two processes into one
+    --out-dir at once: each run either completes or is refused (exit 2, naming the other); every
+    record of the index holds its own video's embedding, and a rerun of each completes it."""
+    enc, weights = _weights(tmp_path)
+    out = tmp_path / "out"
+    for folder, rate in (("x", 10), ("y", 5)):
+        (tmp_path / folder).mkdir()
+        for i in range(N):
+            write_video(tmp_path / folder / f"a{i}.mp4", n=8 + i, rate=rate)
+    runs = [subprocess.Popen(_cli(tmp_path / folder, "--weights", weights, "--trust-weights", "--out-dir", out,
+                                  "--workers", 0), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for folder in ("x", "y")]
+    results = [(p.wait(timeout=600), p.stdout.read(), p.stderr.read()) for p in runs]
+    for code, stdout, stderr in results:
+        assert code == 0 or (code == 2 and "in use by another xclip-fast encode run" in stderr), stdout + stderr
+    assert any(code == 0 for code, _, _ in results)
+
+    def check(folders):
+        with open(out / "index.jsonl") as f:
+            records = {r["source"]["path"]: r for r in map(json.loads, f)}
+        for folder in folders:  # every video of a completed run has its record, holding its embedding
+            for i in range(N):
+                video = str((tmp_path / folder / f"a{i}.mp4").resolve())
+                assert video in records, f"{video}: no record"
+                assert_rel(video, torch.from_numpy(np.load(out / records[video]["output"])), expected[video], 1e-5)
+        assert len({r["output"] for r in records.values()}) == len(records)
+
+    expected = {str((tmp_path / f / f"a{i}.mp4").resolve()): _expected(enc, tmp_path / f / f"a{i}.mp4", 4)
+                for f in ("x", "y") for i in range(N)}
+    check([folder for folder, (code, _, _) in zip(("x", "y"), results) if code == 0])
+    for folder in ("x", "y"):  # then a rerun of each, as a user told to would
+        subprocess.run(_cli(tmp_path / folder, "--weights", weights, "--trust-weights", "--out-dir", out, "--workers",
+                            0), check=True, capture_output=True)
+    check(["x", "y"])
 
 
 def test_video_reader_refuses_non_files(tmp_path):

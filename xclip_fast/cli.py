@@ -236,8 +236,6 @@ def _export(args) -> int:
 def _encode(args) -> int:
     import os
 
-    import numpy as np
-
     from xclip_fast import extract
 
     problem = _check_outputs(args)
@@ -256,13 +254,33 @@ def _encode(args) -> int:
         else:
             if not jobs:
                 problem = "no videos given (files, folders or --list)"
-    if problem:
+    lock = None
+    if problem is None and args.out_dir is not None and rank == 0:  # one run at a time into a folder
+        try:
+            lock = extract.lock_out_dir(args.out_dir)
+        except extract.OutDirBusy as exc:
+            problem = str(exc)
+        except OSError as exc:
+            problem = f"--out-dir {args.out_dir}: cannot write into it ({exc.strerror or exc})"
+    if problem and world == 1:
         print(f"error: {problem}", file=sys.stderr)
         return 2
-    encoder = _load_or_say(args, args.frames, "used; the embeddings are meaningless except for trying the pipeline "
-                           "out", rank)
-    if encoder is None:
-        return 2
+    try:
+        return _encode_locked(args, jobs if not problem else None, problem, rank, world, window, stride)
+    finally:
+        if lock is not None:
+            lock.close()
+
+
+def _encode_locked(args, jobs, problem, rank: int, world: int, window, stride) -> int:
+    """:func:`_encode` once rank 0 holds the lock of ``--out-dir`` (or ``problem`` says why not,
+    under torchrun: every rank then stops, after hearing it from the others)."""
+    import os
+
+    import numpy as np
+
+    from xclip_fast import extract
+
     device = parse_device(args.device)
     if device.type == "cuda" and device.index is None and world > 1:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
@@ -270,6 +288,17 @@ def _encode(args) -> int:
         import torch.distributed as dist
 
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        stop = torch.tensor([problem is not None], dtype=torch.int32, device=device if device.type == "cuda" else "cpu")
+        dist.all_reduce(stop)  # (a rank that cannot start stops them all: rank 0 alone takes the lock)
+        if stop.item():
+            if problem:
+                print(f"error: {problem}", file=sys.stderr)
+            dist.destroy_process_group()
+            return 2
+    encoder = _load_or_say(args, args.frames, "used; the embeddings are meaningless except for trying the pipeline "
+                           "out", rank)
+    if encoder is None:
+        return 2
     dtype = chosen_dtype(args.dtype, device, announce=rank == 0)
     T = args.frames or encoder.config["num_frames"]
     settings = run_settings(args, encoder, dtype, T) if args.out_dir is not None else {}

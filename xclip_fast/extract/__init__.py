@@ -19,6 +19,9 @@
   frames with a warning.
 - Under ``torchrun``, rank r takes videos r, r + K, r + 2K, ... of the list; rank 0 shows the
   progress bar and merges the index at the end.
+- One run at a time writes into an ``--out-dir``: the run (its rank 0) locks it
+  (:func:`~xclip_fast.extract.store.lock_out_dir`, released when it ends, also when killed); a second
+  run into the same folder at once is refused, naming the first.
 
 The pipeline, a module a stage: :mod:`~xclip_fast.extract.jobs` (discover: jobs, output names, what
 identifies a video) -> :mod:`~xclip_fast.extract.resume` (which jobs a rerun skips, and why the
@@ -35,9 +38,11 @@ from xclip_fast.extract.store import (
     DONE,
     INDEX,
     STATE,
+    OutDirBusy,
     append_line,
     atomic_save,
     check_out_dir,
+    lock_out_dir,
     merge_index,
     read_index,
     record_key,
@@ -48,5 +53,5 @@ from xclip_fast.extract.store import (
 
 __all__ = ["Job", "discover", "parse_span", "read_list", "source_of", "video_key", "ClipSource", "Extractor",
            "chunk_for", "nan_rows", "summary_line", "plan", "settings_id", "stale", "weights_digest", "DONE", "INDEX",
-           "STATE", "append_line", "atomic_save", "check_out_dir", "merge_index", "read_index", "record_key",
-           "remove_leftovers", "state_dir", "tmp_dir"]
+           "STATE", "OutDirBusy", "append_line", "atomic_save", "check_out_dir", "lock_out_dir", "merge_index",
+           "read_index", "record_key", "remove_leftovers", "state_dir", "tmp_dir"]

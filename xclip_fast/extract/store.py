@@ -1,12 +1,17 @@
 """Write and index: a video's outputs through temporary files renamed into place, the index
-(``index.jsonl``, per-rank logs while a run goes on) and the run's own folder inside ``--out-dir``.
-Only files this package names are ever written or removed there."""
+(``index.jsonl``, per-rank logs while a run goes on), the run's own folder inside ``--out-dir`` and
+its lock (one run at a time writes into a folder). Only files this package names are ever written
+or removed there."""
 
 from __future__ import annotations
 
+import datetime
+import errno
 import json
 import os
 import re
+import socket
+import sys
 import uuid
 
 import numpy as np
@@ -14,7 +19,8 @@ import numpy as np
 from xclip_fast.extract.jobs import Job, video_key
 
 INDEX = "index.jsonl"
-STATE = ".xclip-fast"  # the run's own folder inside --out-dir: per-rank logs and temporary files, nothing else
+STATE = ".xclip-fast"  # the run's own folder inside --out-dir: per-rank logs, temporary files and the lock
+LOCK = "lock"  # in STATE: locked by the run writing into --out-dir, and naming it
 DONE = ("ok", "truncated")  # statuses whose outputs are complete
 _TMP = re.compile(r"rank(\d+)-[0-9a-f]{32}\.(npy|jsonl)")  # exactly the temporary files this package writes
 _RANK_LOG = re.compile(r"index\.rank(\d+)\.jsonl")
@@ -38,6 +44,62 @@ def atomic_save(path: str, array: np.ndarray, tmp_dir: str | None = None, rank: 
             os.remove(tmp)
         raise
     return path
+
+
+class OutDirBusy(RuntimeError):
+    """Another run holds the lock of the ``--out-dir`` (see :func:`lock_out_dir`)."""
+
+
+def lock_out_dir(out_dir: str):
+    """Take the lock of ``out_dir`` for this run: an open file (``<out-dir>/.xclip-fast/lock``) with an
+    exclusive ``flock`` on it, which this process holds until the file is closed or the process ends
+    (a killed run leaves no lock behind). Two runs writing into one folder at once would mix their
+    outputs (each merges and removes the per-rank logs, removes the other's temporary files and may
+    give one output name to two videos), so a second run gets :class:`OutDirBusy`, naming the
+    process that holds it. The file then names this process (pid, host, start, command). Returns the
+    file, to close when the run is done; None where the file system has no locks (a note is printed:
+    nothing then stops a second run)."""
+    os.makedirs(state_dir(out_dir), exist_ok=True)
+    path = os.path.join(state_dir(out_dir), LOCK)
+    f = open(path, "a+", encoding="utf-8")  # (not truncated before the lock is taken: it names the holder)
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover (Windows)
+        fcntl = None
+    try:
+        if fcntl is None:
+            raise OSError(errno.ENOSYS, "no fcntl module")
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = _holder(f.read())
+        f.close()
+        raise OutDirBusy(
+            f"--out-dir {out_dir} is in use by another xclip-fast encode run ({holder}); two runs into one folder "
+            "would mix their outputs. Wait for it to end, or give another --out-dir. The lock ends with that "
+            "process; if it no longer runs (a run on another machine sharing this folder, cut off where the file "
+            f"system keeps its locks), remove {path} and rerun") from None
+    except OSError as exc:
+        f.close()
+        print(f"note: --out-dir {out_dir}: cannot lock {path} ({exc.strerror or exc}): nothing stops another run "
+              "from writing into this folder at once, which would mix their outputs", file=sys.stderr)
+        return None
+    f.seek(0)
+    f.truncate()
+    f.write(json.dumps(dict(pid=os.getpid(), host=socket.gethostname(), command=" ".join(sys.argv),
+                            started=datetime.datetime.now().astimezone().isoformat(timespec="seconds"))) + "\n")
+    f.flush()
+    return f
+
+
+def _holder(text: str) -> str:
+    """Who holds a lock, from what the lock file says (it may be empty: taken, not yet written)."""
+    try:
+        info = json.loads(text)
+        return (f"pid {info['pid']} on {info['host']}, started {info['started']}: {info['command']}"
+                if isinstance(info, dict) else "a process that did not say which")
+    except (ValueError, KeyError):
+        return "a process that has not said which yet"
 
 
 def state_dir(out_dir: str) -> str:

@@ -297,6 +297,34 @@ def test_two_runs_at_once_into_one_out_dir_never_mix(tmp_path):
     check(["x", "y"])
 
 
+@pytest.mark.skipif(not hasattr(os, "symlink"), reason="symbolic links")
+def test_links_to_one_video_and_reordered_name_clashes_encode_once(tmp_path, capsys):
+    """``one/a.mp4`` and two links to it: one encode, one output, one record, and nothing on the
+    rerun; ``p/x.mp4`` and ``q/x.mp4`` given as (p, q), then (q, p) twice: nothing encoded again and
+    no output left that no record names."""
+    enc, weights = _weights(tmp_path)
+    out = tmp_path / "out"
+    for sub in ("one", "p", "q"):
+        (tmp_path / sub).mkdir()
+    write_video(tmp_path / "one" / "a.mp4", n=12)
+    for link in ("b.mp4", "c.mp4"):
+        os.symlink(tmp_path / "one" / "a.mp4", tmp_path / "one" / link)
+    write_video(tmp_path / "p" / "x.mp4", n=12)
+    write_video(tmp_path / "q" / "x.mp4", n=16, rate=5)
+    base = ["--weights", weights, "--trust-weights", "--out-dir", out, "--workers", 0]
+    p, q = tmp_path / "p" / "x.mp4", tmp_path / "q" / "x.mp4"
+    for videos, encoded in (([tmp_path / "one"], 1), ([tmp_path / "one"], 0), ([p, q], 2), ([q, p], 0), ([q, p], 0)):
+        assert _encode(*videos, *base) == 0
+        assert f"encoded {encoded} video(s)" in capsys.readouterr().out, videos
+    with open(out / "index.jsonl") as f:
+        records = [json.loads(line) for line in f]
+    outputs = sorted(str(f.relative_to(out)) for f in out.rglob("*.npy") if extract.STATE not in f.parts)
+    assert sorted(r["output"] for r in records) == outputs and len(outputs) == 3
+    for rec in records:
+        assert_rel(rec["output"], torch.from_numpy(np.load(out / rec["output"])),
+                   _expected(enc, rec["source"]["path"], 4), 1e-5)
+
+
 def test_video_reader_refuses_non_files(tmp_path):
     os.mkfifo(tmp_path / "fifo")
     for path, message in [(tmp_path / "fifo", "not a regular file"), ("rtsp://camera/stream", "stream addresses"),

@@ -107,3 +107,74 @@ def test_merge_keeps_the_latest_record_of_each_video(videos):
         lines = [json.loads(line) for line in f]
     assert lines == merged and len(lines) == 1 and lines[0]["settings"]["frames"] == 8
     assert not [f for f in os.listdir(store.state_dir(out)) if f.startswith("index.rank")]  # logs merged away
+
+
+def _run(found, out):
+    """One run's resume and store stages on placeholder files: the prepared jobs, those encoded."""
+    prepared = resume.prepare(found, out)
+    todo, _, _ = resume.plan(prepared, out, SETTINGS, _files)
+    for job in todo:
+        _complete(out, job, jobs.source_of(job.path))
+    store.merge_index(out, world=1)
+    return prepared, todo
+
+
+def _outputs(out) -> set:
+    """The embedding files in ``out`` (not the per-frame ones every placeholder result has)."""
+    return {os.path.relpath(os.path.join(r, f), out) for r, _, fs in os.walk(out) for f in fs if f.endswith(".npy")
+            and not f.endswith(".frames.npy") and ".xclip-fast" not in r}
+
+
+@pytest.mark.skipif(not hasattr(os, "symlink"), reason="symbolic links")
+def test_one_video_through_links_is_one_video(videos, capsys):
+    """``a.mp4`` and two links to it, in a folder or as files: encoded once (one record, one output),
+    under the first input; the same command again encodes nothing."""
+    folder = videos / "links"
+    folder.mkdir()
+    (folder / "a.mp4").write_bytes(b"placeholder")
+    for link in ("b.mp4", "c.mp4"):
+        os.symlink(folder / "a.mp4", folder / link)
+    out = str(videos / "out")
+    for inputs in ([str(folder)], [str(folder / n) for n in ("c.mp4", "a.mp4", "b.mp4")]):
+        found = jobs.discover(inputs)
+        assert len(found) == 3
+        prepared, todo = _run(found, out)
+        assert len(prepared) == 1 and "2 input(s) are a video given earlier" in capsys.readouterr().err
+        assert _outputs(out) == {"a.npy"} and len(store.read_index(out)) == 1
+        assert _run(found, out)[1] == []  # again: nothing to encode
+    assert store.read_index(out)[os.path.realpath(folder / "a.mp4")]["path"] == str(folder / "a.mp4")
+
+
+def test_names_stay_when_videos_sharing_a_name_come_in_another_order(videos):
+    """``a/x.mp4`` and ``b/x.mp4`` given as (a, b), then (b, a) twice: each video keeps the name it
+    got first, nothing is encoded again, and every output file is named by a record."""
+    for sub in ("a", "b"):
+        (videos / sub).mkdir()
+        (videos / sub / "x.mp4").write_bytes(sub.encode())
+    out = str(videos / "out")
+    a, b = str(videos / "a" / "x.mp4"), str(videos / "b" / "x.mp4")
+    prepared, todo = _run(jobs.discover([a, b]), out)
+    names = {j.path: j.name for j in prepared}
+    assert len(todo) == 2 and names[a] == "x.npy" and names[b].startswith("x-")
+    for _ in range(2):
+        prepared, todo = _run(jobs.discover([b, a]), out)
+        assert todo == [] and {j.path: j.name for j in prepared} == names
+    records = store.read_index(out)
+    assert _outputs(out) == {r["output"] for r in records.values()} == set(names.values())
+
+
+def test_a_video_keeps_its_name_when_reached_another_way(videos):
+    """Encoded as a file (``b.npy``), then through its folder, a list or a link: its record's name
+    is kept and its outputs reused; a new video that would take a held name gets its own."""
+    out = str(videos / "out")
+    first = jobs.discover([str(videos / "in" / "b.mp4")])
+    _run(first, out)
+    (videos / "in" / "sub" / "b.mp4").write_bytes(b"another video")  # would be sub/b.npy: no clash
+    prepared, todo = _run(jobs.discover([str(videos / "in")]), out)
+    assert {os.path.basename(j.path) + ":" + j.name for j in todo} == {
+        "a.mkv:a.npy", "c.avi:" + os.path.join("sub", "c.npy"), "b.mp4:" + os.path.join("sub", "b.npy")}
+    assert len(prepared) == 4 and "b.npy" in {j.name for j in prepared}
+    (videos / "flat").mkdir()
+    (videos / "flat" / "a.mkv").write_bytes(b"a third")  # a.npy is held by in/a.mkv
+    prepared, todo = _run(jobs.discover([str(videos / "flat" / "a.mkv"), str(videos / "in")]), out)
+    assert [j.name for j in todo] == [f"a-{jobs.tag(os.path.realpath(videos / 'flat' / 'a.mkv'))}.npy"]

@@ -309,6 +309,8 @@ def _encode_locked(args, jobs, problem, rank: int, world: int, window, stride) -
         stride=stride, fps=args.fps, chunk_frames=args.chunk_frames, batch=args.batch, workers=args.workers,
         per_frame=args.per_frame, timeout=args.timeout, rank=rank, world=world, progress=not args.quiet,
         settings=settings)
+    if args.out_dir is not None:  # (under the lock: it reads the index)
+        jobs = extract.prepare(jobs, args.out_dir, announce=rank == 0)
     try:
         ex.run(jobs[rank::world])
     except OSError as exc:  # a full disk, a file size limit: the outputs of this run are not all there

@@ -9,7 +9,9 @@
 - Outputs survive interruption: one ``.npy`` per video, written to a temporary file in the run's
   own folder (``<out-dir>/.xclip-fast/``) and renamed into place, and an index (``index.jsonl``)
   that a rerun reads to skip what is complete. Records identify the video by its resolved path,
-  size and modification time (:func:`source_of`), not by the path as typed; a video is skipped
+  size and modification time (:func:`source_of`), not by the path as typed (one file through
+  several links, or given twice, is encoded once, and a video keeps its output name from run to
+  run: :func:`~xclip_fast.extract.resume.prepare`); a video is skipped
   only when its record was made with the same settings and weights (``settings_id``), from the
   same file unchanged, and its files are whole with the shapes the record gives. When a video is
   encoded again, the outputs of its previous record that the new one no longer names (a
@@ -33,7 +35,7 @@ outputs, append and merge the index). ``cli.py`` drives it.
 from xclip_fast.extract.decode import ClipSource
 from xclip_fast.extract.extractor import Extractor, chunk_for, nan_rows, summary_line
 from xclip_fast.extract.jobs import Job, discover, parse_span, read_list, source_of, video_key
-from xclip_fast.extract.resume import plan, settings_id, stale, weights_digest
+from xclip_fast.extract.resume import plan, prepare, settings_id, stale, weights_digest
 from xclip_fast.extract.store import (
     DONE,
     INDEX,
@@ -52,6 +54,6 @@ from xclip_fast.extract.store import (
 )
 
 __all__ = ["Job", "discover", "parse_span", "read_list", "source_of", "video_key", "ClipSource", "Extractor",
-           "chunk_for", "nan_rows", "summary_line", "plan", "settings_id", "stale", "weights_digest", "DONE", "INDEX",
-           "STATE", "OutDirBusy", "append_line", "atomic_save", "check_out_dir", "lock_out_dir", "merge_index",
+           "chunk_for", "nan_rows", "summary_line", "plan", "prepare", "settings_id", "stale", "weights_digest", "DONE",
+           "INDEX", "STATE", "OutDirBusy", "append_line", "atomic_save", "check_out_dir", "lock_out_dir", "merge_index",
            "read_index", "record_key", "remove_leftovers", "state_dir", "tmp_dir"]

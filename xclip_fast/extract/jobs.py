@@ -15,13 +15,16 @@ KINDS = (".frames", ".times")  # the suffixes of a video's other outputs (<stem>
 
 @dataclass(frozen=True)
 class Job:
-    """One input video: its position in the whole list, its path, its output name (``.npy``), and an
-    error found before any decoding (e.g. a missing file or a stream address)."""
+    """One input video: its position in the whole list, its path, its output name (``.npy``), an
+    error found before any decoding (e.g. a missing file or a stream address), and the output names
+    it may take, in order of preference (its own name, then with a short hash of its path; see
+    :func:`xclip_fast.extract.resume.prepare`)."""
 
     index: int
     path: str
     name: str
     error: str = ""
+    names: tuple = ()
 
 
 def _is_video(name: str) -> bool:
@@ -85,6 +88,7 @@ def discover(inputs: list[str], list_file: str | None = None) -> list[Job]:
         short = tag(key)
         if name.lower().endswith(KINDS):  # x.frames.mp4 would write x.frames.npy, x.mp4's per-frame output
             name = f"{name}-{short}"
+        candidates = (name + ".npy", f"{name}-{short}.npy") if not name.endswith(short) else (name + ".npy",)
         if names.get(name.casefold(), key) != key:  # two different videos with one name: tell them apart
             name = f"{name}-{short}"
         names[name.casefold()] = key
@@ -93,7 +97,7 @@ def discover(inputs: list[str], list_file: str | None = None) -> list[Job]:
             check_regular_file(path)
         except VideoError as exc:
             error = str(exc)
-        jobs.append(Job(len(jobs), path, name + ".npy", error))
+        jobs.append(Job(len(jobs), path, name + ".npy", error, candidates))
     return jobs
 
 

@@ -12,7 +12,7 @@ import sys
 import torch
 
 from xclip_fast.extract.jobs import Job, source_of, tag, video_key
-from xclip_fast.extract.store import DONE, is_whole, read_index
+from xclip_fast.extract.store import DONE, is_output_name, is_whole, read_index
 
 
 def weights_digest(module: torch.nn.Module) -> str:
@@ -30,6 +30,41 @@ def settings_id(settings: dict) -> str:
     """A short digest of the settings that decide a result (sorted JSON)."""
     return hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
+
+
+def prepare(jobs: list[Job], out_dir: str, announce: bool = True) -> list[Job]:
+    """The jobs of a run into ``out_dir``, one per video and with stable output names, before they
+    are shared out: a video given again (the same file through a link, or the same path twice) is
+    encoded once, under the first input (a note says how many were dropped when ``announce``); a
+    video keeps the output name its complete record in the index gives it (however it is reached
+    now: a file, a folder, a list, a link), else takes the first of its own name and the names its
+    inputs may take (``Job.names``) that no other video holds (in the index or earlier in this run).
+    So running the same command again gives every video the name it had, whatever other videos
+    share its file name, and reuses its outputs."""
+    done = read_index(out_dir)
+    held = {rec["output"].casefold(): key for key, rec in done.items() if rec.get("status") in DONE}
+    groups: dict[str, list[Job]] = {}
+    for job in jobs:
+        groups.setdefault(video_key(job.path), []).append(job)
+    out = []
+    for key, group in groups.items():
+        job = group[0]
+        names = [n for g in group for n in (g.names or (g.name,))]
+        rec = done.get(key)
+        previous = [rec["output"]] if rec is not None and rec.get("status") in DONE and is_output_name(rec["output"]) \
+            else []
+        for name in previous + [job.name] + names:
+            if held.get(name.casefold(), key) == key:
+                break
+        else:  # (every name it may take is another video's: the hash of its own path is its own)
+            name = f"{job.name[:-4]}-{tag(key)}.npy"
+        held[name.casefold()] = key
+        out.append(job if name == job.name else dataclasses.replace(job, name=name))
+    dropped = len(jobs) - len(out)
+    if dropped and announce:
+        print(f"note: {dropped} input(s) are a video given earlier (the same file through a link, or the same path "
+              "again): each video is encoded once, under its first input", file=sys.stderr)
+    return sorted(out, key=lambda j: j.index)
 
 
 def stale(rec: dict, source: dict | None, settings: dict, files: dict, out_dir: str) -> str | None:

@@ -258,12 +258,20 @@ def write_outputs(out_dir: str, files: dict, embeds, per_frame, rec: dict, rank:
     rec["shapes"] = {kind: list(shapes[kind]) for kind in files}
 
 
+def is_output_name(name) -> bool:
+    """Whether ``name`` (from a record) is an output name this package could give: a relative
+    ``.npy`` path inside ``--out-dir``, normalised (no ``..``)."""
+    return (isinstance(name, str) and name.endswith(".npy") and not os.path.isabs(name)
+            and os.path.normpath(name) == name and name.split(os.sep)[0] != os.pardir)
+
+
 def remove_unnamed(out_dir: str, job: Job, previous: dict, rec: dict) -> None:
     """Remove the outputs of this video's previous record that ``rec`` no longer names (written
     by an earlier run with other settings, or left by a result that failed now): nothing else
     would say what they are. Only files named by that record and by this video's own output
     names are removed (before the new record is written: a kill in between leaves a record
-    whose files are missing, which the next run encodes again)."""
+    whose files are missing, which the next run encodes again). A video keeps its output name
+    from run to run (:func:`xclip_fast.extract.resume.prepare`), so these are all it wrote."""
     for kind, name in own_files(job).items():
         path = os.path.join(out_dir, name)
         if previous.get(kind) == name and rec.get(kind) != name and os.path.isfile(path) and not os.path.islink(path):

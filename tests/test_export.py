@@ -237,6 +237,50 @@ def test_export_refuses_what_it_cannot_write(tmp_path):
     assert not [f for f in os.listdir(tmp_path)]  # nothing written
 
 
+def test_an_unwritable_out_folder_is_refused_before_any_work(tmp_path, monkeypatch, capsys):
+    """``--out`` in a folder where no file can be created: ``error:`` and exit 2 before the weights
+    are loaded (an export took its whole time, then ended in a traceback). Creating a file is what
+    is checked (permission bits do not stop root, nor tell a read-only file system): here that
+    creation fails as a read-only folder makes it fail, and, where this process is not root, the
+    folder is made read-only too. A failure while writing at the end is an ``error:`` (exit 1)."""
+    import tempfile
+
+    import xclip_fast.cli as cli
+
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    real = tempfile.mkstemp
+
+    def mkstemp(*args, dir=None, **kwargs):
+        if dir is not None and os.path.samefile(dir, folder):
+            raise PermissionError(13, "Permission denied")
+        return real(*args, dir=dir, **kwargs)
+
+    monkeypatch.setattr(tempfile, "mkstemp", mkstemp)
+    monkeypatch.setattr(cli, "_load_or_say", lambda *a, **k: pytest.fail("the weights were loaded"))
+    assert main(["export", "--out", str(folder / "enc.pt2"), "--preset", "b32"]) == 2
+    assert f"the folder {folder} is not writable (Permission denied)" in capsys.readouterr().err
+    monkeypatch.setattr(tempfile, "mkstemp", real)
+    if os.geteuid() != 0:
+        folder.chmod(0o555)
+        try:
+            assert main(["export", "--out", str(folder / "enc.pt2"), "--preset", "b32"]) == 2
+            assert "is not writable" in capsys.readouterr().err
+        finally:
+            folder.chmod(0o755)
+    monkeypatch.undo()
+
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(cli, "_load_or_say", lambda *a, **k: _encoder())
+    monkeypatch.setattr("xclip_fast.export.export_encoder", full)
+    assert main(["export", "--out", str(folder / "enc.pt2"), "--dtype", "float32"]) == 1
+    err = capsys.readouterr().err
+    assert "error: writing --out" in err and "No space left on device" in err
+    assert os.listdir(folder) == []
+
+
 def test_inference_dtype_is_bf16_on_cpus_with_native_bf16(monkeypatch, capsys):
     import xclip_fast.dtypes as dtypes
 

@@ -75,6 +75,24 @@ def _tiny(backend="torch", **kw):
     return XCLIPVideoEncoder(**cfg, backend=backend, **kw).double()
 
 
+def test_plan_budget_takes_frames_alone_and_refuses_bad_arguments_before_changing_anything():
+    """``plan_budget(frames=64)``: the sizes default alone (the last forward's, else the weights');
+    frames that are not an int >= 1 and malformed sizes raise a ValueError that names them and leave
+    later calls as they were (a TypeError once, and every later call failing with it)."""
+    enc = _tiny(recompute=0.3)
+    levels = enc.plan_budget(frames=64)
+    assert levels == enc.plan_budget(64, (8, 8, 0))  # (float64 weights)
+    before = enc.plan_budget()
+    for frames in (-5, 0, 3.5, True, "8"):
+        with pytest.raises(ValueError, match="frames must be an int >= 1"):
+            enc.plan_budget(frames=frames)
+    for sizes in ((2, 2), (0, 2, 0), (2, 2, -1), (2.0, 2, 0), "220"):
+        with pytest.raises(ValueError, match="sizes must be three ints"):
+            enc.plan_budget(8, sizes)
+    assert enc.plan_budget() == before == levels
+    assert enc.plan_budget(frames=4) == enc.plan_budget(4, (8, 8, 0))
+
+
 @pytest.mark.parametrize("level", LEVELS + [0.6, 0.3])
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_encoder_levels_equal_the_original(backend, level, device):

@@ -41,15 +41,25 @@ class BudgetMixin:
         :func:`xclip_fast.recompute.level_costs`; every block ``"block"`` when even that is over it).
         ``frames``: frames in the batch; ``sizes``: element sizes of the residual stream, of the GEMM
         outputs and of the weights' autocast copies (0 without autocast). Each forward plans for its
-        own input and autocast; by default, those of the last forward (else ``num_frames`` frames in
-        the weights' dtype). Plans are cached per budget, frames and sizes."""
+        own input and autocast; by default, those of the last forward that planned (else
+        ``num_frames`` frames in the weights' dtype), each of the two on its own. Plans are cached
+        per budget, frames and sizes. A ``ValueError`` for frames that are not an int >= 1 or sizes
+        that are not three ints (the first two >= 1), before anything changes."""
         budget = self._recompute
         if isinstance(budget, str):
             raise ValueError(f"plan_budget needs a budget (recompute is {budget!r})")
-        if frames is None:
-            size = self.visual.conv1.weight.element_size()
-            frames, sizes = self.__dict__.get("_budget_input", (self.visual.T, (size, size, 0)))
-        self._budget_input = (frames, sizes)
+        size = self.visual.conv1.weight.element_size()
+        last_frames, last_sizes = self.__dict__.get("_budget_input", (self.visual.T, (size, size, 0)))
+        frames = last_frames if frames is None else frames
+        sizes = last_sizes if sizes is None else sizes
+        if not isinstance(frames, int) or isinstance(frames, bool) or frames < 1:
+            raise ValueError(f"plan_budget: frames must be an int >= 1 (frames in the batch), got {frames!r}")
+        if not isinstance(sizes, (tuple, list)) or len(sizes) != 3 or not all(
+                isinstance(n, int) and not isinstance(n, bool) for n in sizes) or min(sizes[:2]) < 1 or sizes[2] < 0:
+            raise ValueError("plan_budget: sizes must be three ints, the element sizes in bytes of the residual "
+                             "stream and of the GEMM outputs (>= 1) and of the weights' autocast copies (0 without "
+                             f"autocast), e.g. (2, 2, 0) in bf16; got {sizes!r}")
+        sizes = tuple(sizes)
         l = self.visual.positional_embedding.shape[0]
         layers = [(b, l * frames, frames, l) for b in self.visual.blocks]
         layers += [(b, frames, 0, self.visual.T) for b in self.mit.resblocks]
@@ -83,5 +93,6 @@ class BudgetMixin:
             else:
                 weights = self.visual.conv1.weight.dtype
                 sizes = (x.element_size(), cast.itemsize, cast.itemsize if weights != cast else 0)
+            self._budget_input = (x.shape[1], sizes)  # (the defaults of later plans: this forward's)
             self.plan_budget(x.shape[1], sizes)
 

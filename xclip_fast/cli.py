@@ -124,6 +124,21 @@ def load_encoder(weights: str | None, preset: str | None, frames: int | None, tr
                      "'visual.*' keys or Hugging Face X-CLIP weights with 'vision_model.*' keys)")
 
 
+def unwritable(folder: str) -> str | None:
+    """Why no file can be created in ``folder`` (None when one can): a file is created there and
+    removed, which tells what permission bits alone do not (a read-only file system, an ACL, root)."""
+    import os
+    import tempfile
+
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".xclip-fast-probe-", dir=folder)
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    os.close(fd)
+    os.remove(probe)
+    return None
+
+
 def _check_outputs(args) -> str | None:
     """Every problem with the output options, found before any work (None when they are fine)."""
     import os
@@ -145,8 +160,9 @@ def _check_outputs(args) -> str | None:
             os.makedirs(args.out_dir, exist_ok=True)
         except OSError as exc:
             return f"--out-dir {args.out_dir}: cannot create it ({exc.strerror or exc})"
-        if not os.access(args.out_dir, os.W_OK):
-            return f"--out-dir {args.out_dir}: not writable"
+        why = unwritable(args.out_dir)
+        if why:
+            return f"--out-dir {args.out_dir}: not writable ({why})"
         return check_out_dir(args.out_dir)
     out = args.out or "embeddings.npy"
     if not out.endswith(".npy"):
@@ -159,8 +175,9 @@ def _check_outputs(args) -> str | None:
     folder = os.path.dirname(os.path.abspath(out))
     if not os.path.isdir(folder):
         return f"--out {out}: the folder {folder} does not exist"
-    if not os.access(folder, os.W_OK):
-        return f"--out {out}: the folder {folder} is not writable"
+    why = unwritable(folder)
+    if why:
+        return f"--out {out}: the folder {folder} is not writable ({why})"
     return None
 
 
@@ -203,8 +220,13 @@ def _export(args) -> int:
         problem = str(exc)
     if problem is None and os.path.isdir(args.out):
         problem = f"--out {args.out}: is a folder (the export writes one file)"
-    if problem is None and not os.path.isdir(os.path.dirname(os.path.abspath(args.out))):
-        problem = f"--out {args.out}: the folder {os.path.dirname(os.path.abspath(args.out))} does not exist"
+    folder = os.path.dirname(os.path.abspath(args.out))
+    if problem is None and not os.path.isdir(folder):
+        problem = f"--out {args.out}: the folder {folder} does not exist"
+    if problem is None and os.path.lexists(args.out) and not os.path.isfile(args.out):
+        problem = f"--out {args.out}: exists and is not a regular file"
+    if problem is None and unwritable(folder):
+        problem = f"--out {args.out}: the folder {folder} is not writable ({unwritable(folder)})"
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         return 2
@@ -223,6 +245,9 @@ def _export(args) -> int:
     except (ValueError, ImportError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # a full disk, a folder made read-only meanwhile: the file at --out is as it was
+        print(f"error: writing --out {args.out} failed: {exc}", file=sys.stderr)
+        return 1
     meta = done.metadata
     print(f"wrote {done.path}: {fmt}, {meta['xclip_fast.weights_dtype']} weights, {done.bytes / 2**20:.1f} MiB; "
           f"input video ({meta['xclip_fast.batch']}, {meta['xclip_fast.frames']}, 3, {meta['xclip_fast.resolution']}, "

@@ -133,3 +133,44 @@ def test_needs_initialised_distributed_and_a_group():
         FrameParallel(8)
     with pytest.raises(TypeError, match="group must be a torch.distributed ProcessGroup"):
         _group_of("frames")
+
+
+def test_an_exchange_returns_once_the_backend_thread_let_go_of_its_tensors(monkeypatch):
+    """gloo's worker thread releases a finished collective's work (which holds its input and output)
+    just after waking the caller; a tensor Python has seen keeps its Python object alive while C++
+    holds it, so that release takes the GIL, and a process that exits right after its last exchange
+    aborted now and then when the thread got there during interpreter finalization ("terminate
+    called without an active exception", the README's frame-parallel script once in 50 runs two at
+    a time). Here a collective whose "worker" (a thread) holds both tensors 30 ms after it returned,
+    as a late thread does: the exchange returns only once they are released, with the GIL free
+    meanwhile (the thread takes it to release them)."""
+    import threading
+    import time
+
+    from torch.distributed import _functional_collectives as fc
+
+    import xclip_fast.parallel as par
+
+    released = []
+
+    def late_gather(x, dim, group):
+        out = torch.cat([x, x])
+        with torch.enable_grad():  # C++ references to both, as the backend's work holds them: saved by autograd
+            w = torch.ones((), requires_grad=True)
+            held = [x * w, out * w]
+
+        def worker():
+            time.sleep(0.03)
+            released.append(time.monotonic())
+            held.clear()
+
+        threading.Thread(target=worker, daemon=True).start()
+        return out
+
+    monkeypatch.setattr(fc, "all_gather_single_autograd", late_gather)
+    x = torch.randn(2, 3)
+    before = x._use_count()
+    full = par._all_gather(x, None)
+    assert released and time.monotonic() >= released[0], "returned while the worker still held the tensors"
+    assert x._use_count() == before
+    assert torch.equal(full, torch.cat([x, x]))

@@ -35,6 +35,7 @@ frames carry the same factor ``W``.
 from __future__ import annotations
 
 import contextlib
+import time
 
 import torch
 import torch.distributed as dist
@@ -70,26 +71,86 @@ def _group_of(group):
                     + (f" with {group.ndim} dimensions" if hasattr(group, "ndim") else ""))
 
 
+# How long an exchange on the CPU (gloo) waits for the backend's worker thread to let go of its
+# tensors (it does within microseconds; a bound so that a tensor held elsewhere costs no more)
+_SETTLE_S = 0.05
+
+
+def _settle(*pairs) -> None:
+    """Waits (the GIL released) until gloo's worker thread has dropped the work of a finished
+    collective, i.e. until each tensor of ``pairs`` = ``(tensor, references)`` is down to
+    ``references`` holders again. That thread releases the work after waking the waiting caller; a
+    tensor Python has seen keeps its Python object alive while C++ holds it, so the thread's release
+    takes the GIL. A process that exits right after its last exchange (a script's end) could reach
+    interpreter finalization first, and a thread taking the GIL then is ended by Python, which
+    aborts the process ("terminate called without an active exception")."""
+    if all(t._use_count() <= n for t, n in pairs):
+        return
+    deadline = time.monotonic() + _SETTLE_S
+    while any(t._use_count() > n for t, n in pairs) and time.monotonic() < deadline:
+        time.sleep(1e-5)
+
+
+def _eager_cpu(x: torch.Tensor) -> bool:
+    """An exchange that runs now on gloo's worker threads (not traced, not a fake tensor)."""
+    return (x.device.type == "cpu" and not torch.compiler.is_compiling()
+            and not isinstance(x, torch._subclasses.FakeTensor))
+
+
 class _ContiguousGrad(torch.autograd.Function):
     """The identity, whose backward makes the gradient contiguous (torch 2.11's reduce-scatter
-    refuses a strided one, as the gradient of a slice of the gathered tensor is)."""
+    refuses a strided one, as the gradient of a slice of the gathered tensor is) and hands it to
+    :class:`_SettledGrad` (``box``), which waits for the reduce-scatter's worker to let go of it."""
 
     @staticmethod
-    def forward(ctx, x):
+    def forward(ctx, x, box):
+        ctx.box = box
         return x.view_as(x)
 
     @staticmethod
     def backward(ctx, grad):
-        return grad.contiguous()
+        grad = grad.contiguous()
+        if ctx.box is not None:
+            ctx.box.append(grad)
+        return grad, None
+
+
+class _SettledGrad(torch.autograd.Function):
+    """The identity on the gathered input, whose backward (after the reduce-scatter) waits until
+    gloo's worker has dropped that collective's tensors (see :func:`_settle`)."""
+
+    @staticmethod
+    def forward(ctx, x, box):
+        ctx.box = box
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        _settle((grad, 1), *((g, 1) for g in ctx.box))
+        ctx.box.clear()
+        return grad, None
 
 
 def _all_gather(x: torch.Tensor, group) -> torch.Tensor:
     """Concatenation along dim 0 of ``x`` from every process, differentiable: its backward is a
-    reduce-scatter (sum) of the gradient, each process receiving its rows."""
+    reduce-scatter (sum) of the gradient, each process receiving its rows. On the CPU (gloo), run
+    now, it returns (and its backward ends) once the backend's worker thread has let go of the
+    collective's tensors (:func:`_settle`)."""
     from torch.distributed import _functional_collectives as fc
 
     gather = getattr(fc, "all_gather_single_autograd", None) or fc.all_gather_tensor_autograd
-    return _ContiguousGrad.apply(gather(x.contiguous(), 0, group))
+    x = x.contiguous()
+    if not _eager_cpu(x):
+        return _ContiguousGrad.apply(gather(x, 0, group), None)
+    box = [] if torch.is_grad_enabled() and x.requires_grad else None
+    if box is not None:
+        x = _SettledGrad.apply(x, box)
+    references = x._use_count()
+    full = gather(x, 0, group)
+    wait = getattr(full, "wait", None)  # (an AsyncCollectiveTensor: wait for it here)
+    full = wait() if wait is not None else full
+    _settle((x, references), (full, 1))
+    return _ContiguousGrad.apply(full, box)
 
 
 class FrameParallel:

@@ -81,7 +81,7 @@ def throughput(folder: Path, videos: int, workers: int, frames: int = 8) -> dict
         ex = extract.Extractor(encoder, torch.device("cpu"), torch.float32, frames, 224, out_dir=out,
                                workers=workers, progress=False)
         t0 = time.perf_counter()
-        ex.run(jobs)
+        ex.run(extract.prepare(jobs, out))
         both_s = time.perf_counter() - t0
     n = len(jobs)
     rates = {name: {"seconds": s, "videos_per_s": n / s, "frames_per_s": n * frames / s}

@@ -225,8 +225,9 @@ def _export(args) -> int:
         problem = f"--out {args.out}: the folder {folder} does not exist"
     if problem is None and os.path.lexists(args.out) and not os.path.isfile(args.out):
         problem = f"--out {args.out}: exists and is not a regular file"
-    if problem is None and unwritable(folder):
-        problem = f"--out {args.out}: the folder {folder} is not writable ({unwritable(folder)})"
+    why = None if problem else unwritable(folder)
+    if why:
+        problem = f"--out {args.out}: the folder {folder} is not writable ({why})"
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         return 2

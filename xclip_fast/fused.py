@@ -144,13 +144,13 @@ def _post_backward(dout, o, xn, h2, mean, rstd, pre, wo, ln_w, ln_b, w1, w2, mas
     dg = dy.mm(w2)
     dyb2 = low_rank_input_grad_(dy, dg, lora[1])
     g, dpre = quick_gelu_and_grad(pre, dg, backend)
-    dla2, dlb2 = low_rank_grads(dy, g, dyb2, lora[1], *need[12:14])
+    dla2, dlb2 = low_rank_grads(g, dyb2, lora[1], *need[12:14])
     dw2 = dy.t().mm(g) if need[8] else None
     db2 = dy.sum(0) if need[9] else None
     dw1 = dpre.t().mm(h2) if need[6] else None
     db1 = dpre.sum(0) if need[7] else None
     dh = dpre.mm(w1)
-    dla1, dlb1 = low_rank_grads(dpre, h2, low_rank_input_grad_(dpre, dh, lora[0]), lora[0], *need[10:12])
+    dla1, dlb1 = low_rank_grads(h2, low_rank_input_grad_(dpre, dh, lora[0]), lora[0], *need[10:12])
     dh = dh.view(xn.shape).to(xn.dtype)
     dx, dlw, dlb = _LN_BWD(dh, xn, (d,), mean, rstd, ln_w, ln_b, [True, need[4], need[5]])
     dx = dx.add_(dout) if dx.dtype == dout.dtype else dout + dx

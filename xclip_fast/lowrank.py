@@ -52,31 +52,33 @@ def add_low_rank_(y2: torch.Tensor, x2: torch.Tensor, lora) -> torch.Tensor:
     return y2
 
 
-def low_rank_input_grad_(dy2: torch.Tensor, dx2: torch.Tensor | None, lora) -> torch.Tensor | None:
+def low_rank_input_grad_(dy2: torch.Tensor, dx2: torch.Tensor | None, lora) -> tuple | None:
     """Adds the update's share ``s * (dy2 B) A`` of the input gradient to ``dx2`` in place (when
-    given); returns ``dy2 B`` (in the adapters' dtype) for :func:`low_rank_grads` (None without an update)."""
+    given); returns ``(dy2, dy2 B)`` in the adapters' dtype (``dy2`` cast once) for
+    :func:`low_rank_grads`, or None without an update."""
     if lora is None:
         return None
     a, b, s = lora
-    dyb = _as(dy2, b).mm(b)  # (N, r)
+    dyc = _as(dy2, b)
+    dyb = dyc.mm(b)  # (N, r)
     if dx2 is not None:
         if dx2.dtype == a.dtype:
             dx2.addmm_(dyb, a, alpha=s)
         else:
             dx2.add_(dyb.mm(a), alpha=s)
-    return dyb
+    return dyc, dyb
 
 
-def low_rank_grads(dy2: torch.Tensor, x2: torch.Tensor, dyb: torch.Tensor | None, lora, need_a: bool,
-                   need_b: bool) -> tuple:
-    """``(dA, dB)`` of the update from the output's gradient rows ``dy2``, the input rows ``x2`` and
-    ``dyb = dy2 B`` (from :func:`low_rank_input_grad_`); ``(None, None)`` without an update."""
+def low_rank_grads(x2: torch.Tensor, dy: tuple | None, lora, need_a: bool, need_b: bool) -> tuple:
+    """``(dA, dB)`` of the update from the input rows ``x2`` and ``dy = (dy2, dy2 B)``, the output's
+    gradient rows as :func:`low_rank_input_grad_` returns them; ``(None, None)`` without an update."""
     if lora is None or not (need_a or need_b):
         return None, None
     a, b, s = lora
+    dyc, dyb = dy
     xc = _as(x2, a)
     da = dyb.t().mm(xc).mul_(s) if need_a else None
-    db = _as(dy2, b).t().mm(xc.mm(a.t())).mul_(s) if need_b else None
+    db = dyc.t().mm(xc.mm(a.t())).mul_(s) if need_b else None
     return da, db
 
 

@@ -154,7 +154,7 @@ class QuickGELUMLPFunction(torch.autograd.Function):
             db2 = dy2.sum(0)
         need_dh = need_x or need_w1 or need_b1 or need_a1 or need_bl1
         dg = dy2 @ w2 if need_dh else None
-        da2, dbl2 = low_rank_grads(dy2, g, low_rank_input_grad_(dy2, dg, lora2), lora2, need_a2, need_bl2)
+        da2, dbl2 = low_rank_grads(g, low_rank_input_grad_(dy2, dg, lora2), lora2, need_a2, need_bl2)
         if need_dh:
             dh = quick_gelu_grad(h, dg, ctx.backend)
             if need_w1:
@@ -162,7 +162,7 @@ class QuickGELUMLPFunction(torch.autograd.Function):
             if need_b1 and ctx.has_b1:
                 db1 = dh.sum(0)
             dx2 = dh @ w1 if need_x else None
-            da1, dbl1 = low_rank_grads(dh, x2, low_rank_input_grad_(dh, dx2, lora1), lora1, need_a1, need_bl1)
+            da1, dbl1 = low_rank_grads(x2, low_rank_input_grad_(dh, dx2, lora1), lora1, need_a1, need_bl1)
             dx = None if dx2 is None else dx2.view(ctx.x_shape)
         return dx, dw1, db1, dw2, db2, None, da1, dbl1, da2, dbl2, None
 

@@ -47,13 +47,13 @@ class Extractor:
 
     def run(self, jobs: list[Job]) -> list[dict]:
         """Encode ``jobs`` (already this rank's share); returns their index records. With an
-        ``out_dir``, one job per video (:func:`~xclip_fast.extract.resume.prepare`; the command runs
-        it on every job before they are shared out); a job whose complete result is there (same
-        settings, whole files) is skipped; one done with other settings, or whose files are missing
-        or cut, is encoded again (the reasons are printed)."""
+        ``out_dir``, the jobs are those :func:`~xclip_fast.extract.resume.prepare` gives (one per
+        video, stable output names; the command prepares every job under the folder's lock, then
+        shares them out); a job whose complete result is there (same settings, whole files) is
+        skipped; one done with other settings, or whose files are missing or cut, is encoded again
+        (the reasons are printed)."""
         if self.out_dir:
             store.remove_leftovers(self.out_dir, self.rank, self.world)
-            jobs = resume.prepare(jobs, self.out_dir, announce=self.rank == 0)
         todo, self._previous, skipped = resume.plan(jobs, self.out_dir, self.settings, self._files)
         self.stats["skipped"] += skipped
         by_index = {job.index: job for job in todo}

@@ -140,7 +140,7 @@ def test_an_exchange_returns_once_the_backend_thread_let_go_of_its_tensors(monke
     just after waking the caller; a tensor Python has seen keeps its Python object alive while C++
     holds it, so that release takes the GIL, and a process that exits right after its last exchange
     aborted now and then when the thread got there during interpreter finalization ("terminate
-    called without an active exception", the README's frame-parallel script once in 50 runs two at
+    called without an active exception", the frame-parallel script of docs/long-clips.md once in 50 runs two at
     a time). Here a collective whose "worker" (a thread) holds both tensors 30 ms after it returned,
     as a late thread does: the exchange returns only once they are released, with the GIL free
     meanwhile (the thread takes it to release them)."""

@@ -162,7 +162,7 @@ def test_global_module_hooks_run_once_unless_the_block_is_checkpointed_whole(lev
     """A global module hook (``register_module_forward_hook``) sees each module call of the forward
     once: no level calls a module in backward (the selective fallback keeps everything instead),
     but "block" on a block with a wrapped part, which is checkpointed whole and runs its forward
-    again (the README says so)."""
+    again (docs/training.md says so)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         _, fast = _pair(level, wrapped=wrapped)

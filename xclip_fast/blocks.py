@@ -80,8 +80,7 @@ def warn_original(what: str, reason: str) -> None:
     if torch.compiler.is_compiling():
         return
     warnings.warn(f"xclip_fast: {what} runs the original computation, calling its sub-modules, because {reason} "
-                  "(the fast path reads the parameters of plain modules only; see the README's 'Errors and "
-                  "limits')", stacklevel=3)
+                  "(the fast path reads the parameters of plain modules only; see docs/wrappers.md)", stacklevel=3)
 
 
 def _row_mask(keep: float, rows: int, n: int, dim: int, ndim: int, dtype, device) -> torch.Tensor:

@@ -90,7 +90,7 @@ def auto_lines(device, dtype, l: int, b: int, T: int, d: int, H: int) -> list[st
                 decision = describe(device, dtype, d // H, call._replace(training=training), compiled=compiled)
                 mode = f"{'training' if training else 'forward'}, {'compiled' if compiled else 'eager'}"
                 lines.append((f"{what:17s} {mode:18s}", decision))
-    head = "  backend='auto' on this machine (the README's 'How auto chooses')"
+    head = "  backend='auto' on this machine (docs/backends.md, 'How auto chooses')"
     if len({(dec.backend, dec.reason) for _, dec in lines}) == 1:
         dec = lines[0][1]
         return [f"{head}: {dec.backend} for both attentions, forward and training, eager and compiled ({dec.source}: "

@@ -33,7 +33,7 @@ def cpu_native_bf16() -> str | None:
 def inference_dtype(device: torch.device | str) -> tuple[torch.dtype, str]:
     """The default dtype of inference on ``device`` and why: float16 on CUDA; on a CPU with native
     bf16 (:func:`cpu_native_bf16`) bfloat16 (B/32 on a 2-core AVX512-BF16 CPU: 1.8x the float32
-    throughput at the original model's own bf16 error, relative 5e-3; README "Deploy"); float32 on
+    throughput at the original model's own bf16 error, relative 5e-3; docs/deploy.md); float32 on
     other CPUs."""
     device = torch.device(device)
     if device.type == "cuda":

@@ -9,7 +9,7 @@ given at export. Neither needs this package to run:
   ``AOTI_CPU_ISA``; CUDA: the Triton kernels are to be compiled into the package, not yet run on a
   GPU). PyTorch checks a package's inputs (shape ranges, the fixed dims, dtype, strides) only when
   ``AOTI_RUNTIME_CHECK_INPUTS=1`` is set before the first call; without it an input outside the
-  exported shapes is not refused and gives wrong numbers. Set it (the README's loading snippet does).
+  exported shapes is not refused and gives wrong numbers. Set it (the loading snippet of docs/deploy.md does).
 - ``.onnx`` (the dynamo exporter, the torch backend's graph): any ONNX runtime; ONNX Runtime checks
   the fixed dims and the dtype itself. ONNX has no way to state the frame range: T outside it runs
   (the graph holds for any T), it is only untested there.

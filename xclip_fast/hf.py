@@ -327,7 +327,7 @@ def patch_xclip(model: nn.Module, backend: str = "auto", recompute: str = "lean"
     ``output_hidden_states`` works; ``output_attentions`` too: the layers run their original
     computation for the calls that ask for attention weights. A PEFT model (``get_peft_model``) is
     patched in place too (its base model); LoRA adapters and hooks on the sub-modules apply (see
-    :mod:`xclip_fast.submodules` and the README's "Errors and limits").
+    :mod:`xclip_fast.submodules` and docs/wrappers.md).
 
     Frame parallelism (:class:`xclip_fast.parallel.FrameParallel`): pass ``frame_parallel=fp`` to
     ``model(...)`` or ``model.get_video_features(...)`` with this process's frames of each clip in

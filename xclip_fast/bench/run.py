@@ -170,7 +170,7 @@ def auto_lines(plan, dtype: torch.dtype, device: torch.device) -> list[str]:
     and why (:func:`xclip_fast.autochoice.describe`): one line per attention and mode."""
     from xclip_fast.autochoice import block_calls, describe
 
-    seen, lines = set(), ["backend='auto' (the README's 'How auto chooses'):"]
+    seen, lines = set(), ["backend='auto' (docs/backends.md, 'How auto chooses'):"]
     wanted = {"frames": ("frame attention",), "messages": ("message attention",)}
     for case, mode in plan:
         calls = [(what, call) for what, call in block_calls(case.batch, case.frames, case.tokens, case.heads,

@@ -192,7 +192,7 @@ def test_every_table_names_a_function_and_every_function_is_used():
     assert sorted(set(used)) == sorted(doc_tables.TABLES), set(doc_tables.TABLES) ^ set(used)
 
 
-def test_a_changed_figure_is_caught(tmp_path, monkeypatch):
+def test_a_changed_figure_is_caught():
     """The comparison can fail: a page whose table differs from the results by one digit."""
     page = "docs/training.md"
     text = (ROOT / page).read_text(encoding="utf-8")

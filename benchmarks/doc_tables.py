@@ -14,7 +14,6 @@ function here that reads the results, add it to ``TABLES``, put the two markers 
 from __future__ import annotations
 
 import argparse
-import csv
 import difflib
 import json
 import os
@@ -44,15 +43,17 @@ class Source:
     added: bool = False
     extrapolated: bool = False
 
+    def link(self, page: str) -> str:
+        """The results folder, relative to ``page``."""
+        return os.path.relpath(RESULTS / self.folder, (ROOT / page).parent).replace(os.sep, "/") + "/"
+
     def line(self, page: str, what: str = "") -> str:
-        path = RESULTS / self.folder
-        link = os.path.relpath(path, (ROOT / page).parent).replace(os.sep, "/") + "/"
         commits = ", ".join(f"`{c}`" for c in self.commit.split(", "))
         commit = (f"results added in {commits}" if self.added
                   else f"commit{'s' if ',' in self.commit else ''} {commits}")
         kind = "**extrapolated from CPU measurements** (no GPU measured it)" if self.extrapolated else "measured"
         return (f"<sub>{kind}{what}: {self.device}, {self.date}, {commit};"
-                f" [`benchmarks/results/{self.folder}`]({link})</sub>")
+                f" [`benchmarks/results/{self.folder}`]({self.link(page)})</sub>")
 
     @property
     def short_device(self) -> str:
@@ -89,13 +90,16 @@ def _bench_run(folder: str, name: str) -> tuple[Source, list[dict]]:
     """A ``xclip-fast bench`` run file: its rows and the source its environment names."""
     run = _json(folder, name)
     env = run["environment"]
-    device = f"{env['device']}, torch {env['torch']}"
+    device = f"{env['device']}, torch {env['torch']}, triton {env['triton']}"
     return Source(folder, device, env["timestamp"][:10], env["commit"]), run["rows"]
 
 
-def _bench_csv(folder: str, path: str) -> list[dict]:
-    with open(RESULTS / folder / path, newline="", encoding="utf-8") as f:
-        return list(csv.DictReader(f))
+def _h200_block() -> tuple[Source, list[dict], list[dict]]:
+    """The H200 run's two bench invocations of the B/16 block (eager forward and forward + backward; then
+    forward + backward again with the compiled providers)."""
+    src, first = _bench_run("h200-2026-12-04", "bench/run-20261204T115500+0000.json")
+    src2, second = _bench_run("h200-2026-12-04", "bench/run-20261204T115733+0000.json")
+    return src.with_commits(src2), first, second
 
 
 def _row(rows, **match) -> dict:
@@ -103,14 +107,6 @@ def _row(rows, **match) -> dict:
     if len(found) != 1:
         raise LookupError(f"{len(found)} rows match {match}")
     return found[0]
-
-
-def _source_of_csv(folder: str, rows: list[dict], device: str | None = None) -> Source:
-    commits = {r["commit"] for r in rows}
-    if len(commits) != 1:
-        raise ValueError(f"{folder}: rows of several commits {sorted(commits)}")
-    r = rows[0]
-    return Source(folder, device or f"{r['device']}, torch {r['torch']}", r["timestamp"][:10], commits.pop())
 
 
 # -- writing -------------------------------------------------------------------------------------------
@@ -150,16 +146,10 @@ def _levels(levels: str) -> str:
 
 def headline(page: str) -> list[str]:
     """README: one row per headline claim, GPU first; every row says where, when and at which commit."""
-    h200 = _bench_csv("h200-2026-12-04", "bench/results.csv")
-    gpu = _source_of_csv("h200-2026-12-04", h200, "NVIDIA H200, torch 2.11.0, triton 3.6.0")
-    eager = [r for r in h200 if r["case"] == "block b16 b=8 T=8"]
-    fwd = _row(eager, mode="fwd", provider="xclip-fast-triton")
-    fwd_ref = _row(eager, mode="fwd", provider="reference")
-    first = [r for r in eager if r["mode"] == "fwdbwd"][:4]         # the first fwd+bwd run: eager providers
-    step = _row(first, provider="xclip-fast-triton")
-    step_ref = _row(first, provider="reference")
-    comp = _row(eager, provider="xclip-fast-triton-compiled")
-    comp_ref = _row(eager, provider="reference-compiled")
+    gpu, first, second = _h200_block()
+    fwd, fwd_ref = (_row(first, mode="fwd", provider=p) for p in ("xclip-fast-triton", "reference"))
+    step, step_ref = (_row(first, mode="fwdbwd", provider=p) for p in ("xclip-fast-triton", "reference"))
+    comp, comp_ref = (_row(second, provider=p) for p in ("xclip-fast-triton-compiled", "reference-compiled"))
 
     cpu_src, cpu = _bench_run("cpu-2026-11-26", "run-20261126T142648+0000.json")
     enc = [r for r in cpu if r["case"] == "encoder b32 b=1 T=32"]
@@ -172,29 +162,28 @@ def headline(page: str) -> list[str]:
     lmin, lref = _row(longest, variant="xclip-fast-min"), _row(longest, variant="reference")
 
     def where(src: Source, kind: str = "measured") -> list[str]:
-        link = os.path.relpath(RESULTS / src.folder, (ROOT / page).parent).replace(os.sep, "/") + "/"
         commit = ", ".join(f"`{c}`" for c in src.commit.split(", ")) + (" (added)" if src.added else "")
-        return [src.short_device, src.date, commit, f"[{kind}]({link})"]
+        return [src.short_device, src.date, commit, f"[{kind}]({src.link(page)})"]
 
     rows = [
         ["B/16 block, training step (bf16, batch 8, T = 8): triton backend vs the eager original",
-         f"**{float(step_ref['median_ms']) / float(step['median_ms']):.2f}x** "
+         f"**{step_ref['median_ms'] / step['median_ms']:.2f}x** "
          f"({_f(step['median_ms'], 2)} vs {_f(step_ref['median_ms'], 2)} ms)", *where(gpu)],
         ["the same, both under `torch.compile`",
-         f"**{float(comp_ref['median_ms']) / float(comp['median_ms']):.2f}x** "
+         f"**{comp_ref['median_ms'] / comp['median_ms']:.2f}x** "
          f"({_f(comp['median_ms'], 2)} vs {_f(comp_ref['median_ms'], 2)} ms)", *where(gpu)],
         ["the same block, forward: time / peak memory against the original",
-         f"{float(fwd_ref['median_ms']) / float(fwd['median_ms']):.2f}x / {float(fwd['memory_ratio']):.2f}x",
+         f"{fwd_ref['median_ms'] / fwd['median_ms']:.2f}x / {fwd['memory_ratio']:.2f}x",
          *where(gpu)],
         ["B/16 block, held for the backward at `recompute=\"lean\"` against the original",
          f"{lean['held_mib'] / orig['held_mib']:.2f}x, matmul FLOPs {lean['flops_x']:.3f}x", *where(TRAINING)],
         ["B/16 encoder, longest trainable clip on 80 GB (batch 1, bf16), `\"min\"` vs the original",
          f"{lmin['T_max_80GB']} vs {lref['T_max_80GB']} frames", *where(TRAINING, "extrapolated from CPU")],
         ["B/32 encoder inference, T = 32, `chunk_frames=8` (float32): time / memory vs the original",
-         f"{float(enc_ref['median_ms']) / float(chunked['median_ms']):.2f}x / "
-         f"{float(chunked['extra_mib']) / float(enc_ref['extra_mib']):.2f}x", *where(cpu_src)],
+         f"{enc_ref['median_ms'] / chunked['median_ms']:.2f}x / {chunked['extra_mib'] / enc_ref['extra_mib']:.2f}x",
+         *where(cpu_src)],
         ["B/32 encoder served as a `.pt2` package, T = 8, batch 8 (float32): vs the compiled original",
-         f"{float(inf_ref['median_ms']) / float(pt2['median_ms']):.2f}x", *where(inf_src)],
+         f"{inf_ref['median_ms'] / pt2['median_ms']:.2f}x", *where(inf_src)],
     ]
     return [*_table(["what", "result", "device", "date", "commit", "source"], rows), "",
             "<sub>commit: the one the run recorded; (added): the run's files record none, so the commit that added "
@@ -292,10 +281,8 @@ def offload(model: str):
                  "fast, recompute=min": '`"min"`', "fast, recompute=block": '`"block"`'}
         recs = {r["variant"]: r for r in _json(OFFLOAD.folder)["offload"][model]}
         sizes = {"B/16": "l=197", "B/32": "l=50"}[model]
-        rows = [[names[v], _f(r["held_mib"]), _f(r["hooked_mib"]), _f(r["outside_mib"], 0 if not r["outside_mib"]
-                                                                       else 3),
-                 _f(r["moved_mib"]), _f(r["moved_parameters_mib"])] for v, r in
-                ((v, recs[v]) for v in names)]
+        rows = [[name, *(_f(recs[v][k]) for k in ("held_mib", "hooked_mib", "outside_mib", "moved_mib",
+                                                       "moved_parameters_mib"))] for v, name in names.items()]
         header = [f"{model} block ({sizes}, T=8, batch 1)", "held", "hooks see", "outside", "`save_on_cpu` copies",
                   "of it parameters"]
         return [OFFLOAD.line(page, ", bf16 autocast, MiB"), "", *_table(header, rows)]
@@ -358,25 +345,21 @@ def lora(page: str) -> list[str]:
 
 
 def h200_block(page: str) -> list[str]:
-    rows = _bench_csv("h200-2026-12-04", "bench/results.csv")
-    src = _source_of_csv("h200-2026-12-04", rows, "NVIDIA H200, torch 2.11.0, triton 3.6.0, bf16")
-    block = [r for r in rows if r["case"] == "block b16 b=8 T=8"]
-    fwdbwd = [r for r in block if r["mode"] == "fwdbwd"]
-    runs = [("forward, eager", [r for r in block if r["mode"] == "fwd"], "reference"),
-            ("forward + backward", fwdbwd[:4], "reference"),
-            ("forward + backward, second run", fwdbwd[4:], "reference"),
-            ("forward + backward, second run", fwdbwd[4:], "reference-compiled")]
+    src, first, second = _h200_block()
+    block = [r for r in first if r["case"] == "block b16 b=8 T=8"]
+    runs = [("forward, eager", [r for r in block if r["mode"] == "fwd"], "reference", False),
+            ("forward + backward", [r for r in block if r["mode"] == "fwdbwd"], "reference", False),
+            ("forward + backward, second run", second, "reference", False),
+            ("forward + backward, second run", second, "reference-compiled", True)]
     out = []
-    for what, run, base in runs:
+    for what, run, base, compiled in runs:
         ref = _row(run, provider=base)
         for r in run:
-            if r["status"] != "ok" or r["provider"] == base or (base == "reference-compiled") != ("compiled" in
-                                                                                                r["provider"]):
-                continue
-            out.append([what, r["provider"], _f(r["median_ms"]), f"{base}: {_f(ref['median_ms'])}",
-                        _f(float(ref["median_ms"]) / float(r["median_ms"]), 2), _f(r["memory_ratio"], 2)])
+            if r["status"] == "ok" and r["provider"] != base and r["provider"].endswith("-compiled") == compiled:
+                out.append([what, r["provider"], _f(r["median_ms"]), f"{base}: {_f(ref['median_ms'])}",
+                            _f(ref["median_ms"] / r["median_ms"], 2), _f(r["memory_ratio"], 2)])
     header = ["B/16 block, batch 8, T = 8", "provider", "ms", "against", "speedup", "memory ratio"]
-    return [src.line(page, ", GPU time per call by CUDA events (host time inside)"), "", *_table(header, out)]
+    return [src.line(page, ", bf16, GPU time per call by CUDA events (host time inside)"), "", *_table(header, out)]
 
 
 def cpu_bench(page: str) -> list[str]:
@@ -400,23 +383,22 @@ def cpu_bench(page: str) -> list[str]:
 
 def cpu_compiled(page: str) -> list[str]:
     src, block = _bench_run("cpu-2026-11-27", "run-20261127T084243+0000.json")
-    _, enc32 = _bench_run("cpu-2026-11-27", "run-20261127T092026+0000.json")
-    _, enc8 = _bench_run("cpu-2026-11-27", "run-20261127T092723+0000.json")
+    src32, enc32 = _bench_run("cpu-2026-11-27", "run-20261127T092026+0000.json")
+    src8, enc8 = _bench_run("cpu-2026-11-27", "run-20261127T092723+0000.json")
+    src = src.with_commits(src32, src8)
     picks = [(block, "block b32 b=1 T=8", "block, T=8"), (block, "block b32 b=1 T=32", "block, T=32"),
              (enc8, "encoder b32 b=1 T=8", "encoder, T=8"), (enc32, "encoder b32 b=1 T=32", "encoder, T=32")]
-    out, commits = [], set()
+    out = []
     for rows, case, label in picks:
         for mode in ("fwd", "fwdbwd"):
             run = [r for r in rows if r["case"] == case and r["mode"] == mode]
             if not run:
                 continue
             ref, fast = _row(run, provider="reference-compiled"), _row(run, provider="xclip-fast-torch-compiled")
-            commits.add(fast["commit"])
             mem = (f"{fast['extra_mib'] / ref['extra_mib']:.2f} ({fast['extra_mib']:.1f} vs {ref['extra_mib']:.1f} MiB)"
                    if mode == "fwd" else "")
             out.append([label, {"fwd": "fwd", "fwdbwd": "fwd+bwd"}[mode], _f(ref["median_ms"], 1),
                         _f(fast["median_ms"], 1), _f(ref["median_ms"] / fast["median_ms"], 2), mem])
-    src = Source(src.folder, src.device, src.date, ", ".join(sorted(commits)))
     header = ["case", "mode", "reference-compiled ms", "xclip-fast-torch-compiled ms", "speedup",
               "inference memory ratio"]
     return [src.line(page, ", float32, B/32, batch 1, each provider compiled for its case"), "",

@@ -19,7 +19,7 @@ import json
 import os
 import re
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,10 +47,14 @@ class Source:
         """The results folder, relative to ``page``."""
         return os.path.relpath(RESULTS / self.folder, (ROOT / page).parent).replace(os.sep, "/") + "/"
 
+    @property
+    def commits(self) -> str:
+        """The commit(s), each in backquotes."""
+        return ", ".join(f"`{c}`" for c in self.commit.split(", "))
+
     def line(self, page: str, what: str = "") -> str:
-        commits = ", ".join(f"`{c}`" for c in self.commit.split(", "))
-        commit = (f"results added in {commits}" if self.added
-                  else f"commit{'s' if ',' in self.commit else ''} {commits}")
+        commit = (f"results added in {self.commits}" if self.added
+                  else f"commit{'s' if ',' in self.commit else ''} {self.commits}")
         kind = "**extrapolated from CPU measurements** (no GPU measured it)" if self.extrapolated else "measured"
         return (f"<sub>{kind}{what}: {self.device}, {self.date}, {commit};"
                 f" [`benchmarks/results/{self.folder}`]({self.link(page)})</sub>")
@@ -60,11 +64,10 @@ class Source:
         return re.split(r" \(|,", self.device)[0]
 
     def with_commits(self, *others: Source) -> Source:
-        commits = sorted({c for s in (self, *others) for c in s.commit.split(", ")})
-        return Source(self.folder, self.device, self.date, ", ".join(commits), self.added, self.extrapolated)
+        return replace(self, commit=", ".join(sorted({c for s in (self, *others) for c in s.commit.split(", ")})))
 
     def extrapolation(self) -> Source:
-        return Source(self.folder, self.device, self.date, self.commit, self.added, True)
+        return replace(self, extrapolated=True)
 
 
 CPU2 = "CPU x86_64, 2 cores"
@@ -123,10 +126,10 @@ def _table(header: list[str], rows: list[list]) -> list[str]:
     return out
 
 
-def _records(records: list[dict], columns: list[tuple[str, str, int | None]]) -> list[str]:
-    """A table of result records: (header, key, decimals or None for as is)."""
-    return _table([h for h, _, _ in columns],
-                  [[(r.get(k) if d is None else _f(r.get(k), d)) for _, k, d in columns] for r in records])
+def _records(records: list[dict], columns: list[tuple[str, int | None]]) -> list[str]:
+    """A table of result records, headed by their keys: (key, decimals or None for as is)."""
+    return _table([k for k, _ in columns],
+                  [[(r.get(k) if d is None else _f(r.get(k), d)) for k, d in columns] for r in records])
 
 
 def _levels(levels: str) -> str:
@@ -162,8 +165,8 @@ def headline(page: str) -> list[str]:
     lmin, lref = _row(longest, variant="xclip-fast-min"), _row(longest, variant="reference")
 
     def where(src: Source, kind: str = "measured") -> list[str]:
-        commit = ", ".join(f"`{c}`" for c in src.commit.split(", ")) + (" (added)" if src.added else "")
-        return [src.short_device, src.date, commit, f"[{kind}]({src.link(page)})"]
+        return [src.short_device, src.date, src.commits + (" (added)" if src.added else ""),
+                f"[{kind}]({src.link(page)})"]
 
     rows = [
         ["B/16 block, training step (bf16, batch 8, T = 8): triton backend vs the eager original",
@@ -238,12 +241,9 @@ def _training(key: str, model: str, columns, what: str, extrapolated: bool = Fal
     return render
 
 
-HELD = [("variant", "variant", None), ("held_mib", "held_mib", 3), ("held_x", "held_x", 3),
-        ("flops_x", "flops_x", 3), ("time_ms", "time_ms", 3), ("time_x_none", "time_x_none", 3)]
-LONGEST = [("variant", "variant", None), ("held_mib_per_frame", "held_mib_per_frame", 3),
-           ("mib_per_frame", "mib_per_frame", 3), ("T_max_80GB", "T_max_80GB", None),
-           ("T_max_141GB", "T_max_141GB", None), ("x_original", "x_original", 3),
-           ("x_selective", "x_selective", 3)]
+HELD = [("variant", None), ("held_mib", 3), ("held_x", 3), ("flops_x", 3), ("time_ms", 3), ("time_x_none", 3)]
+LONGEST = [("variant", None), ("held_mib_per_frame", 3), ("mib_per_frame", 3), ("T_max_80GB", None),
+           ("T_max_141GB", None), ("x_original", 3), ("x_selective", 3)]
 
 
 def budgets(page: str) -> list[str]:
@@ -338,8 +338,8 @@ def hf_longest(page: str) -> list[str]:
 
 
 def lora(page: str) -> list[str]:
-    cols = [("variant", "variant", None), ("held_mib", "held_mib", 3), ("held_x_frozen", "held_x_frozen", 3),
-            ("flops_x_frozen", "flops_x_frozen", 3), ("time_ms", "time_ms", 1), ("time_x_frozen", "time_x_frozen", 3)]
+    cols = [("variant", None), ("held_mib", 3), ("held_x_frozen", 3), ("flops_x_frozen", 3), ("time_ms", 1),
+            ("time_x_frozen", 3)]
     return [LORA.line(page, ", one block at B/32 sizes, T = 8, float32, `lean`, r = 16, 2 threads"), "",
             *_records(_json(LORA.folder)["lora"], cols)]
 
@@ -410,8 +410,7 @@ TABLES = {
     "long-clips/peak": long_clip_peak,
     "deploy/float32": lambda page: _inference(page, "float32"),
     "deploy/bfloat16": lambda page: _inference(page, "bfloat16"),
-    "training/host": _training("host", "", [("variant", "variant", None), ("host_ms", "host_ms", 3),
-                                            ("host_x", "host_x", 3), ("aten_ops", "aten_ops", None)],
+    "training/host": _training("host", "", [("variant", None), ("host_ms", 3), ("host_x", 3), ("aten_ops", None)],
                                ", one thread, host ms of one block step"),
     "training/launch-host": launch_host,
     "training/block-b32": _training("blocks", "B/32", HELD, ", float32"),
@@ -459,30 +458,29 @@ def render(page: str, text: str) -> str:
     return "\n".join(out)
 
 
+def _rewritten() -> dict[str, tuple[str, str]]:
+    """Page -> (its text, what this script writes) for the pages that differ."""
+    pages = {page: (ROOT / page).read_text(encoding="utf-8") for page in PAGES}
+    return {page: (text, new) for page, text in pages.items() if (new := render(page, text)) != text}
+
+
 def differences() -> dict[str, str]:
     """Page -> unified diff between it and what this script writes; empty when all agree."""
-    diffs = {}
-    for page in PAGES:
-        text = (ROOT / page).read_text(encoding="utf-8")
-        new = render(page, text)
-        if new != text:
-            diffs[page] = "\n".join(difflib.unified_diff(text.split("\n"), new.split("\n"), page, page + " (results)",
-                                                         lineterm=""))
-    return diffs
+    return {page: "\n".join(difflib.unified_diff(text.split("\n"), new.split("\n"), page, page + " (results)",
+                                                 lineterm="")) for page, (text, new) in _rewritten().items()}
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--check", action="store_true", help="compare only; exit 1 when a page differs")
     args = parser.parse_args(argv)
-    diffs = differences()
     if args.check:
+        diffs = differences()
         for diff in diffs.values():
             print(diff)
         return 1 if diffs else 0
-    for page in diffs:
-        path = ROOT / page
-        path.write_text(render(page, path.read_text(encoding="utf-8")), encoding="utf-8")
+    for page, (_, new) in _rewritten().items():
+        (ROOT / page).write_text(new, encoding="utf-8")
         print(f"wrote {page}")
     return 0
 

@@ -260,10 +260,10 @@ def test_a_second_run_into_one_out_dir_is_refused_while_the_first_runs(dataset, 
 
 
 def test_two_runs_at_once_into_one_out_dir_never_mix(tmp_path):
-    N = 12
     """Two folders with the same relative names (different videos), encoded by two processes into one
     --out-dir at once: each run either completes or is refused (exit 2, naming the other); every
     record of the index holds its own video's embedding, and a rerun of each completes it."""
+    N = 12
     enc, weights = _weights(tmp_path)
     out = tmp_path / "out"
     for folder, rate in (("x", 10), ("y", 5)):

@@ -238,7 +238,7 @@ def test_compiled_block_with_lora_equals_eager():
                                      for n in grads], list(grads.values()), F64)
 
 
-def _mixed_step(model, video, ids):
+def _mixed_step(model, video):
     """A training step of an X-CLIP model's video tower: its video features and the adapters'
     gradients (float64 copies). The loss is a fixed random weighting of the features (the logits of
     a random tiny model are cosines of nearly parallel embeddings, whose bf16 gradients are mostly
@@ -267,9 +267,9 @@ def test_adapters_in_another_dtype_compute_what_peft_computes(level, model_dtype
     patched = xclip_fast.patch_xclip(copy.deepcopy(original), backend="torch", recompute=level)
     video, ids = torch.randn(2, 3, 3, 32, 32, dtype=model_dtype), torch.randint(0, 99, (2, 6))
     calls = _Calls(monkeypatch)
-    logits, grads = _mixed_step(patched, video, ids)
+    logits, grads = _mixed_step(patched, video)
     assert calls.n == 0, "the fused path called the LoRA modules"
-    logits_ref, ref = _mixed_step(original, video, ids)
+    logits_ref, ref = _mixed_step(original, video)
     assert sorted(grads) == sorted(ref) and all("lora_" in n for n in grads)
     assert all(p.grad is None for p in patched.parameters())
     assert_rel("features", logits, logits_ref, 1e-5)
@@ -296,9 +296,9 @@ def test_peft_default_adapters_in_a_bf16_model(level, model_dtype, adapter_dtype
     patched = xclip_fast.patch_xclip(copy.deepcopy(original), backend="torch", recompute=level)
     torch.manual_seed(4)
     video, ids = torch.randn(2, 3, 3, 32, 32), torch.randint(0, 99, (2, 6))
-    logits, grads = _mixed_step(patched, video.to(model_dtype), ids)
-    logits_peft, peft_grads = _mixed_step(original, video.to(model_dtype), ids)
-    logits_ref, ref = _mixed_step(truth, video.double(), ids)
+    logits, grads = _mixed_step(patched, video.to(model_dtype))
+    logits_peft, peft_grads = _mixed_step(original, video.to(model_dtype))
+    logits_ref, ref = _mixed_step(truth, video.double())
     assert {p.grad for p in patched.parameters() if not p.requires_grad} == {None}
     assert sorted(grads) == sorted(ref) and len(ref) == 12  # 2 vision layers and the MIT's one: fc1, fc2 x A, B
     assert rel_err(logits, logits_ref) <= 2 * rel_err(logits_peft, logits_ref) + 2**-9
